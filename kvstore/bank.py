@@ -1,0 +1,735 @@
+"""The facade the server and CLI use: banks, documents, search, query, stats.
+
+Writes follow one order so a crash at any point loses nothing acknowledged and leaves no half
+state: encode and write blobs (content-addressed, atomic) -> one catalog transaction (document
+version, blocks, op-log entry) -> FAISS (derived; replayed from the op log after a crash).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal
+
+import numpy as np
+from sqlalchemy import delete, func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from .blobs import LocalBlobStore
+from .cache import HotCache
+from .catalog import BankRow, BlockRow, DocumentRow, OpLogRow, open_catalog, utcnow
+from .chunking import chunk_text
+from .codec import decode_block, encode_block, get_preset
+from .config import Settings
+from .errors import (
+    BadRequest,
+    Conflict,
+    CorruptBlock,
+    IncompatibleModel,
+    KVRagError,
+    NotFound,
+    PayloadTooLarge,
+    ValidationFailed,
+    VersionMismatch,
+)
+from .index import BankIndex
+from .models import Embedder, LoadedModel, load_llm
+from .runner import BlockKV, Runner, set_threads
+
+log = logging.getLogger(__name__)
+
+BANK_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+DOC_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+EVICTION_POLICIES = ("lru", "importance", "hybrid")
+Mode = Literal["kv", "text"]
+_SNAPSHOT_EVERY_OPS = 256
+
+
+# -- public value types ---------------------------------------------------------------------------
+
+
+@dataclass
+class BankInfo:
+    name: str
+    codec: str
+    model: str
+    model_fingerprint: str
+    block_tokens: int
+    budget_bytes: int | None
+    max_blocks: int | None
+    eviction: str
+    created_at: datetime
+
+
+@dataclass
+class BankStats:
+    name: str
+    documents: int
+    blocks: int
+    tokens: int
+    raw_bytes: int
+    stored_bytes: int
+    compression_ratio: float
+    budget_bytes: int | None
+    max_blocks: int | None
+    eviction: str
+    evictions: int
+    merges: int
+    quarantined_blocks: int
+    index_entries: int
+
+
+@dataclass
+class DocumentInfo:
+    doc_id: str
+    version: int
+    metadata: dict[str, Any]
+    tags: list[str]
+    agent: str | None
+    pinned: bool
+    blocks: int
+    tokens: int
+    content_hash: str
+    created_at: datetime
+    updated_at: datetime
+    text: str | None = None
+
+
+@dataclass
+class PutResult:
+    document: DocumentInfo
+    created: bool
+    changed: bool
+
+
+@dataclass
+class SearchFilter:
+    """Applied before top-k: agent equality, all tags present, metadata equality per key."""
+
+    agent: str | None = None
+    tags: list[str] = field(default_factory=list)
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def is_empty(self) -> bool:
+        return self.agent is None and not self.tags and not self.metadata
+
+
+@dataclass
+class Hit:
+    doc_id: str
+    block_id: int
+    score: float
+    text: str
+    metadata: dict[str, Any]
+    agent: str | None
+    ordinal: int
+
+
+@dataclass
+class Timings:
+    retrieve_ms: float = 0.0
+    load_ms: float = 0.0
+    prefill_ms: float = 0.0
+    ttft_ms: float = 0.0
+    total_ms: float = 0.0
+
+
+@dataclass
+class Usage:
+    context_tokens: int = 0
+    question_tokens: int = 0
+    generated_tokens: int = 0
+
+
+@dataclass
+class QueryResult:
+    answer: str
+    mode: str
+    sources: list[Hit]
+    timings: Timings
+    usage: Usage
+
+
+# -- helpers --------------------------------------------------------------------------------------
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000.0, 3)
+
+
+def _ids_bytes(ids: list[int]) -> bytes:
+    return np.asarray(ids, dtype="<i4").tobytes()
+
+
+def _bytes_ids(data: bytes) -> list[int]:
+    return np.frombuffer(data, dtype="<i4").astype(int).tolist()
+
+
+def validate_bank_name(name: str) -> None:
+    if not isinstance(name, str) or not BANK_NAME.match(name):
+        raise ValidationFailed("bank name must match [a-z0-9][a-z0-9_-]{0,62}")
+
+
+def validate_doc_id(doc_id: str) -> None:
+    if not isinstance(doc_id, str) or not DOC_ID.match(doc_id):
+        raise ValidationFailed("document id must match [A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+
+
+def _bank_info(row: BankRow) -> BankInfo:
+    return BankInfo(name=row.name, codec=row.codec, model=row.model_name, model_fingerprint=row.model_fingerprint,
+                    block_tokens=row.block_tokens, budget_bytes=row.budget_bytes, max_blocks=row.max_blocks,
+                    eviction=row.eviction, created_at=row.created_at)
+
+
+def _doc_info(row: DocumentRow, blocks: int, with_text: bool = False) -> DocumentInfo:
+    return DocumentInfo(doc_id=row.doc_id, version=row.version, metadata=dict(row.meta or {}),
+                        tags=list(row.tags or []), agent=row.agent, pinned=row.pinned, blocks=blocks,
+                        tokens=row.tokens, content_hash=row.content_hash, created_at=row.created_at,
+                        updated_at=row.updated_at, text=row.text if with_text else None)
+
+
+# -- the store ------------------------------------------------------------------------------------
+
+
+class BankStore:
+    """All banks of one kvrag process: catalog, blobs, FAISS indexes, hot tier and the model."""
+
+    def __init__(self, settings: Settings | None = None, *, llm: LoadedModel | None = None,
+                 embedder: Embedder | None = None, migrate: bool = True) -> None:
+        self.settings = settings or Settings()
+        self.settings.data_dir.mkdir(parents=True, exist_ok=True)
+        set_threads(self.settings.torch_threads)
+        self.sessions: sessionmaker[Session] = open_catalog(self.settings.resolved_database_url(), migrate=migrate)
+        self.blobs = LocalBlobStore(self.settings.data_dir / "blobs")
+        self.hot = HotCache(self.settings.hot_tier_bytes)
+        self.embedder = embedder or Embedder(self.settings)
+        self.llm = llm or load_llm(self.settings)
+        self.runner = Runner(self.llm, self.settings.system_prompt)
+        self.model_lock = threading.Lock()
+        self._blob_lock = threading.Lock()
+        self._indexes: dict[int, BankIndex] = {}
+        self._index_lock = threading.Lock()
+        self._ops_since_snapshot: dict[int, int] = {}
+        self.load_indexes()
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Snapshot every index so the next start replays nothing."""
+        with self.sessions() as s:
+            for bank in s.scalars(select(BankRow)):
+                if bank.id in self._indexes:
+                    self._snapshot(s, bank)
+        self.sessions.kw["bind"].dispose()
+
+    def _index_path(self, bank: BankRow):
+        return self.settings.data_dir / "indexes" / f"bank-{bank.id}.faiss"
+
+    def load_indexes(self) -> None:
+        with self.sessions() as s:
+            for bank in s.scalars(select(BankRow)):
+                self._indexes[bank.id] = self._load_index(s, bank)
+
+    def _load_index(self, s: Session, bank: BankRow) -> BankIndex:
+        """Snapshot + op-log tail, or a full rebuild from the catalog."""
+        index = BankIndex.load(self._index_path(bank), self.embedder.dim)
+        if index is not None:
+            tail = s.scalars(select(OpLogRow).where(OpLogRow.bank_id == bank.id, OpLogRow.seq > index.seq)
+                             .order_by(OpLogRow.seq)).all()
+            for op in tail:
+                index.remove(np.asarray(op.removed or [], dtype=np.int64))
+                self._add_rows(index, s, [int(i) for i in op.added or []])
+                index.seq = op.seq
+            if tail:
+                log.info("bank %s: replayed %d op-log entries onto the index snapshot", bank.name, len(tail))
+            return index
+        index = BankIndex(self.embedder.dim)
+        ids = s.scalars(select(BlockRow.id).where(BlockRow.bank_id == bank.id, BlockRow.status == "live")).all()
+        self._add_rows(index, s, list(ids))
+        index.seq = s.scalar(select(func.max(OpLogRow.seq)).where(OpLogRow.bank_id == bank.id)) or 0
+        log.info("bank %s: index rebuilt from the catalog (%d blocks)", bank.name, index.ntotal)
+        return index
+
+    def _add_rows(self, index: BankIndex, s: Session, block_ids: list[int]) -> None:
+        if not block_ids:
+            return
+        rows = s.execute(select(BlockRow.id, BlockRow.embedding).where(
+            BlockRow.id.in_(block_ids), BlockRow.status == "live")).all()
+        if rows:
+            vecs = np.stack([np.frombuffer(r.embedding, dtype="<f4") for r in rows])
+            index.add(np.asarray([r.id for r in rows], dtype=np.int64), vecs)
+
+    def _snapshot(self, s: Session, bank: BankRow) -> None:
+        index = self._indexes[bank.id]
+        with index.lock:
+            seq = s.scalar(select(func.max(OpLogRow.seq)).where(OpLogRow.bank_id == bank.id)) or 0
+            index.save(self._index_path(bank), max(seq, index.seq))
+        self._ops_since_snapshot[bank.id] = 0
+
+    def _index(self, bank: BankRow) -> BankIndex:
+        with self._index_lock:
+            if bank.id not in self._indexes:
+                with self.sessions() as s:
+                    self._indexes[bank.id] = self._load_index(s, bank)
+            return self._indexes[bank.id]
+
+    # -- banks ------------------------------------------------------------------------------------
+
+    def _bank(self, s: Session, name: str) -> BankRow:
+        if not isinstance(name, str) or not BANK_NAME.match(name):
+            raise NotFound(f"bank {name!r} not found")
+        row = s.scalar(select(BankRow).where(BankRow.name == name))
+        if row is None:
+            raise NotFound(f"bank {name!r} not found")
+        return row
+
+    def create_bank(self, name: str, *, codec: str | None = None, budget_bytes: int | None = None,
+                    max_blocks: int | None = None, eviction: str = "lru",
+                    block_tokens: int | None = None) -> BankInfo:
+        """Create an empty bank bound to the loaded model's fingerprint."""
+        validate_bank_name(name)
+        codec = codec or self.settings.default_codec
+        get_preset(codec)
+        if eviction not in EVICTION_POLICIES:
+            raise ValidationFailed(f"eviction must be one of {EVICTION_POLICIES}")
+        if budget_bytes is not None and budget_bytes <= 0:
+            raise ValidationFailed("budget_bytes must be positive")
+        with self.sessions() as s:
+            row = BankRow(name=name, model_fingerprint=self.llm.fingerprint, model_name=self.llm.name, codec=codec,
+                          block_tokens=block_tokens or self.settings.block_tokens, budget_bytes=budget_bytes,
+                          max_blocks=max_blocks, eviction=eviction, evictions=0, merges=0)
+            s.add(row)
+            try:
+                s.commit()
+            except IntegrityError:
+                raise Conflict(f"bank {name!r} already exists") from None
+            with self._index_lock:
+                self._indexes[row.id] = BankIndex(self.embedder.dim)
+            return _bank_info(row)
+
+    def list_banks(self, names: set[str] | None = None) -> list[BankInfo]:
+        """Every bank, or only those in ``names`` (a key's scope)."""
+        with self.sessions() as s:
+            rows = s.scalars(select(BankRow).order_by(BankRow.name)).all()
+            return [_bank_info(r) for r in rows if names is None or r.name in names]
+
+    def get_bank(self, name: str) -> BankInfo:
+        with self.sessions() as s:
+            return _bank_info(self._bank(s, name))
+
+    def update_bank(self, name: str, *, codec: str | None = None, budget_bytes: int | None = None,
+                    max_blocks: int | None = None, eviction: str | None = None) -> BankInfo:
+        """Change a bank's defaults; existing blocks keep the codec they were written with."""
+        with self.sessions() as s:
+            row = self._bank(s, name)
+            if codec is not None:
+                get_preset(codec)
+                row.codec = codec
+            if budget_bytes is not None:
+                if budget_bytes <= 0:
+                    raise ValidationFailed("budget_bytes must be positive")
+                row.budget_bytes = budget_bytes
+            if max_blocks is not None:
+                row.max_blocks = max_blocks
+            if eviction is not None:
+                if eviction not in EVICTION_POLICIES:
+                    raise ValidationFailed(f"eviction must be one of {EVICTION_POLICIES}")
+                row.eviction = eviction
+            s.commit()
+            return _bank_info(row)
+
+    def delete_bank(self, name: str) -> None:
+        """Delete a bank with its documents, blocks, index and unreferenced blobs."""
+        with self.sessions() as s, self._blob_lock:
+            row = self._bank(s, name)
+            blob_ids = set(s.scalars(select(BlockRow.blob_id).where(BlockRow.bank_id == row.id)).all())
+            s.execute(delete(BlockRow).where(BlockRow.bank_id == row.id))
+            s.execute(delete(DocumentRow).where(DocumentRow.bank_id == row.id))
+            s.execute(delete(OpLogRow).where(OpLogRow.bank_id == row.id))
+            s.delete(row)
+            s.commit()
+            self._drop_unreferenced(s, blob_ids)
+            with self._index_lock:
+                self._indexes.pop(row.id, None)
+            path = self._index_path(row)
+            path.unlink(missing_ok=True)
+            path.with_suffix(".json").unlink(missing_ok=True)
+
+    def stats(self, name: str) -> BankStats:
+        with self.sessions() as s:
+            bank = self._bank(s, name)
+            docs = s.scalar(select(func.count()).select_from(DocumentRow).where(DocumentRow.bank_id == bank.id)) or 0
+            live = (BlockRow.bank_id == bank.id, BlockRow.status == "live")
+            n_blocks, tokens, raw = s.execute(select(func.count(), func.coalesce(func.sum(BlockRow.token_count), 0),
+                                                     func.coalesce(func.sum(BlockRow.raw_bytes), 0)).where(*live)).one()
+            # A blob shared by several blocks is stored once, so count each distinct blob once.
+            distinct = select(BlockRow.blob_id, func.max(BlockRow.stored_bytes).label("b")).where(
+                *live).group_by(BlockRow.blob_id).subquery()
+            stored = s.scalar(select(func.coalesce(func.sum(distinct.c.b), 0))) or 0
+            quarantined = s.scalar(select(func.count()).select_from(BlockRow).where(
+                BlockRow.bank_id == bank.id, BlockRow.status == "quarantined")) or 0
+            return BankStats(name=bank.name, documents=int(docs), blocks=int(n_blocks), tokens=int(tokens),
+                             raw_bytes=int(raw), stored_bytes=int(stored),
+                             compression_ratio=round(raw / stored, 4) if stored else 0.0,
+                             budget_bytes=bank.budget_bytes, max_blocks=bank.max_blocks, eviction=bank.eviction,
+                             evictions=bank.evictions, merges=bank.merges, quarantined_blocks=int(quarantined),
+                             index_entries=self._index(bank).ntotal)
+
+    # -- documents --------------------------------------------------------------------------------
+
+    def _validate_document(self, text: str, metadata: Any, tags: Any) -> None:
+        if not isinstance(text, str) or not text.strip():
+            raise ValidationFailed("document text must be a non-empty string")
+        if len(text) > self.settings.max_document_chars:
+            raise PayloadTooLarge(f"document text exceeds {self.settings.max_document_chars} characters")
+        if metadata is not None and not isinstance(metadata, dict):
+            raise ValidationFailed("metadata must be an object")
+        if metadata and len(json.dumps(metadata)) > self.settings.max_metadata_bytes:
+            raise ValidationFailed(f"metadata exceeds {self.settings.max_metadata_bytes} bytes")
+        if tags is not None and (not isinstance(tags, list) or not all(isinstance(t, str) for t in tags)):
+            raise ValidationFailed("tags must be a list of strings")
+
+    def _encode_blocks(self, bank: BankRow, text: str) -> list[tuple[str, list[int], np.ndarray, str, int]]:
+        """(text, token ids, embedding, blob id, stored bytes) per block; blobs are written here."""
+        runner = self.runner
+        chunks = chunk_text(text, bank.block_tokens, lambda t: len(runner.tokenize(t)))
+        if not chunks:
+            raise ValidationFailed("document has no text to store")
+        token_ids = [runner.tokenize(c) for c in chunks]
+        vectors = self.embedder.embed(chunks)
+        with self.model_lock:
+            kvs = runner.encode(token_ids, self.settings.encode_batch_size)
+        out = []
+        for chunk, ids, vec, kv in zip(chunks, token_ids, vectors, kvs, strict=True):
+            data = encode_block(kv, bank.model_fingerprint, bank.codec)
+            out.append((chunk, ids, vec, self.blobs.put(data), len(data)))
+        return out
+
+    def put_document(self, bank: str, doc_id: str, text: str, *, metadata: dict[str, Any] | None = None,
+                     tags: list[str] | None = None, pinned: bool = False, agent: str | None = None,
+                     if_match: int | None = None) -> PutResult:
+        """Store a document. Same text again is a no-op; new text is a new version (old blocks retired
+        in the same transaction). ``if_match`` is the version the writer last saw (0: must not exist)."""
+        validate_doc_id(doc_id)
+        self._validate_document(text, metadata, tags)
+        content_hash = hashlib.sha256(text.encode()).hexdigest()
+        with self.sessions() as s:
+            bank_row = self._bank(s, bank)
+            self._check_model(bank_row)
+            doc = self._doc(s, bank_row, doc_id, required=False)
+            self._check_if_match(doc, if_match)
+            meta_changed = doc is not None and (doc.meta != (metadata or {}) or doc.tags != (tags or [])
+                                                or doc.pinned != pinned)
+            if doc is not None and doc.content_hash == content_hash:
+                if meta_changed:
+                    doc.meta, doc.tags, doc.pinned = metadata or {}, tags or [], pinned
+                    doc.version += 1
+                    doc.updated_at = utcnow()
+                    if agent is not None:
+                        doc.agent = agent
+                    s.commit()
+                n = self._block_count(s, doc.id)
+                return PutResult(_doc_info(doc, n), created=False, changed=meta_changed)
+        encoded = self._encode_blocks(bank_row, text)
+        with self.sessions() as s, self._blob_lock:
+            bank_row = self._bank(s, bank)
+            doc = self._doc(s, bank_row, doc_id, required=False)
+            self._check_if_match(doc, if_match)
+            created = doc is None
+            removed: list[int] = []
+            old_blobs: set[str] = set()
+            now = utcnow()
+            if doc is None:
+                doc = DocumentRow(bank_id=bank_row.id, doc_id=doc_id, version=1, created_at=now)
+                s.add(doc)
+            else:
+                old = s.execute(select(BlockRow.id, BlockRow.blob_id).where(BlockRow.document_id == doc.id)).all()
+                removed = [r.id for r in old]
+                old_blobs = {r.blob_id for r in old if r.blob_id}
+                s.execute(delete(BlockRow).where(BlockRow.document_id == doc.id))
+                doc.version += 1
+            doc.text, doc.content_hash, doc.meta, doc.tags = text, content_hash, metadata or {}, tags or []
+            doc.pinned, doc.agent, doc.updated_at = pinned, agent, now
+            doc.tokens = sum(len(ids) for _, ids, _, _, _ in encoded)
+            s.flush()
+            rows = [BlockRow(bank_id=bank_row.id, document_id=doc.id, ordinal=i, token_count=len(ids),
+                             text=chunk, token_ids=_ids_bytes(ids), embedding=vec.astype("<f4").tobytes(),
+                             blob_id=blob_id, codec=bank_row.codec,
+                             raw_bytes=len(ids) * self.runner.bytes_per_token_fp16, stored_bytes=size, agent=agent,
+                             status="live", access_count=0, importance=0.0, created_at=now)
+                    for i, (chunk, ids, vec, blob_id, size) in enumerate(encoded)]
+            s.add_all(rows)
+            s.flush()
+            op = OpLogRow(bank_id=bank_row.id, op="put", doc_id=doc_id, version=doc.version,
+                          added=[r.id for r in rows], removed=removed, agent=agent)
+            s.add(op)
+            try:
+                s.commit()
+            except IntegrityError:
+                # A concurrent writer created the same document first.
+                s.rollback()
+                raise VersionMismatch(f"document {doc_id!r} was written concurrently; retry") from None
+            self._apply_to_index(s, bank_row, op, rows)
+            self._drop_unreferenced(s, old_blobs - {r.blob_id for r in rows})
+            return PutResult(_doc_info(doc, len(rows)), created=created, changed=True)
+
+    def _check_model(self, bank: BankRow) -> None:
+        if bank.model_fingerprint != self.llm.fingerprint:
+            raise IncompatibleModel(f"bank {bank.name!r} is bound to model {bank.model_name!r}, not the loaded "
+                                    f"{self.llm.name!r}")
+
+    @staticmethod
+    def _check_if_match(doc: DocumentRow | None, if_match: int | None) -> None:
+        if if_match is None:
+            return
+        current = doc.version if doc is not None else 0
+        if current != if_match:
+            raise VersionMismatch(f"document version is {current}, not {if_match}")
+
+    def _apply_to_index(self, s: Session, bank: BankRow, op: OpLogRow, rows: list[BlockRow]) -> None:
+        index = self._index(bank)
+        with index.lock:
+            index.remove(np.asarray(op.removed or [], dtype=np.int64))
+            if rows:
+                index.add(np.asarray([r.id for r in rows], dtype=np.int64),
+                          np.stack([np.frombuffer(r.embedding, dtype="<f4") for r in rows]))
+            index.seq = max(index.seq, op.seq)
+        count = self._ops_since_snapshot.get(bank.id, 0) + 1
+        self._ops_since_snapshot[bank.id] = count
+        if count >= _SNAPSHOT_EVERY_OPS:
+            self._snapshot(s, bank)
+
+    def _drop_unreferenced(self, s: Session, blob_ids: set[str]) -> None:
+        """Delete blob files no block references any more (callers hold the blob lock)."""
+        for blob_id in blob_ids:
+            if not blob_id:
+                continue
+            if s.scalar(select(func.count()).select_from(BlockRow).where(BlockRow.blob_id == blob_id)) == 0:
+                self.blobs.delete(blob_id)
+                self.hot.discard(blob_id)
+
+    def _doc(self, s: Session, bank: BankRow, doc_id: str, required: bool = True) -> DocumentRow | None:
+        row = s.scalar(select(DocumentRow).where(DocumentRow.bank_id == bank.id, DocumentRow.doc_id == doc_id))
+        if row is None and required:
+            raise NotFound(f"document {doc_id!r} not found in bank {bank.name!r}")
+        return row
+
+    @staticmethod
+    def _block_count(s: Session, document_id: int) -> int:
+        return int(s.scalar(select(func.count()).select_from(BlockRow).where(BlockRow.document_id == document_id))
+                   or 0)
+
+    def get_document(self, bank: str, doc_id: str) -> DocumentInfo:
+        with self.sessions() as s:
+            row = self._doc(s, self._bank(s, bank), doc_id)
+            assert row is not None
+            return _doc_info(row, self._block_count(s, row.id), with_text=True)
+
+    def list_documents(self, bank: str, *, cursor: str | None = None, limit: int = 100
+                       ) -> tuple[list[DocumentInfo], str | None]:
+        """Documents ordered by id; ``cursor`` is the last doc id of the previous page."""
+        if limit < 1 or limit > 1000:
+            raise ValidationFailed("limit must be between 1 and 1000")
+        with self.sessions() as s:
+            bank_row = self._bank(s, bank)
+            q = select(DocumentRow).where(DocumentRow.bank_id == bank_row.id)
+            if cursor:
+                q = q.where(DocumentRow.doc_id > cursor)
+            rows = s.scalars(q.order_by(DocumentRow.doc_id).limit(limit + 1)).all()
+            counts = dict(s.execute(select(BlockRow.document_id, func.count()).where(
+                BlockRow.document_id.in_([r.id for r in rows])).group_by(BlockRow.document_id)).tuples().all())
+            page = [_doc_info(r, int(counts.get(r.id, 0))) for r in rows[:limit]]
+            return page, (rows[limit - 1].doc_id if len(rows) > limit else None)
+
+    def delete_document(self, bank: str, doc_id: str, *, if_match: int | None = None,
+                        agent: str | None = None) -> None:
+        with self.sessions() as s, self._blob_lock:
+            bank_row = self._bank(s, bank)
+            doc = self._doc(s, bank_row, doc_id)
+            assert doc is not None
+            self._check_if_match(doc, if_match)
+            old = s.execute(select(BlockRow.id, BlockRow.blob_id).where(BlockRow.document_id == doc.id)).all()
+            s.execute(delete(BlockRow).where(BlockRow.document_id == doc.id))
+            s.delete(doc)
+            op = OpLogRow(bank_id=bank_row.id, op="delete", doc_id=doc_id, version=doc.version, added=[],
+                          removed=[r.id for r in old], agent=agent)
+            s.add(op)
+            s.commit()
+            self._apply_to_index(s, bank_row, op, [])
+            self._drop_unreferenced(s, {r.blob_id for r in old if r.blob_id})
+
+    # -- retrieval --------------------------------------------------------------------------------
+
+    def _allowed_ids(self, s: Session, bank: BankRow, flt: SearchFilter) -> np.ndarray:
+        q = select(BlockRow.id, DocumentRow.tags, DocumentRow.meta).join(
+            DocumentRow, DocumentRow.id == BlockRow.document_id).where(
+            BlockRow.bank_id == bank.id, BlockRow.status == "live")
+        if flt.agent is not None:
+            q = q.where(DocumentRow.agent == flt.agent)
+        keep = []
+        want_tags = set(flt.tags)
+        for block_id, tags, meta in s.execute(q):
+            if want_tags and not want_tags.issubset(set(tags or [])):
+                continue
+            if any((meta or {}).get(key) != value for key, value in flt.metadata.items()):
+                continue
+            keep.append(block_id)
+        return np.asarray(keep, dtype=np.int64)
+
+    def _retrieve(self, s: Session, bank: BankRow, query: str, k: int, flt: SearchFilter | None
+                  ) -> list[tuple[BlockRow, DocumentRow, float]]:
+        if not isinstance(query, str) or not query.strip():
+            raise ValidationFailed("query must be a non-empty string")
+        if not 1 <= k <= self.settings.max_k:
+            raise ValidationFailed(f"k must be between 1 and {self.settings.max_k}")
+        vec = self.embedder.embed([query])[0]
+        allowed = None if flt is None or flt.is_empty() else self._allowed_ids(s, bank, flt)
+        ids, scores = self._index(bank).search(vec, k, allowed)
+        if len(ids) == 0:
+            return []
+        rows = {b.id: (b, d) for b, d in s.execute(select(BlockRow, DocumentRow).join(
+            DocumentRow, DocumentRow.id == BlockRow.document_id).where(BlockRow.id.in_(ids.tolist()))).tuples()}
+        return [(rows[i][0], rows[i][1], float(sc)) for i, sc in zip(ids.tolist(), scores.tolist(), strict=True)
+                if i in rows]
+
+    @staticmethod
+    def _hit(block: BlockRow, doc: DocumentRow, score: float) -> Hit:
+        return Hit(doc_id=doc.doc_id, block_id=block.id, score=round(score, 6), text=block.text,
+                   metadata=dict(doc.meta or {}), agent=doc.agent, ordinal=block.ordinal)
+
+    def search(self, bank: str, query: str, *, k: int = 5, filter: SearchFilter | None = None) -> list[Hit]:
+        """Top-k blocks by embedding similarity (filters applied before top-k)."""
+        with self.sessions() as s:
+            bank_row = self._bank(s, bank)
+            return [self._hit(b, d, sc) for b, d, sc in self._retrieve(s, bank_row, query, k, filter)]
+
+    # -- loading blocks ---------------------------------------------------------------------------
+
+    def load_block(self, s: Session, bank: BankRow, block: BlockRow) -> BlockKV:
+        """Decoded KV of a block: hot tier, else blob + decode; a corrupt blob is rebuilt from text."""
+        if block.blob_id:
+            cached = self.hot.get(block.blob_id)
+            if cached is not None:
+                return cached
+            try:
+                kv = decode_block(self.blobs.get(block.blob_id), bank.model_fingerprint)
+                self.hot.put(block.blob_id, kv)
+                return kv
+            except IncompatibleModel:
+                raise
+            except CorruptBlock as exc:
+                log.error("bank %s block %d: %s; quarantining and rebuilding from text", bank.name, block.id,
+                          exc.detail)
+        return self._rebuild_block(s, bank, block)
+
+    def _rebuild_block(self, s: Session, bank: BankRow, block: BlockRow) -> BlockKV:
+        ids = _bytes_ids(block.token_ids)
+        with self.model_lock:
+            kv = self.runner.encode([ids])[0]
+        data = encode_block(kv, bank.model_fingerprint, bank.codec)
+        try:
+            with self._blob_lock:
+                old = block.blob_id
+                blob_id = self.blobs.put(data)
+                s.execute(update(BlockRow).where(BlockRow.id == block.id).values(
+                    blob_id=blob_id, stored_bytes=len(data), codec=bank.codec, status="live"))
+                s.commit()
+                if old and old != blob_id:
+                    self._drop_unreferenced(s, {old})
+        except Exception as exc:  # noqa: BLE001 - a failed rebuild must not hide the answer we have
+            s.rollback()
+            raise CorruptBlock(f"block {block.id} could not be rebuilt: {exc}") from exc
+        decoded = decode_block(data, bank.model_fingerprint)
+        self.hot.put(blob_id, decoded)
+        return decoded
+
+    # -- query ------------------------------------------------------------------------------------
+
+    def query(self, bank: str, question: str, *, k: int = 5, mode: Mode = "kv", max_new_tokens: int = 64,
+              filter: SearchFilter | None = None, on_token: Callable[[str], None] | None = None,
+              started_at: float | None = None) -> QueryResult:
+        """Retrieve top-k blocks and answer. kv: stored KV + question prefill; text: prefill their text."""
+        t0 = started_at if started_at is not None else time.perf_counter()
+        if mode not in ("kv", "text"):
+            raise ValidationFailed("mode must be 'kv' or 'text'")
+        if not 0 <= max_new_tokens <= self.settings.max_new_tokens:
+            raise ValidationFailed(f"max_new_tokens must be between 0 and {self.settings.max_new_tokens}")
+        with self.sessions() as s:
+            bank_row = self._bank(s, bank)
+            self._check_model(bank_row)
+            retrieved = self._retrieve(s, bank_row, question, k, filter)
+            t_retrieved = time.perf_counter()
+            q_ids = self.runner.question_ids(question)
+            if mode == "kv":
+                blocks = [self.load_block(s, bank_row, b) for b, _, _ in retrieved]
+                t_loaded = time.perf_counter()
+                with self.model_lock:
+                    ctx = self.runner.assemble(blocks)
+                    gen = self.runner.generate(ctx, q_ids, max_new_tokens, on_token)
+                context_tokens = ctx.context_tokens
+            else:
+                block_ids = [tok for b, _, _ in retrieved for tok in _bytes_ids(b.token_ids)]
+                t_loaded = time.perf_counter()
+                with self.model_lock:
+                    ctx = self.runner.text_context()
+                    gen = self.runner.generate(ctx, block_ids + q_ids, max_new_tokens, on_token)
+                context_tokens = len(block_ids)
+            self._record_access(s, [b.id for b, _, _ in retrieved])
+        t_end = time.perf_counter()
+        timings = Timings(retrieve_ms=_ms(t_retrieved - t0), load_ms=_ms(t_loaded - t_retrieved),
+                          prefill_ms=_ms(gen.ttft_s - t_loaded), ttft_ms=_ms(gen.ttft_s - t0),
+                          total_ms=_ms(t_end - t0))
+        usage = Usage(context_tokens=context_tokens, question_tokens=len(q_ids),
+                      generated_tokens=len(gen.token_ids))
+        return QueryResult(answer=gen.text, mode=mode, sources=[self._hit(b, d, sc) for b, d, sc in retrieved],
+                           timings=timings, usage=usage)
+
+    def _record_access(self, s: Session, block_ids: list[int]) -> None:
+        if not block_ids:
+            return
+        s.execute(update(BlockRow).where(BlockRow.id.in_(block_ids)).values(
+            access_count=BlockRow.access_count + 1, last_access_at=utcnow()))
+        s.commit()
+
+    # -- integrity --------------------------------------------------------------------------------
+
+    def verify(self, bank: str) -> dict[str, int]:
+        """Check every block's blob; quarantine and rebuild the damaged ones from the stored text."""
+        checked = rebuilt = 0
+        with self.sessions() as s:
+            bank_row = self._bank(s, bank)
+            for block in s.scalars(select(BlockRow).where(BlockRow.bank_id == bank_row.id)).all():
+                checked += 1
+                try:
+                    if not block.blob_id:
+                        raise CorruptBlock("block has no blob")
+                    decode_block(self.blobs.get(block.blob_id), bank_row.model_fingerprint)
+                except CorruptBlock:
+                    s.execute(update(BlockRow).where(BlockRow.id == block.id).values(status="quarantined"))
+                    s.commit()
+                    if block.blob_id:
+                        self.hot.discard(block.blob_id)
+                    self._rebuild_block(s, bank_row, block)
+                    rebuilt += 1
+        return {"checked": checked, "rebuilt": rebuilt}
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """A catalog session for callers that need one (benchmarks, maintenance)."""
+        with self.sessions() as s:
+            yield s
+
+
+__all__ = [
+    "BankInfo", "BankStats", "BankStore", "DocumentInfo", "Hit", "KVRagError", "PutResult", "QueryResult",
+    "SearchFilter", "Timings", "Usage", "BadRequest",
+]

@@ -1,0 +1,57 @@
+"""Hot tier: decoded blocks in memory under a byte budget, least recently used out first."""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+
+from .runner import BlockKV
+
+
+class HotCache:
+    """Decoded blocks keyed by blob id (content address), so shared content is cached once."""
+
+    def __init__(self, budget_bytes: int) -> None:
+        self.budget_bytes = budget_bytes
+        self._items: OrderedDict[str, BlockKV] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, key: str) -> BlockKV | None:
+        with self._lock:
+            block = self._items.get(key)
+            if block is None:
+                self.misses += 1
+                return None
+            self._items.move_to_end(key)
+            self.hits += 1
+            return block
+
+    def put(self, key: str, block: BlockKV) -> None:
+        size = block.nbytes
+        if size > self.budget_bytes:
+            return
+        with self._lock:
+            old = self._items.pop(key, None)
+            if old is not None:
+                self._bytes -= old.nbytes
+            self._items[key] = block
+            self._bytes += size
+            while self._bytes > self.budget_bytes:
+                _, evicted = self._items.popitem(last=False)
+                self._bytes -= evicted.nbytes
+
+    def discard(self, key: str) -> None:
+        with self._lock:
+            old = self._items.pop(key, None)
+            if old is not None:
+                self._bytes -= old.nbytes

@@ -1,0 +1,167 @@
+"""KV block <-> bytes: a self-describing, versioned, checksummed format. No pickle, no torch.load.
+
+Layout::
+
+    b"KVRB" | u16 format version | u32 header length | header (UTF-8 JSON) | payload | sha256
+
+The header names the model fingerprint, the shape, the codec preset and its parameters, the key
+convention (``pre_rope``) and the payload sections (name, dtype, shape). The payload is the
+sections' raw little-endian bytes, zstd-compressed. The sha256 covers everything before it.
+Presets register themselves in ``PRESETS``; a block always decodes with the preset named in its own
+header, so changing a bank's default never strands older blocks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import zstandard
+
+from .errors import CorruptBlock, IncompatibleModel, ValidationFailed
+from .runner import BlockKV
+
+MAGIC = b"KVRB"
+FORMAT_VERSION = 1
+_PREAMBLE = struct.Struct("<4sHI")
+_DIGEST = 32
+_ZSTD_LEVEL = 3
+_ALLOWED_DTYPES = {"float16", "float32", "int8", "uint8", "int16", "int32"}
+
+
+Sections = dict[str, np.ndarray]
+
+
+class Preset(Protocol):
+    """A codec preset turns a block's K/V into named arrays and back."""
+
+    name: str
+
+    def encode(self, block: BlockKV) -> tuple[Sections, dict[str, Any]]: ...
+
+    def decode(self, sections: dict[str, torch.Tensor], params: dict[str, Any], shape: tuple[int, int, int, int]
+               ) -> BlockKV: ...
+
+
+class Fp16Preset:
+    """Lossless for fp16 tensors: K (pre-RoPE) and V cast to fp16, then zstd."""
+
+    name = "fp16"
+
+    def encode(self, block: BlockKV) -> tuple[Sections, dict[str, Any]]:
+        k = block.k.detach().to("cpu", torch.float16).contiguous().numpy()
+        v = block.v.detach().to("cpu", torch.float16).contiguous().numpy()
+        return {"k": k, "v": v}, {}
+
+    def decode(self, sections: dict[str, torch.Tensor], params: dict[str, Any], shape: tuple[int, int, int, int]
+               ) -> BlockKV:
+        return BlockKV(k=sections["k"].reshape(shape), v=sections["v"].reshape(shape))
+
+
+PRESETS: dict[str, Preset] = {"fp16": Fp16Preset()}
+
+
+def get_preset(name: str) -> Preset:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValidationFailed(f"unknown codec {name!r}; choose one of {sorted(PRESETS)}") from None
+
+
+@dataclass(frozen=True)
+class BlockHeader:
+    fingerprint: str
+    layers: int
+    kv_heads: int
+    tokens: int
+    head_dim: int
+    codec: str
+    params: dict[str, Any] = field(default_factory=dict)
+    key_convention: str = "pre_rope"
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (self.layers, self.kv_heads, self.tokens, self.head_dim)
+
+
+def encode_block(block: BlockKV, fingerprint: str, codec: str) -> bytes:
+    """Serialize a block with the named preset; the result is content-addressable bytes."""
+    preset = get_preset(codec)
+    layers, heads, tokens, dim = block.k.shape
+    sections, params = preset.encode(block)
+    header = {
+        "fingerprint": fingerprint, "layers": layers, "kv_heads": heads, "tokens": tokens, "head_dim": dim,
+        "codec": preset.name, "params": params, "key_convention": "pre_rope", "compression": "zstd",
+        "sections": [{"name": n, "dtype": str(a.dtype), "shape": list(a.shape)} for n, a in sections.items()],
+    }
+    raw = b"".join(np.ascontiguousarray(a).astype(a.dtype.newbyteorder("<"), copy=False).tobytes()
+                   for a in sections.values())
+    payload = zstandard.ZstdCompressor(level=_ZSTD_LEVEL).compress(raw)
+    head = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    body = _PREAMBLE.pack(MAGIC, FORMAT_VERSION, len(head)) + head + payload
+    return body + hashlib.sha256(body).digest()
+
+
+def read_header(data: bytes) -> tuple[BlockHeader, dict[str, Any], bytes]:
+    """Verify magic, version and checksum; return the header and the compressed payload."""
+    if len(data) < _PREAMBLE.size + _DIGEST:
+        raise CorruptBlock("block is truncated")
+    body, digest = data[:-_DIGEST], data[-_DIGEST:]
+    magic, version, head_len = _PREAMBLE.unpack_from(body)
+    if magic != MAGIC:
+        raise CorruptBlock("not a kvrag block (bad magic)")
+    if version != FORMAT_VERSION:
+        raise CorruptBlock(f"unsupported block format version {version}")
+    if hashlib.sha256(body).digest() != digest:
+        raise CorruptBlock("block checksum mismatch")
+    try:
+        raw_header = json.loads(body[_PREAMBLE.size:_PREAMBLE.size + head_len])
+        header = BlockHeader(
+            fingerprint=str(raw_header["fingerprint"]), layers=int(raw_header["layers"]),
+            kv_heads=int(raw_header["kv_heads"]), tokens=int(raw_header["tokens"]),
+            head_dim=int(raw_header["head_dim"]), codec=str(raw_header["codec"]),
+            params=dict(raw_header.get("params", {})), key_convention=str(raw_header["key_convention"]),
+        )
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CorruptBlock(f"unreadable block header: {exc}") from None
+    return header, raw_header, body[_PREAMBLE.size + head_len:]
+
+
+def decode_block(data: bytes, fingerprint: str | None = None) -> BlockKV:
+    """Parse and verify a block; refuse corruption and KV of another model."""
+    header, raw_header, payload = read_header(data)
+    if fingerprint is not None and header.fingerprint != fingerprint:
+        raise IncompatibleModel("block was produced by another model (fingerprint mismatch)")
+    if header.key_convention != "pre_rope":
+        raise CorruptBlock(f"unsupported key convention {header.key_convention!r}")
+    preset = PRESETS.get(header.codec)
+    if preset is None:
+        raise CorruptBlock(f"block uses unknown codec {header.codec!r}")
+    try:
+        raw = zstandard.ZstdDecompressor().decompress(payload)
+    except zstandard.ZstdError as exc:
+        raise CorruptBlock(f"block payload does not decompress: {exc}") from None
+    sections: dict[str, torch.Tensor] = {}
+    offset = 0
+    for spec in raw_header["sections"]:
+        dtype = str(spec["dtype"])
+        if dtype not in _ALLOWED_DTYPES:
+            raise CorruptBlock(f"section dtype {dtype!r} not allowed")
+        shape = tuple(int(s) for s in spec["shape"])
+        count = int(np.prod(shape)) if shape else 1
+        np_dtype = np.dtype(dtype).newbyteorder("<")
+        end = offset + count * np_dtype.itemsize
+        if end > len(raw):
+            raise CorruptBlock("block payload shorter than its header says")
+        arr = np.frombuffer(raw, dtype=np_dtype, count=count, offset=offset).reshape(shape)
+        sections[str(spec["name"])] = torch.from_numpy(arr.astype(arr.dtype.newbyteorder("="), copy=True))
+        offset = end
+    try:
+        return preset.decode(sections, header.params, header.shape)
+    except (KeyError, RuntimeError, ValueError) as exc:
+        raise CorruptBlock(f"block sections do not match preset {header.codec!r}: {exc}") from None

@@ -1,0 +1,58 @@
+"""One Settings object for every knob; read from the environment with the prefix ``KVRAG_``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PACKAGED_LLM = "packaged:smollm2"
+PACKAGED_EMBEDDER = "packaged:all-minilm-l6-v2"
+
+DEFAULT_SYSTEM_PROMPT = (
+    "You are a helpful assistant. Answer the question briefly, using only the passages the user gives."
+)
+
+
+class Settings(BaseSettings):
+    """Configuration of one kvrag process (engine, server and CLI share it)."""
+
+    model_config = SettingsConfigDict(env_prefix="KVRAG_", extra="ignore")
+
+    data_dir: Path = Field(default=Path("kvrag-data"), description="Where the catalog, blobs and indexes live.")
+    database_url: str | None = Field(
+        default=None, description="SQLAlchemy URL of the catalog; default: SQLite in the data dir."
+    )
+    model: str = Field(default=PACKAGED_LLM, description="LLM: the packaged SmolLM2 or a local HF model dir.")
+    embedder: str = Field(default=PACKAGED_EMBEDDER, description="sentence-transformers model dir.")
+    model_cache_dir: Path | None = Field(
+        default=None, description="Where converted model weights are cached; default: ~/.cache/kvrag/models."
+    )
+    device: str = Field(default="auto", description="auto | cpu | cuda")
+    torch_threads: int = Field(default=0, description="torch intra-op threads; 0 = number of cores.")
+
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    default_codec: str = "fp16"
+    block_tokens: int = Field(default=256, ge=16, le=4096, description="Token budget of one KV block.")
+    encode_batch_size: int = Field(default=8, ge=1)
+    max_document_chars: int = Field(default=200_000, ge=1)
+    hot_tier_bytes: int = Field(default=1 << 30, ge=0, description="Byte budget of decoded blocks in RAM.")
+
+    admin_key: str | None = Field(default=None, description="Root API key; without it only loopback binds.")
+    max_body_bytes: int = 8 << 20
+    max_metadata_bytes: int = 16 << 10
+    max_json_depth: int = 32
+    max_k: int = 100
+    max_new_tokens: int = 1024
+    queue_size: int = Field(default=32, ge=1, description="Model work waiting beyond this answers 503.")
+    batch_job_threshold: int = Field(default=16, ge=1, description="Batches larger than this become jobs.")
+
+    def resolved_database_url(self) -> str:
+        """The catalog URL, defaulting to a SQLite file under the data dir."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'catalog.sqlite3').resolve()}"
+
+    def resolved_model_cache_dir(self) -> Path:
+        return self.model_cache_dir or (Path.home() / ".cache" / "kvrag" / "models")

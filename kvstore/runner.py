@@ -1,0 +1,249 @@
+"""Prefill blocks after the shared prefix, assemble stored KV, prefill the question, generate.
+
+The same runner serves kv mode and text mode (the baseline), so both are measured alike: text mode
+reuses the cached prefix KV, as a serving engine with prefix caching would, and prefills the
+retrieved blocks' tokens plus the question in one forward pass.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+from .models import LoadedModel
+from .rope import ModelRope
+
+_MARK = "\u2063KVRAG\u2063"
+
+
+@dataclass
+class BlockKV:
+    """KV of one block. k is pre-RoPE (position-free); v needs no positions."""
+
+    k: torch.Tensor  # [layers, kv_heads, tokens, head_dim]
+    v: torch.Tensor  # [layers, kv_heads, tokens, head_dim]
+
+    @property
+    def tokens(self) -> int:
+        return int(self.k.shape[2])
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
+
+
+@dataclass
+class Context:
+    """A KV cache ready for the question: prefix + context tokens, and the next free position."""
+
+    cache: DynamicCache
+    next_position: int
+    context_tokens: int
+
+
+@dataclass
+class Generation:
+    token_ids: list[int]
+    text: str
+    prefill_ms: float
+    ttft_s: float  # perf_counter timestamp of the first generated token
+    finished_s: float
+
+
+@dataclass(frozen=True)
+class PromptLayout:
+    """How a query is laid out: ``prefix | block ... block | question``."""
+
+    prefix: str
+    question_prefix: str
+    question_suffix: str
+
+
+def prompt_layout(tokenizer, system_prompt: str) -> PromptLayout:
+    """Split the model's chat template around the user turn so blocks sit inside the user message."""
+    template = getattr(tokenizer, "chat_template", None)
+    if template:
+        rendered = tokenizer.apply_chat_template(
+            [{"role": "system", "content": system_prompt}, {"role": "user", "content": _MARK}],
+            tokenize=False, add_generation_prompt=True,
+        )
+        if isinstance(rendered, str) and rendered.count(_MARK) == 1:
+            before, after = rendered.split(_MARK)
+            return PromptLayout(prefix=before + "Passages:\n", question_prefix="\nQuestion: ",
+                                question_suffix=after)
+    return PromptLayout(prefix=f"{system_prompt}\n\nPassages:\n", question_prefix="\nQuestion: ",
+                        question_suffix="\nAnswer:")
+
+
+def set_threads(threads: int) -> None:
+    torch.set_num_threads(threads if threads > 0 else max(1, os.cpu_count() or 1))
+
+
+class Runner:
+    """Model-side operations of kvrag. Not thread-safe: callers serialize model work."""
+
+    def __init__(self, llm: LoadedModel, system_prompt: str) -> None:
+        self.llm = llm
+        self.model = llm.model
+        self.tokenizer = llm.tokenizer
+        self.rope = ModelRope(self.model)
+        self.layout = prompt_layout(self.tokenizer, system_prompt)
+        config = self.model.config.get_text_config(decoder=True)
+        self.num_layers: int = config.num_hidden_layers
+        self.kv_heads: int = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        self.head_dim: int = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        eos = self.tokenizer.eos_token_id
+        self.stop_ids: set[int] = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
+        gen_eos = getattr(self.model.generation_config, "eos_token_id", None)
+        if gen_eos is not None:
+            self.stop_ids |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos])
+        pad = self.tokenizer.pad_token_id
+        self.pad_id: int = pad if pad is not None else (next(iter(self.stop_ids)) if self.stop_ids else 0)
+        self.prefix_ids: list[int] = self.tokenize(self.layout.prefix, add_special=True)
+        self.prefix_kv: tuple[torch.Tensor, torch.Tensor] = self._prefill_prefix()
+
+    # -- tokens -----------------------------------------------------------------------------------
+
+    def tokenize(self, text: str, add_special: bool = False) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=add_special)["input_ids"])
+
+    def question_ids(self, question: str) -> list[int]:
+        layout = self.layout
+        return self.tokenize(layout.question_prefix + question + layout.question_suffix)
+
+    @property
+    def bytes_per_token_fp16(self) -> int:
+        """Size of one token's K and V in fp16: the 'raw' size compression is measured against."""
+        return self.num_layers * self.kv_heads * self.head_dim * 2 * 2
+
+    # -- prefill ----------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def _prefill_prefix(self) -> tuple[torch.Tensor, torch.Tensor]:
+        cache = DynamicCache()
+        ids = torch.tensor([self.prefix_ids], device=self.llm.device)
+        pos = torch.arange(len(self.prefix_ids), device=self.llm.device)[None]
+        self.model(input_ids=ids, position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        k = torch.stack([cache.layers[i].keys[0] for i in range(self.num_layers)])
+        v = torch.stack([cache.layers[i].values[0] for i in range(self.num_layers)])
+        return k, v  # post-RoPE, [layers, kv_heads, prefix, head_dim]
+
+    def _cache_from(self, k: torch.Tensor, v: torch.Tensor) -> DynamicCache:
+        """A full-attention DynamicCache from ``k, v: [layers, batch, heads, tokens, dim]``.
+
+        No config is given on purpose: transformers would make sliding-window layers keep only the
+        last window, and kvrag needs every token of a block. The model's own masks still apply the
+        window when attending.
+        """
+        cache = DynamicCache()
+        for layer in range(self.num_layers):
+            cache.update(k[layer], v[layer], layer)
+        return cache
+
+    def prefix_cache(self, batch: int = 1) -> DynamicCache:
+        k, v = self.prefix_kv
+        return self._cache_from(k[:, None].expand(-1, batch, -1, -1, -1), v[:, None].expand(-1, batch, -1, -1, -1))
+
+    @torch.inference_mode()
+    def encode(self, blocks: Sequence[Sequence[int]], batch_size: int = 8) -> list[BlockKV]:
+        """Prefill each block (token ids) after the shared prefix, batched; keys come back pre-RoPE."""
+        out: list[BlockKV] = []
+        p = len(self.prefix_ids)
+        device = self.llm.device
+        for start in range(0, len(blocks), batch_size):
+            batch = blocks[start:start + batch_size]
+            width = max(len(b) for b in batch)
+            # Right padding is safe without a mask: causal attention never lets a real token see a
+            # later pad, and pads' own KV is dropped below.
+            ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long, device=device)
+            for row, b in enumerate(batch):
+                ids[row, : len(b)] = torch.tensor(list(b), dtype=torch.long)
+            positions = torch.arange(p, p + width, device=device)
+            cache = self.prefix_cache(len(batch))
+            self.model(input_ids=ids, position_ids=positions[None].expand(len(batch), -1), past_key_values=cache,
+                       use_cache=True, logits_to_keep=1)
+            k_all = torch.stack([cache.layers[i].keys[:, :, p:] for i in range(self.num_layers)], dim=1)
+            v_all = torch.stack([cache.layers[i].values[:, :, p:] for i in range(self.num_layers)], dim=1)
+            # k_all, v_all: [batch, layers, kv_heads, width, head_dim]
+            for row, b in enumerate(batch):
+                n = len(b)
+                k_pre = self.rope.unrotate(k_all[row, :, :, :n].float(), positions[:n])
+                out.append(BlockKV(k=k_pre.contiguous(), v=v_all[row, :, :, :n].float().contiguous()))
+        return out
+
+    # -- assembly ---------------------------------------------------------------------------------
+
+    def assemble(self, blocks: Sequence[BlockKV]) -> Context:
+        """Concatenate blocks after the prefix, each block's keys rotated to its new offset."""
+        pk, pv = self.prefix_kv
+        p = pk.shape[2]
+        if not blocks:
+            return Context(self.prefix_cache(), p, 0)
+        dtype = pk.dtype
+        k_pre = torch.cat([b.k.to(pk.device, dtype) for b in blocks], dim=2)  # [layers, heads, n, dim]
+        v = torch.cat([b.v.to(pk.device, dtype) for b in blocks], dim=2)
+        n = k_pre.shape[2]
+        k = self.rope.rotate(k_pre, torch.arange(p, p + n, device=pk.device))
+        cache = self._cache_from(torch.cat((pk, k), dim=2)[:, None], torch.cat((pv, v), dim=2)[:, None])
+        return Context(cache, p + n, n)
+
+    def text_context(self) -> Context:
+        """The cached prefix alone: text mode prefills the block tokens with the question."""
+        return Context(self.prefix_cache(), len(self.prefix_ids), 0)
+
+    # -- question ---------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def logits(self, ctx: Context, input_ids: Sequence[int]) -> torch.Tensor:
+        """Next-token logits ``[len(input_ids), vocab]`` after ``ctx`` (fidelity measurements)."""
+        device = self.llm.device
+        ids = torch.tensor([list(input_ids)], device=device)
+        pos = torch.arange(ctx.next_position, ctx.next_position + len(input_ids), device=device)[None]
+        out = self.model(input_ids=ids, position_ids=pos, past_key_values=ctx.cache, use_cache=True)
+        return out.logits[0].float()
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        ctx: Context,
+        input_ids: Sequence[int],
+        max_new_tokens: int,
+        on_token: Callable[[str], None] | None = None,
+    ) -> Generation:
+        """Greedy decoding after ``ctx``: prefill ``input_ids``, then one token at a time until EOS."""
+        device = self.llm.device
+        t0 = time.perf_counter()
+        ids = torch.tensor([list(input_ids)], device=device)
+        pos = ctx.next_position
+        tokens: list[int] = []
+        ttft = t0
+        prefill_ms = 0.0
+        emitted = ""
+        for step in range(max(0, max_new_tokens)):
+            positions = torch.arange(pos, pos + ids.shape[1], device=device)[None]
+            out = self.model(input_ids=ids, position_ids=positions, past_key_values=ctx.cache, use_cache=True,
+                             logits_to_keep=1)
+            pos += ids.shape[1]
+            nxt = int(out.logits[0, -1].argmax())
+            if step == 0:
+                ttft = time.perf_counter()
+                prefill_ms = (ttft - t0) * 1000
+            if nxt in self.stop_ids:
+                break
+            tokens.append(nxt)
+            if on_token is not None:
+                text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+                if len(text) > len(emitted) and not text.endswith("\ufffd"):
+                    on_token(text[len(emitted):])
+                    emitted = text
+            ids = torch.tensor([[nxt]], device=device)
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        if on_token is not None and len(text) > len(emitted):
+            on_token(text[len(emitted):])
+        return Generation(token_ids=tokens, text=text.strip(), prefill_ms=prefill_ms, ttft_s=ttft,
+                          finished_s=time.perf_counter())
