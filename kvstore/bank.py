@@ -639,7 +639,7 @@ class BankStore:
         try:
             with self._blob_lock:
                 old = block.blob_id
-                blob_id = self.blobs.put(data)
+                blob_id = self.blobs.put(data, replace=True)
                 s.execute(update(BlockRow).where(BlockRow.id == block.id).values(
                     blob_id=blob_id, stored_bytes=len(data), codec=bank.codec, status="live"))
                 s.commit()

@@ -30,11 +30,14 @@ class LocalBlobStore:
             raise CorruptBlock(f"malformed blob id {blob_id!r}")
         return self.root / blob_id[:2] / blob_id[2:4] / blob_id
 
-    def put(self, data: bytes) -> str:
-        """Write ``data`` (temp file, fsync, rename, fsync dir) and return its id."""
+    def put(self, data: bytes, *, replace: bool = False) -> str:
+        """Write ``data`` (temp file, fsync, rename, fsync dir) and return its id.
+
+        An existing blob of the same id is trusted unless ``replace`` is set (rebuilding a damaged one).
+        """
         blob_id = blob_id_of(data)
         path = self._path(blob_id)
-        if path.exists() and path.stat().st_size == len(data):
+        if not replace and path.exists() and path.stat().st_size == len(data):
             return blob_id
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")

@@ -152,7 +152,8 @@ class Embedder:
             path = Path(settings.embedder)
         self.name = path.name
         self._model = SentenceTransformer(str(path), device="cpu")
-        dim = self._model.get_sentence_embedding_dimension()
+        get_dim = getattr(self._model, "get_embedding_dimension", None) or self._model.get_sentence_embedding_dimension
+        dim = get_dim()
         assert dim is not None
         self.dim: int = int(dim)
 

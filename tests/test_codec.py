@@ -1,0 +1,64 @@
+"""The block format: fp16 round-trips bit-exactly; corruption and foreign KV are refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvstore.codec import decode_block, encode_block, read_header
+from kvstore.errors import CorruptBlock, IncompatibleModel, ValidationFailed
+from kvstore.runner import BlockKV
+
+FP = "f" * 32
+
+
+def _block(tokens: int = 11) -> BlockKV:
+    g = torch.Generator().manual_seed(1)
+    k = torch.randn(3, 2, tokens, 16, generator=g).to(torch.float16)
+    v = torch.randn(3, 2, tokens, 16, generator=g).to(torch.float16)
+    return BlockKV(k=k, v=v)
+
+
+def test_fp16_round_trip_is_bit_exact() -> None:
+    block = _block()
+    out = decode_block(encode_block(block, FP, "fp16"), FP)
+    assert out.k.dtype == torch.float16 and torch.equal(out.k, block.k) and torch.equal(out.v, block.v)
+
+
+def test_header_describes_the_block() -> None:
+    header, raw, _ = read_header(encode_block(_block(7), FP, "fp16"))
+    assert header.shape == (3, 2, 7, 16) and header.codec == "fp16" and header.key_convention == "pre_rope"
+    assert header.fingerprint == FP and [s["name"] for s in raw["sections"]] == ["k", "v"]
+
+
+@pytest.mark.parametrize("position", [0, 5, 40, -40, -1])
+def test_a_flipped_byte_anywhere_is_refused(position: int) -> None:
+    data = bytearray(encode_block(_block(), FP, "fp16"))
+    data[position] ^= 0x01
+    with pytest.raises(CorruptBlock):
+        decode_block(bytes(data), FP)
+
+
+@pytest.mark.parametrize("keep", [0, 3, 10, 100, -1])
+def test_a_truncated_block_is_refused(keep: int) -> None:
+    data = encode_block(_block(), FP, "fp16")
+    with pytest.raises(CorruptBlock):
+        decode_block(data[:keep] if keep >= 0 else data[:keep], FP)
+
+
+def test_a_block_of_another_model_is_refused() -> None:
+    data = encode_block(_block(), FP, "fp16")
+    with pytest.raises(IncompatibleModel):
+        decode_block(data, "0" * 32)
+
+
+def test_pickle_bytes_are_not_a_block() -> None:
+    import pickle
+
+    with pytest.raises(CorruptBlock):
+        decode_block(pickle.dumps({"k": [1, 2, 3]}), FP)
+
+
+def test_unknown_codec_is_a_validation_error() -> None:
+    with pytest.raises(ValidationFailed):
+        encode_block(_block(), FP, "no-such-codec")
