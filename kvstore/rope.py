@@ -62,22 +62,30 @@ class ModelRope:
 
     def _apply(self, k: torch.Tensor, positions: torch.Tensor, inverse: bool) -> torch.Tensor:
         # k: [layers, kv_heads, tokens, head_dim]; positions: [tokens]
+        if len(self.groups) == 1:
+            cos, sin = self.cos_sin(self.groups[0], positions)
+            return self._rotate_group(k, cos.to(k.device), sin.to(k.device), inverse)
         out = torch.empty_like(k)
         for group in self.groups:
             cos, sin = self.cos_sin(group, positions)  # [tokens, rot]
-            rot = cos.shape[-1]
             idx = torch.tensor(group.layers, device=k.device)
-            kg = k.index_select(0, idx).float()  # [g, heads, tokens, head_dim]
-            kr, kp = kg[..., :rot], kg[..., rot:]
-            cos_b, sin_b = cos.to(k.device), sin.to(k.device)
-            if inverse:
-                # The rotary module may fold an attention scale into cos/sin: divide it back out.
-                norm = cos_b * cos_b + sin_b * sin_b
-                kr = (kr * cos_b - rotate_half(kr) * sin_b) / norm
-            else:
-                kr = kr * cos_b + rotate_half(kr) * sin_b
-            out.index_copy_(0, idx, torch.cat((kr, kp), dim=-1).to(k.dtype))
+            rotated = self._rotate_group(k.index_select(0, idx), cos.to(k.device), sin.to(k.device), inverse)
+            out.index_copy_(0, idx, rotated)
         return out
+
+    @staticmethod
+    def _rotate_group(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool) -> torch.Tensor:
+        rot = cos.shape[-1]
+        kg = k.float()
+        kr = kg[..., :rot]
+        if inverse:
+            # The rotary module may fold an attention scale into cos/sin: divide it back out.
+            kr = (kr * cos - rotate_half(kr) * sin) / (cos * cos + sin * sin)
+        else:
+            kr = kr * cos + rotate_half(kr) * sin
+        if rot < kg.shape[-1]:
+            kr = torch.cat((kr, kg[..., rot:]), dim=-1)
+        return kr.to(k.dtype)
 
     def rotate(self, k_pre: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Place pre-RoPE keys ``[layers, kv_heads, tokens, head_dim]`` at ``positions: [tokens]``."""

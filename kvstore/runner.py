@@ -180,17 +180,23 @@ class Runner:
 
     def assemble(self, blocks: Sequence[BlockKV]) -> Context:
         """Concatenate blocks after the prefix, each block's keys rotated to its new offset."""
-        pk, pv = self.prefix_kv
+        pk, pv = self.prefix_kv  # [layers, heads, prefix, dim], post-RoPE
         p = pk.shape[2]
         if not blocks:
             return Context(self.prefix_cache(), p, 0)
-        dtype = pk.dtype
-        k_pre = torch.cat([b.k.to(pk.device, dtype) for b in blocks], dim=2)  # [layers, heads, n, dim]
-        v = torch.cat([b.v.to(pk.device, dtype) for b in blocks], dim=2)
-        n = k_pre.shape[2]
-        k = self.rope.rotate(k_pre, torch.arange(p, p + n, device=pk.device))
-        cache = self._cache_from(torch.cat((pk, k), dim=2)[:, None], torch.cat((pv, v), dim=2)[:, None])
-        return Context(cache, p + n, n)
+        n = sum(b.tokens for b in blocks)
+        layers, heads, _, dim = pk.shape
+        # One allocation per K and V; the blocks are copied in once, keys rotated in place of the copy.
+        k = torch.empty(layers, 1, heads, p + n, dim, dtype=pk.dtype, device=pk.device)
+        v = torch.empty_like(k)
+        k[:, 0, :, :p], v[:, 0, :, :p] = pk, pv
+        offset = p
+        for b in blocks:
+            k[:, 0, :, offset:offset + b.tokens] = b.k
+            v[:, 0, :, offset:offset + b.tokens] = b.v
+            offset += b.tokens
+        k[:, 0, :, p:] = self.rope.rotate(k[:, 0, :, p:], torch.arange(p, p + n, device=pk.device))
+        return Context(self._cache_from(k, v), p + n, n)
 
     def text_context(self) -> Context:
         """The cached prefix alone: text mode prefills the block tokens with the question."""
