@@ -1,3 +1,59 @@
-"""kvrag-client: the Python SDK of the kvrag memory database."""
+"""kvrag-client: the Python SDK of the kvrag memory database (httpx + pydantic; never imports torch).
 
-__version__ = "0.1.0"
+    from kvrag_client import KVRag
+
+    with KVRag("http://127.0.0.1:8000", api_key="...") as kv:
+        kv.banks.create("notes")
+        kv.documents.put("notes", "paris", "Paris is the capital of France.")
+        print(kv.query("notes", "What is the capital of France?").answer)
+"""
+
+from ._async_client import AsyncKVRag, AsyncQueryStream
+from ._client import KVRag, QueryStream
+from ._exceptions import (
+    APIConnectionError,
+    APIError,
+    APITimeoutError,
+    AuthenticationError,
+    BadRequest,
+    Conflict,
+    CorruptBlock,
+    IncompatibleModel,
+    InternalServerError,
+    JobFailed,
+    KVRagError,
+    NotFound,
+    PayloadTooLarge,
+    PermissionDenied,
+    RateLimited,
+    Unavailable,
+    ValidationError,
+    VersionMismatch,
+)
+from ._version import __version__
+from .types import (
+    ApiKey,
+    Bank,
+    Document,
+    DocumentInput,
+    DoneEvent,
+    Health,
+    Hit,
+    Job,
+    PutResult,
+    QueryResult,
+    SearchFilter,
+    StreamEvent,
+    Timings,
+    TokenEvent,
+    Usage,
+)
+
+__all__ = [
+    "__version__", "KVRag", "AsyncKVRag", "QueryStream", "AsyncQueryStream",
+    "KVRagError", "APIError", "APIConnectionError", "APITimeoutError", "BadRequest", "AuthenticationError",
+    "PermissionDenied", "NotFound", "Conflict", "VersionMismatch", "IncompatibleModel", "PayloadTooLarge",
+    "ValidationError", "RateLimited", "InternalServerError", "CorruptBlock", "Unavailable", "JobFailed",
+    "ApiKey", "Bank", "Document", "DocumentInput", "Health", "Hit", "Job", "PutResult", "QueryResult",
+    "SearchFilter", "StreamEvent", "Timings", "TokenEvent", "DoneEvent", "Usage",
+]

@@ -1,0 +1,173 @@
+"""Every REST call of the v1 API as a ``Call``: the sync and async clients only differ in how they send it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+from urllib.parse import quote
+
+from pydantic import BaseModel
+
+from ._base import Call
+from .types import ApiKey, Bank, Document, DocumentInput, Health, Hit, Job, PutResult, QueryResult, SearchFilter
+
+FilterLike = SearchFilter | Mapping[str, Any] | None
+DocumentLike = DocumentInput | Mapping[str, Any]
+
+
+class DocumentPage(BaseModel):
+    documents: list[Document]
+    next_cursor: str | None = None
+
+
+def _seg(value: str) -> str:
+    """One path segment, percent-encoded so a name can never change the route."""
+    return quote(str(value), safe="")
+
+
+def _bank_path(bank: str) -> str:
+    return f"/v1/banks/{_seg(bank)}"
+
+
+def _none(_: Any) -> None:
+    return None
+
+
+def _filter(flt: FilterLike) -> dict[str, Any] | None:
+    if flt is None:
+        return None
+    model = flt if isinstance(flt, SearchFilter) else SearchFilter.model_validate(dict(flt))
+    return model.model_dump(exclude_none=True) or None
+
+
+def _drop_none(body: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in body.items() if v is not None}
+
+
+# -- health -----------------------------------------------------------------------------------------
+
+
+def health() -> Call[Health]:
+    return Call("GET", "/healthz", lambda d: Health.model_validate(d if isinstance(d, dict) else {"status": d}))
+
+
+def ready() -> Call[None]:
+    # Readiness is asked repeatedly by callers that wait; a retry loop inside would only hide the answer.
+    return Call("GET", "/readyz", _none, retries=False)
+
+
+# -- keys -------------------------------------------------------------------------------------------
+
+
+def create_key(name: str, agent: str | None, role: str, banks: Iterable[str]) -> Call[ApiKey]:
+    body = _drop_none({"name": name, "agent": agent, "role": role, "banks": list(banks)})
+    return Call("POST", "/v1/keys", ApiKey.model_validate, json=body)
+
+
+def list_keys() -> Call[list[ApiKey]]:
+    return Call("GET", "/v1/keys", lambda d: [ApiKey.model_validate(k) for k in d["keys"]])
+
+
+def delete_key(key_id: str) -> Call[None]:
+    return Call("DELETE", f"/v1/keys/{_seg(key_id)}", _none)
+
+
+# -- banks ------------------------------------------------------------------------------------------
+
+
+def create_bank(name: str, options: Mapping[str, Any]) -> Call[Bank]:
+    return Call("POST", "/v1/banks", Bank.model_validate, json={"name": name, **_drop_none(options)})
+
+
+def list_banks() -> Call[list[Bank]]:
+    return Call("GET", "/v1/banks", lambda d: [Bank.model_validate(b) for b in d["banks"]])
+
+
+def get_bank(name: str) -> Call[Bank]:
+    return Call("GET", _bank_path(name), Bank.model_validate)
+
+
+def update_bank(name: str, changes: Mapping[str, Any]) -> Call[Bank]:
+    # PATCH with only the given fields; resending the same changes gives the same state.
+    return Call("PATCH", _bank_path(name), Bank.model_validate, json=_drop_none(changes), idempotent=True)
+
+
+def delete_bank(name: str) -> Call[None]:
+    return Call("DELETE", _bank_path(name), _none)
+
+
+# -- documents --------------------------------------------------------------------------------------
+
+
+def put_document(bank: str, doc_id: str, text: str, metadata: Mapping[str, Any] | None, tags: Iterable[str] | None,
+                 pinned: bool, if_match: int | str | None, idempotency_key: str | None) -> Call[PutResult]:
+    body = _drop_none({"text": text, "metadata": None if metadata is None else dict(metadata),
+                       "tags": None if tags is None else list(tags), "pinned": pinned})
+    headers = {}
+    if if_match is not None:
+        headers["If-Match"] = str(if_match)
+    if idempotency_key is not None:
+        headers["Idempotency-Key"] = idempotency_key
+    return Call("PUT", f"{_bank_path(bank)}/documents/{_seg(doc_id)}", PutResult.model_validate, json=body,
+                headers=headers)
+
+
+def _batch_answer(data: Mapping[str, Any]) -> list[PutResult] | Job:
+    if "job_id" in data:
+        return Job(id=data["job_id"], status=data.get("status", "queued"))
+    return [PutResult.model_validate(r) for r in data["results"]]
+
+
+def put_documents(bank: str, docs: Iterable[DocumentLike], idempotency_key: str | None) -> Call[list[PutResult] | Job]:
+    items = [(d if isinstance(d, DocumentInput) else DocumentInput.model_validate(dict(d))).model_dump(
+        exclude_none=True) for d in docs]
+    headers = {} if idempotency_key is None else {"Idempotency-Key": idempotency_key}
+    # Each document is an upsert by id, so resending the batch cannot duplicate anything.
+    return Call("POST", f"{_bank_path(bank)}/documents", _batch_answer, json={"documents": items}, headers=headers,
+                idempotent=True)
+
+
+def job_results(job: Job) -> list[PutResult]:
+    """The per-document results a finished batch job carries (``{"results": [...]}`` or a bare list)."""
+    result = job.result
+    if isinstance(result, Mapping):
+        result = result.get("results", [])
+    return [PutResult.model_validate(r) for r in result or []]
+
+
+def list_documents(bank: str, cursor: str | None, limit: int | None) -> Call[DocumentPage]:
+    params = _drop_none({"cursor": cursor, "limit": limit})
+    return Call("GET", f"{_bank_path(bank)}/documents", DocumentPage.model_validate, params=params)
+
+
+def get_document(bank: str, doc_id: str) -> Call[Document]:
+    return Call("GET", f"{_bank_path(bank)}/documents/{_seg(doc_id)}", Document.model_validate)
+
+
+def delete_document(bank: str, doc_id: str) -> Call[None]:
+    return Call("DELETE", f"{_bank_path(bank)}/documents/{_seg(doc_id)}", _none)
+
+
+# -- jobs -------------------------------------------------------------------------------------------
+
+
+def get_job(job_id: str) -> Call[Job]:
+    return Call("GET", f"/v1/jobs/{_seg(job_id)}", Job.model_validate)
+
+
+# -- retrieval --------------------------------------------------------------------------------------
+
+
+def search(bank: str, query: str, k: int, flt: FilterLike) -> Call[list[Hit]]:
+    body = _drop_none({"query": query, "k": k, "filter": _filter(flt)})
+    return Call("POST", f"{_bank_path(bank)}/search", lambda d: [Hit.model_validate(h) for h in d["hits"]],
+                json=body, idempotent=True)
+
+
+def query(bank: str, question: str, k: int, mode: str, max_new_tokens: int, flt: FilterLike,
+          stream: bool) -> Call[QueryResult]:
+    body = _drop_none({"question": question, "k": k, "mode": mode, "max_new_tokens": max_new_tokens,
+                       "stream": stream, "filter": _filter(flt)})
+    headers = {"Accept": "text/event-stream"} if stream else {}
+    return Call("POST", f"{_bank_path(bank)}/query", QueryResult.model_validate, json=body, headers=headers,
+                idempotent=True)

@@ -1,0 +1,184 @@
+"""Typed response models of the REST contract.
+
+Every model allows extra fields, so a newer server that adds a field never breaks an older SDK.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = [
+    "Model", "ApiKey", "Bank", "Document", "DocumentInput", "PutResult", "Hit", "SearchFilter", "Timings",
+    "Usage", "QueryResult", "TokenEvent", "DoneEvent", "StreamEvent", "Job", "Health",
+]
+
+
+class Model(BaseModel):
+    """Base of every response model: unknown fields are kept, not rejected."""
+
+    model_config = ConfigDict(extra="allow", coerce_numbers_to_str=True)
+
+
+class ApiKey(Model):
+    """An API key. ``key`` (the secret) is set only in the answer to ``keys.create``."""
+
+    id: str
+    prefix: str
+    name: str | None = None
+    agent: str | None = None
+    role: str
+    banks: list[str] = Field(default_factory=list)
+    created_at: datetime | None = None
+    key: str | None = None
+
+
+class Bank(Model):
+    """A bank's settings; ``banks.get``/``banks.update`` also fill the statistics fields."""
+
+    name: str
+    codec: str | None = None
+    model: str | None = None
+    model_fingerprint: str | None = None
+    block_tokens: int | None = None
+    budget_bytes: int | None = None
+    max_blocks: int | None = None
+    eviction: str | None = None
+    created_at: datetime | None = None
+    documents: int | None = None
+    blocks: int | None = None
+    tokens: int | None = None
+    raw_bytes: int | None = None
+    stored_bytes: int | None = None
+    compression_ratio: float | None = None
+    evictions: int | None = None
+    merges: int | None = None
+    quarantined_blocks: int | None = None
+    index_entries: int | None = None
+
+
+class Document(Model):
+    """A stored document; ``text`` is only filled by ``documents.get``."""
+
+    doc_id: str
+    version: int
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    tags: list[str] = Field(default_factory=list)
+    agent: str | None = None
+    pinned: bool = False
+    blocks: int = 0
+    tokens: int = 0
+    content_hash: str | None = None
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+    text: str | None = None
+
+
+class DocumentInput(BaseModel):
+    """One document of a batch ingest (``documents.put_many``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str
+    text: str
+    metadata: dict[str, Any] | None = None
+    tags: list[str] | None = None
+    pinned: bool | None = None
+
+
+class PutResult(Model):
+    """The outcome of writing one document: ``created`` (new id) and ``changed`` (new version)."""
+
+    document: Document
+    created: bool
+    changed: bool
+
+
+class Hit(Model):
+    """One retrieved block."""
+
+    doc_id: str
+    block_id: int
+    score: float
+    text: str
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    agent: str | None = None
+    ordinal: int = 0
+
+
+class SearchFilter(BaseModel):
+    """Restricts search and query before top-k: agent, all of ``tags``, metadata equality per key."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    agent: str | None = None
+    tags: list[str] | None = None
+    metadata: dict[str, Any] | None = None
+
+
+class Timings(Model):
+    """Milliseconds; ``ttft_ms`` runs from the server receiving the request to the first token."""
+
+    retrieve_ms: float = 0.0
+    load_ms: float = 0.0
+    prefill_ms: float = 0.0
+    ttft_ms: float = 0.0
+    total_ms: float = 0.0
+
+
+class Usage(Model):
+    context_tokens: int = 0
+    question_tokens: int = 0
+    generated_tokens: int = 0
+
+
+class QueryResult(Model):
+    """The answer to ``query``, with the blocks it was built from."""
+
+    answer: str
+    mode: str = "kv"
+    sources: list[Hit] = Field(default_factory=list)
+    timings: Timings = Field(default_factory=Timings)
+    usage: Usage = Field(default_factory=Usage)
+
+
+class TokenEvent(BaseModel):
+    """A piece of generated text (streamed query)."""
+
+    type: Literal["token"] = "token"
+    text: str
+
+
+class DoneEvent(BaseModel):
+    """The last event of a streamed query: the full result."""
+
+    type: Literal["done"] = "done"
+    result: QueryResult
+
+
+StreamEvent = TokenEvent | DoneEvent
+
+
+class Job(Model):
+    """A background job (large batch ingest)."""
+
+    id: str
+    kind: str | None = None
+    bank: str | None = None
+    status: Literal["queued", "running", "succeeded", "failed"] | str
+    total: int | None = None
+    done: int | None = None
+    result: Any = None
+    error: Any = None
+
+    @property
+    def finished(self) -> bool:
+        return self.status in ("succeeded", "failed")
+
+
+class Health(Model):
+    """The body of ``/healthz`` (whatever the server reports; ``status`` when it says one)."""
+
+    status: str | None = None
