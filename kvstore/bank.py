@@ -374,7 +374,8 @@ class BankStore:
             # A blob shared by several blocks is stored once, so count each distinct blob once.
             distinct = select(BlockRow.blob_id, func.max(BlockRow.stored_bytes).label("b")).where(
                 *live).group_by(BlockRow.blob_id).subquery()
-            stored = s.scalar(select(func.coalesce(func.sum(distinct.c.b), 0))) or 0
+            stored = int(s.scalar(select(func.coalesce(func.sum(distinct.c.b), 0))) or 0)
+            raw = int(raw)
             quarantined = s.scalar(select(func.count()).select_from(BlockRow).where(
                 BlockRow.bank_id == bank.id, BlockRow.status == "quarantined")) or 0
             return BankStats(name=bank.name, documents=int(docs), blocks=int(n_blocks), tokens=int(tokens),

@@ -87,3 +87,21 @@ def make_store(tmp_path: Path, tiny_llm: LoadedModel, embedder: Embedder) -> Ite
 def smollm2(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
     """The real packaged SmolLM2 (converted once into the user cache dir)."""
     return load_llm(Settings(data_dir=tmp_path_factory.mktemp("llm")))
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh PostgreSQL database on 127.0.0.1:5432 for one test, dropped afterwards."""
+    import uuid
+
+    psycopg = pytest.importorskip("psycopg")
+    admin = "postgresql://postgres@127.0.0.1:5432/postgres"
+    name = f"kvrag_test_{uuid.uuid4().hex[:10]}"
+    try:
+        with psycopg.connect(admin, autocommit=True, connect_timeout=3) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+    except psycopg.OperationalError as exc:
+        pytest.skip(f"PostgreSQL at 127.0.0.1:5432 is not reachable: {exc}")
+    yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
