@@ -1,0 +1,1 @@
+"""kvrag's HTTP server: FastAPI routes over ``kvstore.bank.BankStore``."""

@@ -1,0 +1,92 @@
+"""The FastAPI application and ``run``: thin routes over ``BankStore``, one model worker, one error shape."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import uvicorn
+from fastapi import FastAPI
+
+from kvstore.bank import BankStore
+from kvstore.config import Settings
+
+from .errors import install_error_handlers
+from .metrics import Metrics
+from .middleware import RequestContextMiddleware
+from .routes import banks, documents, keys, retrieval, system
+from .worker import ModelWorker
+
+log = logging.getLogger(__name__)
+
+
+def _load_in_background(app: FastAPI, settings: Settings) -> asyncio.Task[None]:
+    """Load the store off the event loop so /healthz and /readyz answer while the model loads."""
+
+    async def load() -> None:
+        try:
+            app.state.store = await asyncio.to_thread(BankStore, settings)
+            log.info("kvrag is ready")
+        except Exception as exc:  # noqa: BLE001 - reported by /readyz; the process stays up to say so
+            log.exception("loading the store failed")
+            app.state.load_error = type(exc).__name__
+
+    return asyncio.create_task(load())
+
+
+def create_app(settings: Settings, store: BankStore | None = None) -> FastAPI:
+    """The kvrag API over ``store``, or over a store loaded from ``settings`` at startup."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loader = None if store is not None else _load_in_background(app, settings)
+        yield
+        for task in list(app.state.tasks):
+            task.cancel()
+        if loader is not None:
+            await loader  # a thread cannot be interrupted; let it finish so the store closes cleanly
+        await asyncio.to_thread(app.state.worker.shutdown)
+        loaded: BankStore | None = getattr(app.state, "store", None)
+        if loaded is not None:
+            await asyncio.to_thread(loaded.close)
+            log.info("store closed")
+
+    app = FastAPI(title="kvrag", version="1", lifespan=lifespan,
+                  description="A memory database for LLM agents: documents stored as their KV cache.")
+    app.state.settings = settings
+    app.state.store = store
+    app.state.load_error = None
+    app.state.worker = worker = ModelWorker(settings.queue_size)
+    app.state.tasks = set()
+    app.state.metrics = metrics = Metrics(queue_depth=lambda: worker.depth,
+                                          hot=lambda: app.state.store.hot if app.state.store else None)
+    install_error_handlers(app)
+    app.add_middleware(RequestContextMiddleware, settings=settings, metrics=metrics)
+    for module in (system, keys, banks, documents, retrieval):
+        app.include_router(module.router)
+    return app
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding ``host`` keeps the server reachable from this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def run(settings: Settings, host: str = "127.0.0.1", port: int = 8000) -> None:
+    """Serve until interrupted. Without an admin key only loopback is allowed (requests are then
+    unauthenticated); SIGTERM/SIGINT shut down gracefully and close the store."""
+    if settings.admin_key is None and not is_loopback(host):
+        raise SystemExit(f"refusing to listen on {host}: no admin key is configured, so requests would be "
+                         "unauthenticated. Set KVRAG_ADMIN_KEY, or bind to 127.0.0.1.")
+    if settings.admin_key is None:
+        log.warning("no admin key configured (KVRAG_ADMIN_KEY): accepting unauthenticated requests on %s only",
+                    host)
+    uvicorn.run(create_app(settings), host=host, port=port, timeout_graceful_shutdown=30)

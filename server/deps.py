@@ -1,0 +1,34 @@
+"""Shared dependencies: the loaded store and the model worker, and dataclass -> JSON helpers."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Annotated, Any
+
+from fastapi import Depends, Request
+
+from kvstore.bank import BankStore
+from kvstore.errors import Unavailable
+
+from .worker import ModelWorker
+
+
+def get_store(request: Request) -> BankStore:
+    """The loaded store; 503 while the model and catalog are still loading."""
+    store = getattr(request.app.state, "store", None)
+    if store is None:
+        raise Unavailable("the server is still starting")
+    return store
+
+
+def get_worker(request: Request) -> ModelWorker:
+    return request.app.state.worker
+
+
+Store = Annotated[BankStore, Depends(get_store)]
+Worker = Annotated[ModelWorker, Depends(get_worker)]
+
+
+def plain(value: Any) -> dict[str, Any]:
+    """A dataclass as a dict (nested dataclasses too), ready for a response model."""
+    return dataclasses.asdict(value)

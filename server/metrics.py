@@ -1,0 +1,50 @@
+"""Prometheus metrics, in a registry of their own per app (several apps can live in one process)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
+
+from kvstore.cache import HotCache
+
+
+class _HotTierCollector(Collector):
+    """Hot-tier hits and misses, read from the cache's own counters at scrape time."""
+
+    def __init__(self, hot: Callable[[], HotCache | None]) -> None:
+        self._hot = hot
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        hot = self._hot()
+        hits = CounterMetricFamily("kvrag_hot_tier_hits", "Decoded blocks served from the hot tier.")
+        misses = CounterMetricFamily("kvrag_hot_tier_misses", "Block loads that missed the hot tier.")
+        hits.add_metric([], float(hot.hits if hot else 0))
+        misses.add_metric([], float(hot.misses if hot else 0))
+        yield hits
+        yield misses
+
+
+class Metrics:
+    """Request counts and latency per route, model queue depth, hot-tier hits and misses."""
+
+    def __init__(self, queue_depth: Callable[[], float], hot: Callable[[], HotCache | None]) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("kvrag_requests", "HTTP requests answered.", ["method", "route", "status"],
+                                registry=self.registry)
+        self.latency = Histogram("kvrag_request_seconds", "HTTP request latency.", ["method", "route"],
+                                 registry=self.registry)
+        self.queue_depth = Gauge("kvrag_model_queue_depth", "Model work waiting or running.", registry=self.registry)
+        self.queue_depth.set_function(queue_depth)
+        self.registry.register(_HotTierCollector(hot))
+
+    def observe(self, method: str, route: str, status: int, seconds: float) -> None:
+        """Count one answered request."""
+        self.requests.labels(method, route, str(status)).inc()
+        self.latency.labels(method, route).observe(seconds)
+
+    def render(self) -> bytes:
+        """The exposition text."""
+        return generate_latest(self.registry)

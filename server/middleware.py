@@ -1,0 +1,158 @@
+"""Request context: request id, body limits, metrics, and a JSON 500 for anything unexpected.
+
+A pure ASGI middleware (not BaseHTTPMiddleware) so streamed responses pass through untouched and
+the body can be read once, checked, and replayed to the route.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+import uuid
+from typing import Any
+
+from starlette.datastructures import MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from kvstore.config import Settings
+
+from .errors import error_response
+from .metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+_CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+_BODY_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
+
+
+def json_depth(value: Any) -> int:
+    """Nesting depth of parsed JSON (a scalar is 0, ``{}`` is 1), computed without recursion."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            deepest = max(deepest, depth)
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            deepest = max(deepest, depth)
+            stack.extend((v, depth + 1) for v in item)
+    return deepest
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", []):
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
+class RequestContextMiddleware:
+    """Gives every request an id (echoed as ``X-Request-ID``), enforces size and depth limits before
+    the route runs, records metrics, and turns an unhandled exception into a JSON 500."""
+
+    def __init__(self, app: ASGIApp, settings: Settings, metrics: Metrics) -> None:
+        self.app = app
+        self.settings = settings
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        offered = _header(scope, b"x-request-id")
+        request_id = offered if offered and _CLIENT_REQUEST_ID.match(offered) else uuid.uuid4().hex
+        scope.setdefault("state", {})
+        scope["state"]["request_id"] = request_id
+        scope["state"]["started_at"] = started
+        status = {"code": 500, "sent": False}
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"], status["sent"] = message["status"], True
+                MutableHeaders(scope=message)["X-Request-ID"] = request_id
+            await send(message)
+
+        try:
+            replay = await self._checked_body(scope, receive, send_with_id, request_id)
+            if replay is not None:
+                await self.app(scope, replay, send_with_id)
+        except Exception:  # noqa: BLE001 - the last line of defence: log it here, never show it to clients
+            log.exception("unhandled error in %s %s (request %s)", scope["method"], scope["path"], request_id)
+            if not status["sent"]:
+                await error_response(500, "internal", "internal server error", request_id)(scope, receive,
+                                                                                            send_with_id)
+        finally:
+            route = scope.get("route")
+            template = getattr(route, "path", None) or "unmatched"
+            self.metrics.observe(scope["method"], template, int(status["code"]), time.perf_counter() - started)
+
+    async def _checked_body(self, scope: Scope, receive: Receive, send: Send, request_id: str) -> Receive | None:
+        """Read the body under the size limit and check JSON depth; answer the error and return None
+        when a limit is broken, else return a ``receive`` that replays the body."""
+        if scope["method"] not in _BODY_METHODS:
+            return receive
+        limit = self.settings.max_body_bytes
+        declared = _header(scope, b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            await self._reject(scope, receive, send, 413, "payload_too_large",
+                               f"request body exceeds {limit} bytes", request_id)
+            return None
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                await self._reject(scope, receive, send, 413, "payload_too_large",
+                                   f"request body exceeds {limit} bytes", request_id)
+                return None
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        too_deep = self._too_deep(scope, body)
+        if too_deep:
+            await self._reject(scope, receive, send, 422, "validation_error", too_deep, request_id)
+            return None
+        return _replay(body, receive)
+
+    def _too_deep(self, scope: Scope, body: bytes) -> str | None:
+        """A message when the JSON body nests deeper than allowed; unparseable JSON is left to the route
+        (it answers 400), so this check never hides a syntax error."""
+        content_type = _header(scope, b"content-type") or ""
+        if not body or "json" not in content_type:
+            return None
+        limit = self.settings.max_json_depth
+        try:
+            parsed = json.loads(body)
+        except RecursionError:
+            return f"JSON nesting exceeds {limit} levels"
+        except ValueError:
+            return None
+        return f"JSON nesting exceeds {limit} levels" if json_depth(parsed) > limit else None
+
+    async def _reject(self, scope: Scope, receive: Receive, send: Send, status: int, code: str, detail: str,
+                      request_id: str) -> None:
+        await error_response(status, code, detail, request_id)(scope, receive, send)
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """A ``receive`` that hands the already-read body over once, then defers to the real one
+    (so a streaming route still hears the client disconnect)."""
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
