@@ -1,0 +1,121 @@
+"""A real uvicorn server on a free port, in a background thread, over a tiny-model BankStore."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from fastapi import FastAPI
+
+from kvstore.bank import BankStore
+from kvstore.config import Settings
+from kvstore.models import Embedder, LoadedModel
+from server.app import create_app
+
+ADMIN_KEY = "test-admin-key-0123456789"
+PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+@dataclass
+class LiveServer:
+    url: str
+    app: FastAPI
+    store: BankStore
+    settings: Settings
+
+    def client(self, key: str | None = None, **kwargs: Any) -> httpx.Client:
+        """A client sending ``key`` as a bearer token (none when ``key`` is None)."""
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=30.0, **kwargs)
+
+    def admin(self) -> httpx.Client:
+        return self.client(self.settings.admin_key)
+
+
+@contextmanager
+def serve(store: BankStore, app: FastAPI | None = None) -> Iterator[LiveServer]:
+    """Run the app (by default over ``store``) on 127.0.0.1:<free port> until the block ends."""
+    app = app or create_app(store.settings, store)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.01)
+    try:
+        yield LiveServer(url=f"http://127.0.0.1:{port}", app=app, store=store, settings=store.settings)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
+
+
+@contextmanager
+def postgres_database() -> Iterator[str]:
+    """A fresh PostgreSQL database for a module, dropped afterwards; skips when the server is unreachable."""
+    import psycopg
+
+    name = f"kvrag_srv_{uuid.uuid4().hex[:10]}"
+    try:
+        with psycopg.connect(PG_ADMIN, autocommit=True, connect_timeout=3) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+    except psycopg.OperationalError as exc:
+        pytest.skip(f"PostgreSQL at 127.0.0.1:5432 is not reachable: {exc}")
+    try:
+        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    finally:
+        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@contextmanager
+def live_server(backend: str, data_dir: Path, llm: LoadedModel, embedder: Embedder,
+                **settings: Any) -> Iterator[LiveServer]:
+    """A started server on SQLite or a throwaway PostgreSQL database."""
+    settings.setdefault("admin_key", ADMIN_KEY)
+    if backend == "postgres":
+        with postgres_database() as url:
+            store = BankStore(Settings(data_dir=data_dir, database_url=url, **settings), llm=llm, embedder=embedder)
+            with serve(store) as live:
+                yield live
+    else:
+        store = BankStore(Settings(data_dir=data_dir, **settings), llm=llm, embedder=embedder)
+        with serve(store) as live:
+            yield live
+
+
+BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+
+
+def make_key(live: LiveServer, *, role: str = "write", banks: list[str] | None = None, agent: str = "agent-a",
+             name: str = "test") -> dict[str, Any]:
+    """Create a key with the admin key; returns the create answer (with the secret)."""
+    with live.admin() as c:
+        r = c.post("/v1/keys", json={"name": name, "agent": agent, "role": role, "banks": banks or ["*"]})
+    assert r.status_code == 201, r.text
+    return r.json()
+
+
+def sse_events(text: str) -> list[tuple[str, str]]:
+    """(event, data) pairs of a text/event-stream body."""
+    events = []
+    for block in text.strip().split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in block.splitlines() if ": " in line)
+        events.append((fields.get("event", "message"), fields.get("data", "")))
+    return events
