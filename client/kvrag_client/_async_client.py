@@ -67,8 +67,9 @@ class AsyncKeys(_Resource):
 
     async def create(self, name: str, *, role: str = "read", banks: Iterable[str] = ("*",),
                agent: str | None = None) -> ApiKey:
-        """Create a key; its secret ``key`` is in this answer only."""
-        return await self._client._call(ops.create_key(name, agent, role, banks))
+        """Create a key whose writes are attributed to ``agent`` (default: ``name``); the secret ``key``
+        is in this answer only."""
+        return await self._client._call(ops.create_key(name, agent or name, role, banks))
 
     async def list(self) -> builtins.list[ApiKey]:
         """Every key (prefixes only, never secrets)."""
@@ -158,9 +159,9 @@ class AsyncDocuments(_Resource):
                 return
             cursor = page.next_cursor
 
-    async def delete(self, bank: str, doc_id: str) -> None:
-        """Delete a document and its blocks."""
-        await self._client._call(ops.delete_document(bank, doc_id))
+    async def delete(self, bank: str, doc_id: str, *, if_match: int | str | None = None) -> None:
+        """Delete a document and its blocks; ``if_match`` makes it conditional on the stored version."""
+        await self._client._call(ops.delete_document(bank, doc_id, if_match))
 
 
 class AsyncKVRag:

@@ -66,8 +66,9 @@ class Keys(_Resource):
 
     def create(self, name: str, *, role: str = "read", banks: Iterable[str] = ("*",),
                agent: str | None = None) -> ApiKey:
-        """Create a key; its secret ``key`` is in this answer only."""
-        return self._client._call(ops.create_key(name, agent, role, banks))
+        """Create a key whose writes are attributed to ``agent`` (default: ``name``); the secret ``key``
+        is in this answer only."""
+        return self._client._call(ops.create_key(name, agent or name, role, banks))
 
     def list(self) -> builtins.list[ApiKey]:
         """Every key (prefixes only, never secrets)."""
@@ -155,9 +156,9 @@ class Documents(_Resource):
                 return
             cursor = page.next_cursor
 
-    def delete(self, bank: str, doc_id: str) -> None:
-        """Delete a document and its blocks."""
-        self._client._call(ops.delete_document(bank, doc_id))
+    def delete(self, bank: str, doc_id: str, *, if_match: int | str | None = None) -> None:
+        """Delete a document and its blocks; ``if_match`` makes it conditional on the stored version."""
+        self._client._call(ops.delete_document(bank, doc_id, if_match))
 
 
 class KVRag:

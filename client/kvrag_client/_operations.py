@@ -40,6 +40,11 @@ def _filter(flt: FilterLike) -> dict[str, Any] | None:
     return model.model_dump(exclude_none=True) or None
 
 
+def _if_match(version: int | str | None) -> dict[str, str]:
+    """``If-Match: <version>``: the write applies only if the stored version is still that one (0: new)."""
+    return {} if version is None else {"If-Match": str(version)}
+
+
 def _drop_none(body: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in body.items() if v is not None}
 
@@ -59,8 +64,8 @@ def ready() -> Call[None]:
 # -- keys -------------------------------------------------------------------------------------------
 
 
-def create_key(name: str, agent: str | None, role: str, banks: Iterable[str]) -> Call[ApiKey]:
-    body = _drop_none({"name": name, "agent": agent, "role": role, "banks": list(banks)})
+def create_key(name: str, agent: str, role: str, banks: Iterable[str]) -> Call[ApiKey]:
+    body = {"name": name, "agent": agent, "role": role, "banks": list(banks)}
     return Call("POST", "/v1/keys", ApiKey.model_validate, json=body)
 
 
@@ -103,9 +108,7 @@ def put_document(bank: str, doc_id: str, text: str, metadata: Mapping[str, Any] 
                  pinned: bool, if_match: int | str | None, idempotency_key: str | None) -> Call[PutResult]:
     body = _drop_none({"text": text, "metadata": None if metadata is None else dict(metadata),
                        "tags": None if tags is None else list(tags), "pinned": pinned})
-    headers = {}
-    if if_match is not None:
-        headers["If-Match"] = str(if_match)
+    headers = _if_match(if_match)
     if idempotency_key is not None:
         headers["Idempotency-Key"] = idempotency_key
     return Call("PUT", f"{_bank_path(bank)}/documents/{_seg(doc_id)}", PutResult.model_validate, json=body,
@@ -144,8 +147,8 @@ def get_document(bank: str, doc_id: str) -> Call[Document]:
     return Call("GET", f"{_bank_path(bank)}/documents/{_seg(doc_id)}", Document.model_validate)
 
 
-def delete_document(bank: str, doc_id: str) -> Call[None]:
-    return Call("DELETE", f"{_bank_path(bank)}/documents/{_seg(doc_id)}", _none)
+def delete_document(bank: str, doc_id: str, if_match: int | str | None) -> Call[None]:
+    return Call("DELETE", f"{_bank_path(bank)}/documents/{_seg(doc_id)}", _none, headers=_if_match(if_match))
 
 
 # -- jobs -------------------------------------------------------------------------------------------
