@@ -1,0 +1,189 @@
+"""Selective recompute of assembled KV (CacheBlend style).
+
+Blocks are encoded one by one after the shared prefix, so a block's tokens never attended to the blocks
+placed before it. A text prefill of the same context would give them different KV. Recomputing every
+token is exactly a text prefill (and as slow); CacheBlend observes that a few tokens carry most of the
+deviation and that an early layer already tells which ones:
+
+1. **Probe**: run all context tokens through the first ``check_layer`` layers with full attention over
+   the assembled context and compare the fresh layer-``check_layer`` values with the stored ones. The
+   model stops right there (the probe costs about ``check_layer / num_layers`` of a text prefill), and
+   the fresh KV of layers ``0..check_layer`` is kept: it is exact.
+2. **Recompute**: run only the ``ratio`` most deviating tokens through every layer, at their true
+   positions, each attending to every context token before it. At each layer their new K/V replace the
+   stored rows before attention, so later selected tokens see them; the other tokens keep stored KV.
+
+Both passes are the model's own forward: the cache handed to it (:class:`_ScatterCache`) writes the new
+K/V rows at the selected indices and returns the whole layer, and an explicit 4D mask (one per layer
+type, for models with sliding-window layers) gives each selected token the causal view of its position.
+So every RoPE decoder transformers implements works without re-implementing its layers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.masking_utils import (
+    ALL_MASK_ATTENTION_FUNCTIONS,
+    causal_mask_function,
+    sliding_window_causal_mask_function,
+)
+
+from .runner import Context, Runner
+
+# Measured on SmolLM2-135M, k = 5 SQuAD paragraphs (docs/BENCHMARKS.md, "Multi-document quality").
+DEFAULT_RATIO_CPU = 0.0
+DEFAULT_RATIO_CUDA = 0.0
+
+
+def default_ratio(device: torch.device | str) -> float:
+    """The recompute ratio kv mode uses when a query does not say: chosen per device by measurement."""
+    return DEFAULT_RATIO_CUDA if torch.device(device).type == "cuda" else DEFAULT_RATIO_CPU
+
+
+class _StopForward(Exception):
+    """Raised from the cache to end the probe pass once the check layer's K/V are known."""
+
+
+class _ScatterLayer(CacheLayerMixin):
+    """One layer of assembled K/V; ``update`` writes the incoming rows at ``index`` and returns all rows."""
+
+    is_sliding = False  # Masks are passed explicitly; the layer keeps every token.
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, index: torch.Tensor) -> None:
+        super().__init__()
+        self.keys, self.values = keys, values  # [batch, kv_heads, tokens, head_dim], written in place
+        self.index = index  # [selected] cache rows the forward's tokens own
+        self.dtype, self.device = keys.dtype, keys.device
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Never needed: the layer is built initialized."""
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object,
+               **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
+        self.keys.index_copy_(2, self.index, key_states.to(self.dtype))
+        self.values.index_copy_(2, self.index, value_states.to(self.dtype))
+        return self.keys, self.values
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length(), 0
+
+    def get_seq_length(self) -> int:
+        return int(self.keys.shape[2])
+
+    def get_max_length(self) -> int:
+        return -1
+
+
+class _ScatterCache(Cache):
+    """The assembled cache seen through scatter layers; optionally stops the forward at ``probe_layer``."""
+
+    def __init__(self, ctx: Context, index: torch.Tensor, probe_layer: int | None = None) -> None:
+        super().__init__(layers=[_ScatterLayer(layer.keys, layer.values, index) for layer in ctx.cache.layers])
+        self.probe_layer = probe_layer
+        self.deviation: torch.Tensor | None = None  # [selected] squared value deviation at probe_layer
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: object,
+               **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
+        layer = self.layers[layer_idx]
+        if layer_idx == self.probe_layer:
+            stored = layer.values.index_select(2, layer.index).float()  # [1, kv_heads, selected, head_dim]
+            self.deviation = (value_states.float() - stored).pow(2).sum(dim=(0, 1, 3))
+            layer.update(key_states, value_states)
+            raise _StopForward
+        return layer.update(key_states, value_states)
+
+
+def _mask_for(runner: Runner, window: int | None, positions: torch.Tensor, kv_length: int) -> torch.Tensor:
+    """A 4D mask ``[1, 1, queries, kv_length]`` in the model's attention format: query i sees cache rows
+    ``<= positions[i]`` (within ``window`` of it for sliding-window layers). Cache row j holds position j."""
+    config = runner.model.config.get_text_config(decoder=True)
+    impl = config._attn_implementation
+    if impl not in ("sdpa", "eager"):
+        raise ValueError(f"selective recompute needs an sdpa or eager model, not {impl!r}")
+    base = causal_mask_function if window is None else sliding_window_causal_mask_function(window)
+
+    def at_positions(batch_idx: torch.Tensor, head_idx: torch.Tensor, q_idx: torch.Tensor,
+                     kv_idx: torch.Tensor) -> torch.Tensor:
+        return base(batch_idx, head_idx, positions[q_idx], kv_idx)
+
+    dtype = next(runner.model.parameters()).dtype
+    return ALL_MASK_ATTENTION_FUNCTIONS[impl](
+        batch_size=1, q_length=int(positions.shape[0]), kv_length=kv_length, mask_function=at_positions,
+        allow_is_causal_skip=False, dtype=dtype, device=positions.device, config=config)
+
+
+def _masks(runner: Runner, positions: torch.Tensor, kv_length: int) -> torch.Tensor | dict[str, torch.Tensor]:
+    """One mask per attention layer type: a tensor when all layers share one, else the mapping that hybrid
+    models (Gemma 3, Qwen2 with sliding layers) accept in place of the masks they would build."""
+    config = runner.model.config.get_text_config(decoder=True)
+    layer_types: list[str] | None = getattr(config, "layer_types", None)
+    if not layer_types:
+        return _mask_for(runner, getattr(config, "sliding_window", None), positions, kv_length)
+    windows: dict[str, int | None] = {}
+    for kind in set(layer_types[: runner.num_layers]):
+        if kind == "full_attention":
+            windows[kind] = None
+        elif kind == "sliding_attention":
+            windows[kind] = config.sliding_window
+        else:
+            raise ValueError(f"selective recompute does not support {kind!r} layers")
+    if len(windows) == 1:
+        return _mask_for(runner, next(iter(windows.values())), positions, kv_length)
+    return {kind: _mask_for(runner, window, positions, kv_length) for kind, window in windows.items()}
+
+
+def _forward(runner: Runner, cache: _ScatterCache, token_ids: torch.Tensor, positions: torch.Tensor) -> None:
+    """Run the decoder (no LM head) on ``token_ids: [tokens]`` at ``positions: [tokens]`` over ``cache``."""
+    kv_length = cache.layers[0].get_seq_length()
+    decoder: Callable[..., object] = runner.model.get_decoder()
+    try:
+        decoder(input_ids=token_ids[None], position_ids=positions[None], past_key_values=cache, use_cache=True,
+                attention_mask=_masks(runner, positions, kv_length))
+    except _StopForward:
+        pass
+
+
+def select_tokens(runner: Runner, ctx: Context, context_ids: Sequence[int], count: int,
+                  check_layer: int = 1) -> torch.Tensor:
+    """Indices (into the context, ascending) of the ``count`` tokens whose layer-``check_layer`` values
+    deviate most from full attention. Also leaves exact KV for layers ``<= check_layer`` in ``ctx``."""
+    n = ctx.context_tokens
+    p = ctx.next_position - n
+    device = ctx.cache.layers[0].keys.device
+    rows = torch.arange(p, p + n, device=device)
+    probe = _ScatterCache(ctx, rows, probe_layer=min(check_layer, runner.num_layers - 1))
+    _forward(runner, probe, torch.tensor(list(context_ids), device=device), rows)
+    assert probe.deviation is not None
+    return probe.deviation.topk(count).indices.sort().values
+
+
+@torch.inference_mode()
+def blend(runner: Runner, ctx: Context, context_ids: Sequence[int], ratio: float, check_layer: int = 1) -> int:
+    """Recompute the KV of the ``ratio`` most deviating context tokens in ``ctx`` (in place).
+
+    ``context_ids`` are the context's token ids (the assembled blocks', in order). Ratio 0 leaves ``ctx``
+    untouched; ratio 1 makes it equal to a text prefill of the same tokens. Returns how many tokens were
+    recomputed through every layer.
+    """
+    if not 0.0 <= ratio <= 1.0:
+        raise ValueError("recompute ratio must be between 0 and 1")
+    n = ctx.context_tokens
+    if len(context_ids) != n:
+        raise ValueError(f"context has {n} tokens but {len(context_ids)} ids were given")
+    count = min(n, max(1, int(ratio * n))) if ratio > 0 and n > 0 else 0
+    if count == 0:
+        return 0
+    p = ctx.next_position - n
+    device = ctx.cache.layers[0].keys.device
+    ids = torch.tensor(list(context_ids), device=device)
+    if count == n:
+        chosen = torch.arange(n, device=device)  # everything: the probe would only cost time
+    else:
+        chosen = select_tokens(runner, ctx, context_ids, count, check_layer)
+    rows = chosen + p
+    _forward(runner, _ScatterCache(ctx, rows), ids[chosen], rows)
+    return count

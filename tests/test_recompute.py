@@ -1,0 +1,92 @@
+"""Selective recompute (CacheBlend): ratio 1 is a text prefill, ratio 0 is plain kv, and in between helps."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvstore.recompute import blend, select_tokens
+from kvstore.runner import Runner
+
+from .conftest import TINY_FAMILIES, build_tiny
+
+BLOCKS = (
+    "The Normans were the people who gave their name to Normandy, a region in France.",
+    "Paris is the capital and most populous city of France. The Seine flows through it.",
+    "Photosynthesis converts light energy into chemical energy stored in glucose.",
+)
+QUESTION = "Who were the Normans?"
+LAYERS = 4  # deeper than the probe layer, so partial ratios differ from a full recompute
+
+
+def _config(kind: str) -> dict[str, object]:
+    overrides = dict(TINY_FAMILIES[kind], num_hidden_layers=LAYERS)
+    if "layer_types" in overrides:
+        overrides["layer_types"] = list(overrides["layer_types"]) * (LAYERS // 2)  # type: ignore[arg-type]
+    return overrides
+
+
+@pytest.fixture(scope="module", params=list(TINY_FAMILIES))
+def runner(request: pytest.FixtureRequest) -> Runner:
+    return Runner(build_tiny(request.param, **_config(request.param)), "You are a helpful assistant.")
+
+
+def _kl(got: torch.Tensor, want: torch.Tensor) -> float:
+    """Mean KL(want || got) over rows of logits ``[tokens, vocab]``, nats/token."""
+    kl = torch.nn.functional.kl_div(got.log_softmax(-1), want.log_softmax(-1), log_target=True, reduction="none")
+    return kl.sum(-1).mean().item()
+
+
+def _case(runner: Runner) -> tuple[list[list[int]], list[int], list[int], torch.Tensor]:
+    blocks = [runner.tokenize(b) for b in BLOCKS]
+    ids = [t for b in blocks for t in b]
+    question = runner.question_ids(QUESTION)
+    text = runner.logits(runner.text_context(), ids + question)[-len(question):]
+    return blocks, ids, question, text
+
+
+def _kl_at(runner: Runner, ratio: float) -> tuple[float, int]:
+    blocks, ids, question, text = _case(runner)
+    ctx = runner.assemble(runner.encode(blocks))
+    count = blend(runner, ctx, ids, ratio)
+    return _kl(runner.logits(ctx, question), text), count
+
+
+def test_ratio_one_equals_the_text_path(runner: Runner) -> None:
+    kl, count = _kl_at(runner, 1.0)
+    assert count == sum(len(runner.tokenize(b)) for b in BLOCKS)
+    assert kl <= 1e-3
+    assert abs(kl) <= 1e-5  # in fact exact up to float error
+
+
+def test_ratio_zero_equals_plain_kv(runner: Runner) -> None:
+    blocks, ids, question, _ = _case(runner)
+    kvs = runner.encode(blocks)
+    plain = runner.logits(runner.assemble(kvs), question)
+    ctx = runner.assemble(kvs)
+    assert blend(runner, ctx, ids, 0.0) == 0
+    assert torch.equal(runner.logits(ctx, question), plain)
+
+
+def test_partial_recompute_moves_towards_text(runner: Runner) -> None:
+    plain, _ = _kl_at(runner, 0.0)
+    half, count = _kl_at(runner, 0.5)
+    assert count == len(_case(runner)[1]) // 2
+    assert half < plain
+
+
+def test_selection_picks_distinct_context_tokens(runner: Runner) -> None:
+    blocks, ids, _, _ = _case(runner)
+    ctx = runner.assemble(runner.encode(blocks))
+    chosen = select_tokens(runner, ctx, ids, 5)
+    assert chosen.shape == (5,) and chosen.unique().numel() == 5
+    assert int(chosen.min()) >= 0 and int(chosen.max()) < len(ids)
+
+
+def test_bad_arguments_are_refused(runner: Runner) -> None:
+    blocks, ids, _, _ = _case(runner)
+    ctx = runner.assemble(runner.encode(blocks))
+    with pytest.raises(ValueError):
+        blend(runner, ctx, ids, 1.5)
+    with pytest.raises(ValueError):
+        blend(runner, ctx, ids[:-1], 0.5)
