@@ -1,0 +1,161 @@
+"""Attention-matching compaction of assembled KV (Latent Briefing).
+
+When the retrieved context is large, most of its tokens get almost no attention from the task. The
+question is run once over the assembled cache while a scoring attention function records how much
+attention its tokens pay each cached token (softmax of q.k with the model's own mask and scaling, in
+every layer, averaged over heads and question tokens). One keep-mask, shared by every head and layer,
+keeps the context tokens scoring above ``median + tau * MAD`` (or the ``budget_tokens`` best), always
+with the prefix and the first context tokens (attention sinks). The kept rows stay rotated at their
+original positions and the question is prefilled at the original next position, so RoPE distances are
+those of the uncompacted context. (Sliding-window layers measure their window in cache rows, so after
+compaction they see somewhat further back than before.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from .runner import Context, Runner
+
+SCORING_ATTENTION = "kvrag_scoring"
+KEEP_FIRST = 4  # context tokens always kept: the first tokens after the prefix act as attention sinks
+
+_scores: ContextVar[list[torch.Tensor] | None] = ContextVar("kvrag_attention_scores", default=None)
+
+
+@dataclass(frozen=True)
+class CompactionSpec:
+    """What to keep: tokens above ``median + tau * MAD``, at most ``budget_tokens`` of them (either or both)."""
+
+    tau: float | None = None
+    budget_tokens: int | None = None
+
+    @classmethod
+    def parse(cls, spec: dict[str, object]) -> CompactionSpec:
+        """From the query API's ``{"tau": float}`` / ``{"budget_tokens": int}``; ValueError when malformed."""
+        unknown = set(spec) - {"tau", "budget_tokens"}
+        if unknown:
+            raise ValueError(f"unknown compaction keys: {sorted(unknown)}")
+        tau, budget = spec.get("tau"), spec.get("budget_tokens")
+        if tau is None and budget is None:
+            raise ValueError("compaction needs 'tau' or 'budget_tokens'")
+        if tau is not None and (isinstance(tau, bool) or not isinstance(tau, int | float)):
+            raise ValueError("compaction tau must be a number")
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 0):
+            raise ValueError("compaction budget_tokens must be a non-negative integer")
+        return cls(tau=float(tau) if tau is not None else None, budget_tokens=budget)
+
+
+def _attention_mass(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None,
+                    scaling: float | None, softcap: float | None) -> torch.Tensor:
+    """Attention each key row gets, averaged over query heads and tokens: ``[keys]``, sums to 1.
+
+    query ``[1, q_heads, tokens, dim]``, key ``[1, kv_heads, keys, dim]``, mask bool ``[1, 1, tokens, keys]``
+    or None (then causal, aligned to the end).
+    """
+    _, q_heads, tokens, dim = query.shape
+    kv_heads, keys = key.shape[1], key.shape[2]
+    q = query.float().reshape(1, kv_heads, q_heads // kv_heads, tokens, dim)  # grouped-query heads share a key
+    logits = torch.einsum("bhgtd,bhkd->bhgtk", q, key.float()) * (scaling if scaling is not None else dim ** -0.5)
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    if mask is None:
+        rows = torch.arange(tokens, device=query.device)[:, None] + (keys - tokens)
+        mask = torch.arange(keys, device=query.device)[None, :] <= rows
+    logits = logits.masked_fill(~mask.reshape(1, 1, 1, tokens, keys).bool(), float("-inf"))
+    return logits.softmax(-1).mean(dim=(0, 1, 2, 3))
+
+
+def _scoring_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                       attention_mask: torch.Tensor | None, scaling: float | None = None,
+                       **kwargs: object) -> tuple[torch.Tensor, None]:
+    """sdpa attention that also records the attention mass per key row into the active collector."""
+    sink = _scores.get()
+    if sink is not None:
+        softcap = kwargs.get("softcap")
+        sink.append(_attention_mass(query, key, attention_mask, scaling, float(softcap) if softcap else None))
+    kwargs.pop("softcap", None)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+
+
+AttentionInterface.register(SCORING_ATTENTION, _scoring_attention)
+AttentionMaskInterface.register(SCORING_ATTENTION, sdpa_mask)
+
+
+@contextmanager
+def _scoring(runner: Runner) -> Iterator[list[torch.Tensor]]:
+    """Switch the model to the scoring attention for one forward; yields the per-layer ``[keys]`` scores."""
+    configs = {id(c): c for c in (runner.model.config, runner.model.get_decoder().config)}.values()
+    saved = [(c, c._attn_implementation_internal) for c in configs]
+    collected: list[torch.Tensor] = []
+    token = _scores.set(collected)
+    for c, _ in saved:
+        c._attn_implementation_internal = SCORING_ATTENTION
+    try:
+        yield collected
+    finally:
+        for c, impl in saved:
+            c._attn_implementation_internal = impl
+        _scores.reset(token)
+
+
+@torch.inference_mode()
+def token_scores(runner: Runner, ctx: Context, question_ids: Sequence[int]) -> torch.Tensor:
+    """Attention the question pays each context token, mean over layers: ``[context_tokens]``.
+
+    The question's own KV, appended during scoring, is dropped again: ``ctx`` is left as it was.
+    """
+    rows = ctx.cache.get_seq_length()
+    with _scoring(runner) as per_layer:
+        runner.logits(ctx, question_ids)
+    for layer in ctx.cache.layers:
+        layer.keys, layer.values = layer.keys[:, :, :rows], layer.values[:, :, :rows]
+    # Sliding-window layers attend only their window, so every layer counts as one vote of equal weight.
+    first = rows - ctx.context_tokens
+    return torch.stack([s[first:rows] for s in per_layer]).mean(0)
+
+
+def keep_mask(scores: torch.Tensor, spec: CompactionSpec, keep_first: int = KEEP_FIRST) -> torch.Tensor:
+    """Bool ``[context_tokens]``: the first ``keep_first`` tokens, the tokens above ``median + tau * MAD``
+    (all, when no tau), then the best by score, at most ``budget_tokens`` in all."""
+    n = scores.shape[0]
+    keep = torch.ones(n, dtype=torch.bool, device=scores.device)
+    if spec.tau is not None:
+        median = scores.median()
+        mad = (scores - median).abs().median()
+        keep = scores > median + spec.tau * mad
+    first = min(keep_first, n, spec.budget_tokens if spec.budget_tokens is not None else n)
+    keep[:first] = True
+    if spec.budget_tokens is not None and int(keep.sum()) > spec.budget_tokens:
+        ranked = torch.where(keep, scores, torch.tensor(float("-inf"), device=scores.device))
+        ranked[:first] = float("inf")
+        keep = torch.zeros_like(keep)
+        keep[ranked.topk(spec.budget_tokens).indices] = True
+    return keep
+
+
+@torch.inference_mode()
+def compact(runner: Runner, ctx: Context, question_ids: Sequence[int], spec: CompactionSpec) -> Context:
+    """A context holding the prefix and only the context tokens the question attends to.
+
+    Positions are kept: ``next_position`` is unchanged, so the question is prefilled where it would be
+    without compaction. ``context_tokens`` of the result is the number of kept tokens.
+    """
+    n = ctx.context_tokens
+    if n == 0:
+        return ctx
+    keep = keep_mask(token_scores(runner, ctx, question_ids), spec)
+    first = ctx.cache.get_seq_length() - n
+    device = keep.device
+    rows = torch.cat((torch.arange(first, device=device), keep.nonzero().flatten() + first))
+    for layer in ctx.cache.layers:
+        layer.keys, layer.values = layer.keys.index_select(2, rows), layer.values.index_select(2, rows)
+    return Context(ctx.cache, ctx.next_position, int(keep.sum()))

@@ -1,0 +1,112 @@
+"""Attention-matching compaction: scores are the question's attention, the prefix and question survive,
+budgets hold, positions are kept."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvstore.compaction import KEEP_FIRST, CompactionSpec, compact, keep_mask, token_scores
+from kvstore.runner import BlockKV, Context, Runner
+
+from .conftest import TINY_FAMILIES, build_tiny
+
+BLOCKS = (
+    "The Normans were the people who gave their name to Normandy, a region in France.",
+    "Paris is the capital and most populous city of France. The Seine flows through it.",
+    "Photosynthesis converts light energy into chemical energy stored in glucose.",
+)
+QUESTION = "Who were the Normans?"
+
+
+@pytest.fixture(scope="module", params=list(TINY_FAMILIES))
+def runner(request: pytest.FixtureRequest) -> Runner:
+    return Runner(build_tiny(request.param, **TINY_FAMILIES[request.param]), "You are a helpful assistant.")
+
+
+_ENCODED: dict[int, list[BlockKV]] = {}
+
+
+def _assembled(runner: Runner) -> Context:
+    """A fresh assembled context (compaction edits it in place); blocks are encoded once per runner."""
+    if id(runner) not in _ENCODED:
+        _ENCODED[id(runner)] = runner.encode([runner.tokenize(b) for b in BLOCKS])
+    return runner.assemble(_ENCODED[id(runner)])
+
+
+def test_scores_are_the_attention_eager_attention_reports() -> None:
+    llm = build_tiny("llama")
+    runner = Runner(llm, "You are a helpful assistant.")
+    question = runner.question_ids(QUESTION)
+    ctx = _assembled(runner)
+    rows, n = ctx.cache.get_seq_length(), ctx.context_tokens
+    got = token_scores(runner, ctx, question)
+    assert ctx.cache.get_seq_length() == rows  # the question's KV is dropped again
+    llm.model.set_attn_implementation("eager")
+    try:
+        with torch.inference_mode():
+            out = llm.model(input_ids=torch.tensor([question]), past_key_values=ctx.cache, output_attentions=True,
+                            position_ids=torch.arange(ctx.next_position, ctx.next_position + len(question))[None])
+    finally:
+        llm.model.set_attn_implementation("sdpa")
+    # attentions: per layer [1, heads, question, rows + question]
+    want = torch.stack([a[0].mean(dim=(0, 1)) for a in out.attentions]).mean(0)[rows - n:rows]
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_scoring_leaves_the_model_as_it_was(runner: Runner) -> None:
+    impl = runner.model.config._attn_implementation
+    question = runner.question_ids(QUESTION)
+    before = runner.logits(_assembled(runner), question)
+    compact(runner, _assembled(runner), question, CompactionSpec(tau=0.0))
+    assert runner.model.config._attn_implementation == impl
+    assert torch.equal(runner.logits(_assembled(runner), question), before)
+
+
+@pytest.mark.parametrize("spec", [CompactionSpec(tau=0.0), CompactionSpec(tau=2.0), CompactionSpec(budget_tokens=10),
+                                  CompactionSpec(tau=-5.0, budget_tokens=2)])
+def test_compaction_keeps_prefix_and_positions_and_respects_the_budget(runner: Runner, spec: CompactionSpec) -> None:
+    question = runner.question_ids(QUESTION)
+    full = _assembled(runner)
+    prefix = len(runner.prefix_ids)
+    keys = torch.stack([layer.keys for layer in full.cache.layers])  # [layers, 1, heads, rows, dim]
+    values = torch.stack([layer.values for layer in full.cache.layers])
+    out = compact(runner, _assembled(runner), question, spec)
+    kept = out.context_tokens
+    assert out.next_position == full.next_position
+    assert out.cache.get_seq_length() == prefix + kept
+    if spec.budget_tokens is not None:
+        assert kept <= spec.budget_tokens
+    assert kept >= min(KEEP_FIRST, spec.budget_tokens or KEEP_FIRST)
+    got_k = torch.stack([layer.keys for layer in out.cache.layers])
+    got_v = torch.stack([layer.values for layer in out.cache.layers])
+    # The prefix and the first context tokens are untouched; kept rows are copies of stored rows.
+    first = prefix + min(KEEP_FIRST, kept)
+    assert torch.equal(got_k[..., :first, :], keys[..., :first, :])
+    assert torch.equal(got_v[..., :first, :], values[..., :first, :])
+    # The question is then prefilled at its uncompacted positions and yields finite logits.
+    assert torch.isfinite(runner.logits(out, question)).all()
+
+
+def test_a_budget_above_the_context_is_lossless(runner: Runner) -> None:
+    question = runner.question_ids(QUESTION)
+    want = runner.logits(_assembled(runner), question)
+    out = compact(runner, _assembled(runner), question, CompactionSpec(budget_tokens=10_000))
+    assert out.context_tokens == _assembled(runner).context_tokens
+    assert torch.allclose(runner.logits(out, question), want, atol=1e-5)
+
+
+def test_keep_mask_threshold_and_budget() -> None:
+    scores = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.1, 0.1, 0.1, 0.9, 0.1, 0.8, 0.1, 0.1])
+    tau = keep_mask(scores, CompactionSpec(tau=3.0))
+    assert tau.tolist() == [True] * 4 + [False] * 3 + [True, False, True, False, False]
+    budget = keep_mask(scores, CompactionSpec(budget_tokens=5))
+    assert budget.tolist()[:4] == [True] * 4 and budget[7] and int(budget.sum()) == 5
+    assert int(keep_mask(scores, CompactionSpec(budget_tokens=0)).sum()) == 0
+
+
+@pytest.mark.parametrize("raw", [{}, {"tau": "x"}, {"budget_tokens": -1}, {"budget_tokens": 1.5}, {"other": 1}])
+def test_bad_specs_are_refused(raw: dict[str, object]) -> None:
+    with pytest.raises(ValueError):
+        CompactionSpec.parse(raw)
+
