@@ -30,8 +30,14 @@ PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 class LiveServer:
     url: str
     app: FastAPI
-    store: BankStore
-    settings: Settings
+
+    @property
+    def settings(self) -> Settings:
+        return self.app.state.settings
+
+    @property
+    def store(self) -> BankStore:
+        return self.app.state.store
 
     def client(self, key: str | None = None, **kwargs: Any) -> httpx.Client:
         """A client sending ``key`` as a bearer token (none when ``key`` is None)."""
@@ -43,9 +49,8 @@ class LiveServer:
 
 
 @contextmanager
-def serve(store: BankStore, app: FastAPI | None = None) -> Iterator[LiveServer]:
-    """Run the app (by default over ``store``) on 127.0.0.1:<free port> until the block ends."""
-    app = app or create_app(store.settings, store)
+def serve(app: FastAPI) -> Iterator[LiveServer]:
+    """Run ``app`` on 127.0.0.1:<free port> until the block ends."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
@@ -59,7 +64,7 @@ def serve(store: BankStore, app: FastAPI | None = None) -> Iterator[LiveServer]:
             raise RuntimeError("the test server did not start")
         time.sleep(0.01)
     try:
-        yield LiveServer(url=f"http://127.0.0.1:{port}", app=app, store=store, settings=store.settings)
+        yield LiveServer(url=f"http://127.0.0.1:{port}", app=app)
     finally:
         server.should_exit = True
         thread.join(timeout=30)
@@ -91,13 +96,18 @@ def live_server(backend: str, data_dir: Path, llm: LoadedModel, embedder: Embedd
     settings.setdefault("admin_key", ADMIN_KEY)
     if backend == "postgres":
         with postgres_database() as url:
-            store = BankStore(Settings(data_dir=data_dir, database_url=url, **settings), llm=llm, embedder=embedder)
-            with serve(store) as live:
+            with _serve_store(Settings(data_dir=data_dir, database_url=url, **settings), llm, embedder) as live:
                 yield live
     else:
-        store = BankStore(Settings(data_dir=data_dir, **settings), llm=llm, embedder=embedder)
-        with serve(store) as live:
+        with _serve_store(Settings(data_dir=data_dir, **settings), llm, embedder) as live:
             yield live
+
+
+@contextmanager
+def _serve_store(settings: Settings, llm: LoadedModel, embedder: Embedder) -> Iterator[LiveServer]:
+    store = BankStore(settings, llm=llm, embedder=embedder)
+    with serve(create_app(settings, store)) as live:
+        yield live
 
 
 BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
