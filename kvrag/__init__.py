@@ -1,0 +1,1 @@
+"""kvrag command line (``kvrag``): serve, ingest, query and manage a kvrag server."""

@@ -1,0 +1,362 @@
+"""The ``kvrag`` command: run the server, migrate the catalog, and use a server through the SDK.
+
+``serve`` and ``db`` load the engine; every other command only needs the light SDK, so they start fast.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from kvrag_client import APIError, Conflict, KVRag, KVRagError, QueryResult, TokenEvent
+from tqdm import tqdm
+
+app = typer.Typer(help="kvrag: a memory database for LLM agents that stores documents as their KV cache.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+db_app = typer.Typer(help="Manage the catalog database.", no_args_is_help=True)
+banks_app = typer.Typer(help="List, create, inspect and delete banks (no subcommand: list).")
+keys_app = typer.Typer(help="Create, list and revoke API keys (needs an admin key).", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+app.add_typer(banks_app, name="banks")
+app.add_typer(keys_app, name="keys")
+
+TEXT_SUFFIXES = (".txt", ".md")
+JSONL_SUFFIX = ".jsonl"
+DOC_ID_CHARS = re.compile(r"[^A-Za-z0-9._:-]")
+
+Url = Annotated[str, typer.Option("--url", envvar="KVRAG_URL", help="The kvrag server.")]
+ApiKey = Annotated[str | None, typer.Option("--api-key", envvar="KVRAG_API_KEY", show_default=False,
+                                            help="API key (Authorization: Bearer).")]
+Bank = Annotated[str, typer.Option("--bank", "-b", help="The bank to use.")]
+JsonOut = Annotated[bool, typer.Option("--json", help="Print the server's answer as JSON.")]
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+
+def _fail(message: str) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(1)
+
+
+@contextmanager
+def _connect(url: str, api_key: str | None) -> Iterator[KVRag]:
+    """An SDK client; API and connection errors become one line on stderr and exit status 1."""
+    try:
+        with KVRag(url, api_key=api_key or "") as kv:
+            yield kv
+    except APIError as exc:
+        raise _fail(f"{exc.status} {exc.code}: {exc.detail}") from None
+    except KVRagError as exc:
+        raise _fail(str(exc)) from None
+
+
+def _print_json(data: Any) -> None:
+    typer.echo(json.dumps(data, indent=2, default=str))
+
+
+# -- server and catalog -------------------------------------------------------------------------------
+
+
+@app.command()
+def serve(host: Annotated[str, typer.Option(help="Address to bind; not loopback needs KVRAG_ADMIN_KEY.")] = "127.0.0.1",
+          port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+          data_dir: Annotated[Path | None, typer.Option(help="Data directory (default: $KVRAG_DATA_DIR or "
+                                                        "./kvrag-data).", show_default=False)] = None) -> None:
+    """Run the kvrag HTTP server (API, model worker, catalog, blobs and indexes in one process)."""
+    from kvstore.config import Settings
+    from server.app import run
+
+    settings = Settings(data_dir=data_dir) if data_dir is not None else Settings()
+    run(settings, host, port)
+
+
+@db_app.command("upgrade")
+def db_upgrade(data_dir: Annotated[Path | None, typer.Option(help="Data directory holding the default SQLite "
+                                                             "catalog.", show_default=False)] = None) -> None:
+    """Bring the catalog ($KVRAG_DATABASE_URL, or SQLite in the data dir) to the newest schema."""
+    from sqlalchemy.engine import make_url
+
+    from kvstore.catalog import upgrade
+    from kvstore.config import Settings
+
+    settings = Settings(data_dir=data_dir) if data_dir is not None else Settings()
+    url = settings.resolved_database_url()
+    upgrade(url)
+    typer.echo(f"catalog up to date: {make_url(url).render_as_string(hide_password=True)}")
+
+
+# -- ingest -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Doc:
+    """One document to ingest, and where it came from (for error messages)."""
+
+    id: str
+    text: str
+    source: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def body(self) -> dict[str, Any]:
+        return {"id": self.id, "text": self.text, **self.extra}
+
+
+def doc_id_for(relative: str) -> str:
+    """A valid document id from a relative path: other characters become ``_``, at most 128 characters."""
+    cleaned = DOC_ID_CHARS.sub("_", relative).lstrip("._:-")
+    return cleaned[:128] or "doc"
+
+
+def _read_jsonl(path: Path) -> Iterator[Doc]:
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise _fail(f"{where}: not JSON ({exc.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("id"), str | int) or \
+                not isinstance(record.get("text"), str):
+            raise _fail(f"{where}: each line needs an \"id\" and a \"text\"")
+        extra = {k: record[k] for k in ("metadata", "tags", "pinned") if record.get(k) is not None}
+        yield Doc(str(record["id"]), record["text"], where, extra)
+
+
+def _read_file(path: Path, relative: str) -> Iterator[Doc]:
+    if path.suffix == JSONL_SUFFIX:
+        yield from _read_jsonl(path)
+    else:
+        yield Doc(doc_id_for(relative), path.read_text(encoding="utf-8", errors="replace"), str(path))
+
+
+def collect_documents(paths: Iterable[Path], pattern: str | None) -> list[Doc]:
+    """Documents from files and folders: .txt/.md as one document each, .jsonl as one per line.
+
+    In folders, ``pattern`` (a glob relative to the folder) picks the files; without it every
+    .txt, .md and .jsonl file below the folder is taken.
+    """
+    docs: list[Doc] = []
+    for path in paths:
+        if path.is_dir():
+            found = path.glob(pattern) if pattern else (
+                p for p in path.rglob("*") if p.suffix in (*TEXT_SUFFIXES, JSONL_SUFFIX))
+            for file in sorted(p for p in found if p.is_file()):
+                docs.extend(_read_file(file, file.relative_to(path).as_posix()))
+        elif path.is_file():
+            docs.extend(_read_file(path, path.name))
+        else:
+            raise _fail(f"{path}: no such file or folder")
+    return docs
+
+
+def _batches(docs: list[Doc], size: int) -> Iterator[list[Doc]]:
+    for start in range(0, len(docs), size):
+        yield docs[start:start + size]
+
+
+@app.command()
+def ingest(paths: Annotated[list[Path], typer.Argument(help="Files and folders (.txt, .md, .jsonl).",
+                                                       show_default=False)],
+           bank: Bank,
+           glob: Annotated[str | None, typer.Option("--glob", help="Files to take inside folders, e.g. "
+                                                    "'**/*.md' (default: all .txt, .md, .jsonl).")] = None,
+           create: Annotated[bool, typer.Option("--create", help="Create the bank if it does not exist.")] = False,
+           batch_size: Annotated[int, typer.Option(min=1, help="Documents per request.")] = 16,
+           url: Url = DEFAULT_URL, api_key: ApiKey = None) -> None:
+    """Store files as documents: .txt/.md one each (id from the relative path), .jsonl one per line
+    ({"id", "text", "metadata"?, "tags"?}). Shows documents/s and tokens/s."""
+    docs = collect_documents(paths, glob)
+    empty = [d for d in docs if not d.text.strip()]
+    for doc in empty:
+        typer.echo(f"skipped {doc.source}: empty", err=True)
+    docs = [d for d in docs if d.text.strip()]
+    with _connect(url, api_key) as kv:
+        if create:
+            try:
+                kv.banks.create(bank)
+            except Conflict:
+                pass  # it already exists: that is what --create asks for
+        created = changed = tokens = 0
+        started = time.perf_counter()
+        with tqdm(total=len(docs), unit="doc", desc=f"ingest {bank}", dynamic_ncols=True) as bar:
+            for batch in _batches(docs, batch_size):
+                for result in kv.documents.put_many(bank, [d.body() for d in batch]):
+                    created += result.created
+                    changed += result.changed and not result.created
+                    tokens += result.document.tokens
+                bar.update(len(batch))
+                elapsed = max(time.perf_counter() - started, 1e-9)
+                bar.set_postfix(tokens=tokens, tok_s=f"{tokens / elapsed:.0f}")
+        elapsed = max(time.perf_counter() - started, 1e-9)
+    typer.echo(f"{len(docs)} documents into {bank}: {created} new, {changed} updated, "
+               f"{len(docs) - created - changed} unchanged; {tokens} tokens in {elapsed:.1f} s "
+               f"({len(docs) / elapsed:.1f} docs/s, {tokens / elapsed:.0f} tokens/s)")
+
+
+# -- retrieval ----------------------------------------------------------------------------------------
+
+
+def _snippet(text: str, width: int = 80) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= width else flat[:width - 1] + "…"
+
+
+def _print_result(result: QueryResult) -> None:
+    t = result.timings
+    for hit in result.sources:
+        typer.echo(f"  [{hit.score:.3f}] {hit.doc_id}#{hit.ordinal}: {_snippet(hit.text)}", err=True)
+    typer.echo(f"  mode {result.mode} | ttft {t.ttft_ms:.0f} ms | total {t.total_ms:.0f} ms | "
+               f"{result.usage.context_tokens} context tokens, {result.usage.generated_tokens} generated", err=True)
+
+
+@app.command()
+def query(question: Annotated[str, typer.Argument(help="The question.", show_default=False)], bank: Bank,
+          mode: Annotated[str, typer.Option(help="kv: stored KV; text: re-read the passages (baseline).")] = "kv",
+          k: Annotated[int, typer.Option("--k", "-k", min=1, help="Blocks to retrieve.")] = 5,
+          max_new_tokens: Annotated[int, typer.Option(min=0, help="Tokens to generate at most.")] = 64,
+          stream: Annotated[bool, typer.Option("--stream", help="Print tokens as they come.")] = False,
+          json_out: JsonOut = False, url: Url = DEFAULT_URL, api_key: ApiKey = None) -> None:
+    """Answer a question from a bank; the answer goes to stdout, its sources and timings to stderr."""
+    if mode not in ("kv", "text"):
+        raise _fail("--mode must be kv or text")
+    with _connect(url, api_key) as kv:
+        if stream and not json_out:
+            events = kv.query(bank, question, k=k, mode=mode, max_new_tokens=max_new_tokens, stream=True)
+            for event in events:
+                if isinstance(event, TokenEvent):
+                    typer.echo(event.text, nl=False)
+            typer.echo()
+            if events.result is not None:
+                _print_result(events.result)
+            return
+        result = kv.query(bank, question, k=k, mode=mode, max_new_tokens=max_new_tokens)
+    if json_out:
+        _print_json(result.model_dump(mode="json"))
+        return
+    typer.echo(result.answer)
+    _print_result(result)
+
+
+@app.command()
+def search(text: Annotated[str, typer.Argument(help="What to look for.", show_default=False)], bank: Bank,
+           k: Annotated[int, typer.Option("--k", "-k", min=1, help="Blocks to return.")] = 5,
+           json_out: JsonOut = False, url: Url = DEFAULT_URL, api_key: ApiKey = None) -> None:
+    """Show the blocks most similar to TEXT (no generation)."""
+    with _connect(url, api_key) as kv:
+        hits = kv.search(bank, text, k=k)
+    if json_out:
+        _print_json([h.model_dump(mode="json") for h in hits])
+        return
+    for hit in hits:
+        typer.echo(f"{hit.score:.3f}  {hit.doc_id}#{hit.ordinal}  {_snippet(hit.text)}")
+
+
+# -- banks --------------------------------------------------------------------------------------------
+
+
+@banks_app.callback(invoke_without_command=True)
+def banks_default(ctx: typer.Context, url: Url = DEFAULT_URL, api_key: ApiKey = None) -> None:
+    """List, create, inspect and delete banks (no subcommand: list)."""
+    if ctx.invoked_subcommand is None:
+        banks_list(url=url, api_key=api_key, json_out=False)
+
+
+@banks_app.command("list")
+def banks_list(url: Url = DEFAULT_URL, api_key: ApiKey = None, json_out: JsonOut = False) -> None:
+    """List the banks this key can see."""
+    with _connect(url, api_key) as kv:
+        banks = kv.banks.list()
+    if json_out:
+        _print_json([b.model_dump(mode="json") for b in banks])
+        return
+    for b in banks:
+        typer.echo(f"{b.name}\tcodec={b.codec}\teviction={b.eviction}\tmodel={b.model}")
+
+
+@banks_app.command("create")
+def banks_create(name: Annotated[str, typer.Argument(help="[a-z0-9][a-z0-9_-]{0,62}", show_default=False)],
+                 codec: Annotated[str | None, typer.Option(help="KV codec preset (default: the server's).")] = None,
+                 budget_bytes: Annotated[int | None, typer.Option(min=1, help="Stored-bytes budget.")] = None,
+                 max_blocks: Annotated[int | None, typer.Option(min=1, help="Block-count budget.")] = None,
+                 eviction: Annotated[str | None, typer.Option(help="lru | importance | hybrid.")] = None,
+                 url: Url = DEFAULT_URL, api_key: ApiKey = None) -> None:
+    """Create a bank bound to the server's model."""
+    with _connect(url, api_key) as kv:
+        bank = kv.banks.create(name, codec=codec, budget_bytes=budget_bytes, max_blocks=max_blocks,
+                               eviction=eviction)
+    typer.echo(f"created bank {bank.name} (codec {bank.codec}, model {bank.model})")
+
+
+@banks_app.command("get")
+def banks_get(name: Annotated[str, typer.Argument(help="The bank.", show_default=False)],
+              url: Url = DEFAULT_URL, api_key: ApiKey = None) -> None:
+    """Show a bank's settings and statistics as JSON."""
+    with _connect(url, api_key) as kv:
+        bank = kv.banks.get(name)
+    _print_json(bank.model_dump(mode="json"))
+
+
+@banks_app.command("delete")
+def banks_delete(name: Annotated[str, typer.Argument(help="The bank.", show_default=False)],
+                 yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+                 url: Url = DEFAULT_URL, api_key: ApiKey = None) -> None:
+    """Delete a bank with all its documents and blocks."""
+    if not yes:
+        typer.confirm(f"Delete bank {name} and everything in it?", abort=True)
+    with _connect(url, api_key) as kv:
+        kv.banks.delete(name)
+    typer.echo(f"deleted bank {name}")
+
+
+# -- keys ---------------------------------------------------------------------------------------------
+
+
+@keys_app.command("create")
+def keys_create(name: Annotated[str, typer.Argument(help="A name for the key.", show_default=False)],
+                role: Annotated[str, typer.Option(help="read | write | admin.")] = "read",
+                bank: Annotated[list[str] | None, typer.Option("--bank", "-b", help="A bank the key may use "
+                                                                "(repeat; default: all).")] = None,
+                agent: Annotated[str | None, typer.Option(help="Agent its writes are attributed to "
+                                                          "(default: the name).")] = None,
+                json_out: JsonOut = False, url: Url = DEFAULT_URL, api_key: ApiKey = None) -> None:
+    """Create an API key; its secret is printed once and cannot be shown again."""
+    with _connect(url, api_key) as kv:
+        key = kv.keys.create(name, role=role, banks=bank or ["*"], agent=agent)
+    if json_out:
+        _print_json(key.model_dump(mode="json"))
+        return
+    typer.echo(key.key)
+    typer.echo(f"key {key.id} ({key.role} on {', '.join(key.banks)}, agent {key.agent}); "
+               "store the secret above now: it is not shown again", err=True)
+
+
+@keys_app.command("list")
+def keys_list(json_out: JsonOut = False, url: Url = DEFAULT_URL, api_key: ApiKey = None) -> None:
+    """List keys (id, prefix, role, banks; never secrets)."""
+    with _connect(url, api_key) as kv:
+        keys = kv.keys.list()
+    if json_out:
+        _print_json([k.model_dump(mode="json") for k in keys])
+        return
+    for key in keys:
+        typer.echo(f"{key.id}\t{key.prefix}\t{key.name}\t{key.role}\t{','.join(key.banks)}\tagent={key.agent}")
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: Annotated[str, typer.Argument(help="The key's id.", show_default=False)],
+                url: Url = DEFAULT_URL, api_key: ApiKey = None) -> None:
+    """Revoke a key; requests with it fail at once."""
+    with _connect(url, api_key) as kv:
+        kv.keys.delete(key_id)
+    typer.echo(f"revoked key {key_id}")
+
+
+if __name__ == "__main__":
+    app()
