@@ -29,6 +29,7 @@ from .cache import HotCache
 from .catalog import BankRow, BlockRow, DocumentRow, OpLogRow, open_catalog, utcnow
 from .chunking import chunk_text
 from .codec import decode_block, encode_block, get_preset
+from .compaction import CompactionSpec, compact
 from .config import Settings
 from .errors import (
     BadRequest,
@@ -43,6 +44,7 @@ from .errors import (
 )
 from .index import BankIndex
 from .models import Embedder, LoadedModel, load_llm
+from .recompute import blend, default_ratio
 from .runner import BlockKV, Runner, set_threads
 
 log = logging.getLogger(__name__)
@@ -148,6 +150,8 @@ class Usage:
     context_tokens: int = 0
     question_tokens: int = 0
     generated_tokens: int = 0
+    recomputed_tokens: int = 0  # context tokens whose KV was recomputed through every layer
+    kept_tokens: int = 0  # context tokens the answer was generated from, after compaction
 
 
 @dataclass
@@ -657,11 +661,24 @@ class BankStore:
 
     def query(self, bank: str, question: str, *, k: int = 5, mode: Mode = "kv", max_new_tokens: int = 64,
               filter: SearchFilter | None = None, on_token: Callable[[str], None] | None = None,
-              started_at: float | None = None) -> QueryResult:
-        """Retrieve top-k blocks and answer. kv: stored KV + question prefill; text: prefill their text."""
+              started_at: float | None = None, recompute: float | None = None,
+              compaction: dict[str, Any] | None = None) -> QueryResult:
+        """Retrieve top-k blocks and answer. kv: stored KV + question prefill; text: prefill their text.
+
+        kv mode only: ``recompute`` is the share of context tokens whose KV is recomputed with attention over
+        the whole context (None: the device's measured default); ``compaction`` (``{"tau": float}`` and/or
+        ``{"budget_tokens": int}``) keeps only the context tokens the question attends to.
+        """
         t0 = started_at if started_at is not None else time.perf_counter()
         if mode not in ("kv", "text"):
             raise ValidationFailed("mode must be 'kv' or 'text'")
+        ratio = default_ratio(self.llm.device) if recompute is None else recompute
+        if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not 0.0 <= ratio <= 1.0:
+            raise ValidationFailed("recompute must be a number between 0 and 1")
+        try:
+            spec = CompactionSpec.parse(compaction) if compaction is not None else None
+        except ValueError as exc:
+            raise ValidationFailed(str(exc)) from None
         if not 0 <= max_new_tokens <= self.settings.max_new_tokens:
             raise ValidationFailed(f"max_new_tokens must be between 0 and {self.settings.max_new_tokens}")
         with self.sessions() as s:
@@ -673,24 +690,30 @@ class BankStore:
             if mode == "kv":
                 blocks = [self.load_block(s, bank_row, b) for b, _, _ in retrieved]
                 t_loaded = time.perf_counter()
+                context_ids = [tok for b, _, _ in retrieved for tok in _bytes_ids(b.token_ids)]
                 with self.model_lock:
                     ctx = self.runner.assemble(blocks)
+                    context_tokens = ctx.context_tokens
+                    recomputed = blend(self.runner, ctx, context_ids, ratio)
+                    if spec is not None:
+                        ctx = compact(self.runner, ctx, q_ids, spec)
                     gen = self.runner.generate(ctx, q_ids, max_new_tokens, on_token)
-                context_tokens = ctx.context_tokens
+                kept = ctx.context_tokens
             else:
                 block_ids = [tok for b, _, _ in retrieved for tok in _bytes_ids(b.token_ids)]
                 t_loaded = time.perf_counter()
                 with self.model_lock:
                     ctx = self.runner.text_context()
                     gen = self.runner.generate(ctx, block_ids + q_ids, max_new_tokens, on_token)
-                context_tokens = len(block_ids)
+                context_tokens = kept = len(block_ids)
+                recomputed = 0
             self._record_access(s, [b.id for b, _, _ in retrieved])
         t_end = time.perf_counter()
         timings = Timings(retrieve_ms=_ms(t_retrieved - t0), load_ms=_ms(t_loaded - t_retrieved),
                           prefill_ms=_ms(gen.ttft_s - t_loaded), ttft_ms=_ms(gen.ttft_s - t0),
                           total_ms=_ms(t_end - t0))
         usage = Usage(context_tokens=context_tokens, question_tokens=len(q_ids),
-                      generated_tokens=len(gen.token_ids))
+                      generated_tokens=len(gen.token_ids), recomputed_tokens=recomputed, kept_tokens=kept)
         return QueryResult(answer=gen.text, mode=mode, sources=[self._hit(b, d, sc) for b, d, sc in retrieved],
                            timings=timings, usage=usage)
 
