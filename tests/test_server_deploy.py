@@ -1,0 +1,35 @@
+"""docker-compose.yml: postgres with a pg_isready healthcheck, a one-shot migrate, and the api after both."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_compose_file_wires_postgres_migrate_and_api() -> None:
+    spec = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    services = spec["services"]
+    assert "pg_isready" in " ".join(services["postgres"]["healthcheck"]["test"])
+    assert services["migrate"]["command"] == ["kvrag", "db", "upgrade"]
+    assert services["migrate"]["depends_on"]["postgres"]["condition"] == "service_healthy"
+    api = services["api"]
+    assert api["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+    assert api["environment"]["KVRAG_DATABASE_URL"].startswith("postgresql+psycopg://")
+    assert "KVRAG_ADMIN_KEY" in api["environment"]
+    cmd = next(line for line in (ROOT / "Dockerfile").read_text().splitlines() if line.startswith("CMD "))
+    assert '"kvrag", "serve", "--host", "0.0.0.0"' in cmd
+
+
+def test_docker_compose_config_accepts_it() -> None:
+    docker = shutil.which("docker")
+    if docker is None or subprocess.run([docker, "compose", "version"], capture_output=True).returncode != 0:
+        pytest.skip("docker compose is not installed here")
+    result = subprocess.run([docker, "compose", "config", "--quiet"], cwd=ROOT, capture_output=True, text=True,
+                            env={"KVRAG_ADMIN_KEY": "x", "PATH": "/usr/bin:/bin:/usr/local/bin"}, timeout=60)
+    assert result.returncode == 0, result.stderr
