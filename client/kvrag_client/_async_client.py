@@ -219,7 +219,7 @@ class AsyncKVRag:
         return await self._call(ops.health())
 
     async def ready(self) -> bool:
-        """Whether the server is ready (model, catalog and indexes loaded); False while it answers 503."""
+        """Whether the server is ready (model, catalog and indexes loaded); False on 503 or no connection."""
         try:
             await self._call(ops.ready())
         except (Unavailable, APIConnectionError):

@@ -216,7 +216,7 @@ class KVRag:
         return self._call(ops.health())
 
     def ready(self) -> bool:
-        """Whether the server is ready (model, catalog and indexes loaded); False while it answers 503."""
+        """Whether the server is ready (model, catalog and indexes loaded); False on 503 or no connection."""
         try:
             self._call(ops.ready())
         except (Unavailable, APIConnectionError):
