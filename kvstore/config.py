@@ -48,6 +48,8 @@ class Settings(BaseSettings):
     queue_size: int = Field(default=32, ge=1, description="Model work waiting beyond this answers 503.")
     batch_job_threshold: int = Field(default=16, ge=1, description="Batches larger than this become jobs.")
     retry_after_s: int = Field(default=1, ge=1, description="Retry-After (seconds) sent with 429 and 503 answers.")
+    openai_default_bank: str | None = Field(
+        default=None, description="Bank of /v1/chat/completions when `model` is not `kvrag:<bank>`.")
 
     def resolved_database_url(self) -> str:
         """The catalog URL, defaulting to a SQLite file under the data dir."""
