@@ -1,0 +1,301 @@
+"""Fidelity of kv mode against text mode on SQuAD: the quality harness of issue 7.
+
+For each answerable question the top-k blocks are retrieved once (top-1 and top-3 are prefixes of
+top-5, so every k and every variant sees the same blocks). A *variant* builds the KV context the
+question is asked after; the harness then, on copies of that context,
+
+- generates a greedy answer (``--max-new-tokens``, default 24) -> SQuAD EM/F1, agreement with text,
+- teacher-forces ``question + gold answer`` -> next-token log-probabilities at every one of those
+  positions: mean KL(text || variant) over them, and the gold answer's mean NLL per token,
+
+and times retrieval + building the context + the question's prefill up to the first token (TTFT).
+Every variant is compared with ``text`` (an exact prefill of the same block tokens after the cached
+prefix), so KL is 0 for text by definition, ~1e-5 for one lossless block, and larger where blocks
+that never attended to each other are concatenated.
+
+Variants live in ``VARIANTS`` (name -> function); recompute and compaction variants go there.
+Writes bench/results/quality.json and quality.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from matplotlib.figure import Figure
+from sqlalchemy.orm import Session
+from tqdm import tqdm
+
+from bench.squad import (
+    BANK,
+    Question,
+    add_data_args,
+    doc_markdown,
+    ingest,
+    load_or_exit,
+    machine_info,
+    open_store,
+    pick_questions,
+    print_table,
+    save_figure,
+    squad_scores,
+    update_doc_table,
+    write_json,
+)
+from kvstore.bank import BankStore, _bytes_ids
+from kvstore.catalog import BankRow, BlockRow
+from kvstore.runner import Context
+
+REFERENCE = "text"
+
+
+@dataclass
+class Env:
+    """What a variant may use: the store (runner, hot tier, blobs) and an open catalog session."""
+
+    store: BankStore
+    session: Session
+    bank: BankRow
+
+
+@dataclass
+class Case:
+    """One question at one k: the retrieved blocks (best first) and the token ids both paths use."""
+
+    question: Question
+    k: int
+    blocks: list[BlockRow]
+    block_ids: list[list[int]]
+    question_ids: list[int]
+    answer_ids: list[int]
+    retrieve_ms: float
+    gold_retrieved: bool
+
+
+# A variant returns the context (prefix + whatever stands for the k blocks) the question follows.
+Variant = Callable[[Env, Case], Context]
+
+
+def text_variant(env: Env, case: Case) -> Context:
+    """The baseline: prefill the blocks' tokens after the cached prefix KV."""
+    runner = env.store.runner
+    ctx = runner.text_context()
+    flat = [tok for ids in case.block_ids for tok in ids]
+    # generate() with one new token is the runner's public prefill: it fills ctx.cache with
+    # ``flat`` and computes logits for the last position only (the token itself is not fed back).
+    runner.generate(ctx, flat, max_new_tokens=1)
+    return Context(ctx.cache, ctx.next_position + len(flat), len(flat))
+
+
+def kv_variant(env: Env, case: Case) -> Context:
+    """kv mode as BankStore.query does it: load stored blocks (hot tier, else decode) and assemble."""
+    blocks = [env.store.load_block(env.session, env.bank, row) for row in case.blocks]
+    return env.store.runner.assemble(blocks)
+
+
+VARIANTS: dict[str, Variant] = {REFERENCE: text_variant, "kv": kv_variant}
+
+
+@dataclass
+class Outcome:
+    """What one variant produced for one case."""
+
+    answer: str
+    ttft_ms: float
+    logprobs: torch.Tensor  # [len(question_ids) + len(answer_ids), vocab], teacher forced
+
+
+def run_variant(env: Env, case: Case, variant: Variant, max_new_tokens: int) -> Outcome:
+    """Build the variant's context, answer greedily on a copy, and teacher-force on the original."""
+    runner = env.store.runner
+    t0 = time.perf_counter()
+    ctx = variant(env, case)
+    with torch.inference_mode():
+        gen_ctx = Context(copy.deepcopy(ctx.cache), ctx.next_position, ctx.context_tokens)
+    t_copied = time.perf_counter()
+    gen = runner.generate(gen_ctx, case.question_ids, max_new_tokens)
+    # The cache copy is harness overhead, not part of answering: leave it out of TTFT.
+    ttft_ms = case.retrieve_ms + (t_copied - t0 + gen.prefill_ms / 1000) * 1000
+    logits = runner.logits(ctx, case.question_ids + case.answer_ids)
+    return Outcome(gen.text, ttft_ms, torch.log_softmax(logits, dim=-1))
+
+
+def kl_per_token(reference: torch.Tensor, other: torch.Tensor) -> float:
+    """Mean over positions of KL(reference || other), both log-probabilities, in nats."""
+    # float64: near-identical fp32 distributions otherwise give rounding noise of either sign.
+    ref, oth = reference.double(), other.double()
+    return float((ref.exp() * (ref - oth)).sum(-1).mean())
+
+
+def answer_nll(logprobs: torch.Tensor, case: Case) -> float:
+    """Mean NLL per gold-answer token: position i of the answer is predicted at input i - 1."""
+    start = len(case.question_ids) - 1
+    targets = torch.tensor(case.answer_ids)
+    picked = logprobs[start:start + len(targets)].gather(1, targets[:, None])
+    return float(-picked.mean())
+
+
+def retrieve_cases(env: Env, questions: Sequence[Question], ks: Sequence[int]) -> list[Case]:
+    """Retrieve each question's top-max(k) once and load every block, so the hot tier is warm."""
+    store, runner = env.store, env.store.runner
+    cases = []
+    for question in tqdm(questions, desc="retrieve", unit="q"):
+        t0 = time.perf_counter()
+        hits = store._retrieve(env.session, env.bank, question.text, max(ks), None)
+        retrieve_ms = (time.perf_counter() - t0) * 1000
+        for block, _, _ in hits:
+            store.load_block(env.session, env.bank, block)
+        q_ids = runner.question_ids(question.text)
+        a_ids = runner.tokenize(question.answers[0])
+        for k in ks:
+            top = hits[:k]
+            cases.append(Case(question=question, k=k, blocks=[b for b, _, _ in top],
+                              block_ids=[_bytes_ids(b.token_ids) for b, _, _ in top], question_ids=q_ids,
+                              answer_ids=a_ids, retrieve_ms=retrieve_ms,
+                              gold_retrieved=any(d.doc_id == f"p{question.paragraph:03d}" for _, d, _ in top)))
+    return cases
+
+
+def evaluate(env: Env, cases: Sequence[Case], variants: dict[str, Variant], max_new_tokens: int
+             ) -> list[dict[str, Any]]:
+    """One record per (case, variant); the reference runs first so the others are scored against it."""
+    names = [REFERENCE] + [n for n in variants if n != REFERENCE]
+    records = []
+    for case in tqdm(cases, desc="evaluate", unit="case"):
+        ref: Outcome | None = None
+        for name in names:
+            out = run_variant(env, case, variants[name], max_new_tokens)
+            if ref is None:
+                ref = out
+            em, f1 = squad_scores(out.answer, case.question.answers)
+            records.append({"variant": name, "k": case.k, "qid": case.question.qid, "answer": out.answer,
+                            "em": em, "f1": f1, "kl": kl_per_token(ref.logprobs, out.logprobs),
+                            "nll": answer_nll(out.logprobs, case), "agree": out.answer == ref.answer,
+                            "ttft_ms": round(out.ttft_ms, 2), "context_tokens": sum(map(len, case.block_ids)),
+                            "gold_retrieved": case.gold_retrieved})
+    return records
+
+
+def summarise(records: Sequence[dict[str, Any]], names: Sequence[str], ks: Sequence[int]) -> list[dict[str, Any]]:
+    """Means of the quality metrics, median TTFT and the speedup over text, per (variant, k)."""
+    rows = []
+    for k in ks:
+        ref_ttft = statistics.median(r["ttft_ms"] for r in records if r["variant"] == REFERENCE and r["k"] == k)
+        for name in names:
+            mine = [r for r in records if r["variant"] == name and r["k"] == k]
+            ttft = statistics.median(r["ttft_ms"] for r in mine)
+            rows.append({
+                "variant": name, "k": k, "n": len(mine),
+                "context_tokens": statistics.median(r["context_tokens"] for r in mine),
+                "gold_retrieved": statistics.fmean(r["gold_retrieved"] for r in mine),
+                "em": statistics.fmean(r["em"] for r in mine), "f1": statistics.fmean(r["f1"] for r in mine),
+                "kl_mean": statistics.fmean(r["kl"] for r in mine), "kl_max": max(r["kl"] for r in mine),
+                "nll": statistics.fmean(r["nll"] for r in mine),
+                "agreement": statistics.fmean(r["agree"] for r in mine),
+                "ttft_ms_median": round(ttft, 2), "speedup_vs_text": round(ref_ttft / ttft, 2),
+            })
+    return rows
+
+
+def plot(rows: Sequence[dict[str, Any]]) -> Figure:
+    """F1 and KL against median TTFT, one line per variant through its k points."""
+    names = list(dict.fromkeys(r["variant"] for r in rows))
+    # A bare Figure needs no pyplot and no display backend.
+    fig = Figure(figsize=(11, 4.2))
+    left, right = fig.subplots(1, 2)
+    for name in names:
+        mine = [r for r in rows if r["variant"] == name]
+        xs = [r["ttft_ms_median"] for r in mine]
+        line = left.plot(xs, [r["f1"] for r in mine], marker="o", label=name)[0]
+        if name != REFERENCE:  # KL of text against itself is 0: nothing to draw on a log axis
+            right.plot(xs, [max(r["kl_mean"], 1e-9) for r in mine], marker="o", label=name, color=line.get_color())
+        for r, x in zip(mine, xs, strict=True):
+            left.annotate(f"k={r['k']}", (x, r["f1"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+            if name != REFERENCE:
+                right.annotate(f"k={r['k']}", (x, max(r["kl_mean"], 1e-9)), textcoords="offset points",
+                               xytext=(4, 4), fontsize=8)
+    left.set(xscale="log", xlabel="median TTFT, ms", ylabel="SQuAD F1 (mean)", title="task quality vs TTFT")
+    right.set(xscale="log", yscale="log", xlabel="median TTFT, ms", ylabel="KL(text || variant), nats/token",
+              title="fidelity to text mode vs TTFT")
+    for ax in (left, right):
+        ax.grid(alpha=0.3, which="both")
+        ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    squad = load_or_exit(args.data)
+    questions = pick_questions(squad.questions, args.questions)
+    ks = sorted(args.k)
+    unknown = set(args.variants) - VARIANTS.keys()
+    if unknown:
+        raise SystemExit(f"unknown variants {sorted(unknown)}; known: {sorted(VARIANTS)}")
+    variants = {n: VARIANTS[n] for n in [REFERENCE, *args.variants] if n in VARIANTS}
+    with tempfile.TemporaryDirectory(prefix="kvrag-bench-quality-") as tmp:
+        store = open_store(Path(tmp), torch_threads=args.threads)
+        ingest(store, squad.paragraphs)
+        with store.session() as s:
+            env = Env(store, s, store._bank(s, BANK))
+            cases = retrieve_cases(env, questions, ks)
+            records = evaluate(env, cases, variants, args.max_new_tokens)
+        stats = store.stats(BANK)
+        machine = machine_info(store.llm.name)
+        machine["embedder"] = store.embedder.name
+        store.close()
+    return {
+        "benchmark": "quality",
+        "data": str(args.data),
+        "questions": len(questions),
+        "ks": ks,
+        "max_new_tokens": args.max_new_tokens,
+        "reference": REFERENCE,
+        "bank": {"documents": stats.documents, "blocks": stats.blocks, "tokens": stats.tokens,
+                 "codec": store.settings.default_codec, "block_tokens": store.settings.block_tokens},
+        "machine": machine,
+        "rows": summarise(records, list(variants), ks),
+        "records": records,
+    }
+
+
+TABLE_HEADERS = ("k", "variant", "ctx tokens", "gold in top-k", "EM", "F1", "KL mean", "KL max", "gold NLL",
+                 "agree w/ text", "TTFT p50 ms", "text/variant")
+
+
+def table_rows(rows: Sequence[dict[str, Any]]) -> list[list[Any]]:
+    return [[r["k"], r["variant"], int(r["context_tokens"]), r["gold_retrieved"], r["em"], r["f1"], r["kl_mean"],
+             r["kl_max"], r["nll"], r["agreement"], r["ttft_ms_median"], f"{r['speedup_vs_text']:.1f}x"]
+            for r in rows]
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.quality",
+        description="Fidelity of kv mode (and later variants) to text mode on the SQuAD excerpt: EM/F1 of greedy "
+                    "answers, KL(text || variant) and gold-answer NLL teacher-forced over question + answer tokens, "
+                    "greedy agreement with text, TTFT. Writes bench/results/quality.{json,png}.")
+    add_data_args(parser, default_questions=60)
+    parser.add_argument("--k", type=int, nargs="+", default=[1, 3, 5], help="k values (default: 1 3 5)")
+    parser.add_argument("--max-new-tokens", type=int, default=24, help="greedy answer length cap (default: 24)")
+    parser.add_argument("--variants", nargs="+", default=[n for n in VARIANTS if n != REFERENCE],
+                        help=f"variants besides the text reference (known: {', '.join(VARIANTS)})")
+    result = run(parser.parse_args(argv))
+    print_table(f"quality vs text mode, {result['questions']} questions", TABLE_HEADERS, table_rows(result["rows"]))
+    print(f"wrote {write_json('quality', result)} and {save_figure(plot(result['rows']), 'quality')}")
+    markdown = doc_markdown(result, TABLE_HEADERS, table_rows(result["rows"]))
+    if update_doc_table("quality", markdown):
+        print("updated the quality table in docs/BENCHMARKS.md")
+    else:
+        print(markdown)
+
+
+if __name__ == "__main__":
+    main()
