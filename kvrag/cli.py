@@ -358,5 +358,17 @@ def keys_revoke(key_id: Annotated[str, typer.Argument(help="The key's id.", show
     typer.echo(f"revoked key {key_id}")
 
 
+# -- agents -------------------------------------------------------------------------------------------
+
+
+@app.command("mcp")
+def mcp_stdio(bank: Bank, url: Url = DEFAULT_URL, api_key: ApiKey = None) -> None:
+    """Serve MCP tools (remember, recall, ask, forget, context_map, context_map_edit) on one bank over
+    stdio, for an agent that starts this command; every call goes to the kvrag server with this key."""
+    from kvrag.mcp import run_stdio
+
+    run_stdio(bank, url, api_key)
+
+
 if __name__ == "__main__":
     app()

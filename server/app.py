@@ -14,6 +14,7 @@ from fastapi import FastAPI
 from kvstore.bank import BankStore
 from kvstore.config import Settings
 
+from . import mcp_http
 from .errors import install_error_handlers
 from .metrics import Metrics
 from .middleware import RequestContextMiddleware
@@ -65,7 +66,7 @@ def create_app(settings: Settings, store: BankStore | None = None) -> FastAPI:
                                           hot=lambda: app.state.store.hot if app.state.store else None)
     install_error_handlers(app)
     app.add_middleware(RequestContextMiddleware, settings=settings, metrics=metrics)
-    for module in (system, keys, banks, documents, retrieval):
+    for module in (system, keys, banks, documents, retrieval, mcp_http):
         app.include_router(module.router)
     return app
 

@@ -1,0 +1,279 @@
+"""kvrag as an MCP server: memory tools for agents (remember, recall, ask, forget, context_map, context_map_edit).
+
+The tools only speak the REST contract, through the SDK: ``kvrag mcp`` (stdio) points the SDK at a kvrag
+server, and the server's own ``/mcp`` mount (``server.mcp_http``) points it at the app in process, with
+the caller's API key. Either way the key's scope applies exactly as it does on the REST API, and every
+failure comes back as a tool error whose structured content carries the kvrag error ``code``.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass
+from typing import Annotated, Any
+from urllib.parse import quote
+
+from kvrag_client import APIConnectionError, APIError, AsyncKVRag, Hit, KVRagError
+from kvrag_client._base import Call
+from mcp.server.mcpserver import Context, MCPServer
+from mcp.types import CallToolResult, TextContent, ToolAnnotations
+from pydantic import BaseModel, Field
+
+INSTRUCTIONS = (
+    "Long-term memory shared with other agents (one kvrag bank). `remember` stores a text, `recall` finds "
+    "stored passages, `ask` answers a question from memory, `forget` deletes a memory by id. `context_map` "
+    "reads the bank's small map of what it holds and what earlier work found; `context_map_edit` updates it."
+)
+
+
+@dataclass(frozen=True)
+class Memory:
+    """What a tool call works on: an SDK client carrying one API key, and the bank of the session."""
+
+    kv: AsyncKVRag
+    bank: str
+
+
+# Opens the ``Memory`` for one tool call; it may read the call's HTTP headers (the key) from the context.
+Connector = Callable[[Context], AbstractAsyncContextManager[Memory]]
+
+
+# -- structured results ------------------------------------------------------------------------------
+
+
+class Passage(BaseModel):
+    """A stored passage: ``doc_id`` is the memory's id (what ``forget`` takes), ``score`` its similarity."""
+
+    doc_id: str
+    block_id: int
+    ordinal: int
+    score: float
+    text: str
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    agent: str | None = None
+
+
+class Remembered(BaseModel):
+    doc_id: str
+    version: int
+    created: bool
+    changed: bool
+    tokens: int
+
+
+class Recalled(BaseModel):
+    passages: list[Passage]
+
+
+class Answer(BaseModel):
+    answer: str
+    sources: list[Passage]
+    context_tokens: int
+    generated_tokens: int
+    ttft_ms: float
+
+
+class Forgotten(BaseModel):
+    doc_id: str
+    deleted: bool
+
+
+class ContextMap(BaseModel):
+    """The bank's context map as the server returns it (``items`` keep every field the server sends)."""
+
+    version: int
+    budget_tokens: int
+    tokens: int
+    items: list[dict[str, Any]]
+
+
+class ToolFailure(BaseModel):
+    """The structured content of a failed call."""
+
+    code: str
+    detail: str
+    status: int | None = None
+
+
+def _passage(hit: Hit) -> Passage:
+    return Passage(doc_id=hit.doc_id, block_id=hit.block_id, ordinal=hit.ordinal, score=hit.score, text=hit.text,
+                   metadata=hit.metadata, agent=hit.agent)
+
+
+def _ok(result: BaseModel) -> CallToolResult:
+    data = result.model_dump(mode="json")
+    return CallToolResult(content=[TextContent(type="text", text=json.dumps(data))], structured_content=data)
+
+
+def _failure(code: str, detail: str, status: int | None = None) -> CallToolResult:
+    failure = ToolFailure(code=code, detail=detail, status=status)
+    return CallToolResult(content=[TextContent(type="text", text=f"{code}: {detail}")],
+                          structured_content=failure.model_dump(), is_error=True)
+
+
+async def _guarded(run: Callable[[], Awaitable[BaseModel]]) -> CallToolResult:
+    """Run a tool body; the SDK's errors become tool errors carrying the kvrag code instead of crashes."""
+    try:
+        return _ok(await run())
+    except APIError as exc:
+        return _failure(exc.code, exc.detail, exc.status)
+    except APIConnectionError as exc:
+        return _failure("unavailable", str(exc))
+    except KVRagError as exc:
+        return _failure("internal", str(exc))
+
+
+# -- context map (REST only: the SDK has no methods for it yet) ---------------------------------------
+
+
+def _map_path(bank: str) -> str:
+    return f"/v1/banks/{quote(bank, safe='')}/context-map"
+
+
+async def get_context_map(kv: AsyncKVRag, bank: str) -> ContextMap:
+    """``GET /v1/banks/{bank}/context-map``."""
+    return await kv._call(Call("GET", _map_path(bank), ContextMap.model_validate))
+
+
+async def edit_context_map(kv: AsyncKVRag, bank: str, body: dict[str, Any]) -> None:
+    """``POST /v1/banks/{bank}/context-map/edits``; not resent after a lost answer (an edit is not idempotent)."""
+    await kv._call(Call("POST", _map_path(bank) + "/edits", lambda _: None, json=body, idempotent=False))
+
+
+# -- the server ---------------------------------------------------------------------------------------
+
+
+def new_doc_id() -> str:
+    """An id for a memory stored without one."""
+    return f"mem-{uuid.uuid4().hex[:20]}"
+
+
+def build_server(connect: Connector, name: str = "kvrag") -> MCPServer:
+    """An MCP server whose tools act on the memory ``connect`` opens for each call."""
+    server = MCPServer(name, instructions=INSTRUCTIONS, log_level="WARNING")
+    read_only = ToolAnnotations(read_only_hint=True, open_world_hint=False)
+
+    @server.tool(annotations=ToolAnnotations(destructive_hint=False, idempotent_hint=True, open_world_hint=False))
+    async def remember(
+        ctx: Context,
+        text: Annotated[str, Field(min_length=1, description="What to remember.")],
+        doc_id: Annotated[str | None, Field(description="Its id; storing again under an id replaces that "
+                                                        "memory. Assigned (and returned) when omitted.")] = None,
+        tags: Annotated[list[str] | None, Field(description="Tags to filter on later.")] = None,
+        metadata: Annotated[dict[str, Any] | None, Field(description="Free-form JSON metadata.")] = None,
+    ) -> Annotated[CallToolResult, Remembered]:
+        """Store a text in shared memory (encoded once, recalled and answered from later)."""
+
+        async def run() -> Remembered:
+            async with connect(ctx) as mem:
+                put = await mem.kv.documents.put(mem.bank, doc_id or new_doc_id(), text, metadata=metadata,
+                                                 tags=tags)
+            doc = put.document
+            return Remembered(doc_id=doc.doc_id, version=doc.version, created=put.created, changed=put.changed,
+                              tokens=doc.tokens)
+
+        return await _guarded(run)
+
+    @server.tool(annotations=read_only)
+    async def recall(
+        ctx: Context,
+        query: Annotated[str, Field(min_length=1, description="What to look for.")],
+        k: Annotated[int, Field(ge=1, le=100, description="Passages to return.")] = 5,
+    ) -> Annotated[CallToolResult, Recalled]:
+        """Find the stored passages most similar to a query, with their ids and scores."""
+
+        async def run() -> Recalled:
+            async with connect(ctx) as mem:
+                hits = await mem.kv.search(mem.bank, query, k=k)
+            return Recalled(passages=[_passage(h) for h in hits])
+
+        return await _guarded(run)
+
+    @server.tool(annotations=read_only)
+    async def ask(
+        ctx: Context,
+        question: Annotated[str, Field(min_length=1, description="The question.")],
+        k: Annotated[int, Field(ge=1, le=100, description="Passages to answer from.")] = 5,
+        max_new_tokens: Annotated[int, Field(ge=0, le=1024, description="Answer length limit in tokens.")] = 128,
+    ) -> Annotated[CallToolResult, Answer]:
+        """Answer a question from memory (the server assembles the stored KV of the best passages)."""
+
+        async def run() -> Answer:
+            async with connect(ctx) as mem:
+                result = await mem.kv.query(mem.bank, question, k=k, mode="kv", max_new_tokens=max_new_tokens)
+            return Answer(answer=result.answer, sources=[_passage(h) for h in result.sources],
+                          context_tokens=result.usage.context_tokens,
+                          generated_tokens=result.usage.generated_tokens, ttft_ms=result.timings.ttft_ms)
+
+        return await _guarded(run)
+
+    @server.tool(annotations=ToolAnnotations(destructive_hint=True, idempotent_hint=True, open_world_hint=False))
+    async def forget(
+        ctx: Context,
+        doc_id: Annotated[str, Field(min_length=1, description="The id `remember` returned.")],
+    ) -> Annotated[CallToolResult, Forgotten]:
+        """Delete a memory by id."""
+
+        async def run() -> Forgotten:
+            async with connect(ctx) as mem:
+                await mem.kv.documents.delete(mem.bank, doc_id)
+            return Forgotten(doc_id=doc_id, deleted=True)
+
+        return await _guarded(run)
+
+    @server.tool(annotations=read_only)
+    async def context_map(ctx: Context) -> Annotated[CallToolResult, ContextMap]:
+        """Read the bank's context map: a small, token-budgeted summary of what memory holds and what
+        earlier work found (sections roadmap, understanding, reusable_results; items with stable ids)."""
+
+        async def run() -> ContextMap:
+            async with connect(ctx) as mem:
+                return await get_context_map(mem.kv, mem.bank)
+
+        return await _guarded(run)
+
+    @server.tool(annotations=ToolAnnotations(destructive_hint=False, open_world_hint=False))
+    async def context_map_edit(
+        ctx: Context,
+        edits: Annotated[list[dict[str, Any]], Field(
+            description='Edits to apply, e.g. {"op": "add", "section": "understanding", "text": "..."}, '
+                        '{"op": "replace", "id": "cu-3", "text": "..."}, {"op": "delete", "id": "rr-1"}.')],
+        feedback: Annotated[list[dict[str, Any]] | None, Field(
+            description='Which items helped, e.g. {"id": "cu-3", "helpful": true}.')] = None,
+        base_version: Annotated[int | None, Field(description="The map version the edits are based on; a "
+                                                               "newer stored map refuses them.")] = None,
+    ) -> Annotated[CallToolResult, ContextMap]:
+        """Update the bank's context map (add, replace or delete items; rate items helpful or harmful)."""
+
+        async def run() -> ContextMap:
+            body: dict[str, Any] = {"edits": edits}
+            if feedback is not None:
+                body["feedback"] = feedback
+            if base_version is not None:
+                body["base_version"] = base_version
+            async with connect(ctx) as mem:
+                await edit_context_map(mem.kv, mem.bank, body)
+                return await get_context_map(mem.kv, mem.bank)  # the map as it now stands, evictions included
+
+        return await _guarded(run)
+
+    return server
+
+
+def stdio_connector(url: str | None, api_key: str | None, bank: str) -> Connector:
+    """Every call goes to the kvrag server at ``url`` with one key and one bank (``kvrag mcp``)."""
+
+    @asynccontextmanager
+    async def connect(_ctx: Context) -> AsyncIterator[Memory]:
+        async with AsyncKVRag(url, api_key=api_key) as kv:
+            yield Memory(kv, bank)
+
+    return connect
+
+
+def run_stdio(bank: str, url: str | None = None, api_key: str | None = None) -> None:
+    """Serve the tools over stdin/stdout until the client closes the stream."""
+    build_server(stdio_connector(url, api_key, bank), name=f"kvrag:{bank}").run("stdio")
