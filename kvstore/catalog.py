@@ -51,13 +51,15 @@ class BankRow(Base):
     eviction: Mapped[str] = mapped_column(String(16), default="lru")
     evictions: Mapped[int] = mapped_column(BigInteger, default=0)
     merges: Mapped[int] = mapped_column(BigInteger, default=0)
+    reencodes: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
 
 
 class DocumentRow(Base):
     __tablename__ = "documents"
-    __table_args__ = (UniqueConstraint("bank_id", "doc_id", name="uq_documents_bank_doc"),)
+    __table_args__ = (UniqueConstraint("bank_id", "doc_id", name="uq_documents_bank_doc"),
+                      Index("ix_documents_bank_expires", "bank_id", "expires_at"))
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     bank_id: Mapped[int] = mapped_column(ForeignKey("banks.id", ondelete="CASCADE"), index=True)
@@ -72,9 +74,14 @@ class DocumentRow(Base):
     tokens: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    importance: Mapped[float | None] = mapped_column(Float, nullable=True)  # given by the writer
 
 
 class BlockRow(Base):
+    """A block of a document. Tiers: warm (``blob_id`` set) or cold (``blob_id`` None: text and
+    embedding only). A merged near-duplicate shares its ``merged_into`` block's blob."""
+
     __tablename__ = "blocks"
     __table_args__ = (Index("ix_blocks_bank_status", "bank_id", "status"),)
 
@@ -96,6 +103,7 @@ class BlockRow(Base):
     importance: Mapped[float] = mapped_column(Float, default=0.0)
     last_access_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    merged_into: Mapped[int | None] = mapped_column(BigId, nullable=True, index=True)
 
 
 class OpLogRow(Base):
@@ -152,6 +160,49 @@ class JobRow(Base):
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+
+
+class ContextMapRow(Base):
+    """The head of a bank's context map: its current version, token budget and flags (see kvstore.contextmap)."""
+
+    __tablename__ = "context_maps"
+
+    bank_id: Mapped[int] = mapped_column(BigId, ForeignKey("banks.id", ondelete="CASCADE"), primary_key=True)
+    version: Mapped[int] = mapped_column(Integer, default=0)
+    budget_tokens: Mapped[int] = mapped_column(Integer)
+    frozen: Mapped[bool] = mapped_column(Boolean, default=False)
+    refreshes: Mapped[int] = mapped_column(Integer, default=0)
+    refreshed_through: Mapped[int] = mapped_column(BigInteger, default=0)  # last query record distilled
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ContextMapVersionRow(Base):
+    """One version of a context map: the whole map as JSON (it is small), kept so old versions stay readable."""
+
+    __tablename__ = "context_map_versions"
+
+    bank_id: Mapped[int] = mapped_column(BigId, ForeignKey("banks.id", ondelete="CASCADE"), primary_key=True)
+    version: Mapped[int] = mapped_column(Integer, primary_key=True)
+    state: Mapped[dict[str, Any]] = mapped_column(JSON)
+    tokens: Mapped[int] = mapped_column(Integer)
+    change: Mapped[str] = mapped_column(String(16))
+    evicted: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    agent: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ContextMapQueryRow(Base):
+    """A recent query of a bank (the last few are kept), the material a context-map refresh distills."""
+
+    __tablename__ = "context_map_queries"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    bank_id: Mapped[int] = mapped_column(BigId, ForeignKey("banks.id", ondelete="CASCADE"), index=True)
+    question: Mapped[str] = mapped_column(Text)
+    answer: Mapped[str] = mapped_column(Text)
+    sources: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    map_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:
