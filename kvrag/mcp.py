@@ -13,7 +13,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from urllib.parse import quote
 
 from kvrag_client import APIConnectionError, APIError, AsyncKVRag, Hit, KVRagError
@@ -88,6 +88,21 @@ class ContextMap(BaseModel):
     budget_tokens: int
     tokens: int
     items: list[dict[str, Any]]
+
+
+class MapEdit(BaseModel):
+    """add (section, content) | replace (id, content) | delete (id); ids are assigned by the server."""
+
+    op: Literal["add", "replace", "delete"]
+    id: str | None = Field(default=None, description="The item, e.g. cu-3 (replace, delete).")
+    section: Literal["roadmap", "understanding", "reusable_results"] | None = Field(
+        default=None, description="Where an added item goes.")
+    content: str | None = Field(default=None, description="The item's text (add, replace).")
+
+
+class MapFeedback(BaseModel):
+    id: str = Field(description="The item, e.g. cu-3.")
+    tag: Literal["helpful", "harmful", "neutral", "stale"]
 
 
 class ToolFailure(BaseModel):
@@ -238,20 +253,17 @@ def build_server(connect: Connector, name: str = "kvrag") -> MCPServer:
     @server.tool(annotations=ToolAnnotations(destructive_hint=False, open_world_hint=False))
     async def context_map_edit(
         ctx: Context,
-        edits: Annotated[list[dict[str, Any]], Field(
-            description='Edits to apply, e.g. {"op": "add", "section": "understanding", "text": "..."}, '
-                        '{"op": "replace", "id": "cu-3", "text": "..."}, {"op": "delete", "id": "rr-1"}.')],
-        feedback: Annotated[list[dict[str, Any]] | None, Field(
-            description='Which items helped, e.g. {"id": "cu-3", "helpful": true}.')] = None,
-        base_version: Annotated[int | None, Field(description="The map version the edits are based on; a "
-                                                               "newer stored map refuses them.")] = None,
+        edits: Annotated[list[MapEdit], Field(description="Edits, applied in order.")],
+        feedback: Annotated[list[MapFeedback] | None, Field(description="How useful items were.")] = None,
+        base_version: Annotated[int | None, Field(description="The map version the edits are based on; items "
+                                                               "changed since then refuse them.")] = None,
     ) -> Annotated[CallToolResult, ContextMap]:
         """Update the bank's context map (add, replace or delete items; rate items helpful or harmful)."""
 
         async def run() -> ContextMap:
-            body: dict[str, Any] = {"edits": edits}
+            body: dict[str, Any] = {"edits": [e.model_dump(exclude_none=True) for e in edits]}
             if feedback is not None:
-                body["feedback"] = feedback
+                body["feedback"] = [f.model_dump() for f in feedback]
             if base_version is not None:
                 body["base_version"] = base_version
             async with connect(ctx) as mem:

@@ -102,7 +102,7 @@ async def round_trip(client: Client, text: str) -> str | None:
     assert isinstance(answer["answer"], str) and answer["sources"] and answer["context_tokens"] > 0
 
     edited = await client.call_tool("context_map_edit", {"edits": [{"op": "add", "section": "understanding",
-                                                                     "text": "The bank holds one fact."}]})
+                                                                     "content": "The bank holds one fact."}]})
     map_code = None
     if edited.is_error:
         map_code = failure(edited)["code"]
@@ -133,6 +133,10 @@ def test_http_round_trip(live: LiveServer, keys: dict[str, str]) -> None:
         async with http_client(live, "alpha", keys["alpha"]) as client:
             await check_tools(client)
             await round_trip(client, ALPHA)
+            # Arguments outside the schema are tool errors too, and the session goes on.
+            assert (await client.call_tool("recall", {"query": "x", "k": 0})).is_error
+            assert (await client.call_tool("context_map_edit", {"edits": [{"op": "rename"}]})).is_error
+            assert data(await client.call_tool("recall", {"query": "x"}))["passages"] == []
 
     anyio.run(main)
 
