@@ -52,6 +52,8 @@ from bench.squad import (
 )
 from kvstore.bank import BankStore, _bytes_ids
 from kvstore.catalog import BankRow, BlockRow
+from kvstore.compaction import CompactionSpec, compact
+from kvstore.recompute import blend
 from kvstore.runner import Context
 
 REFERENCE = "text"
@@ -102,6 +104,30 @@ def kv_variant(env: Env, case: Case) -> Context:
 
 
 VARIANTS: dict[str, Variant] = {REFERENCE: text_variant, "kv": kv_variant}
+
+
+def recompute_variant(ratio: float) -> Variant:
+    """kv, then the KV of the ``ratio`` most deviating context tokens recomputed (CacheBlend)."""
+    def variant(env: Env, case: Case) -> Context:
+        ctx = kv_variant(env, case)
+        blend(env.store.runner, ctx, [tok for ids in case.block_ids for tok in ids], ratio)
+        return ctx
+    return variant
+
+
+def compact_variant(tau: float | None = None, share: float | None = None) -> Variant:
+    """kv, then compacted to the tokens the question attends to: above median + tau * MAD, or the best
+    ``share`` of the context tokens."""
+    def variant(env: Env, case: Case) -> Context:
+        ctx = kv_variant(env, case)
+        budget = int(share * ctx.context_tokens) if share is not None else None
+        return compact(env.store.runner, ctx, case.question_ids, CompactionSpec(tau=tau, budget_tokens=budget))
+    return variant
+
+
+VARIANTS.update({f"kv+recompute@{r:.2f}": recompute_variant(r) for r in (0.05, 0.10, 0.15)})
+VARIANTS.update({"kv+compact@tau=0": compact_variant(tau=0.0), "kv+compact@tau=1": compact_variant(tau=1.0),
+                 "kv+compact@50%": compact_variant(share=0.5)})
 
 
 @dataclass
