@@ -123,9 +123,11 @@ def token_scores(runner: Runner, ctx: Context, question_ids: Sequence[int]) -> t
     return torch.stack([s[first:rows] for s in per_layer]).mean(0)
 
 
-def keep_mask(scores: torch.Tensor, spec: CompactionSpec, keep_first: int = KEEP_FIRST) -> torch.Tensor:
-    """Bool ``[context_tokens]``: the first ``keep_first`` tokens, the tokens above ``median + tau * MAD``
-    (all, when no tau), then the best by score, at most ``budget_tokens`` in all."""
+def keep_mask(scores: torch.Tensor, spec: CompactionSpec, keep_first: int = KEEP_FIRST,
+              always: torch.Tensor | None = None) -> torch.Tensor:
+    """Bool ``[context_tokens]``: the first ``keep_first`` tokens and the ``always`` ones (indices, e.g.
+    segment boundaries), the tokens above ``median + tau * MAD`` (all, when no tau), then the best by score,
+    at most ``budget_tokens`` in all (the forced tokens count within the budget)."""
     n = scores.shape[0]
     keep = torch.ones(n, dtype=torch.bool, device=scores.device)
     if spec.tau is not None:
@@ -134,8 +136,12 @@ def keep_mask(scores: torch.Tensor, spec: CompactionSpec, keep_first: int = KEEP
         keep = scores > median + spec.tau * mad
     first = min(keep_first, n, spec.budget_tokens if spec.budget_tokens is not None else n)
     keep[:first] = True
+    if always is not None:
+        keep[always] = True
     if spec.budget_tokens is not None and int(keep.sum()) > spec.budget_tokens:
         ranked = torch.where(keep, scores, torch.tensor(float("-inf"), device=scores.device))
+        if always is not None:
+            ranked[always] = float("inf")
         ranked[:first] = float("inf")
         keep = torch.zeros_like(keep)
         keep[ranked.topk(spec.budget_tokens).indices] = True

@@ -198,6 +198,33 @@ class Runner:
         k[:, 0, :, p:] = self.rope.rotate(k[:, 0, :, p:], torch.arange(p, p + n, device=pk.device))
         return Context(self._cache_from(k, v), p + n, n)
 
+    def context_at(self, kv: BlockKV, positions: torch.Tensor, next_position: int) -> Context:
+        """The prefix, then ``kv`` with its pre-RoPE keys rotated to ``positions: [tokens]``.
+
+        Positions may have gaps (pruned or compacted tokens): the remaining tokens keep the RoPE distances
+        they were computed with. The next token goes at ``next_position``.
+        """
+        pk, pv = self.prefix_kv  # [layers, heads, prefix, dim], post-RoPE
+        k = torch.cat((pk, self.rope.rotate(kv.k.to(pk), positions.to(pk.device))), dim=2)
+        v = torch.cat((pv, kv.v.to(pv)), dim=2)
+        return Context(self._cache_from(k[:, None], v[:, None]), next_position, kv.tokens)
+
+    @torch.inference_mode()
+    def extend(self, ctx: Context, input_ids: Sequence[int]) -> BlockKV:
+        """Prefill ``input_ids`` after ``ctx`` at positions continuing from ``next_position``; their KV, keys
+        pre-RoPE. ``ctx`` grows by these tokens (cache rows, ``next_position`` and ``context_tokens``)."""
+        device = self.llm.device
+        n = len(input_ids)
+        rows = ctx.cache.get_seq_length()
+        positions = torch.arange(ctx.next_position, ctx.next_position + n, device=device)
+        self.model(input_ids=torch.tensor([list(input_ids)], device=device), position_ids=positions[None],
+                   past_key_values=ctx.cache, use_cache=True, logits_to_keep=1)
+        k = torch.stack([ctx.cache.layers[i].keys[0, :, rows:] for i in range(self.num_layers)])
+        v = torch.stack([ctx.cache.layers[i].values[0, :, rows:] for i in range(self.num_layers)])
+        ctx.next_position += n
+        ctx.context_tokens += n
+        return BlockKV(k=self.rope.unrotate(k.float(), positions).contiguous(), v=v.float().contiguous())
+
     def text_context(self) -> Context:
         """The cached prefix alone: text mode prefills the block tokens with the question."""
         return Context(self.prefix_cache(), len(self.prefix_ids), 0)

@@ -1,0 +1,280 @@
+"""Agent sessions on the tiny model: appends equal one whole prefill, briefs, the budget, prune, durability."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import torch
+
+from kvstore.bank import BankStore
+from kvstore.errors import Conflict, NotFound, ValidationFailed
+from kvstore.runner import BlockKV
+from kvstore.sessions import (
+    HttpJudge,
+    JudgeError,
+    SessionStore,
+    parse_needed,
+    render_segment,
+    segment_attention,
+    sessions_of,
+)
+
+SEGMENTS = [
+    {"role": "orchestrator", "text": "Find out who the Normans were and where they lived."},
+    {"role": "tool", "text": "The Normans were the people who gave their name to Normandy, a region in France."},
+    {"role": "note", "text": "Paris is the capital of France. The Seine flows through it."},
+    {"role": "tool", "text": "Photosynthesis converts light energy into chemical energy stored in glucose."},
+    {"role": "worker", "text": "They were descended from Norse raiders from Denmark and Norway.", "agent": "w1"},
+]
+TASK = "Who were the Normans?"
+
+
+@pytest.fixture
+def sessions(make_store: Callable[..., BankStore]) -> SessionStore:
+    store = make_store(block_tokens=16)  # small pages: every segment spans several blobs
+    store.create_bank("agents")
+    return sessions_of(store)
+
+
+def _trajectory_ids(ss: SessionStore) -> list[int]:
+    return [t for seg in SEGMENTS for t in ss.runner.tokenize(render_segment(seg["role"], seg["text"],
+                                                                             seg.get("agent")))]
+
+
+def _whole_prefill(ss: SessionStore) -> BlockKV:
+    """The trajectory prefilled at once after the prefix, fp32, keys pre-RoPE."""
+    return ss.runner.extend(ss.runner.text_context(), _trajectory_ids(ss))
+
+
+def _greedy(ss: SessionStore, kv: BlockKV, question: str, max_new_tokens: int = 8) -> list[int]:
+    runner = ss.runner
+    p = len(runner.prefix_ids)
+    ctx = runner.context_at(kv, torch.arange(p, p + kv.tokens), p + kv.tokens)
+    return runner.generate(ctx, runner.question_ids(question), max_new_tokens).token_ids
+
+
+def test_appending_segment_by_segment_equals_one_whole_prefill(sessions: SessionStore) -> None:
+    sessions.create("agents", "s")
+    counts = [sessions.append("agents", "s", [seg]).token_counts[0] for seg in SEGMENTS]
+    whole = _whole_prefill(sessions)
+    assert sum(counts) == whole.tokens == sessions.get("agents", "s").tokens
+    with sessions.store.session() as s:
+        from kvstore.sessions import AgentSessionRow, BankRow
+
+        bank = s.query(BankRow).filter_by(name="agents").one()
+        row = s.query(AgentSessionRow).filter_by(session_id="s").one()
+        sessions._states.clear()  # from the blobs, not the in-memory copy
+        state = sessions._state(s, bank, row)
+    assert state.positions.tolist() == list(range(whole.tokens))
+    for got, want in ((state.kv.k, whole.k), (state.kv.v, whole.v)):
+        scale = want.abs().max()
+        assert (got - want).abs().max() <= 2e-3 * scale, "segment appends drift beyond fp16 rounding"
+    # Same greedy answer as the whole trajectory in kv mode, and a brief with no compaction is exactly that.
+    reference = _greedy(sessions, whole, TASK)
+    brief = sessions.brief("agents", "s", TASK, max_new_tokens=8)
+    assert brief.generated_tokens == len(reference)
+    assert sessions.runner.tokenizer.decode(reference, skip_special_tokens=True).strip() == brief.answer
+    assert brief.kept_tokens == brief.session_tokens == whole.tokens
+
+
+def test_appending_several_segments_at_once_equals_one_by_one(sessions: SessionStore) -> None:
+    sessions.create("agents", "one")
+    sessions.create("agents", "all")
+    for seg in SEGMENTS:
+        sessions.append("agents", "one", [seg], agent="orch")
+    result = sessions.append("agents", "all", SEGMENTS, agent="orch")
+    assert result.segment_ids == list(range(len(SEGMENTS)))
+    a, b = sessions.get("agents", "one"), sessions.get("agents", "all")
+    assert [g.tokens for g in a.segments] == [g.tokens for g in b.segments]
+    assert [g.agent for g in b.segments] == ["orch"] * 4 + ["w1"]
+    assert sessions.brief("agents", "one", TASK).answer == sessions.brief("agents", "all", TASK).answer
+
+
+def test_budget_is_respected_and_keeps_boundaries(sessions: SessionStore) -> None:
+    sessions.create("agents", "s")
+    sessions.append("agents", "s", SEGMENTS)
+    total = sessions.get("agents", "s").tokens
+    for budget in (0, 3, 5, 12, 40, total, total + 10):
+        result = sessions.brief("agents", "s", TASK, budget_tokens=budget, max_new_tokens=2)
+        assert result.kept_tokens <= budget and result.kept_tokens == min(budget, total)
+        assert result.session_tokens == total
+    tau = sessions.brief("agents", "s", TASK, tau=1.0, max_new_tokens=2)
+    assert len(SEGMENTS) <= tau.kept_tokens < total  # boundaries are always kept; tau drops the rest
+    both = sessions.brief("agents", "s", TASK, tau=0.0, budget_tokens=9, max_new_tokens=2)
+    assert both.kept_tokens <= 9
+
+
+def test_brief_validates_and_may_include_documents(sessions: SessionStore) -> None:
+    store = sessions.store
+    store.put_document("agents", "normans", "The Normans gave their name to Normandy, a region in France.")
+    sessions.create("agents", "s")
+    sessions.append("agents", "s", SEGMENTS[:2])
+    with pytest.raises(ValidationFailed):
+        sessions.brief("agents", "s", " ")
+    with pytest.raises(ValidationFailed):
+        sessions.brief("agents", "s", TASK, budget_tokens=-1)
+    with pytest.raises(NotFound):
+        sessions.brief("agents", "nope", TASK)
+    result = sessions.brief("agents", "s", TASK, include_documents=1, budget_tokens=8, max_new_tokens=2)
+    assert result.document_tokens > 0 and result.sources[0].doc_id == "normans" and result.kept_tokens <= 8
+
+
+def test_create_get_delete_and_validation(sessions: SessionStore) -> None:
+    created = sessions.create("agents", metadata={"task": "t"}, agent="orch")
+    assert created.session_id.startswith("s-") and created.tokens == 0 and created.metadata == {"task": "t"}
+    with pytest.raises(Conflict):
+        sessions.create("agents", created.session_id)
+    with pytest.raises(ValidationFailed):
+        sessions.create("agents", "bad id")
+    with pytest.raises(NotFound):
+        sessions.create("nobank", "x")
+    for bad in ([], [{"role": "boss", "text": "x"}], [{"role": "note", "text": "  "}]):
+        with pytest.raises(ValidationFailed):
+            sessions.append("agents", created.session_id, bad)
+    sessions.append("agents", created.session_id, SEGMENTS[:2])
+    info = sessions.get("agents", created.session_id)
+    assert info.stored_bytes > 0 and [g.role for g in info.segments] == ["orchestrator", "tool"]
+    sessions.delete("agents", created.session_id)
+    with pytest.raises(NotFound):
+        sessions.get("agents", created.session_id)
+    assert list(sessions.blobs.ids()) == []
+
+
+def test_identical_sessions_share_blobs_safely(sessions: SessionStore) -> None:
+    for sid in ("a", "b"):
+        sessions.create("agents", sid)
+        sessions.append("agents", sid, SEGMENTS[:2])
+    blobs = set(sessions.blobs.ids())
+    sessions.delete("agents", "a")
+    assert set(sessions.blobs.ids()) == blobs  # b still uses the same content-addressed pages
+    sessions._states.clear()
+    assert sessions.brief("agents", "b", TASK, max_new_tokens=2).kept_tokens > 0
+
+
+# -- prune ----------------------------------------------------------------------------------------
+
+
+def test_parse_needed_is_strict() -> None:
+    live = [0, 1, 2]
+    assert parse_needed('{"needed": [2, 0]}', live) == [0, 2]
+    assert parse_needed('```json\n{"needed": []}\n```', live) == []
+    for bad in ('needed: [1]', '{"needed": [1], "why": "x"}', '{"needed": "1"}', '{"needed": [1.0]}',
+                '{"needed": [true]}', '{"needed": [7]}', '[1]', 'Sure! {"needed": [1]}'):
+        with pytest.raises(JudgeError):
+            parse_needed(bad, live)
+
+
+@pytest.fixture
+def judge_server() -> Iterator[tuple[str, list[dict], list[dict]]]:
+    """A stub OpenAI-compatible endpoint answering every chat completion with the reply in ``replies[0]``."""
+    replies: list[dict] = [{"content": '{"needed": [0, 1, 4]}'}]
+    seen: list[dict] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - the http.server API
+            seen.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            body = json.dumps({"choices": [{"message": {"role": "assistant", **replies[0]}}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/v1", seen, replies
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_model_prune_never_drops_a_needed_segment(sessions: SessionStore, judge_server) -> None:
+    url, seen, replies = judge_server
+    sessions.create("agents", "s")
+    sessions.append("agents", "s", SEGMENTS)
+    before = sessions.get("agents", "s")
+    result = sessions.prune("agents", "s", policy="model", goal="who were the Normans", judge=HttpJudge(url))
+    assert result.error is None and result.needed == [0, 1, 4] and result.pruned == [2, 3]
+    assert "who were the Normans" in seen[0]["messages"][0]["content"]
+    after = sessions.get("agents", "s")
+    assert [g.pruned for g in after.segments] == [False, False, True, True, False]
+    assert after.segments[2].text == SEGMENTS[2]["text"]  # the text stays for audit
+    assert result.tokens_before == before.tokens and result.tokens_after == after.tokens < before.tokens
+    assert after.stored_bytes < before.stored_bytes
+    # The judge's tokens never entered the trajectory; positions continue after the pruned ones.
+    appended = sessions.append("agents", "s", [{"role": "note", "text": "Normandy is in France."}])
+    assert appended.segment_ids == [5] and sessions.get("agents", "s").segments[5].start == before.total_tokens
+    sessions._states.clear()
+    assert appended.tokens == after.tokens + appended.token_counts[0]
+    assert sessions.brief("agents", "s", TASK, max_new_tokens=2).session_tokens == appended.tokens
+    # An unusable reply prunes nothing and says why.
+    replies[0] = {"content": "I think segment 1 matters."}
+    bad = sessions.prune("agents", "s", policy="model", judge=HttpJudge(url))
+    assert bad.pruned == [] and bad.error and bad.tokens_after == bad.tokens_before
+
+
+def test_model_prune_uses_the_map_llm_endpoint_when_configured(make_store, judge_server) -> None:
+    from kvstore.config import Settings
+
+    if "map_llm_url" not in Settings.model_fields:
+        pytest.skip("this build has no KVRAG_MAP_LLM_URL setting")
+    url, seen, _ = judge_server
+    ss = sessions_of(make_store(map_llm_url=url))
+    ss.store.create_bank("agents")
+    ss.create("agents", "s")
+    ss.append("agents", "s", SEGMENTS)
+    assert ss.prune("agents", "s", policy="model").pruned == [2, 3] and seen
+
+
+def test_attention_prune_drops_only_segments_the_briefs_ignore(sessions: SessionStore) -> None:
+    sessions.create("agents", "s")
+    sessions.append("agents", "s", SEGMENTS)
+    assert sessions.prune("agents", "s", policy="attention").pruned == []  # no brief yet: no evidence
+    for _ in range(3):
+        sessions.brief("agents", "s", TASK, max_new_tokens=1)
+    with sessions.store.session() as s:
+        from kvstore.sessions import SessionSegmentRow
+
+        records = {r.ordinal: r.attention for r in s.query(SessionSegmentRow).all()}
+    assert all(len(v) == 3 for v in records.values())
+    mean = {k: sum(v) / len(v) for k, v in records.items()}
+    threshold = sorted(mean.values())[2]  # between the second and third lowest: exactly two fall below
+    result = sessions.prune("agents", "s", policy="attention", threshold=threshold)
+    assert result.pruned == sorted(k for k, m in mean.items() if m < threshold) and len(result.pruned) == 2
+    assert sessions.prune("agents", "s", policy="attention", threshold=0.0).pruned == []
+    with pytest.raises(ValidationFailed):
+        sessions.prune("agents", "s", policy="random")  # type: ignore[arg-type]
+
+
+def test_segment_attention_is_relative_to_an_even_share() -> None:
+    scores = torch.tensor([1.0, 1.0, 1.0, 1.0, 4.0, 0.0])
+    rel = segment_attention(scores, [(0, 4), (4, 1), (5, 1)])
+    assert rel == pytest.approx([4 / 8 / (4 / 6), 4 / 8 / (1 / 6), 0.0])
+
+
+# -- durability -----------------------------------------------------------------------------------
+
+
+def test_every_acknowledged_append_survives_a_reopen_without_close(make_store: Callable[..., BankStore],
+                                                                   tmp_path: Path) -> None:
+    first = sessions_of(make_store(block_tokens=16))
+    first.store.create_bank("agents")
+    first.create("agents", "s")
+    acked = [first.append("agents", "s", [seg]) for seg in SEGMENTS]
+    answer = first.brief("agents", "s", TASK, max_new_tokens=4).answer
+    # No close(): the process "dies" here; a new store opens the same data dir.
+    second = sessions_of(make_store(block_tokens=16))
+    info = second.get("agents", "s")
+    assert [g.id for g in info.segments] == [a.segment_ids[0] for a in acked]
+    assert info.tokens == acked[-1].tokens
+    assert second.brief("agents", "s", TASK, max_new_tokens=4).answer == answer
