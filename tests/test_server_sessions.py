@@ -1,0 +1,95 @@
+"""Sessions over the REST API (a real uvicorn server over the tiny model): scopes, append, brief, prune."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import pytest
+
+from tests.server_harness import BACKENDS, LiveServer, live_server, make_key, sse_events
+
+SEGMENTS = [
+    {"role": "orchestrator", "text": "Find out who the Normans were."},
+    {"role": "tool", "text": "The Normans gave their name to Normandy, a region in France."},
+    {"role": "note", "text": "Photosynthesis converts light energy into chemical energy."},
+]
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def live(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, tiny_llm, embedder
+         ) -> Iterator[LiveServer]:
+    with live_server(request.param, tmp_path_factory.mktemp("sessions"), tiny_llm, embedder,
+                     block_tokens=16) as server:
+        with server.admin() as c:
+            assert c.post("/v1/banks", json={"name": "team"}).status_code == 201
+        yield server
+
+
+def test_session_lifecycle_with_write_and_read_keys(live: LiveServer) -> None:
+    orchestrator = make_key(live, role="write", banks=["team"], agent="orch", name="orch")["key"]
+    worker = make_key(live, role="read", banks=["team"], agent="w1", name="w1")["key"]
+    with live.client(orchestrator) as orch, live.client(worker) as work:
+        r = orch.post("/v1/banks/team/sessions", json={"session_id": "run-1", "metadata": {"goal": "normans"}})
+        assert r.status_code == 201, r.text
+        assert r.json()["tokens"] == 0 and r.json()["agent"] == "orch"
+        assert orch.post("/v1/banks/team/sessions", json={"session_id": "run-1"}).json()["code"] == "conflict"
+        assert work.post("/v1/banks/team/sessions", json={}).status_code == 403
+
+        first = orch.post("/v1/banks/team/sessions/run-1/append", json={"segments": SEGMENTS[:2]})
+        assert first.status_code == 200, first.text
+        assert first.json()["segment_ids"] == [0, 1] and len(first.json()["token_counts"]) == 2
+        second = orch.post("/v1/banks/team/sessions/run-1/append", json={"segments": SEGMENTS[2:]}).json()
+        assert second["segment_ids"] == [2] and second["tokens"] == first.json()["tokens"] + second["token_counts"][0]
+        assert work.post("/v1/banks/team/sessions/run-1/append", json={"segments": SEGMENTS}).status_code == 403
+
+        info = work.get("/v1/banks/team/sessions/run-1").json()
+        assert [g["agent"] for g in info["segments"]] == ["orch"] * 3
+        assert info["tokens"] == second["tokens"] and info["stored_bytes"] > 0
+
+        full = work.post("/v1/banks/team/sessions/run-1/brief", json={"task": "Who were the Normans?",
+                                                                       "max_new_tokens": 4})
+        assert full.status_code == 200, full.text
+        assert full.json()["kept_tokens"] == full.json()["session_tokens"] == info["tokens"]
+        assert set(full.json()["timings"]) >= {"load_ms", "compaction_ms", "prefill_ms", "ttft_ms", "total_ms"}
+        small = work.post("/v1/banks/team/sessions/run-1/brief", json={"task": "Who were the Normans?",
+                                                                        "budget_tokens": 10, "max_new_tokens": 2})
+        assert small.json()["kept_tokens"] <= 10
+
+        assert work.post("/v1/banks/team/sessions/run-1/prune", json={"policy": "attention"}).status_code == 403
+        pruned = orch.post("/v1/banks/team/sessions/run-1/prune", json={"policy": "attention", "threshold": 0})
+        assert pruned.status_code == 200 and pruned.json()["pruned"] == []
+        assert pruned.json()["tokens_before"] == pruned.json()["tokens_after"] == info["tokens"]
+
+        assert work.delete("/v1/banks/team/sessions/run-1").status_code == 403
+        assert orch.delete("/v1/banks/team/sessions/run-1").status_code == 204
+        assert work.get("/v1/banks/team/sessions/run-1").json()["code"] == "not_found"
+
+
+def test_brief_streams_tokens_then_done(live: LiveServer) -> None:
+    with live.admin() as c:
+        c.post("/v1/banks/team/sessions", json={"session_id": "stream"})
+        c.post("/v1/banks/team/sessions/stream/append", json={"segments": SEGMENTS})
+        r = c.post("/v1/banks/team/sessions/stream/brief", json={"task": "Who?", "max_new_tokens": 3,
+                                                                  "stream": True, "tau": 0.5})
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = sse_events(r.text)
+        assert events[-1][0] == "done"
+        done = json.loads(events[-1][1])
+        assert "".join(json.loads(d)["text"] for e, d in events if e == "token").strip() == done["answer"]
+        assert done["kept_tokens"] <= done["session_tokens"]
+        missing = c.post("/v1/banks/team/sessions/nope/brief", json={"task": "Who?", "stream": True})
+        assert missing.status_code == 404
+
+
+def test_bad_input_is_rejected(live: LiveServer) -> None:
+    with live.admin() as c:
+        c.post("/v1/banks/team/sessions", json={"session_id": "bad"})
+        for body in ({"segments": []}, {"segments": [{"role": "boss", "text": "x"}]},
+                     {"segments": [{"role": "note", "text": ""}]}, {"segments": SEGMENTS, "extra": 1}):
+            assert c.post("/v1/banks/team/sessions/bad/append", json=body).status_code == 422, body
+        assert c.post("/v1/banks/team/sessions/bad/brief", json={"task": "x", "budget_tokens": -1}).status_code == 422
+        assert c.post("/v1/banks/team/sessions/bad/prune", json={"policy": "random"}).status_code == 422
+        assert c.post("/v1/banks/team/sessions", json={"session_id": "no spaces"}).status_code == 422
+        assert c.post("/v1/banks/nobank/sessions", json={}).status_code == 404
+        assert c.get("/v1/banks/team/sessions/bad").json()["tokens"] == 0
