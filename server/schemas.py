@@ -56,6 +56,8 @@ class BankCreate(Request):
     budget_bytes: int | None = Field(default=None, gt=0)
     max_blocks: int | None = Field(default=None, gt=0)
     eviction: Literal["lru", "importance", "hybrid"] | None = None
+    context_map_budget_tokens: int | None = Field(default=None, ge=16, le=32768,
+                                                  description="Token budget of the bank's context map.")
 
 
 class BankUpdate(Request):
@@ -65,6 +67,7 @@ class BankUpdate(Request):
     budget_bytes: int | None = Field(default=None, gt=0)
     max_blocks: int | None = Field(default=None, gt=0)
     eviction: Literal["lru", "importance", "hybrid"] | None = None
+    context_map_budget_tokens: int | None = Field(default=None, ge=16, le=32768)
 
 
 class BankOut(BaseModel):
@@ -77,6 +80,7 @@ class BankOut(BaseModel):
     max_blocks: int | None
     eviction: str
     created_at: datetime
+    context_map_budget_tokens: int | None = None
 
 
 class BankDetail(BankOut):
@@ -207,6 +211,7 @@ class QueryIn(Request):
     max_new_tokens: int = Field(default=64, ge=0, le=1024)
     stream: bool = False
     filter: Filter | None = None
+    context_map: bool = Field(default=False, description="Put the bank's context map before the blocks.")
 
 
 class TimingsOut(BaseModel):
@@ -221,6 +226,7 @@ class UsageOut(BaseModel):
     context_tokens: int
     question_tokens: int
     generated_tokens: int
+    map_prefill_tokens: int = Field(default=0, description="Context-map tokens prefilled (0: its KV was cached).")
 
 
 class QueryOut(BaseModel):
@@ -231,6 +237,80 @@ class QueryOut(BaseModel):
     usage: UsageOut
 
 
+# -- context map ----------------------------------------------------------------------------------
+
+
+class MapEditIn(Request):
+    op: Literal["add", "replace", "delete"]
+    id: str | None = Field(default=None, max_length=16, description="cr-N, cu-N or rr-N (replace, delete)")
+    section: Literal["roadmap", "understanding", "reusable_results"] | None = None
+    content: str | None = Field(default=None, min_length=1, max_length=1000)
+
+
+class MapFeedbackIn(Request):
+    id: str = Field(max_length=16)
+    tag: Literal["helpful", "harmful", "neutral", "stale"]
+
+
+class MapEditsIn(Request):
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "base_version": 3, "edits": [{"op": "add", "section": "understanding", "content": "Dates are AD."},
+                                     {"op": "replace", "id": "cr-2", "content": "p002: Norman conquest"}],
+        "feedback": [{"id": "cu-1", "tag": "helpful"}]}]})
+
+    base_version: int | None = Field(default=None, ge=0, description="The version the edits are based on.")
+    edits: list[MapEditIn] = Field(default_factory=list, max_length=100)
+    feedback: list[MapFeedbackIn] = Field(default_factory=list, max_length=100)
+
+
+class MapUpdate(Request):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"frozen": True}, {"budget_tokens": 512}]})
+
+    frozen: bool | None = None
+    budget_tokens: int | None = Field(default=None, ge=16, le=32768)
+
+
+class MapItemOut(BaseModel):
+    id: str
+    section: str
+    content: str
+    helpful: int
+    harmful: int
+    score: float
+    agent: str | None
+    stale: bool
+    created_at: datetime
+    updated_at: datetime
+
+
+class ContextMapOut(BaseModel):
+    version: int
+    budget_tokens: int
+    tokens: int = Field(description="Tokens of the rendered map (the bank model's tokenizer).")
+    frozen: bool
+    items: list[MapItemOut]
+
+
+class MapEditsOut(BaseModel):
+    version: int
+    tokens: int
+    evicted: list[str]
+    applied: list[dict[str, Any]]
+
+
+class MapRefreshOut(BaseModel):
+    status: Literal["applied", "unchanged", "unparseable", "llm_error", "nothing_to_distill"]
+    version: int
+    tokens: int
+    records: int = Field(description="Query records distilled.")
+    llm: str
+    applied: list[dict[str, Any]]
+    rejected: list[dict[str, Any]]
+    evicted: list[str]
+    error: str | None
+    raw: str | None = Field(description="The start of the LLM's answer when it did not parse.")
+
+
 class ErrorOut(BaseModel):
     detail: str
     code: str
@@ -239,3 +319,114 @@ class ErrorOut(BaseModel):
 
 class Status(BaseModel):
     status: str
+
+
+# -- sessions -------------------------------------------------------------------------------------
+
+
+class SessionCreate(Request):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"session_id": "run-42", "metadata": {"goal": "x"}}]})
+
+    session_id: str | None = Field(default=None, max_length=128, description="[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+    metadata: dict[str, Any] | None = None
+
+
+class SegmentIn(Request):
+    role: Literal["orchestrator", "tool", "worker", "note"]
+    text: str = Field(min_length=1)
+    agent: str | None = Field(default=None, max_length=128, description="Default: the writing key's agent.")
+
+
+class AppendIn(Request):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"segments": [
+        {"role": "tool", "text": "The Normans gave their name to Normandy."},
+        {"role": "note", "text": "Normandy matters for the next step."}]}]})
+
+    segments: list[SegmentIn] = Field(min_length=1, max_length=256)
+
+
+class SegmentOut(BaseModel):
+    id: int
+    role: str
+    agent: str | None
+    tokens: int
+    start: int
+    pruned: bool
+    created_at: datetime
+    text: str | None = None
+    prune_reason: str | None = None
+
+
+class SessionOut(BaseModel):
+    session_id: str
+    bank: str
+    metadata: dict[str, Any]
+    agent: str | None
+    segments: list[SegmentOut]
+    tokens: int = Field(description="Live KV tokens (pruned segments not counted).")
+    total_tokens: int
+    stored_bytes: int
+    created_at: datetime
+    updated_at: datetime
+
+
+class AppendOut(BaseModel):
+    session_id: str
+    segment_ids: list[int]
+    token_counts: list[int]
+    tokens: int
+    prefill_ms: float
+    total_ms: float
+
+
+class BriefIn(Request):
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"task": "When did the Normans reach Italy?", "budget_tokens": 256, "max_new_tokens": 32}]})
+
+    task: str = Field(min_length=1)
+    budget_tokens: int | None = Field(default=None, ge=0, description="Keep at most this many trajectory tokens.")
+    tau: float | None = Field(default=None, description="Keep tokens scoring above median + tau * MAD.")
+    include_documents: int = Field(default=0, ge=0, le=100, description="Add the top-k bank blocks' KV.")
+    max_new_tokens: int = Field(default=64, ge=0, le=1024)
+    stream: bool = False
+
+
+class BriefTimingsOut(BaseModel):
+    load_ms: float
+    retrieve_ms: float
+    compaction_ms: float
+    prefill_ms: float
+    ttft_ms: float
+    total_ms: float
+
+
+class BriefOut(BaseModel):
+    answer: str
+    session_tokens: int
+    kept_tokens: int
+    document_tokens: int
+    task_tokens: int
+    generated_tokens: int
+    compaction_ms: float
+    timings: BriefTimingsOut
+    sources: list[HitOut]
+
+
+class PruneIn(Request):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"goal": "answer the user's Normans question",
+                                                                "policy": "model"}]})
+
+    goal: str | None = None
+    policy: Literal["model", "attention"] = "model"
+    window: int = Field(default=16, ge=1, le=64, description="attention: how many recent briefs count.")
+    threshold: float = Field(default=0.25, ge=0, description="attention: below this share of an even share.")
+
+
+class PruneOut(BaseModel):
+    policy: str
+    pruned: list[int]
+    needed: list[int]
+    tokens_before: int
+    tokens_after: int
+    judge_ms: float
+    error: str | None

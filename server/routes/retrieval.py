@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from functools import partial
 from typing import Any
 
@@ -65,26 +65,28 @@ async def query(bank: str, body: QueryIn, request: Request, store: Store, worker
     started_at: float = request.state.started_at
     _check_limits(request.app.state.settings, body.k, body.max_new_tokens)
     call = partial(store.query, bank, body.question, k=body.k, mode=body.mode, max_new_tokens=body.max_new_tokens,
-                   filter=_filter(body.filter), started_at=started_at)
+                   filter=_filter(body.filter), started_at=started_at, context_map=body.context_map)
     if not body.stream:
         return _query_out(await worker.run(call))
     await run_in_threadpool(store.get_bank, bank)  # a missing bank is a 404, not an error event
-    return _stream(request, worker, call)
+    return stream_events(request, worker, call)
 
 
 def _sse(event: str, data: dict[str, Any]) -> bytes:
     return f"event: {event}\ndata: {json.dumps(data)}\n\n".encode()
 
 
-def _stream(request: Request, worker: ModelWorker, call: partial[QueryResult]) -> StreamingResponse:
-    """Bridge ``on_token`` from the worker thread to the event loop and send each piece as an event."""
+def stream_events(request: Request, worker: ModelWorker, call: partial[Any],
+                  render: Callable[[Any], dict[str, Any]] = _query_out) -> StreamingResponse:
+    """Bridge ``on_token`` from the worker thread to the event loop and send each piece as an event; the
+    ``done`` event carries ``render(result)`` (sessions' briefs stream the same way)."""
     loop = asyncio.get_running_loop()
     pieces: asyncio.Queue[str | None] = asyncio.Queue()
 
     def on_token(piece: str) -> None:
         loop.call_soon_threadsafe(pieces.put_nowait, piece)
 
-    def finished(fut: asyncio.Future[QueryResult]) -> None:
+    def finished(fut: asyncio.Future[Any]) -> None:
         # Runs on the loop after every token callback scheduled before it, so the end marker is last.
         # Reading the exception here keeps a client that left early from leaving it "never retrieved".
         if not fut.cancelled():
@@ -107,7 +109,7 @@ def _stream(request: Request, worker: ModelWorker, call: partial[QueryResult]) -
             log.exception("streamed query failed (request %s)", request_id)
             yield _sse("error", error_body("internal", "internal server error", request_id))
             return
-        yield _sse("done", _query_out(result))
+        yield _sse("done", render(result))
 
     return StreamingResponse(events(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
