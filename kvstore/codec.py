@@ -24,6 +24,7 @@ import torch
 import zstandard
 
 from .errors import CorruptBlock, IncompatibleModel, ValidationFailed
+from .quant_presets import LOSSY_PRESETS
 from .runner import BlockKV
 
 MAGIC = b"KVRB"
@@ -64,6 +65,9 @@ class Fp16Preset:
 
 
 PRESETS: dict[str, Preset] = {"fp16": Fp16Preset()}
+# The lossy presets and what they cost are measured by bench/codec.py (docs/BENCHMARKS.md).
+for _preset in LOSSY_PRESETS:
+    PRESETS[_preset.name] = _preset
 
 
 def get_preset(name: str) -> Preset:
@@ -163,5 +167,5 @@ def decode_block(data: bytes, fingerprint: str | None = None) -> BlockKV:
         offset = end
     try:
         return preset.decode(sections, header.params, header.shape)
-    except (KeyError, RuntimeError, ValueError) as exc:
+    except (KeyError, RuntimeError, TypeError, ValueError) as exc:
         raise CorruptBlock(f"block sections do not match preset {header.codec!r}: {exc}") from None

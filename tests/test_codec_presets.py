@@ -1,0 +1,140 @@
+"""Lossy codec presets: stated error bounds on random and real-ish KV, integrity, mixed-preset banks."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+from sqlalchemy import select
+
+from kvstore.bank import BankStore
+from kvstore.catalog import BlockRow
+from kvstore.codec import PRESETS, decode_block, encode_block, read_header
+from kvstore.errors import CorruptBlock
+from kvstore.quant import dequantize, pack_bits, quantize, unpack_bits
+from kvstore.runner import BlockKV, Runner
+
+from .conftest import build_tiny
+
+FP = "f" * 32
+LOSSY = sorted(n for n in PRESETS if n != "fp16")
+
+# Stated bound per preset: relative RMS error of K and V, ||x - x'|| / ||x||, on Gaussian-like KV.
+# Min-max quantization of a group spanning ~5 sigma at b bits has relative RMS ~ 5 / ((2^b - 1) * sqrt(12)).
+REL_RMS_BOUND: dict[str, tuple[float, float]] = {
+    "int8": (0.01, 0.01),
+    "int4": (0.12, 0.12),
+    "k4v3": (0.12, 0.25),
+    "k3v3": (0.25, 0.25),
+    "k2v2": (0.50, 0.50),
+    "svd": (0.20, 0.12),
+    "svd-layer": (0.40, 0.12),
+}
+
+
+def _random_block(tokens: int = 37, dim: int = 16, seed: int = 1) -> BlockKV:
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(3, 2, tokens, dim, generator=g)
+    k[..., 3] += 8.0  # a fixed outlier channel, as pre-RoPE keys have
+    v = torch.randn(3, 2, tokens, dim, generator=g)
+    return BlockKV(k=k, v=v)
+
+
+def _rel_rms(x: torch.Tensor, y: torch.Tensor) -> float:
+    return float((x.float() - y.float()).norm() / x.float().norm())
+
+
+def _check_bounds(name: str, block: BlockKV) -> None:
+    out = decode_block(encode_block(block, FP, name), FP)
+    assert out.k.shape == block.k.shape and out.v.shape == block.v.shape
+    k_bound, v_bound = REL_RMS_BOUND[name]
+    assert _rel_rms(block.k, out.k) <= k_bound, name
+    assert _rel_rms(block.v, out.v) <= v_bound, name
+
+
+def test_every_lossy_preset_states_a_bound() -> None:
+    assert set(LOSSY) == set(REL_RMS_BOUND)
+
+
+@pytest.mark.parametrize("name", LOSSY)
+@pytest.mark.parametrize("tokens", [1, 37, 130])
+def test_round_trip_within_bound_on_random_kv(name: str, tokens: int) -> None:
+    _check_bounds(name, _random_block(tokens=tokens))
+
+
+@pytest.fixture(scope="module")
+def real_kv() -> BlockKV:
+    """KV of a sentence from the tiny model, head_dim 32 (a power of two: Hadamard applies)."""
+    runner = Runner(build_tiny("llama", hidden_size=128, num_attention_heads=4), "You are a helpful assistant.")
+    ids = runner.tokenize("The Normans were the people who gave their name to Normandy, a region in France. " * 3)
+    return runner.encode([ids])[0]
+
+
+@pytest.mark.parametrize("name", LOSSY)
+def test_round_trip_within_bound_on_model_kv(name: str, real_kv: BlockKV) -> None:
+    _check_bounds(name, real_kv)
+
+
+def test_quantize_error_is_at_most_half_a_step() -> None:
+    x = torch.randn(5, 7, 64) * torch.logspace(-3, 3, 7)[:, None]
+    for bits in (2, 3, 4, 8):
+        codes, scale, low = quantize(x, bits)
+        err = (dequantize(codes, scale, low) - x).abs()
+        # fp16 scale/low rounding adds at most a few ulps of the group's magnitude.
+        slack = 2e-3 * x.abs().amax(-1, keepdim=True)
+        assert bool((err <= scale.float() / 2 + slack).all()), bits
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 8])
+def test_bit_packing_round_trips(bits: int) -> None:
+    codes = torch.randint(0, 1 << bits, (1001,), dtype=torch.uint8)
+    packed = pack_bits(codes, bits)
+    assert packed.dtype == torch.uint8 and packed.numel() == -(-1001 * bits // 8)
+    assert torch.equal(unpack_bits(packed, bits, 1001), codes)
+
+
+@pytest.mark.parametrize("name", LOSSY)
+def test_params_describe_the_block(name: str) -> None:
+    header, raw, _ = read_header(encode_block(_random_block(), FP, name))
+    assert header.codec == name and header.params
+    assert all(s["dtype"] in {"uint8", "float16", "int16"} for s in raw["sections"])
+    assert any(s["dtype"] == "uint8" for s in raw["sections"])
+
+
+@pytest.mark.parametrize("name", LOSSY)
+@pytest.mark.parametrize("position", [0, 5, 40, 200, -40, -1])
+def test_a_flipped_byte_is_refused(name: str, position: int) -> None:
+    data = bytearray(encode_block(_random_block(), FP, name))
+    data[position] ^= 0x01
+    with pytest.raises(CorruptBlock):
+        decode_block(bytes(data), FP)
+
+
+@pytest.mark.parametrize("name", LOSSY)
+@pytest.mark.parametrize("keep", [0, 10, 100, -1, -33])
+def test_a_truncated_block_is_refused(name: str, keep: int) -> None:
+    data = encode_block(_random_block(), FP, name)
+    with pytest.raises(CorruptBlock):
+        decode_block(data[:keep], FP)
+
+
+def test_blocks_keep_their_preset_after_the_bank_default_changes(make_store: Callable[..., BankStore]) -> None:
+    store = make_store()
+    store.create_bank("mixed", codec="int4")
+    store.put_document("mixed", "a", "The Normans gave their name to Normandy, a region in France.")
+    store.update_bank("mixed", codec="fp16")
+    store.put_document("mixed", "b", "Paris is the capital and most populous city of France.")
+    store.update_bank("mixed", codec="svd")
+    with store.sessions() as s:
+        bank = store._bank(s, "mixed")
+        rows = s.scalars(select(BlockRow).where(BlockRow.bank_id == bank.id).order_by(BlockRow.id)).all()
+        assert [r.codec for r in rows] == ["int4", "fp16"]
+        for row in rows:
+            store.hot.discard(row.blob_id)
+            header, _, _ = read_header(store.blobs.get(row.blob_id))
+            assert header.codec == row.codec
+            kv = store.load_block(s, bank, row)
+            assert kv.tokens == row.token_count
+    result = store.query("mixed", "Which region is named after the Normans?", k=2, max_new_tokens=3)
+    assert len(result.sources) == 2
