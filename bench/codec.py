@@ -1,0 +1,268 @@
+"""Codec presets on the real model: size against fidelity to the lossless ``fp16`` path (issue 5).
+
+For each answerable SQuAD question the context is k = 3 blocks: the gold paragraph and the two
+other paragraphs the embedder ranks highest. Every paragraph is prefilled once (after the shared
+prefix); each preset then encodes and decodes those blocks through the real block format, and the
+question is asked after the assembled, decoded KV. Against the ``fp16`` preset (the reference) it
+reports
+
+- the compression ratio: fp16 KV bytes (the bank's ``raw_bytes``) over stored block bytes,
+- mean KL(fp16 || preset) of next-token distributions, teacher-forced over question + gold answer,
+- the change of the gold answer's mean NLL per token,
+- greedy answer agreement with fp16 (``--max-new-tokens``, default 16),
+- encode and decode time per 1k tokens (CPU, all blocks of the run).
+
+Writes bench/results/codec.{json,png} and the "Codec presets" section of docs/BENCHMARKS.md.
+Run: ``python -m bench.codec`` (``--questions 10`` while iterating).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from tqdm import tqdm
+
+from bench.squad import (
+    REPO_ROOT,
+    Question,
+    add_data_args,
+    load_or_exit,
+    machine_info,
+    markdown_table,
+    pick_questions,
+    print_table,
+    save_figure,
+    write_json,
+)
+from kvstore.codec import PRESETS, decode_block, encode_block
+from kvstore.config import Settings
+from kvstore.models import Embedder, load_llm
+from kvstore.runner import BlockKV, Runner, set_threads
+
+REFERENCE = "fp16"
+DOCS = REPO_ROOT / "docs" / "BENCHMARKS.md"
+SECTION = "## Codec presets"
+
+
+@dataclass
+class Case:
+    """One question: its k block indices (gold first) and the token ids both paths use."""
+
+    question: Question
+    blocks: list[int]
+    question_ids: list[int]
+    answer_ids: list[int]
+
+
+@dataclass
+class Coded:
+    """One preset applied to every block the run uses."""
+
+    blocks: dict[int, BlockKV]
+    stored_bytes: int
+    encode_s: float
+    decode_s: float
+
+
+def build_cases(runner: Runner, embedder: Embedder, paragraphs: Sequence[str], questions: Sequence[Question],
+                k: int) -> list[Case]:
+    """Gold paragraph + the ``k - 1`` best other paragraphs by embedding similarity."""
+    para_vecs = embedder.embed(list(paragraphs))
+    q_vecs = embedder.embed([q.text for q in questions])
+    cases = []
+    for question, vec in zip(questions, q_vecs, strict=True):
+        ranked = [int(i) for i in np.argsort(-(para_vecs @ vec)) if int(i) != question.paragraph]
+        cases.append(Case(question=question, blocks=[question.paragraph, *ranked[:k - 1]],
+                          question_ids=runner.question_ids(question.text),
+                          answer_ids=runner.tokenize(question.answers[0])))
+    return cases
+
+
+def apply_preset(name: str, kv: dict[int, BlockKV], fingerprint: str) -> Coded:
+    """Encode and decode every block through the real format, timing both."""
+    blobs: dict[int, bytes] = {}
+    t0 = time.perf_counter()
+    for i, block in kv.items():
+        blobs[i] = encode_block(block, fingerprint, name)
+    t1 = time.perf_counter()
+    decoded = {i: decode_block(data, fingerprint) for i, data in blobs.items()}
+    t2 = time.perf_counter()
+    return Coded(decoded, sum(map(len, blobs.values())), t1 - t0, t2 - t1)
+
+
+def kl_per_token(reference: torch.Tensor, other: torch.Tensor) -> float:
+    """Mean over positions of KL(reference || other), both log-probabilities, in nats."""
+    return float((reference.exp() * (reference - other)).sum(-1).mean())
+
+
+def answer_nll(logprobs: torch.Tensor, case: Case) -> float:
+    """Mean NLL per gold-answer token: answer token i is predicted at input position q + i - 1."""
+    start = len(case.question_ids) - 1
+    targets = torch.tensor(case.answer_ids)
+    return float(-logprobs[start:start + len(targets)].gather(1, targets[:, None]).mean())
+
+
+def ask(runner: Runner, coded: Coded, case: Case, max_new_tokens: int) -> tuple[str, torch.Tensor]:
+    """Greedy answer and teacher-forced log-probabilities after the case's decoded blocks."""
+    blocks = [coded.blocks[i] for i in case.blocks]
+    answer = runner.generate(runner.assemble(blocks), case.question_ids, max_new_tokens).text
+    logits = runner.logits(runner.assemble(blocks), case.question_ids + case.answer_ids)
+    return answer, torch.log_softmax(logits, dim=-1)
+
+
+def evaluate(runner: Runner, kv: dict[int, BlockKV], cases: Sequence[Case], presets: Sequence[str],
+             max_new_tokens: int) -> list[dict[str, Any]]:
+    """One summary row per preset; the reference is asked first and every preset compared with it."""
+    tokens = sum(b.tokens for b in kv.values())
+    raw_bytes = tokens * runner.bytes_per_token_fp16
+    reference: list[tuple[str, torch.Tensor]] = []
+    rows = []
+    for name in [REFERENCE, *[p for p in presets if p != REFERENCE]]:
+        coded = apply_preset(name, kv, runner.llm.fingerprint)
+        kls, nll_delta, agree = [], [], []
+        for j, case in enumerate(tqdm(cases, desc=name, unit="q")):
+            answer, logprobs = ask(runner, coded, case, max_new_tokens)
+            if name == REFERENCE:
+                reference.append((answer, logprobs))
+            ref_answer, ref_logprobs = reference[j]
+            kls.append(kl_per_token(ref_logprobs, logprobs))
+            nll_delta.append(answer_nll(logprobs, case) - answer_nll(ref_logprobs, case))
+            agree.append(answer == ref_answer)
+        rows.append({
+            "preset": name, "ratio": round(raw_bytes / coded.stored_bytes, 3),
+            "bits_per_value": round(8 * coded.stored_bytes / (raw_bytes / 2), 3),
+            "kl_mean": statistics.fmean(kls), "kl_max": max(kls), "nll_delta": statistics.fmean(nll_delta),
+            "agreement": statistics.fmean(agree),
+            "encode_ms_per_1k": round(coded.encode_s * 1e6 / tokens, 2),
+            "decode_ms_per_1k": round(coded.decode_s * 1e6 / tokens, 2),
+            "kl": kls,
+        })
+    return rows
+
+
+def pareto(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows no other row beats on both ratio (higher) and mean KL (lower), by ratio."""
+    front = [r for r in rows if not any(o["ratio"] >= r["ratio"] and o["kl_mean"] <= r["kl_mean"] and o is not r
+                                        and (o["ratio"], o["kl_mean"]) != (r["ratio"], r["kl_mean"]) for o in rows)]
+    return sorted(front, key=lambda r: r["ratio"])
+
+
+def plot(rows: Sequence[dict[str, Any]]) -> Figure:
+    """Compression ratio against mean KL (log), the Pareto front joined, the goal boxes shaded."""
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.subplots()
+    floor = 1e-6  # fp16's KL is 0; put it on the log axis
+    for r in rows:
+        ax.scatter(r["ratio"], max(r["kl_mean"], floor), color="C0" if r["agreement"] >= 0.9 else "C3", zorder=3)
+        ax.annotate(f"{r['preset']} ({r['agreement']:.0%})", (r["ratio"], max(r["kl_mean"], floor)),
+                    textcoords="offset points", xytext=(5, 4), fontsize=8)
+    front = pareto(rows)
+    ax.plot([r["ratio"] for r in front], [max(r["kl_mean"], floor) for r in front], "--", color="C2",
+            label="Pareto front")
+    ax.axhline(0.01, color="grey", lw=0.8, ls=":")
+    ax.axhline(0.05, color="grey", lw=0.8, ls=":")
+    ax.axvline(5, color="grey", lw=0.8, ls=":")
+    ax.axvline(8, color="grey", lw=0.8, ls=":")
+    ax.set(yscale="log", xlabel="compression ratio vs fp16 KV", ylabel="mean KL(fp16 || preset), nats/token",
+           title="codec presets on SmolLM2-135M, SQuAD, k = 3 (label: greedy agreement)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+TABLE_HEADERS = ("preset", "ratio", "bits/value", "KL mean", "KL max", "gold NLL delta", "agree w/ fp16",
+                 "encode ms/1k tok", "decode ms/1k tok")
+
+
+def table_rows(rows: Sequence[dict[str, Any]]) -> list[list[Any]]:
+    return [[r["preset"], f"{r['ratio']:.2f}x", r["bits_per_value"], r["kl_mean"], r["kl_max"], r["nll_delta"],
+             f"{r['agreement']:.0%}", r["encode_ms_per_1k"], r["decode_ms_per_1k"]] for r in rows]
+
+
+def write_docs(result: dict[str, Any]) -> None:
+    """Replace (or append) this benchmark's section of docs/BENCHMARKS.md, leaving the others alone."""
+    default = result["default_codec"]
+    section = "\n".join([
+        SECTION,
+        "",
+        f"`python -m bench.codec` (about 10 minutes on 2 CPU cores; `--questions 10` for a quick look). "
+        f"{result['questions']} answerable questions of the SQuAD excerpt, k = {result['k']} blocks each (the gold "
+        f"paragraph and the two others the embedder ranks highest), {result['tokens']} block tokens in all. Every "
+        "preset encodes and decodes the blocks through the real block format; KL and the gold-answer NLL are "
+        "teacher-forced over question + answer tokens against the lossless `fp16` preset; agreement compares "
+        f"greedy answers ({result['max_new_tokens']} new tokens) with fp16's. The ratio is fp16 KV bytes over "
+        "stored bytes (the bank's `compression_ratio`), so fp16 itself shows what zstd alone gives.",
+        "",
+        markdown_table(TABLE_HEADERS, table_rows(result["rows"])),
+        "",
+        "![ratio vs KL](../bench/results/codec.png)",
+        "",
+        f"Default codec (`Settings.default_codec`): **{default}**. Must pass: >= 5x at >= 90% agreement; goals: "
+        "that ratio at KL <= 0.01 and >= 95% agreement, and some preset >= 8x at KL <= 0.05.",
+        "",
+    ])
+    text = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n"
+    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: section + "\n", text)
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    DOCS.parent.mkdir(parents=True, exist_ok=True)
+    DOCS.write_text(text.rstrip("\n") + "\n")
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    squad = load_or_exit(args.data)
+    unknown = set(args.presets) - PRESETS.keys()
+    if unknown:
+        raise SystemExit(f"unknown presets {sorted(unknown)}; known: {sorted(PRESETS)}")
+    settings = Settings()
+    set_threads(settings.torch_threads)
+    runner = Runner(load_llm(settings), settings.system_prompt)
+    questions = pick_questions(squad.questions, args.questions)
+    cases = build_cases(runner, Embedder(settings), squad.paragraphs, questions, args.k)
+    used = sorted({i for c in cases for i in c.blocks})
+    encoded = runner.encode([runner.tokenize(squad.paragraphs[i]) for i in used])
+    kv = dict(zip(used, encoded, strict=True))
+    rows = evaluate(runner, kv, cases, args.presets, args.max_new_tokens)
+    return {
+        "benchmark": "codec", "data": str(args.data), "questions": len(cases), "k": args.k,
+        "blocks": len(kv), "tokens": sum(b.tokens for b in kv.values()), "max_new_tokens": args.max_new_tokens,
+        "reference": REFERENCE, "default_codec": settings.default_codec, "machine": machine_info(runner.llm.name),
+        "rows": rows,
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.codec",
+        description="Codec presets vs the lossless fp16 path on SQuAD (k = 3): compression ratio, KL and gold NLL "
+                    "teacher-forced over question + answer, greedy agreement, encode/decode ms per 1k tokens. "
+                    "Writes bench/results/codec.{json,png} and its section of docs/BENCHMARKS.md.")
+    add_data_args(parser, default_questions=60)
+    parser.add_argument("--k", type=int, default=3, help="blocks per question: gold + k-1 retrieved (default: 3)")
+    parser.add_argument("--max-new-tokens", type=int, default=16, help="greedy answer length cap (default: 16)")
+    parser.add_argument("--presets", nargs="+", default=list(PRESETS), help=f"known: {', '.join(PRESETS)}")
+    parser.add_argument("--no-docs", action="store_true", help="do not rewrite docs/BENCHMARKS.md")
+    args = parser.parse_args(argv)
+    result = run(args)
+    print_table(f"codec presets vs fp16, {result['questions']} questions, k = {result['k']}", TABLE_HEADERS,
+                table_rows(result["rows"]))
+    print(f"wrote {write_json('codec', result)} and {save_figure(plot(result['rows']), 'codec')}")
+    if not args.no_docs:
+        write_docs(result)
+        print(f"updated {DOCS}")
+
+
+if __name__ == "__main__":
+    main()
