@@ -69,7 +69,9 @@ class McpEndpoint:
     def __init__(self, app: FastAPI) -> None:
         self.server = build_server(self._connector(app))
         open_mode = app.state.settings.admin_key is None
-        # Without an admin key nothing is authenticated, so a browser page must not reach us via DNS rebinding.
+        # Called for the session manager it sets up; requests reach that manager through this endpoint, not
+        # through the Starlette app it returns. Without an admin key nothing is authenticated, so a browser
+        # page must not reach the tools through DNS rebinding: then only loopback Host/Origin are accepted.
         self.server.streamable_http_app(transport_security=LOOPBACK_ONLY if open_mode else
                                         TransportSecuritySettings(enable_dns_rebinding_protection=False))
         self.sessions = self.server.session_manager
