@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 import numpy as np
@@ -43,6 +43,7 @@ from .errors import (
     VersionMismatch,
 )
 from .index import BankIndex
+from .memory import MemoryManager, as_utc, expired_block_ids, record_importance, tier_stats
 from .models import Embedder, LoadedModel, load_llm
 from .recompute import blend, default_ratio
 from .runner import BlockKV, Runner, set_threads
@@ -88,6 +89,8 @@ class BankStats:
     merges: int
     quarantined_blocks: int
     index_entries: int
+    reencodes: int = 0
+    tiers: dict[str, dict[str, int]] = field(default_factory=dict)  # hot / warm / cold: blocks and bytes
 
 
 @dataclass
@@ -215,6 +218,7 @@ class BankStore:
         self.sessions: sessionmaker[Session] = open_catalog(self.settings.resolved_database_url(), migrate=migrate)
         self.blobs = LocalBlobStore(self.settings.data_dir / "blobs")
         self.hot = HotCache(self.settings.hot_tier_bytes)
+        self.memory = MemoryManager(self)
         self.embedder = embedder or Embedder(self.settings)
         self.llm = llm or load_llm(self.settings)
         self.runner = Runner(self.llm, self.settings.system_prompt)
@@ -349,6 +353,8 @@ class BankStore:
                     raise ValidationFailed(f"eviction must be one of {EVICTION_POLICIES}")
                 row.eviction = eviction
             s.commit()
+            with self._blob_lock:
+                self.memory.enforce_budget(s, row)
             return _bank_info(row)
 
     def delete_bank(self, name: str) -> None:
@@ -377,7 +383,7 @@ class BankStore:
                                                      func.coalesce(func.sum(BlockRow.raw_bytes), 0)).where(*live)).one()
             # A blob shared by several blocks is stored once, so count each distinct blob once.
             distinct = select(BlockRow.blob_id, func.max(BlockRow.stored_bytes).label("b")).where(
-                *live).group_by(BlockRow.blob_id).subquery()
+                *live, BlockRow.blob_id.is_not(None)).group_by(BlockRow.blob_id).subquery()
             stored = int(s.scalar(select(func.coalesce(func.sum(distinct.c.b), 0))) or 0)
             raw = int(raw)
             quarantined = s.scalar(select(func.count()).select_from(BlockRow).where(
@@ -387,7 +393,8 @@ class BankStore:
                              compression_ratio=round(raw / stored, 4) if stored else 0.0,
                              budget_bytes=bank.budget_bytes, max_blocks=bank.max_blocks, eviction=bank.eviction,
                              evictions=bank.evictions, merges=bank.merges, quarantined_blocks=int(quarantined),
-                             index_entries=self._index(bank).ntotal)
+                             index_entries=self._index(bank).ntotal, reencodes=int(bank.reencodes or 0),
+                             tiers=tier_stats(s, bank.id, self.hot, bank.model_fingerprint))
 
     # -- documents --------------------------------------------------------------------------------
 
@@ -421,11 +428,18 @@ class BankStore:
 
     def put_document(self, bank: str, doc_id: str, text: str, *, metadata: dict[str, Any] | None = None,
                      tags: list[str] | None = None, pinned: bool = False, agent: str | None = None,
-                     if_match: int | None = None) -> PutResult:
+                     if_match: int | None = None, importance: float | None = None,
+                     expires_at: datetime | None = None, ttl_s: float | None = None) -> PutResult:
         """Store a document. Same text again is a no-op; new text is a new version (old blocks retired
-        in the same transaction). ``if_match`` is the version the writer last saw (0: must not exist)."""
+        in the same transaction). ``if_match`` is the version the writer last saw (0: must not exist).
+        ``importance`` (>= 0) raises the document's blocks in eviction order; ``expires_at`` or ``ttl_s``
+        stops serving it then (maintenance removes it). The bank's budget holds when this returns."""
         validate_doc_id(doc_id)
         self._validate_document(text, metadata, tags)
+        expires_at = self._expiry(expires_at, ttl_s)
+        if importance is not None and (isinstance(importance, bool) or not isinstance(importance, int | float)
+                                       or not 0 <= importance < float("inf")):
+            raise ValidationFailed("importance must be a non-negative number")
         content_hash = hashlib.sha256(text.encode()).hexdigest()
         with self.sessions() as s:
             bank_row = self._bank(s, bank)
@@ -433,10 +447,12 @@ class BankStore:
             doc = self._doc(s, bank_row, doc_id, required=False)
             self._check_if_match(doc, if_match)
             meta_changed = doc is not None and (doc.meta != (metadata or {}) or doc.tags != (tags or [])
-                                                or doc.pinned != pinned)
+                                                or doc.pinned != pinned or doc.importance != importance
+                                                or as_utc(doc.expires_at) != expires_at)
             if doc is not None and doc.content_hash == content_hash:
                 if meta_changed:
                     doc.meta, doc.tags, doc.pinned = metadata or {}, tags or [], pinned
+                    doc.importance, doc.expires_at = importance, expires_at
                     doc.version += 1
                     doc.updated_at = utcnow()
                     if agent is not None:
@@ -464,6 +480,7 @@ class BankStore:
                 doc.version += 1
             doc.text, doc.content_hash, doc.meta, doc.tags = text, content_hash, metadata or {}, tags or []
             doc.pinned, doc.agent, doc.updated_at = pinned, agent, now
+            doc.importance, doc.expires_at = importance, expires_at
             doc.tokens = sum(len(ids) for _, ids, _, _, _ in encoded)
             s.flush()
             rows = [BlockRow(bank_id=bank_row.id, document_id=doc.id, ordinal=i, token_count=len(ids),
@@ -485,7 +502,19 @@ class BankStore:
                 raise VersionMismatch(f"document {doc_id!r} was written concurrently; retry") from None
             self._apply_to_index(s, bank_row, op, rows)
             self._drop_unreferenced(s, old_blobs - {r.blob_id for r in rows})
+            self.memory.enforce_budget(s, bank_row)
             return PutResult(_doc_info(doc, len(rows)), created=created, changed=True)
+
+    @staticmethod
+    def _expiry(expires_at: datetime | None, ttl_s: float | None) -> datetime | None:
+        """The UTC expiry time from an absolute time (naive means UTC) or a time to live in seconds."""
+        if ttl_s is not None:
+            if isinstance(ttl_s, bool) or not isinstance(ttl_s, int | float) or not 0 < ttl_s < 1e10:
+                raise ValidationFailed("ttl_s must be a positive number of seconds")
+            expires_at = utcnow() + timedelta(seconds=ttl_s)
+        if expires_at is not None and not isinstance(expires_at, datetime):
+            raise ValidationFailed("expires_at must be a datetime")
+        return as_utc(expires_at).astimezone(UTC) if expires_at is not None else None
 
     def _check_model(self, bank: BankRow) -> None:
         if bank.model_fingerprint != self.llm.fingerprint:
@@ -598,7 +627,14 @@ class BankStore:
             raise ValidationFailed(f"k must be between 1 and {self.settings.max_k}")
         vec = self.embedder.embed([query])[0]
         allowed = None if flt is None or flt.is_empty() else self._allowed_ids(s, bank, flt)
-        ids, scores = self._index(bank).search(vec, k, allowed)
+        expired = np.asarray(expired_block_ids(s, bank.id, utcnow()), dtype=np.int64)
+        if len(expired) and allowed is not None:
+            allowed = np.setdiff1d(allowed, expired)
+        # Without a filter, over-fetch by the expired count: the top k + E always holds k unexpired blocks.
+        ids, scores = self._index(bank).search(vec, k + (len(expired) if allowed is None else 0), allowed)
+        if len(expired) and allowed is None:
+            keep = ~np.isin(ids, expired)
+            ids, scores = ids[keep][:k], scores[keep][:k]
         if len(ids) == 0:
             return []
         rows = {b.id: (b, d) for b, d in s.execute(select(BlockRow, DocumentRow).join(
@@ -620,14 +656,19 @@ class BankStore:
     # -- loading blocks ---------------------------------------------------------------------------
 
     def load_block(self, s: Session, bank: BankRow, block: BlockRow) -> BlockKV:
-        """Decoded KV of a block: hot tier, else blob + decode; a corrupt blob is rebuilt from text."""
+        """Decoded KV of a block: hot tier, else blob + decode; a cold block (no blob) is prefilled from its
+        tokens; a corrupt blob is rebuilt from text."""
+        if block.blob_id is None:
+            return self.memory.load_cold(bank, block)
         if block.blob_id:
             cached = self.hot.get(block.blob_id)
             if cached is not None:
+                self.memory.counters.hot_hits += 1
                 return cached
             try:
                 kv = decode_block(self.blobs.get(block.blob_id), bank.model_fingerprint)
                 self.hot.put(block.blob_id, kv)
+                self.memory.counters.warm_loads += 1
                 return kv
             except IncompatibleModel:
                 raise
@@ -707,7 +748,10 @@ class BankStore:
                     gen = self.runner.generate(ctx, block_ids + q_ids, max_new_tokens, on_token)
                 context_tokens = kept = len(block_ids)
                 recomputed = 0
-            self._record_access(s, [b.id for b, _, _ in retrieved])
+            shares = self.memory.attention_shares(ctx, q_ids, blocks) if mode == "kv" else None
+            self._record_access(s, [b.id for b, _, _ in retrieved], shares)
+            if mode == "kv":
+                self.memory.rewarm_and_enforce(s, bank_row, [b for b, _, _ in retrieved], blocks)
         t_end = time.perf_counter()
         timings = Timings(retrieve_ms=_ms(t_retrieved - t0), load_ms=_ms(t_loaded - t_retrieved),
                           prefill_ms=_ms(gen.ttft_s - t_loaded), ttft_ms=_ms(gen.ttft_s - t0),
@@ -717,9 +761,12 @@ class BankStore:
         return QueryResult(answer=gen.text, mode=mode, sources=[self._hit(b, d, sc) for b, d, sc in retrieved],
                            timings=timings, usage=usage)
 
-    def _record_access(self, s: Session, block_ids: list[int]) -> None:
+    def _record_access(self, s: Session, block_ids: list[int], shares: list[float] | None = None) -> None:
+        """Access count and time of the blocks a query used, and their decayed attention importance."""
         if not block_ids:
             return
+        if shares is not None:
+            record_importance(s, block_ids, shares, utcnow(), self.memory.config)
         s.execute(update(BlockRow).where(BlockRow.id.in_(block_ids)).values(
             access_count=BlockRow.access_count + 1, last_access_at=utcnow()))
         s.commit()
@@ -731,7 +778,9 @@ class BankStore:
         checked = rebuilt = 0
         with self.sessions() as s:
             bank_row = self._bank(s, bank)
-            for block in s.scalars(select(BlockRow).where(BlockRow.bank_id == bank_row.id)).all():
+            # Cold blocks have no blob by design: nothing to check, they are prefilled from text when used.
+            for block in s.scalars(select(BlockRow).where(BlockRow.bank_id == bank_row.id,
+                                                          BlockRow.blob_id.is_not(None))).all():
                 checked += 1
                 try:
                     if not block.blob_id:
@@ -745,6 +794,15 @@ class BankStore:
                     self._rebuild_block(s, bank_row, block)
                     rebuilt += 1
         return {"checked": checked, "rebuilt": rebuilt}
+
+    # -- memory management ------------------------------------------------------------------------
+
+    def maintain(self, bank: str, *, evict: bool = True, merge: bool = True, gc: bool = True, expire: bool = True,
+                 reencode: bool = True) -> dict[str, Any]:
+        """Maintenance of one bank (see :class:`kvstore.memory.MemoryManager`): remove expired documents,
+        re-encode after a model change and re-warm cold blocks the budget has room for, merge
+        near-duplicates, evict to the budget, delete orphan blobs. Returns a report."""
+        return self.memory.maintain(bank, evict=evict, merge=merge, gc=gc, expire=expire, reencode=reencode)
 
     @contextmanager
     def session(self) -> Iterator[Session]:

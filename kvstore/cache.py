@@ -9,7 +9,8 @@ from .runner import BlockKV
 
 
 class HotCache:
-    """Decoded blocks keyed by blob id (content address), so shared content is cached once."""
+    """Decoded blocks keyed by blob id (content address), so shared content is cached once; a cold
+    block's on-the-fly KV is keyed by its token content (``memory.cold_key``)."""
 
     def __init__(self, budget_bytes: int) -> None:
         self.budget_bytes = budget_bytes
@@ -25,6 +26,15 @@ class HotCache:
 
     def __len__(self) -> int:
         return len(self._items)
+
+    def __contains__(self, key: object) -> bool:
+        """Presence without touching the LRU order or the hit counters (for tier statistics)."""
+        return key in self._items
+
+    def size_of(self, key: str) -> int:
+        """Bytes of the decoded block under ``key``, 0 if absent."""
+        block = self._items.get(key)
+        return block.nbytes if block is not None else 0
 
     def get(self, key: str) -> BlockKV | None:
         with self._lock:

@@ -1,0 +1,562 @@
+"""Memory management: tiers, eviction policies, attention importance, near-duplicate merging, expiry.
+
+Tiers of a block:
+
+- **hot**: decoded KV in RAM (:class:`~kvstore.cache.HotCache`, keyed by blob id, LRU under
+  ``KVRAG_HOT_TIER_BYTES``);
+- **warm**: the compressed blob on disk (``BlockRow.blob_id`` set);
+- **cold**: text, token ids and embedding only (``blob_id`` None). A query that retrieves a cold
+  block prefills its tokens after the shared prefix on the fly, which is exactly how the block was
+  encoded at ingest, so the answer does not change, only its latency.
+
+Cold blocks keep ``status == "live"``: they stay searchable and every filter that selects live
+blocks keeps working; the tier is told by ``blob_id``.
+
+A bank's warm tier lives within ``budget_bytes`` (bytes of the distinct blobs its blocks reference;
+a blob shared with another bank counts in full in each) and ``max_blocks`` (warm blocks). Eviction
+moves blocks warm -> cold in the order the bank's policy gives; blocks sharing a blob move together
+(only then are the bytes freed); pinned documents never move. Only a delete removes a document.
+
+Policies (higher score = keep): ``lru`` by last touch; ``importance`` by decayed attention
+importance plus the writer's importance; ``hybrid`` a weighted sum of recency rank, frequency and
+importance. Importance is the share of the question's attention that landed on a block's tokens,
+recorded after each kv query and decayed with a half-life.
+
+This module holds no web imports and no BankStore: the facade calls these functions inside its own
+sessions and write order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from sqlalchemy import and_, func, select, update
+from sqlalchemy.orm import Session
+
+from .cache import HotCache
+from .catalog import BankRow, BlockRow, DocumentRow, utcnow
+from .codec import encode_block
+from .runner import BlockKV, Context
+
+if TYPE_CHECKING:
+    from .bank import BankStore
+
+POLICIES = ("lru", "importance", "hybrid")
+
+
+@dataclass
+class MemoryConfig:
+    """Knobs of memory management (one per store; tests and benchmarks adjust them)."""
+
+    importance_half_life_s: float = 7 * 24 * 3600.0
+    hybrid_weights: tuple[float, float, float] = (0.35, 0.35, 0.3)  # recency, frequency, importance
+    track_importance: bool = True  # one extra question pass after the answer; never delays the first token
+    rewarm_on_access: bool = True  # a cold block a query used goes back to warm (then the budget is enforced)
+    merge_cosine: float = 0.95  # near-duplicates: embedding cosine at least this ...
+    merge_overlap: float = 0.7  # ... and token-bigram Jaccard overlap at least this
+    merge_neighbours: int = 5
+    orphan_grace_s: float = 3600.0  # unreferenced blobs younger than this may belong to an ingest in flight
+
+
+@dataclass
+class TierCounters:
+    """Where the blocks of kv queries came from (per process, for /metrics)."""
+
+    hot_hits: int = 0
+    warm_loads: int = 0
+    cold_encodes: int = 0
+    rewarms: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {"hot_hits": self.hot_hits, "warm_loads": self.warm_loads, "cold_encodes": self.cold_encodes,
+                "rewarms": self.rewarms}
+
+
+def as_utc(value: datetime | None) -> datetime | None:
+    """SQLite hands back naive datetimes for timezone-aware columns; they were written in UTC."""
+    if value is None:
+        return None
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+def decayed(value: float, since: datetime | None, now: datetime, half_life_s: float) -> float:
+    """``value`` recorded at ``since``, halved every ``half_life_s`` seconds until ``now``."""
+    since = as_utc(since)
+    if since is None or value == 0.0:
+        return value
+    age = max(0.0, (now - since).total_seconds())
+    return value * 0.5 ** (age / half_life_s)
+
+
+# -- policies -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Candidate:
+    """A warm block as the evictor sees it."""
+
+    block_id: int
+    blob_id: str
+    stored_bytes: int
+    touched: float  # unix time of the last access, or of creation when never accessed
+    access_count: int
+    importance: float  # decayed to now
+    prior: float  # writer-given importance (0 when none)
+    pinned: bool
+
+
+def _rank01(values: Sequence[float]) -> np.ndarray:
+    """Ranks scaled to [0, 1] (ties share the lower rank): scale-free, so recency in seconds or days weighs alike."""
+    arr = np.asarray(values, dtype=np.float64)
+    if len(arr) <= 1:
+        return np.ones(len(arr))
+    order = np.searchsorted(np.sort(arr), arr, side="left")
+    return order / (len(arr) - 1)
+
+
+def _norm01(values: Sequence[float]) -> np.ndarray:
+    arr = np.asarray(values, dtype=np.float64)
+    top = arr.max() if len(arr) else 0.0
+    return arr / top if top > 0 else np.zeros(len(arr))
+
+
+def policy_scores(policy: str, cands: Sequence[Candidate], cfg: MemoryConfig) -> np.ndarray:
+    """Keep-score per candidate under ``policy``: the lowest is evicted first."""
+    recency = _rank01([c.touched for c in cands])
+    prior = np.asarray([c.prior for c in cands], dtype=np.float64)
+    if policy == "lru":
+        return np.asarray([c.touched for c in cands], dtype=np.float64)
+    if policy == "importance":
+        # Recency only breaks ties (e.g. blocks no query has attended to yet).
+        return np.asarray([c.importance for c in cands]) + prior + 1e-9 * recency
+    if policy == "hybrid":
+        w_rec, w_freq, w_imp = cfg.hybrid_weights
+        freq = _norm01([math.log1p(c.access_count) for c in cands])
+        imp = _norm01([c.importance for c in cands])
+        return w_rec * recency + w_freq * freq + w_imp * imp + prior
+    raise ValueError(f"unknown eviction policy {policy!r}; one of {POLICIES}")
+
+
+@dataclass
+class EvictionPlan:
+    """Blocks to move warm -> cold, and the warm tier before and after."""
+
+    block_ids: list[int] = field(default_factory=list)
+    blob_ids: set[str] = field(default_factory=set)
+    bytes_before: int = 0
+    bytes_after: int = 0
+    blocks_after: int = 0
+    over_budget: bool = False  # pinned blocks alone exceed the budget
+
+
+def plan_eviction(cands: Sequence[Candidate], policy: str, budget_bytes: int | None, max_blocks: int | None,
+                  cfg: MemoryConfig) -> EvictionPlan:
+    """Evict whole blob groups (blocks sharing a blob free its bytes only together), weakest first.
+
+    A group is as strong as its strongest member and untouchable if any member is pinned.
+    """
+    scores = policy_scores(policy, cands, cfg) if cands else np.empty(0)
+    groups: dict[str, list[int]] = {}
+    for i, c in enumerate(cands):
+        groups.setdefault(c.blob_id, []).append(i)
+    size = {blob: max(cands[i].stored_bytes for i in members) for blob, members in groups.items()}
+    nbytes, nblocks = sum(size.values()), len(cands)
+    plan = EvictionPlan(bytes_before=nbytes)
+
+    def over() -> bool:
+        return (budget_bytes is not None and nbytes > budget_bytes) or (max_blocks is not None and nblocks > max_blocks)
+
+    evictable = [(max(scores[i] for i in members), blob) for blob, members in groups.items()
+                 if not any(cands[i].pinned for i in members)]
+    for _, blob in sorted(evictable, key=lambda t: t[0]):
+        if not over():
+            break
+        plan.block_ids += [cands[i].block_id for i in groups[blob]]
+        plan.blob_ids.add(blob)
+        nbytes -= size[blob]
+        nblocks -= len(groups[blob])
+    plan.bytes_after, plan.blocks_after, plan.over_budget = nbytes, nblocks, over()
+    return plan
+
+
+def warm_candidates(s: Session, bank_id: int, now: datetime, cfg: MemoryConfig) -> list[Candidate]:
+    """Every warm block of a bank with what the policies need."""
+    rows = s.execute(select(BlockRow.id, BlockRow.blob_id, BlockRow.stored_bytes, BlockRow.last_access_at,
+                            BlockRow.created_at, BlockRow.access_count, BlockRow.importance, DocumentRow.pinned,
+                            DocumentRow.importance.label("prior")).join(
+        DocumentRow, DocumentRow.id == BlockRow.document_id).where(
+        BlockRow.bank_id == bank_id, BlockRow.status == "live", BlockRow.blob_id.is_not(None))).all()
+    out = []
+    for r in rows:
+        touched = as_utc(r.last_access_at) or as_utc(r.created_at) or now
+        out.append(Candidate(block_id=r.id, blob_id=r.blob_id, stored_bytes=int(r.stored_bytes),
+                             touched=touched.timestamp(), access_count=int(r.access_count),
+                             importance=decayed(float(r.importance), r.last_access_at, now,
+                                                cfg.importance_half_life_s),
+                             prior=float(r.prior or 0.0), pinned=bool(r.pinned)))
+    return out
+
+
+def evict_to_budget(s: Session, bank: BankRow, cfg: MemoryConfig, now: datetime) -> EvictionPlan:
+    """Move the bank's weakest blocks to cold until it is within budget; commits. The caller drops the blobs
+    that no block references any more (``plan.blob_ids``) under its blob lock."""
+    if bank.budget_bytes is None and bank.max_blocks is None:
+        return EvictionPlan()
+    plan = plan_eviction(warm_candidates(s, bank.id, now, cfg), bank.eviction, bank.budget_bytes, bank.max_blocks,
+                         cfg)
+    if plan.block_ids:
+        s.execute(update(BlockRow).where(BlockRow.id.in_(plan.block_ids)).values(
+            blob_id=None, stored_bytes=0, merged_into=None))
+        s.execute(update(BankRow).where(BankRow.id == bank.id).values(
+            evictions=BankRow.evictions + len(plan.block_ids)))
+        s.commit()
+        s.refresh(bank)
+    return plan
+
+
+# -- importance -----------------------------------------------------------------------------------
+
+
+def block_attention(scores: torch.Tensor, spans: Sequence[int]) -> list[float]:
+    """Share of the question's attention on each block, from per-context-token scores; sums to 1."""
+    per_block = torch.stack([part.sum() for part in torch.split(scores.float(), list(spans))])
+    total = float(per_block.sum())
+    return (per_block / total).tolist() if total > 0 else [0.0] * len(spans)
+
+
+def record_importance(s: Session, block_ids: Sequence[int], shares: Sequence[float], now: datetime,
+                      cfg: MemoryConfig) -> None:
+    """Decay each block's importance to now and add this query's attention share (before the access
+    time is updated, which the decay reads). Does not commit."""
+    rows = s.execute(select(BlockRow.id, BlockRow.importance, BlockRow.last_access_at).where(
+        BlockRow.id.in_(list(block_ids)))).all()
+    share = dict(zip(block_ids, shares, strict=True))
+    for r in rows:
+        value = decayed(float(r.importance), r.last_access_at, now, cfg.importance_half_life_s) + share[r.id]
+        s.execute(update(BlockRow).where(BlockRow.id == r.id).values(importance=value))
+
+
+# -- merging --------------------------------------------------------------------------------------
+
+
+def token_overlap(a: Sequence[int], b: Sequence[int]) -> float:
+    """Jaccard overlap of two blocks' token bigrams: word order counts, and a small vocabulary (where any two
+    texts share most single tokens) does not make unrelated blocks look alike."""
+    sa, sb = set(zip(a, a[1:], strict=False)), set(zip(b, b[1:], strict=False))
+    return len(sa & sb) / len(sa | sb) if sa or sb else 1.0
+
+
+def plan_merges(ids: np.ndarray, vectors: np.ndarray, tokens: dict[int, list[int]], blobs: dict[int, str],
+                neighbours: np.ndarray, cosines: np.ndarray, cfg: MemoryConfig) -> list[tuple[int, int]]:
+    """(canonical, duplicate) pairs: cosine and token overlap above thresholds, strongest pairs first.
+
+    ``neighbours``/``cosines`` are each block's nearest blocks (``[n, m]``, as ids). The older block
+    (lower id) is canonical; a block is either a canonical or a duplicate, never both, so merges do not
+    chain into content that drifts from every source.
+    """
+    pairs = []
+    for row, block_id in enumerate(ids.tolist()):
+        for other, cos in zip(neighbours[row].tolist(), cosines[row].tolist(), strict=True):
+            if other < 0 or other == block_id or cos < cfg.merge_cosine or blobs[other] == blobs[block_id]:
+                continue
+            pairs.append((cos, min(block_id, other), max(block_id, other)))
+    canonical: set[int] = set()
+    merged: set[int] = set()
+    out = []
+    for _, keep, dup in sorted(set(pairs), reverse=True):
+        if keep in merged or dup in merged or dup in canonical:
+            continue
+        if token_overlap(tokens[keep], tokens[dup]) < cfg.merge_overlap:
+            continue
+        canonical.add(keep)
+        merged.add(dup)
+        out.append((keep, dup))
+    return out
+
+
+# -- tiers, expiry, garbage -----------------------------------------------------------------------
+
+
+def cold_key(fingerprint: str, token_ids: bytes) -> str:
+    """Hot-tier key of a cold block's on-the-fly KV: by content, so duplicates share it."""
+    return "cold-" + hashlib.sha256(fingerprint.encode() + token_ids).hexdigest()
+
+
+def tier_stats(s: Session, bank_id: int, hot: HotCache, fingerprint: str) -> dict[str, dict[str, int]]:
+    """Blocks and bytes per tier. warm bytes: distinct blobs on disk; hot bytes: decoded KV in RAM;
+    cold bytes: what the catalog keeps for them (text, token ids, embedding)."""
+    rows = s.execute(select(BlockRow.blob_id, BlockRow.stored_bytes, BlockRow.token_ids,
+                            func.length(BlockRow.text), func.length(BlockRow.embedding)).where(
+        BlockRow.bank_id == bank_id, BlockRow.status == "live")).all()
+    warm_bytes: dict[str, int] = {}
+    hot_keys: set[str] = set()
+    hot_blocks = warm_blocks = cold_blocks = cold_bytes = 0
+    for blob_id, stored, token_ids, text_len, emb_len in rows:
+        key = blob_id or cold_key(fingerprint, token_ids)
+        if key in hot:
+            hot_blocks += 1
+            hot_keys.add(key)
+        if blob_id:
+            warm_blocks += 1
+            warm_bytes[blob_id] = max(warm_bytes.get(blob_id, 0), int(stored))
+        else:
+            cold_blocks += 1
+            cold_bytes += len(token_ids) + int(text_len or 0) + int(emb_len or 0)
+    return {"hot": {"blocks": hot_blocks, "bytes": sum(hot.size_of(k) for k in hot_keys)},
+            "warm": {"blocks": warm_blocks, "bytes": sum(warm_bytes.values())},
+            "cold": {"blocks": cold_blocks, "bytes": cold_bytes}}
+
+
+def expired_block_ids(s: Session, bank_id: int, now: datetime) -> list[int]:
+    """Blocks of documents past their ``expires_at``: never served, removed by maintenance."""
+    return list(s.scalars(select(BlockRow.id).join(DocumentRow, DocumentRow.id == BlockRow.document_id).where(
+        and_(DocumentRow.bank_id == bank_id, DocumentRow.expires_at.is_not(None), DocumentRow.expires_at <= now))))
+
+
+def expired_doc_ids(s: Session, bank_id: int, now: datetime) -> list[str]:
+    return list(s.scalars(select(DocumentRow.doc_id).where(
+        DocumentRow.bank_id == bank_id, DocumentRow.expires_at.is_not(None), DocumentRow.expires_at <= now)))
+
+
+# -- the manager: what the facade calls -----------------------------------------------------------
+
+
+class MemoryManager:
+    """Tiers, budgets, importance, merging, expiry, re-encoding and garbage collection of a BankStore.
+
+    It works through the store's own catalog sessions, blob store, hot tier, index and model lock,
+    and keeps its write order: blobs first, then one catalog transaction, then derived state.
+    """
+
+    def __init__(self, store: BankStore, config: MemoryConfig | None = None) -> None:
+        self.store = store
+        self.config = config or MemoryConfig()
+        self.counters = TierCounters()
+
+    # -- query path -------------------------------------------------------------------------------
+
+    def load_cold(self, bank: BankRow, block: BlockRow) -> BlockKV:
+        """KV of a cold block: prefill its tokens after the prefix (as at ingest), cached in the hot tier."""
+        store = self.store
+        key = cold_key(bank.model_fingerprint, block.token_ids)
+        kv = store.hot.get(key)
+        if kv is not None:
+            self.counters.hot_hits += 1
+            return kv
+        ids = np.frombuffer(block.token_ids, dtype="<i4").astype(int).tolist()
+        with store.model_lock:
+            kv = store.runner.encode([ids])[0]
+        store.hot.put(key, kv)
+        self.counters.cold_encodes += 1
+        return kv
+
+    def attention_shares(self, ctx: Context, question_ids: Sequence[int], kvs: Sequence[BlockKV]) -> list[float] | None:
+        """Share of the question's attention on each assembled block, or None when it cannot be told
+        (tracking off, or a compacted context whose rows no longer line up with the blocks).
+
+        Runs after the answer: the context's cache is cut back to prefix + blocks, then the question is
+        scored once more with the attention-recording pass of :mod:`kvstore.compaction`.
+        """
+        spans = [kv.tokens for kv in kvs]
+        if not self.config.track_importance or not spans or ctx.context_tokens != sum(spans):
+            return None
+        from .compaction import token_scores  # the model-side scoring pass lives with compaction
+
+        with self.store.model_lock:
+            for layer in ctx.cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, :ctx.next_position], layer.values[:, :, :ctx.next_position]
+            scores = token_scores(self.store.runner, ctx, question_ids)
+        return block_attention(scores, spans)
+
+    def rewarm_and_enforce(self, s: Session, bank: BankRow, rows: Sequence[BlockRow], kvs: Sequence[BlockKV]) -> int:
+        """Write the cold blocks a query just used back to warm, then bring the bank within budget.
+
+        Runs after the access was recorded, so the policies see these blocks as just used.
+        """
+        if not self.config.rewarm_on_access:
+            return 0
+        cold = [(row, kv) for row, kv in zip(rows, kvs, strict=True) if row.blob_id is None]
+        if not cold:
+            return 0
+        store = self.store
+        with store._blob_lock:
+            for row, kv in cold:
+                data = encode_block(kv, bank.model_fingerprint, bank.codec)
+                blob_id = store.blobs.put(data)
+                s.execute(update(BlockRow).where(BlockRow.id == row.id, BlockRow.blob_id.is_(None)).values(
+                    blob_id=blob_id, stored_bytes=len(data), codec=bank.codec))
+                store.hot.discard(cold_key(bank.model_fingerprint, row.token_ids))
+                store.hot.put(blob_id, kv)
+            s.execute(update(BankRow).where(BankRow.id == bank.id).values(reencodes=BankRow.reencodes + len(cold)))
+            s.commit()
+            self.counters.rewarms += len(cold)
+            self.enforce_budget(s, bank)
+        return len(cold)
+
+    # -- write path -------------------------------------------------------------------------------
+
+    def enforce_budget(self, s: Session, bank: BankRow) -> EvictionPlan:
+        """Evict to the bank's budget and drop blobs nothing references any more (caller holds the blob lock)."""
+        plan = evict_to_budget(s, bank, self.config, utcnow())
+        if plan.blob_ids:
+            self.store._drop_unreferenced(s, plan.blob_ids)
+        return plan
+
+    # -- maintenance ------------------------------------------------------------------------------
+
+    def maintain(self, bank: str, *, evict: bool = True, merge: bool = True, gc: bool = True, expire: bool = True,
+                 reencode: bool = True) -> dict[str, Any]:
+        """Expire, re-encode (model change, spare budget), merge near-duplicates, evict, collect orphans."""
+        store = self.store
+        report: dict[str, Any] = {"bank": bank, "expired_documents": [], "rebound_model": False, "reencoded": 0,
+                                  "merged": 0, "evicted": 0, "over_budget": False, "orphan_blobs_removed": 0}
+        if expire:
+            with store.sessions() as s:
+                doomed = expired_doc_ids(s, store._bank(s, bank).id, utcnow())
+            for doc_id in doomed:
+                store.delete_document(bank, doc_id, agent="maintenance")
+            report["expired_documents"] = doomed
+        if reencode:
+            report["rebound_model"] = self._rebind_model(bank)
+            report["reencoded"] = self._rewarm_cold(bank)
+        if merge:
+            report["merged"] = self._merge(bank)
+        if evict:
+            with store.sessions() as s, store._blob_lock:
+                plan = self.enforce_budget(s, store._bank(s, bank))
+            report["evicted"], report["over_budget"] = len(plan.block_ids), plan.over_budget
+        if gc:
+            report["orphan_blobs_removed"] = self.collect_orphans()
+        return report
+
+    def _rebind_model(self, bank: str) -> bool:
+        """A bank encoded by another model: re-tokenize every block with the loaded model, drop its KV
+        (every block goes cold, so queries re-encode lazily) and bind the bank to the loaded model."""
+        store = self.store
+        llm, runner = store.llm, store.runner
+        with store.sessions() as s, store._blob_lock:
+            row = store._bank(s, bank)
+            if row.model_fingerprint == llm.fingerprint:
+                return False
+            blocks = s.scalars(select(BlockRow).where(BlockRow.bank_id == row.id)).all()
+            old_blobs = {b.blob_id for b in blocks if b.blob_id}
+            for b in blocks:
+                ids = runner.tokenize(b.text)
+                b.token_ids = np.asarray(ids, dtype="<i4").tobytes()
+                b.token_count, b.raw_bytes = len(ids), len(ids) * runner.bytes_per_token_fp16
+                b.blob_id, b.stored_bytes, b.merged_into = None, 0, None
+            row.model_fingerprint, row.model_name = llm.fingerprint, llm.name
+            s.commit()
+            store._drop_unreferenced(s, old_blobs)
+        return True
+
+    def _rewarm_cold(self, bank: str) -> int:
+        """Encode cold blocks back to warm while the budget has room, most used and most important first."""
+        store = self.store
+        with store.sessions() as s:
+            row = store._bank(s, bank)
+            cold = s.scalars(select(BlockRow).where(
+                BlockRow.bank_id == row.id, BlockRow.status == "live", BlockRow.blob_id.is_(None)).order_by(
+                BlockRow.access_count.desc(), BlockRow.importance.desc(), BlockRow.id.desc())).all()
+            if not cold:
+                return 0
+            cands = warm_candidates(s, row.id, utcnow(), self.config)
+            used = sum({c.blob_id: c.stored_bytes for c in cands}.values())
+            room_blocks = None if row.max_blocks is None else row.max_blocks - len(cands)
+            done = 0
+            batch = store.settings.encode_batch_size
+            for start in range(0, len(cold), batch):
+                part = cold[start:start + batch]
+                with store.model_lock:
+                    kvs = store.runner.encode([np.frombuffer(b.token_ids, dtype="<i4").tolist() for b in part], batch)
+                full = False
+                with store._blob_lock:
+                    warmed = 0
+                    for block, kv in zip(part, kvs, strict=True):
+                        data = encode_block(kv, row.model_fingerprint, row.codec)
+                        full = (row.budget_bytes is not None and used + len(data) > row.budget_bytes) or (
+                            room_blocks is not None and done + warmed >= room_blocks)
+                        if full:
+                            break
+                        block.blob_id, block.stored_bytes, block.codec = store.blobs.put(data), len(data), row.codec
+                        used += len(data)
+                        warmed += 1
+                    s.execute(update(BankRow).where(BankRow.id == row.id).values(
+                        reencodes=BankRow.reencodes + warmed))
+                    s.commit()
+                done += warmed
+                if full:
+                    break
+            return done
+
+    def _merge(self, bank: str) -> int:
+        """Point each near-duplicate warm block at its canonical block's blob (it then serves that KV and
+        lists it in ``merged_into``); the duplicate's own blob is freed. Every source stays searchable
+        under its own document, metadata and filters."""
+        store = self.store
+        cfg = self.config
+        with store.sessions() as s, store._blob_lock:
+            row = store._bank(s, bank)
+            blocks = {b.id: b for b in s.scalars(select(BlockRow).where(
+                BlockRow.bank_id == row.id, BlockRow.status == "live", BlockRow.blob_id.is_not(None),
+                BlockRow.merged_into.is_(None)))}
+            if len(blocks) < 2:
+                return 0
+            ids = np.asarray(sorted(blocks), dtype=np.int64)
+            vectors = np.stack([np.frombuffer(blocks[i].embedding, dtype="<f4") for i in ids.tolist()])
+            index = store._index(row)
+            with index.lock:
+                cosines, neighbours = index.index.search(vectors, min(cfg.merge_neighbours + 1, index.ntotal))
+            neighbours = np.where(np.isin(neighbours, ids), neighbours, -1)  # cold or merged blocks do not take part
+            tokens = {i: np.frombuffer(b.token_ids, dtype="<i4").tolist() for i, b in blocks.items()}
+            pairs = plan_merges(ids, vectors, tokens, {i: b.blob_id for i, b in blocks.items()}, neighbours, cosines,
+                                cfg)
+            freed = set()
+            for keep, dup in pairs:
+                canon, alias = blocks[keep], blocks[dup]
+                freed.add(alias.blob_id)
+                alias.blob_id, alias.stored_bytes, alias.merged_into = canon.blob_id, canon.stored_bytes, canon.id
+                # The duplicate now serves the canonical KV, so its tokens are the canonical ones (text mode,
+                # recompute and a cold re-encode then all see the same content); its own text stays.
+                alias.token_ids, alias.token_count = canon.token_ids, canon.token_count
+                alias.raw_bytes = canon.raw_bytes
+            if pairs:
+                row.merges += len(pairs)
+                s.commit()
+                store._drop_unreferenced(s, freed)
+            return len(pairs)
+
+    def collect_orphans(self) -> int:
+        """Delete blob files no block of any bank references, older than the grace period (an ingest
+        writes its blobs before its catalog transaction)."""
+        store = self.store
+        cutoff = time.time() - self.config.orphan_grace_s
+        removed = 0
+        with store.sessions() as s, store._blob_lock:
+            referenced = set(s.scalars(select(BlockRow.blob_id).where(BlockRow.blob_id.is_not(None)).distinct()))
+            for blob_id in list(store.blobs.ids()):
+                if blob_id in referenced:
+                    continue
+                try:
+                    if store.blobs._path(blob_id).stat().st_mtime > cutoff:
+                        continue
+                except FileNotFoundError:
+                    continue
+                store.blobs.delete(blob_id)
+                store.hot.discard(blob_id)
+                removed += 1
+        return removed
+
+    def sources(self, block_id: int) -> list[int]:
+        """Every block that serves the KV of ``block_id`` (itself and the duplicates merged into it)."""
+        with self.store.sessions() as s:
+            return [block_id, *s.scalars(select(BlockRow.id).where(BlockRow.merged_into == block_id).order_by(
+                BlockRow.id))]
