@@ -51,6 +51,18 @@ class Settings(BaseSettings):
     openai_default_bank: str | None = Field(
         default=None, description="Bank of /v1/chat/completions when `model` is not `kvrag:<bank>`.")
 
+    context_map_budget_tokens: int = Field(
+        default=1024, ge=16, le=32768, description="Token budget of a new bank's context map (rendered).")
+    context_map_keep_queries: int = Field(
+        default=200, ge=1, description="Recent queries kept per bank for context-map refreshes.")
+    map_llm_url: str | None = Field(
+        default=None, description="OpenAI-compatible chat endpoint (base URL or .../chat/completions) that "
+                                  "refreshes context maps; default: the bank's local model.")
+    map_llm_model: str = Field(default="default", description="`model` sent to KVRAG_MAP_LLM_URL.")
+    map_llm_api_key: str | None = Field(default=None, description="Bearer token for KVRAG_MAP_LLM_URL.")
+    map_llm_timeout_s: float = Field(default=120.0, gt=0, description="Timeout of one KVRAG_MAP_LLM_URL call.")
+    map_llm_max_tokens: int = Field(default=512, ge=16, description="Longest answer a map refresh asks the LLM for.")
+
     def resolved_database_url(self) -> str:
         """The catalog URL, defaulting to a SQLite file under the data dir."""
         if self.database_url:

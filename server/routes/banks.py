@@ -17,7 +17,8 @@ router = APIRouter(prefix="/v1/banks", tags=["banks"], responses=ERRORS)
 
 def _detail(store: BankStore, bank: str) -> BankDetail:
     """Settings and statistics of a bank in one object."""
-    return BankDetail(**{**plain(store.stats(bank)), **plain(store.get_bank(bank))})
+    return BankDetail(**{**plain(store.stats(bank)), **plain(store.get_bank(bank)),
+                         "context_map_budget_tokens": store.context_map.get(bank).budget_tokens})
 
 
 @router.post("", operation_id="create_bank", status_code=status.HTTP_201_CREATED, response_model=BankOut)
@@ -26,8 +27,9 @@ def create_bank(body: BankCreate, store: Store, principal: CurrentPrincipal) -> 
     if not (principal.has_role("write") and principal.can_see(body.name)):
         raise Forbidden("creating this bank needs a write key scoped to it, or an admin key")
     info = store.create_bank(body.name, codec=body.codec, budget_bytes=body.budget_bytes,
-                             max_blocks=body.max_blocks, eviction=body.eviction or "lru")
-    return BankOut(**plain(info))
+                             max_blocks=body.max_blocks, eviction=body.eviction or "lru",
+                             context_map_budget_tokens=body.context_map_budget_tokens)
+    return BankOut(**plain(info), context_map_budget_tokens=store.context_map.get(body.name).budget_tokens)
 
 
 @router.get("", operation_id="list_banks", response_model=BankList)
@@ -47,7 +49,7 @@ def get_bank(bank: str, store: Store, _reader: Reader) -> BankDetail:
 def update_bank(bank: str, body: BankUpdate, store: Store, _writer: Writer) -> BankDetail:
     """Change a bank's defaults; existing blocks keep the codec they were written with."""
     store.update_bank(bank, codec=body.codec, budget_bytes=body.budget_bytes, max_blocks=body.max_blocks,
-                      eviction=body.eviction)
+                      eviction=body.eviction, context_map_budget_tokens=body.context_map_budget_tokens)
     return _detail(store, bank)
 
 

@@ -1,0 +1,755 @@
+"""The PEEK context map: a small, token-budgeted map per bank of what it holds and what earlier work found.
+
+Items live in three sections with stable ids that are never reused: ``cr-N`` (roadmap: what is where),
+``cu-N`` (understanding: facts, conventions, pitfalls) and ``rr-N`` (reusable results). Each item has
+helpful/harmful counts and a score (helpful - harmful, every refresh multiplies it by 0.85).
+
+- **Versions.** Every change writes a new version holding the whole map (it is small), so any old
+  version stays readable. Writers take the head row with ``UPDATE ... WHERE version = v``: of two
+  concurrent writers exactly one moves the head, the other re-reads and re-applies (or, when it named
+  a ``base_version``, gets ``VersionMismatch`` unless its edits touch only items unchanged since
+  then). No acknowledged edit is ever lost silently.
+- **Budget.** The *rendered* map (what a query puts before its blocks) is counted with the bank
+  model's tokenizer and held within ``budget_tokens`` after every change by evicting the lowest
+  score, then the oldest item.
+- **Refresh.** Recent query records (question, answer, sources) and the items' feedback are
+  distilled into edits by an LLM: the bank's local model, or an OpenAI-compatible endpoint
+  (``KVRAG_MAP_LLM_URL``). Its output is parsed strictly; output that does not parse changes nothing.
+- **Bootstrap.** Each ingested document adds a roadmap entry (first sentence + doc id) while it fits.
+- **KV.** The rendered map is prefilled once per map text after the shared prefix (keys pre-RoPE, like
+  a block) and kept in memory, so a query that reuses it prefills nothing for it.
+
+No web imports: the server and CLI reach this through ``BankStore.context_map``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Literal
+
+import httpx
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from sqlalchemy import delete, select, update
+from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
+from sqlalchemy.orm import Session
+
+from .catalog import BankRow, ContextMapQueryRow, ContextMapRow, ContextMapVersionRow, utcnow
+from .errors import Conflict, KVRagError, NotFound, ValidationFailed, VersionMismatch
+
+if TYPE_CHECKING:
+    from .bank import BankStore
+    from .runner import BlockKV
+
+log = logging.getLogger(__name__)
+
+Section = Literal["roadmap", "understanding", "reusable_results"]
+SECTIONS: dict[str, str] = {"roadmap": "cr", "understanding": "cu", "reusable_results": "rr"}
+SECTION_OF_PREFIX = {prefix: section for section, prefix in SECTIONS.items()}
+ITEM_ID = re.compile(r"^(cr|cu|rr)-([1-9][0-9]{0,8})$")
+DECAY = 0.85
+MAX_CONTENT_CHARS = 1000
+MAX_EDITS = 100
+MIN_BUDGET, MAX_BUDGET = 16, 32768
+HEADER = "Context map of this memory (what it holds and what earlier work found):\n"
+RECENT_QUERIES = 20  # query records one refresh distills at most
+_WRITE_ATTEMPTS = 50
+_RAW_REPORT_CHARS = 2000
+
+
+# -- edits (the API's and the distiller's shape) --------------------------------------------------
+
+
+class Edit(BaseModel):
+    """add (section, content) | replace (id, content; section optional) | delete (id)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    op: Literal["add", "replace", "delete"]
+    id: str | None = None
+    section: Section | None = None
+    content: str | None = Field(default=None, min_length=1, max_length=MAX_CONTENT_CHARS)
+
+    @model_validator(mode="after")
+    def _complete(self) -> Edit:
+        if self.op == "add" and (self.section is None or self.content is None or self.id is not None):
+            raise ValueError("add takes a section and content, and no id (ids are assigned)")
+        if self.op == "replace" and (self.id is None or self.content is None):
+            raise ValueError("replace takes an id and content")
+        if self.op == "delete" and (self.id is None or self.content is not None):
+            raise ValueError("delete takes an id and no content")
+        if self.content is not None and not self.content.strip():
+            raise ValueError("content must not be blank")
+        return self
+
+
+class Feedback(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    id: str
+    tag: Literal["helpful", "harmful", "neutral", "stale"]
+
+
+class Distilled(BaseModel):
+    """What the distiller must answer: ``{"edits": [...], "feedback": [...]}`` (a bare list means edits)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    edits: list[Edit] = Field(default_factory=list, max_length=MAX_EDITS)
+    feedback: list[Feedback] = Field(default_factory=list, max_length=MAX_EDITS)
+
+
+def parse_edits(edits: Sequence[Edit | dict[str, Any]], feedback: Sequence[Feedback | dict[str, Any]]
+                ) -> tuple[list[Edit], list[Feedback]]:
+    """Validated edits and feedback; anything malformed is a ``ValidationFailed`` naming the entry."""
+    if len(edits) > MAX_EDITS or len(feedback) > MAX_EDITS:
+        raise ValidationFailed(f"at most {MAX_EDITS} edits and {MAX_EDITS} feedback entries per request")
+    try:
+        return ([e if isinstance(e, Edit) else Edit.model_validate(e) for e in edits],
+                [f if isinstance(f, Feedback) else Feedback.model_validate(f) for f in feedback])
+    except ValidationError as exc:
+        raise ValidationFailed(f"invalid edit: {exc.errors()[0]['msg']}") from None
+
+
+_FENCE = re.compile(r"^```(?:json)?\s*\n(.*)\n```$", re.DOTALL)
+
+
+def parse_distilled(raw: str) -> Distilled:
+    """The distiller's answer: one JSON value (optionally in a single code fence), nothing else; else ValueError."""
+    text = raw.strip()
+    fenced = _FENCE.match(text)
+    if fenced:
+        text = fenced.group(1).strip()
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"not JSON: {exc}") from None
+    if isinstance(data, list):
+        data = {"edits": data}
+    try:
+        return Distilled.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise ValueError(f"invalid edits at {'.'.join(str(p) for p in err['loc'])}: {err['msg']}") from None
+
+
+# -- the map state (pure) -------------------------------------------------------------------------
+
+
+@dataclass
+class Item:
+    id: str
+    section: str
+    content: str
+    agent: str | None
+    created_at: str  # ISO 8601 UTC: the items are stored as JSON
+    updated_at: str
+    rev: int  # the version that last set the content (base_version checks look at it)
+    helpful: int = 0
+    harmful: int = 0
+    score: float = 0.0
+    stale: bool = False
+
+    @property
+    def number(self) -> int:
+        return int(self.id.split("-", 1)[1])
+
+
+@dataclass
+class MapState:
+    """The items of one map version (ordered by section, then id) and the id counters (never go back)."""
+
+    items: dict[str, Item] = field(default_factory=dict)
+    seq: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SECTIONS.values(), 0))
+    budget_tokens: int = 1024
+
+    def to_json(self) -> dict[str, Any]:
+        return {"items": [asdict(i) for i in self.ordered()], "seq": dict(self.seq), "budget": self.budget_tokens}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> MapState:
+        items = {d["id"]: Item(**d) for d in data.get("items", [])}
+        seq = {**dict.fromkeys(SECTIONS.values(), 0), **data.get("seq", {})}
+        return cls(items=items, seq=seq, budget_tokens=int(data.get("budget", 1024)))
+
+    def copy(self) -> MapState:
+        return MapState({k: replace(v) for k, v in self.items.items()}, dict(self.seq), self.budget_tokens)
+
+    def ordered(self) -> list[Item]:
+        order = list(SECTIONS)
+        return sorted(self.items.values(), key=lambda i: (order.index(i.section), i.number))
+
+
+def render(state: MapState) -> str:
+    """The text a query puts before its blocks (empty for an empty map)."""
+    if not state.items:
+        return ""
+    lines = [HEADER]
+    for section in SECTIONS:
+        items = [i for i in state.ordered() if i.section == section]
+        if items:
+            lines.append(f"[{section}]\n")
+            lines.extend(f"{i.id}: {' '.join(i.content.split())}\n" for i in items)
+    return "".join(lines)
+
+
+def evict(state: MapState, count_tokens: Callable[[str], int]) -> tuple[int, list[str]]:
+    """Drop the lowest score, then the oldest item, until the rendered map fits; (tokens, evicted ids)."""
+    evicted: list[str] = []
+    tokens = count_tokens(render(state))
+    while tokens > state.budget_tokens and state.items:
+        victim = min(state.items.values(), key=lambda i: (i.score, i.created_at, list(SECTIONS).index(i.section),
+                                                          i.number))
+        del state.items[victim.id]
+        evicted.append(victim.id)
+        tokens = count_tokens(render(state))
+    return tokens, evicted
+
+
+@dataclass
+class Applied:
+    """The outcome of applying edits: the new state, what was applied, rejected (lenient mode) and evicted."""
+
+    state: MapState
+    tokens: int
+    applied: list[dict[str, Any]]
+    evicted: list[str]
+    rejected: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _check_target(state: MapState, item_id: str, base_version: int | None) -> Item:
+    """The item an edit or feedback names; stale bases are refused only for items changed since then."""
+    if not ITEM_ID.match(item_id):
+        raise ValidationFailed(f"{item_id!r} is not a context-map item id (cr-N, cu-N or rr-N)")
+    item = state.items.get(item_id)
+    if base_version is not None and (item is None or item.rev > base_version):
+        raise VersionMismatch(f"item {item_id} changed after version {base_version}; re-read the map")
+    if item is None:
+        raise NotFound(f"context-map item {item_id} not found (deleted or evicted)")
+    return item
+
+
+def apply_changes(state: MapState, edits: Sequence[Edit], feedback: Sequence[Feedback], *, version: int,
+                  current_version: int, base_version: int | None, agent: str | None, now: datetime,
+                  count_tokens: Callable[[str], int], strict: bool = True, decay: bool = False) -> Applied:
+    """Apply edits then feedback to a copy of ``state`` as version ``version``, then evict to the budget.
+
+    strict (agent edits): any bad entry refuses the whole request. Lenient (refresh): bad entries are
+    skipped and reported. A ``base_version`` older than ``current_version`` is accepted only for entries
+    whose items are unchanged since it (adds always apply).
+    """
+    if base_version is not None and base_version > current_version:
+        raise VersionMismatch(f"base_version {base_version} is newer than the map (version {current_version})")
+    base = base_version if base_version is not None and base_version < current_version else None
+    new = state.copy()
+    stamp = now.isoformat()
+    applied: list[dict[str, Any]] = []
+    rejected: list[dict[str, Any]] = []
+    if decay:
+        for item in new.items.values():
+            item.score = round(item.score * DECAY, 6)
+
+    def attempt(entry: dict[str, Any], action: Callable[[], dict[str, Any]]) -> None:
+        try:
+            applied.append(action())
+        except KVRagError as exc:
+            if strict:
+                raise
+            rejected.append({**entry, "reason": exc.detail})
+
+    for edit in edits:
+        attempt(edit.model_dump(exclude_none=True), lambda e=edit: _apply_edit(new, e, version, base, agent, stamp,
+                                                                               count_tokens))
+    for fb in feedback:
+        attempt(fb.model_dump(), lambda f=fb: _apply_feedback(new, f, base))
+    tokens, evicted = evict(new, count_tokens)
+    return Applied(new, tokens, applied, evicted, rejected)
+
+
+def _apply_edit(state: MapState, edit: Edit, version: int, base: int | None, agent: str | None, stamp: str,
+                count_tokens: Callable[[str], int]) -> dict[str, Any]:
+    if edit.op == "add":
+        assert edit.section is not None and edit.content is not None
+        prefix = SECTIONS[edit.section]
+        _check_fits(state, edit.section, edit.content, count_tokens)
+        state.seq[prefix] += 1
+        item = Item(id=f"{prefix}-{state.seq[prefix]}", section=edit.section, content=edit.content, agent=agent,
+                    created_at=stamp, updated_at=stamp, rev=version)
+        state.items[item.id] = item
+        return {"op": "add", "id": item.id}
+    assert edit.id is not None
+    item = _check_target(state, edit.id, base)
+    if edit.op == "delete":
+        del state.items[item.id]
+        return {"op": "delete", "id": item.id}
+    assert edit.content is not None
+    if edit.section is not None and edit.section != item.section:
+        raise ValidationFailed(f"item {item.id} is in section {item.section}, not {edit.section}")
+    _check_fits(state, item.section, edit.content, count_tokens)
+    item.content, item.agent, item.updated_at, item.rev, item.stale = edit.content, agent, stamp, version, False
+    return {"op": "replace", "id": item.id}
+
+
+def _apply_feedback(state: MapState, fb: Feedback, base: int | None) -> dict[str, Any]:
+    item = _check_target(state, fb.id, base)
+    if fb.tag == "helpful":
+        item.helpful += 1
+        item.score = round(item.score + 1, 6)
+    elif fb.tag in ("harmful", "stale"):
+        item.harmful += 1
+        item.score = round(item.score - 1, 6)
+        item.stale = item.stale or fb.tag == "stale"
+    return {"op": "feedback", "id": item.id, "tag": fb.tag}
+
+
+def _check_fits(state: MapState, section: str, content: str, count_tokens: Callable[[str], int]) -> None:
+    """An item that could not fit even alone would only evict everything and then itself."""
+    alone = MapState({"x": Item("cr-1", section, content, None, "", "", 0)}, budget_tokens=state.budget_tokens)
+    if count_tokens(render(alone)) > state.budget_tokens:
+        raise ValidationFailed(f"an item of {len(content)} characters does not fit the map's budget of "
+                               f"{state.budget_tokens} tokens even alone")
+
+
+def roadmap_entry(doc_id: str, text: str, max_chars: int = 160) -> str:
+    """``<first sentence> (doc <id>)``: the bootstrap entry of a document."""
+    flat = " ".join(text.split())
+    match = re.match(r"(.+?[.!?])(\s|$)", flat)
+    sentence = match.group(1) if match else flat
+    if len(sentence) > max_chars:
+        sentence = sentence[:max_chars - 3].rstrip() + "..."
+    return f"{sentence} (doc {doc_id})"
+
+
+# -- public value types ---------------------------------------------------------------------------
+
+
+@dataclass
+class MapItem:
+    id: str
+    section: str
+    content: str
+    helpful: int
+    harmful: int
+    score: float
+    agent: str | None
+    stale: bool
+    created_at: datetime
+    updated_at: datetime
+
+
+@dataclass
+class MapView:
+    version: int
+    budget_tokens: int
+    tokens: int
+    frozen: bool
+    items: list[MapItem]
+
+
+@dataclass
+class EditResult:
+    version: int
+    tokens: int
+    evicted: list[str]
+    applied: list[dict[str, Any]]
+
+
+@dataclass
+class RefreshReport:
+    """What a refresh did. status: applied | unchanged | unparseable | llm_error | nothing_to_distill."""
+
+    status: str
+    version: int
+    tokens: int
+    records: int
+    llm: str
+    applied: list[dict[str, Any]] = field(default_factory=list)
+    rejected: list[dict[str, Any]] = field(default_factory=list)
+    evicted: list[str] = field(default_factory=list)
+    error: str | None = None
+    raw: str | None = None
+
+
+@dataclass
+class MapPrefill:
+    """The map's KV for a query: ``kv`` None for an empty map; ``prefilled`` 0 when it came from the cache."""
+
+    version: int
+    token_ids: list[int]
+    kv: BlockKV | None
+    prefilled: int
+
+
+@dataclass
+class _CachedKV:
+    version: int
+    text: str
+    token_ids: list[int]
+    kv: BlockKV
+
+
+def _kv_key(bank: BankRow) -> tuple[int, str]:
+    """Bank id and creation time: a deleted bank's id may come back (SQLite), its creation time does not."""
+    return bank.id, str(bank.created_at)
+
+
+def _views(state: MapState) -> list[MapItem]:
+    return [MapItem(id=i.id, section=i.section, content=i.content, helpful=i.helpful, harmful=i.harmful,
+                    score=i.score, agent=i.agent, stale=i.stale, created_at=datetime.fromisoformat(i.created_at),
+                    updated_at=datetime.fromisoformat(i.updated_at)) for i in state.ordered()]
+
+
+# -- distiller ------------------------------------------------------------------------------------
+
+DISTILL_SYSTEM = (
+    "You maintain a context map of a document memory: a short list of items in three sections. roadmap (cr-N): "
+    "what is where in the memory. understanding (cu-N): facts, conventions and pitfalls learned. "
+    "reusable_results (rr-N): answers worth keeping. Given the current map and recent questions with their "
+    "answers and sources, reply with ONLY a JSON object {\"edits\": [...], \"feedback\": [...]}. An edit is "
+    "{\"op\": \"add\", \"section\": ..., \"content\": ...}, {\"op\": \"replace\", \"id\": ..., \"content\": ...} "
+    "or {\"op\": \"delete\", \"id\": ...}; feedback is {\"id\": ..., \"tag\": \"helpful\"|\"harmful\"|"
+    "\"neutral\"|\"stale\"}. Keep items short; the map has a token budget."
+)
+
+
+def distill_prompt(state: MapState, records: Sequence[ContextMapQueryRow]) -> str:
+    """The user message of a refresh: the map with its feedback counts, then the recent queries."""
+    lines = [f"Token budget: {state.budget_tokens}", "Current map:"]
+    lines += [f"- {i.id} [{i.section}] (helpful {i.helpful}, harmful {i.harmful}{', stale' if i.stale else ''}): "
+              f"{i.content}" for i in state.ordered()] or ["(empty)"]
+    lines.append("Recent queries:")
+    for r in records:
+        lines.append(f"- Q: {r.question[:300]}\n  A: {r.answer[:300]}\n  sources: {', '.join(r.sources or [])}")
+    return "\n".join(lines)
+
+
+# -- the store-side manager -----------------------------------------------------------------------
+
+
+class ContextMaps:
+    """Context maps of every bank of a BankStore: reads, edits, refresh, bootstrap, query records, KV."""
+
+    def __init__(self, store: BankStore) -> None:
+        self.store = store
+        self._kv: dict[tuple[int, str], _CachedKV] = {}
+        self._kv_lock = threading.Lock()
+        self._locks: dict[str, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+
+    # -- helpers ----------------------------------------------------------------------------------
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.store.runner.tokenize(text)) if text else 0
+
+    def _lock(self, bank: str) -> threading.Lock:
+        """One writer per bank in this process; the version check covers writers in other processes."""
+        with self._locks_guard:
+            return self._locks.setdefault(bank, threading.Lock())
+
+    def _head(self, s: Session, bank: BankRow) -> ContextMapRow:
+        """The bank's map head, created (empty, version 0) on first use."""
+        head = s.get(ContextMapRow, bank.id)
+        if head is not None:
+            return head
+        budget = self.store.settings.context_map_budget_tokens
+        s.add(ContextMapRow(bank_id=bank.id, version=0, budget_tokens=budget, frozen=False, refreshes=0,
+                            refreshed_through=0, updated_at=utcnow()))
+        s.add(ContextMapVersionRow(bank_id=bank.id, version=0, state=MapState(budget_tokens=budget).to_json(),
+                                   tokens=0, change="create", evicted=[], agent=None, created_at=utcnow()))
+        try:
+            s.commit()
+        except IntegrityError:
+            s.rollback()  # another writer created it first
+        head = s.get(ContextMapRow, bank.id, populate_existing=True)
+        assert head is not None
+        return head
+
+    @staticmethod
+    def _snapshot(s: Session, bank_id: int, version: int) -> ContextMapVersionRow:
+        row = s.get(ContextMapVersionRow, (bank_id, version))
+        if row is None:
+            raise NotFound(f"context-map version {version} not found")
+        return row
+
+    @staticmethod
+    def check_budget(budget: int) -> None:
+        """A map budget must leave room for some items and stay small enough to ride along every query."""
+        if isinstance(budget, bool) or not isinstance(budget, int) or not MIN_BUDGET <= budget <= MAX_BUDGET:
+            raise ValidationFailed(f"context_map_budget_tokens must be between {MIN_BUDGET} and {MAX_BUDGET}")
+
+    def _write(self, bank: str, change: str, agent: str | None,
+               mutate: Callable[[MapState, ContextMapRow], tuple[Applied, dict[str, Any]] | None]
+               ) -> tuple[ContextMapRow, Applied | None]:
+        """Apply ``mutate`` to the current map and store it as the next version, retrying when another
+        writer moved the head first. ``mutate`` returns (result, head column changes) or None: no change."""
+        with self._lock(bank):
+            for _ in range(_WRITE_ATTEMPTS):
+                with self.store.sessions() as s:
+                    bank_row = self.store._bank(s, bank)
+                    head = self._head(s, bank_row)
+                    current = self._snapshot(s, bank_row.id, head.version)
+                    state = MapState.from_json(current.state)
+                    state.budget_tokens = head.budget_tokens
+                    before = render(state)
+                    outcome = mutate(state, head)
+                    if outcome is None:
+                        return head, None
+                    result, head_changes = outcome
+                    version = head.version + 1
+                    try:
+                        moved = s.execute(update(ContextMapRow).where(
+                            ContextMapRow.bank_id == bank_row.id, ContextMapRow.version == head.version).values(
+                            version=version, updated_at=utcnow(), **head_changes)).rowcount
+                        if moved != 1:
+                            s.rollback()
+                            continue
+                        s.add(ContextMapVersionRow(bank_id=bank_row.id, version=version,
+                                                   state=result.state.to_json(), tokens=result.tokens, change=change,
+                                                   evicted=result.evicted, agent=agent, created_at=utcnow()))
+                        s.commit()
+                    except (IntegrityError, OperationalError):
+                        s.rollback()  # a concurrent writer took this version (or held the SQLite lock)
+                        continue
+                    if render(result.state) != before:
+                        with self._kv_lock:
+                            self._kv.pop(_kv_key(bank_row), None)
+                    head = s.get(ContextMapRow, bank_row.id, populate_existing=True)
+                    assert head is not None
+                    return head, result
+        raise Conflict("the context map kept changing under this write; retry")
+
+    # -- reads ------------------------------------------------------------------------------------
+
+    def get(self, bank: str, version: int | None = None) -> MapView:
+        """The current map, or an old ``version``."""
+        with self.store.sessions() as s:
+            bank_row = self.store._bank(s, bank)
+            head = self._head(s, bank_row)
+            if version is not None and (version < 0 or version > head.version):
+                raise NotFound(f"context-map version {version} not found (current: {head.version})")
+            row = self._snapshot(s, bank_row.id, head.version if version is None else version)
+            state = MapState.from_json(row.state)
+            budget = head.budget_tokens if version is None else state.budget_tokens
+            return MapView(version=row.version, budget_tokens=budget, tokens=row.tokens, frozen=head.frozen,
+                           items=_views(state))
+
+    def budget(self, s: Session, bank: BankRow) -> int:
+        return self._head(s, bank).budget_tokens
+
+    # -- writes -----------------------------------------------------------------------------------
+
+    def edit(self, bank: str, edits: Sequence[Edit | dict[str, Any]] = (),
+             feedback: Sequence[Feedback | dict[str, Any]] = (), *, base_version: int | None = None,
+             agent: str | None = None) -> EditResult:
+        """Apply edits and feedback atomically as one new version (all or nothing); the map fits its budget
+        afterwards. ``base_version``: the version the editor read (see :func:`apply_changes`)."""
+        edit_list, feedback_list = parse_edits(edits, feedback)
+        if base_version is not None and (isinstance(base_version, bool) or base_version < 0):
+            raise ValidationFailed("base_version must be a non-negative integer")
+
+        def mutate(state: MapState, head: ContextMapRow) -> tuple[Applied, dict[str, Any]] | None:
+            if not edit_list and not feedback_list:
+                if base_version is not None and base_version > head.version:
+                    raise VersionMismatch(f"base_version {base_version} is newer than the map")
+                return None
+            return apply_changes(state, edit_list, feedback_list, version=head.version + 1,
+                                 current_version=head.version, base_version=base_version, agent=agent, now=utcnow(),
+                                 count_tokens=self.count_tokens), {}
+
+        head, result = self._write(bank, "edit", agent, mutate)
+        if result is None:
+            return EditResult(version=head.version, tokens=self._tokens_of(bank, head.version), evicted=[], applied=[])
+        return EditResult(version=head.version, tokens=result.tokens, evicted=result.evicted, applied=result.applied)
+
+    def _tokens_of(self, bank: str, version: int) -> int:
+        with self.store.sessions() as s:
+            return self._snapshot(s, self.store._bank(s, bank).id, version).tokens
+
+    def configure(self, bank: str, *, frozen: bool | None = None, budget_tokens: int | None = None,
+                  agent: str | None = None) -> MapView:
+        """Freeze/unfreeze (frozen maps are not refreshed or bootstrapped) and change the token budget;
+        a smaller budget evicts at once, as a new version."""
+        if budget_tokens is not None:
+            self.check_budget(budget_tokens)
+
+        def mutate(state: MapState, head: ContextMapRow) -> tuple[Applied, dict[str, Any]] | None:
+            head_changes: dict[str, Any] = {}
+            if frozen is not None:
+                head_changes["frozen"] = frozen
+            if budget_tokens is not None:
+                head_changes["budget_tokens"] = budget_tokens
+                state.budget_tokens = budget_tokens
+            if not head_changes or all(getattr(head, k) == v for k, v in head_changes.items()):
+                return None
+            tokens, evicted = evict(state, self.count_tokens)
+            return Applied(state, tokens, [], evicted), head_changes
+
+        self._write(bank, "configure", agent, mutate)
+        return self.get(bank)
+
+    def bootstrap(self, bank: str, doc_id: str, text: str, agent: str | None = None) -> str | None:
+        """Add (or update) the roadmap entry of a document while it fits the budget; never evicts.
+        Returns the item id, or None when the map is frozen or full."""
+        entry = roadmap_entry(doc_id, text)
+        marker = f"(doc {doc_id})"
+
+        def mutate(state: MapState, head: ContextMapRow) -> tuple[Applied, dict[str, Any]] | None:
+            if head.frozen:
+                return None
+            existing = next((i for i in state.items.values() if i.section == "roadmap"
+                             and i.content.endswith(marker)), None)
+            if existing is not None and existing.content == entry:
+                return None
+            edit = (Edit(op="add", section="roadmap", content=entry) if existing is None
+                    else Edit(op="replace", id=existing.id, content=entry))
+            try:
+                result = apply_changes(state, [edit], [], version=head.version + 1, current_version=head.version,
+                                       base_version=None, agent=agent, now=utcnow(), count_tokens=self.count_tokens)
+            except ValidationFailed:
+                return None  # the entry alone is over the budget
+            return (result, {}) if not result.evicted else None  # the budget says no: nothing is pushed out
+
+        _, result = self._write(bank, "bootstrap", agent, mutate)
+        return result.applied[0]["id"] if result is not None else None
+
+    def on_ingest(self, bank: str, doc_id: str, text: str, agent: str | None) -> None:
+        """The ingest hook: bootstrap the document's roadmap entry. The document is already stored and the
+        map is advisory, so a failure here is logged, never raised into the write."""
+        try:
+            self.bootstrap(bank, doc_id, text, agent)
+        except (KVRagError, SQLAlchemyError) as exc:
+            log.warning("context map of bank %s: no roadmap entry for %s (%s)", bank, doc_id, exc)
+
+    # -- refresh ----------------------------------------------------------------------------------
+
+    @property
+    def llm_name(self) -> str:
+        return self.store.settings.map_llm_url or "local"
+
+    def refresh(self, bank: str, *, agent: str | None = None) -> RefreshReport:
+        """Distill the recent query records into edits with the LLM and apply them as one version (scores
+        decay by 0.85). Unparseable output or a failed LLM call changes nothing and is reported."""
+        with self.store.sessions() as s:
+            bank_row = self.store._bank(s, bank)
+            head = self._head(s, bank_row)
+            if head.frozen:
+                raise Conflict("the context map is frozen; unfreeze it to refresh")
+            base = head.version
+            snapshot = self._snapshot(s, bank_row.id, base)
+            state = MapState.from_json(snapshot.state)
+            state.budget_tokens = head.budget_tokens
+            tokens = snapshot.tokens
+            records = list(reversed(s.scalars(select(ContextMapQueryRow).where(
+                ContextMapQueryRow.bank_id == bank_row.id, ContextMapQueryRow.id > head.refreshed_through)
+                .order_by(ContextMapQueryRow.id.desc()).limit(RECENT_QUERIES)).all()))
+        report = RefreshReport(status="nothing_to_distill", version=base, tokens=tokens, records=len(records),
+                               llm=self.llm_name)
+        if not records:
+            return report
+        try:
+            raw = self._complete(DISTILL_SYSTEM, distill_prompt(state, records))
+        except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError) as exc:
+            report.status, report.error = "llm_error", f"{type(exc).__name__}: {exc}"
+            return report
+        try:
+            distilled = parse_distilled(raw)
+        except ValueError as exc:
+            report.status, report.error, report.raw = "unparseable", str(exc), raw[:_RAW_REPORT_CHARS]
+            log.warning("context map of bank %s: refresh output did not parse (%s)", bank, exc)
+            return report
+        through = records[-1].id
+
+        def mutate(current: MapState, head: ContextMapRow) -> tuple[Applied, dict[str, Any]] | None:
+            if head.frozen:
+                raise Conflict("the context map was frozen during the refresh")
+            result = apply_changes(current, distilled.edits, distilled.feedback, version=head.version + 1,
+                                   current_version=head.version, base_version=base, agent=agent or "refresh",
+                                   now=utcnow(), count_tokens=self.count_tokens, strict=False, decay=True)
+            return result, {"refreshes": head.refreshes + 1, "refreshed_through": through}
+
+        new_head, result = self._write(bank, "refresh", agent, mutate)
+        assert result is not None
+        report.status = "applied" if result.applied else "unchanged"
+        report.version, report.tokens = new_head.version, result.tokens
+        report.applied, report.rejected, report.evicted = result.applied, result.rejected, result.evicted
+        return report
+
+    def _complete(self, system: str, user: str) -> str:
+        """One chat completion: the OpenAI-compatible endpoint when configured, else the local model."""
+        settings = self.store.settings
+        if settings.map_llm_url:
+            url = settings.map_llm_url.rstrip("/")
+            if not url.endswith("/chat/completions"):
+                url += "/chat/completions"
+            headers = {"Authorization": f"Bearer {settings.map_llm_api_key}"} if settings.map_llm_api_key else {}
+            response = httpx.post(url, headers=headers, timeout=settings.map_llm_timeout_s, json={
+                "model": settings.map_llm_model, "temperature": 0, "max_tokens": settings.map_llm_max_tokens,
+                "messages": [{"role": "system", "content": system}, {"role": "user", "content": user}]})
+            response.raise_for_status()
+            content = response.json()["choices"][0]["message"]["content"]
+            if not isinstance(content, str):
+                raise TypeError("the endpoint's message content is not a string")
+            return content
+        return self._complete_locally(system, user)
+
+    def _complete_locally(self, system: str, user: str) -> str:
+        from transformers import DynamicCache
+
+        from .runner import Context
+
+        runner = self.store.runner
+        tokenizer = runner.tokenizer
+        if getattr(tokenizer, "chat_template", None):
+            ids = tokenizer.apply_chat_template([{"role": "system", "content": system},
+                                                 {"role": "user", "content": user}], add_generation_prompt=True,
+                                                tokenize=True, return_dict=False)
+            ids = list(ids["input_ids"]) if isinstance(ids, dict) else list(ids)
+        else:
+            ids = runner.tokenize(f"{system}\n\n{user}\n\nJSON:", add_special=True)
+        with self.store.model_lock:
+            return runner.generate(Context(DynamicCache(), 0, 0), ids, self.store.settings.map_llm_max_tokens).text
+
+    # -- query side -------------------------------------------------------------------------------
+
+    def record_query(self, s: Session, bank: BankRow, question: str, answer: str, sources: Sequence[str],
+                     map_version: int | None) -> None:
+        """Keep a query for later refreshes (the last ``context_map_keep_queries`` per bank)."""
+        row = ContextMapQueryRow(bank_id=bank.id, question=question, answer=answer,
+                                 sources=list(dict.fromkeys(sources)), map_version=map_version, created_at=utcnow())
+        s.add(row)
+        s.flush()
+        cutoff = s.scalar(select(ContextMapQueryRow.id).where(ContextMapQueryRow.bank_id == bank.id)
+                          .order_by(ContextMapQueryRow.id.desc()).offset(self.store.settings.context_map_keep_queries)
+                          .limit(1))
+        if cutoff is not None:
+            s.execute(delete(ContextMapQueryRow).where(ContextMapQueryRow.bank_id == bank.id,
+                                                       ContextMapQueryRow.id <= cutoff))
+        s.commit()
+
+    def prefill(self, s: Session, bank: BankRow) -> MapPrefill:
+        """The current map's KV (pre-RoPE, for the positions right after the prefix), prefilled only when
+        this map text has not been prefilled before."""
+        head = self._head(s, bank)
+        key = _kv_key(bank)
+        with self._kv_lock:
+            cached = self._kv.get(key)
+        if cached is not None and cached.version == head.version:
+            return MapPrefill(head.version, cached.token_ids, cached.kv, 0)
+        text = render(MapState.from_json(self._snapshot(s, bank.id, head.version).state))
+        if not text:
+            return MapPrefill(head.version, [], None, 0)
+        if cached is not None and cached.text == text:  # e.g. only feedback changed: same text, same KV
+            with self._kv_lock:
+                self._kv[key] = replace(cached, version=head.version)
+            return MapPrefill(head.version, cached.token_ids, cached.kv, 0)
+        ids = self.store.runner.tokenize(text)
+        with self.store.model_lock:
+            kv = self.store.runner.encode([ids])[0]
+        with self._kv_lock:
+            self._kv[key] = _CachedKV(head.version, text, ids, kv)
+        return MapPrefill(head.version, ids, kv, len(ids))

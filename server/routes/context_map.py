@@ -1,0 +1,73 @@
+"""The context map of a bank (PEEK): read (any version), edit with feedback, refresh from recent queries, configure.
+
+Reads and edits only tokenize and touch the catalog, so they run in the thread pool; a refresh by the
+bank's local model is model work and goes through the worker, a refresh by ``KVRAG_MAP_LLM_URL`` waits
+on the network and runs in the thread pool, so queries never queue behind someone else's endpoint.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query
+from starlette.concurrency import run_in_threadpool
+
+from kvstore.contextmap import MapView
+
+from ..auth import Reader, Writer
+from ..deps import Store, Worker, plain
+from ..schemas import ContextMapOut, MapEditsIn, MapEditsOut, MapRefreshOut, MapUpdate
+from .common import ERRORS
+
+router = APIRouter(prefix="/v1/banks/{bank}/context-map", tags=["context map"], responses=ERRORS)
+
+
+def _out(view: MapView) -> ContextMapOut:
+    return ContextMapOut(**plain(view))
+
+
+@router.get("", operation_id="get_context_map", response_model=ContextMapOut)
+async def get_context_map(bank: str, store: Store, _reader: Reader,
+                          version: Annotated[int | None, Query(ge=0, description="An older version.")] = None
+                          ) -> ContextMapOut:
+    """The bank's context map (items by section with stable ids, scores and authors), or an old version."""
+    return _out(await run_in_threadpool(store.context_map.get, bank, version))
+
+
+@router.post("/edits", operation_id="edit_context_map", response_model=MapEditsOut)
+async def edit_context_map(bank: str, body: MapEditsIn, store: Store, principal: Writer) -> MapEditsOut:
+    """Apply edits and feedback as one new version, all or nothing; the map is evicted to its budget.
+    A stale ``base_version`` is a 409 ``version_mismatch`` unless every item touched is unchanged since."""
+    edits: list[dict[str, Any]] = [e.model_dump(exclude_none=True) for e in body.edits]
+    feedback: list[dict[str, Any]] = [f.model_dump() for f in body.feedback]
+
+    def run() -> Any:
+        return store.context_map.edit(bank, edits, feedback, base_version=body.base_version, agent=principal.agent)
+
+    return MapEditsOut(**plain(await run_in_threadpool(run)))
+
+
+@router.post("/refresh", operation_id="refresh_context_map", response_model=MapRefreshOut)
+async def refresh_context_map(bank: str, store: Store, worker: Worker, principal: Writer) -> MapRefreshOut:
+    """Distill recent queries into edits with the map LLM and apply them (scores decay by 0.85).
+    Output that does not parse changes nothing; the report says so. A frozen map is a 409."""
+
+    def run() -> Any:
+        return store.context_map.refresh(bank, agent=principal.agent)
+
+    if store.settings.map_llm_url:
+        report = await run_in_threadpool(run)
+    else:
+        report = await worker.run(run)
+    return MapRefreshOut(**plain(report))
+
+
+@router.patch("", operation_id="update_context_map", response_model=ContextMapOut)
+async def update_context_map(bank: str, body: MapUpdate, store: Store, principal: Writer) -> ContextMapOut:
+    """Freeze or unfreeze the map (frozen: no refresh, no bootstrap) and change its token budget."""
+
+    def run() -> MapView:
+        return store.context_map.configure(bank, frozen=body.frozen, budget_tokens=body.budget_tokens,
+                                           agent=principal.agent)
+
+    return _out(await run_in_threadpool(run))
