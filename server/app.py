@@ -18,7 +18,7 @@ from . import mcp_http
 from .errors import install_error_handlers
 from .metrics import Metrics
 from .middleware import RequestContextMiddleware
-from .routes import banks, context_map, documents, keys, openai_compat, retrieval, sessions, system
+from .routes import banks, context_map, documents, keys, maintenance, openai_compat, retrieval, sessions, system
 from .worker import ModelWorker
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,8 @@ def create_app(settings: Settings, store: BankStore | None = None) -> FastAPI:
                                           hot=lambda: app.state.store.hot if app.state.store else None)
     install_error_handlers(app)
     app.add_middleware(RequestContextMiddleware, settings=settings, metrics=metrics)
-    for module in (system, keys, banks, documents, retrieval, context_map, sessions, openai_compat, mcp_http):
+    for module in (system, keys, banks, documents, retrieval, maintenance, context_map, sessions, openai_compat,
+                   mcp_http):
         app.include_router(module.router)
     return app
 

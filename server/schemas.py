@@ -94,6 +94,9 @@ class BankDetail(BankOut):
     merges: int
     quarantined_blocks: int
     index_entries: int
+    reencodes: int = 0
+    tiers: dict[str, dict[str, int]] = Field(
+        default_factory=dict, description="hot / warm / cold tiers, each with its blocks and bytes")
 
 
 class BankList(BaseModel):

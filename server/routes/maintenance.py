@@ -1,0 +1,41 @@
+"""Maintenance of one bank: expiry, re-encoding, merging, eviction, orphan collection, integrity check."""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+from fastapi import APIRouter
+from pydantic import Field
+
+from kvstore.bank import BankStore
+
+from ..auth import Writer
+from ..deps import Store, Worker
+from ..schemas import Request
+from .common import ERRORS
+
+router = APIRouter(prefix="/v1/banks/{bank}", tags=["maintenance"], responses=ERRORS)
+
+
+class MaintenanceIn(Request):
+    evict: bool = Field(default=True, description="Evict down the tiers until the bank fits its budget.")
+    merge: bool = Field(default=True, description="Merge near-duplicate blocks into one blob.")
+    gc: bool = Field(default=True, description="Delete blob files no block references (after a grace period).")
+    expire: bool = Field(default=True, description="Delete documents past their expires_at.")
+    reencode: bool = Field(default=True, description="Re-encode after a model change; re-warm cold blocks.")
+    rebuild: bool = Field(default=False, description="Check every block's checksum; rebuild damaged ones from text.")
+
+
+def _maintain(store: BankStore, bank: str, body: MaintenanceIn) -> dict[str, Any]:
+    report = store.maintain(bank, evict=body.evict, merge=body.merge, gc=body.gc, expire=body.expire,
+                            reencode=body.reencode)
+    if body.rebuild:
+        report["verify"] = store.verify(bank)
+    return report
+
+
+@router.post("/maintenance", operation_id="maintain_bank")
+async def maintain(bank: str, body: MaintenanceIn, store: Store, worker: Worker, _writer: Writer) -> dict[str, Any]:
+    """Run maintenance now (it uses the model, so it queues behind queries) and return its report."""
+    return await worker.run(partial(_maintain, store, bank, body))
