@@ -204,6 +204,11 @@ class SearchOut(BaseModel):
     hits: list[HitOut]
 
 
+class Compaction(Request):
+    tau: float | None = Field(default=None, description="Keep tokens scoring above median + tau * MAD.")
+    budget_tokens: int | None = Field(default=None, ge=1, description="Keep at most this many context tokens.")
+
+
 class QueryIn(Request):
     model_config = ConfigDict(json_schema_extra={"examples": [
         {"question": "Who were the Normans?", "k": 5, "mode": "kv", "max_new_tokens": 64}]})
@@ -215,6 +220,12 @@ class QueryIn(Request):
     stream: bool = False
     filter: Filter | None = None
     context_map: bool = Field(default=False, description="Put the bank's context map before the blocks.")
+    recompute: float | None = Field(
+        default=None, ge=0.0, le=1.0,
+        description="kv mode: share of context tokens whose KV is recomputed with full attention (CacheBlend); "
+                    "default per device (0.0 on CPU).")
+    compaction: Compaction | None = Field(
+        default=None, description="kv mode: keep only the context tokens the question attends to (Latent Briefing).")
 
 
 class TimingsOut(BaseModel):
@@ -230,6 +241,8 @@ class UsageOut(BaseModel):
     question_tokens: int
     generated_tokens: int
     map_prefill_tokens: int = Field(default=0, description="Context-map tokens prefilled (0: its KV was cached).")
+    recomputed_tokens: int = Field(default=0, description="Context tokens whose KV was recomputed.")
+    kept_tokens: int = Field(default=0, description="Context tokens the answer was generated from (after compaction).")
 
 
 class QueryOut(BaseModel):

@@ -48,3 +48,19 @@ def test_maintenance_needs_write_scope_and_rejects_unknown_fields(live: LiveServ
         assert c.post("/v1/banks/m2/maintenance", json={"bogus": 1}).status_code == 422
     with live.client(key) as reader:
         assert reader.post("/v1/banks/m2/maintenance", json={}).status_code == 403
+
+
+def test_query_accepts_recompute_and_compaction(live: LiveServer) -> None:
+    with live.admin() as c:
+        c.post("/v1/banks", json={"name": "q"})
+        for doc_id, text in TEXTS.items():
+            c.put(f"/v1/banks/q/documents/{doc_id}", json={"text": text})
+        r = c.post("/v1/banks/q/query", json={"question": "Who were the Normans?", "k": 3, "max_new_tokens": 2,
+                                              "recompute": 0.5, "compaction": {"budget_tokens": 12}})
+        assert r.status_code == 200, r.text
+        usage = r.json()["usage"]
+        assert usage["recomputed_tokens"] > 0 and usage["kept_tokens"] <= 12
+        bad = c.post("/v1/banks/q/query", json={"question": "x", "recompute": 2.0})
+        assert bad.status_code == 422 and bad.json()["code"] == "validation_error"
+        bad = c.post("/v1/banks/q/query", json={"question": "x", "compaction": {"nope": 1}})
+        assert bad.status_code == 422

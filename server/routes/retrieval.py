@@ -65,7 +65,9 @@ async def query(bank: str, body: QueryIn, request: Request, store: Store, worker
     started_at: float = request.state.started_at
     _check_limits(request.app.state.settings, body.k, body.max_new_tokens)
     call = partial(store.query, bank, body.question, k=body.k, mode=body.mode, max_new_tokens=body.max_new_tokens,
-                   filter=_filter(body.filter), started_at=started_at, context_map=body.context_map)
+                   filter=_filter(body.filter), started_at=started_at, context_map=body.context_map,
+                   recompute=body.recompute,
+                   compaction=body.compaction.model_dump(exclude_none=True) if body.compaction else None)
     if not body.stream:
         return _query_out(await worker.run(call))
     await run_in_threadpool(store.get_bank, bank)  # a missing bank is a 404, not an error event
