@@ -31,6 +31,7 @@ from .chunking import chunk_text
 from .codec import decode_block, encode_block, get_preset
 from .compaction import CompactionSpec, compact
 from .config import Settings
+from .contextmap import ContextMaps
 from .errors import (
     BadRequest,
     Conflict,
@@ -155,6 +156,7 @@ class Usage:
     generated_tokens: int = 0
     recomputed_tokens: int = 0  # context tokens whose KV was recomputed through every layer
     kept_tokens: int = 0  # context tokens the answer was generated from, after compaction
+    map_prefill_tokens: int = 0  # context-map tokens prefilled for this query (0: its KV was cached)
 
 
 @dataclass
@@ -219,6 +221,7 @@ class BankStore:
         self.blobs = LocalBlobStore(self.settings.data_dir / "blobs")
         self.hot = HotCache(self.settings.hot_tier_bytes)
         self.memory = MemoryManager(self)
+        self.context_map = ContextMaps(self)
         self.embedder = embedder or Embedder(self.settings)
         self.llm = llm or load_llm(self.settings)
         self.runner = Runner(self.llm, self.settings.system_prompt)
@@ -302,9 +305,11 @@ class BankStore:
 
     def create_bank(self, name: str, *, codec: str | None = None, budget_bytes: int | None = None,
                     max_blocks: int | None = None, eviction: str = "lru",
-                    block_tokens: int | None = None) -> BankInfo:
+                    block_tokens: int | None = None, context_map_budget_tokens: int | None = None) -> BankInfo:
         """Create an empty bank bound to the loaded model's fingerprint."""
         validate_bank_name(name)
+        if context_map_budget_tokens is not None:
+            self.context_map.check_budget(context_map_budget_tokens)
         codec = codec or self.settings.default_codec
         get_preset(codec)
         if eviction not in EVICTION_POLICIES:
@@ -322,7 +327,9 @@ class BankStore:
                 raise Conflict(f"bank {name!r} already exists") from None
             with self._index_lock:
                 self._indexes[row.id] = BankIndex(self.embedder.dim)
-            return _bank_info(row)
+        if context_map_budget_tokens is not None:
+            self.context_map.configure(name, budget_tokens=context_map_budget_tokens)
+        return _bank_info(row)
 
     def list_banks(self, names: set[str] | None = None) -> list[BankInfo]:
         """Every bank, or only those in ``names`` (a key's scope)."""
@@ -335,8 +342,11 @@ class BankStore:
             return _bank_info(self._bank(s, name))
 
     def update_bank(self, name: str, *, codec: str | None = None, budget_bytes: int | None = None,
-                    max_blocks: int | None = None, eviction: str | None = None) -> BankInfo:
+                    max_blocks: int | None = None, eviction: str | None = None,
+                    context_map_budget_tokens: int | None = None) -> BankInfo:
         """Change a bank's defaults; existing blocks keep the codec they were written with."""
+        if context_map_budget_tokens is not None:
+            self.context_map.check_budget(context_map_budget_tokens)
         with self.sessions() as s:
             row = self._bank(s, name)
             if codec is not None:
@@ -355,7 +365,9 @@ class BankStore:
             s.commit()
             with self._blob_lock:
                 self.memory.enforce_budget(s, row)
-            return _bank_info(row)
+        if context_map_budget_tokens is not None:
+            self.context_map.configure(name, budget_tokens=context_map_budget_tokens)
+        return _bank_info(row)
 
     def delete_bank(self, name: str) -> None:
         """Delete a bank with its documents, blocks, index and unreferenced blobs."""
@@ -503,6 +515,7 @@ class BankStore:
             self._apply_to_index(s, bank_row, op, rows)
             self._drop_unreferenced(s, old_blobs - {r.blob_id for r in rows})
             self.memory.enforce_budget(s, bank_row)
+            self.context_map.on_ingest(bank, doc_id, text, agent)
             return PutResult(_doc_info(doc, len(rows)), created=created, changed=True)
 
     @staticmethod
@@ -703,8 +716,9 @@ class BankStore:
     def query(self, bank: str, question: str, *, k: int = 5, mode: Mode = "kv", max_new_tokens: int = 64,
               filter: SearchFilter | None = None, on_token: Callable[[str], None] | None = None,
               started_at: float | None = None, recompute: float | None = None,
-              compaction: dict[str, Any] | None = None) -> QueryResult:
+              compaction: dict[str, Any] | None = None, context_map: bool = False) -> QueryResult:
         """Retrieve top-k blocks and answer. kv: stored KV + question prefill; text: prefill their text.
+        ``context_map`` puts the bank's rendered context map before the blocks (its KV cached per version).
 
         kv mode only: ``recompute`` is the share of context tokens whose KV is recomputed with attention over
         the whole context (None: the device's measured default); ``compaction`` (``{"tau": float}`` and/or
@@ -728,12 +742,15 @@ class BankStore:
             retrieved = self._retrieve(s, bank_row, question, k, filter)
             t_retrieved = time.perf_counter()
             q_ids = self.runner.question_ids(question)
+            shown = self.context_map.prefill(s, bank_row) if context_map else None
+            lead = [shown.kv] if shown is not None and shown.kv is not None else []
+            lead_ids = shown.token_ids if lead and shown is not None else []
             if mode == "kv":
                 blocks = [self.load_block(s, bank_row, b) for b, _, _ in retrieved]
                 t_loaded = time.perf_counter()
-                context_ids = [tok for b, _, _ in retrieved for tok in _bytes_ids(b.token_ids)]
+                context_ids = lead_ids + [tok for b, _, _ in retrieved for tok in _bytes_ids(b.token_ids)]
                 with self.model_lock:
-                    ctx = self.runner.assemble(blocks)
+                    ctx = self.runner.assemble(lead + blocks)
                     context_tokens = ctx.context_tokens
                     recomputed = blend(self.runner, ctx, context_ids, ratio)
                     if spec is not None:
@@ -744,12 +761,16 @@ class BankStore:
                 block_ids = [tok for b, _, _ in retrieved for tok in _bytes_ids(b.token_ids)]
                 t_loaded = time.perf_counter()
                 with self.model_lock:
-                    ctx = self.runner.text_context()
+                    # The map sits right after the prefix, where its cached KV is exact: a serving engine
+                    # would cache it with the prefix, so the text baseline reuses it too.
+                    ctx = self.runner.assemble(lead) if lead else self.runner.text_context()
                     gen = self.runner.generate(ctx, block_ids + q_ids, max_new_tokens, on_token)
-                context_tokens = kept = len(block_ids)
+                context_tokens = kept = len(lead_ids) + len(block_ids)
                 recomputed = 0
-            shares = self.memory.attention_shares(ctx, q_ids, blocks) if mode == "kv" else None
-            self._record_access(s, [b.id for b, _, _ in retrieved], shares)
+            shares = self.memory.attention_shares(ctx, q_ids, lead + blocks) if mode == "kv" else None
+            self._record_access(s, [b.id for b, _, _ in retrieved], shares[len(lead):] if shares else shares)
+            self.context_map.record_query(s, bank_row, question, gen.text, [d.doc_id for _, d, _ in retrieved],
+                                          shown.version if shown is not None else None)
             if mode == "kv":
                 self.memory.rewarm_and_enforce(s, bank_row, [b for b, _, _ in retrieved], blocks)
         t_end = time.perf_counter()
@@ -757,7 +778,8 @@ class BankStore:
                           prefill_ms=_ms(gen.ttft_s - t_loaded), ttft_ms=_ms(gen.ttft_s - t0),
                           total_ms=_ms(t_end - t0))
         usage = Usage(context_tokens=context_tokens, question_tokens=len(q_ids),
-                      generated_tokens=len(gen.token_ids), recomputed_tokens=recomputed, kept_tokens=kept)
+                      generated_tokens=len(gen.token_ids), recomputed_tokens=recomputed, kept_tokens=kept,
+                      map_prefill_tokens=shown.prefilled if shown is not None else 0)
         return QueryResult(answer=gen.text, mode=mode, sources=[self._hit(b, d, sc) for b, d, sc in retrieved],
                            timings=timings, usage=usage)
 
