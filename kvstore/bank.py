@@ -422,8 +422,8 @@ class BankStore:
         if tags is not None and (not isinstance(tags, list) or not all(isinstance(t, str) for t in tags)):
             raise ValidationFailed("tags must be a list of strings")
 
-    def _encode_blocks(self, bank: BankRow, text: str) -> list[tuple[str, list[int], np.ndarray, str, int]]:
-        """(text, token ids, embedding, blob id, stored bytes) per block; blobs are written here."""
+    def _encode_blocks(self, bank: BankRow, text: str) -> list[tuple[str, list[int], np.ndarray, str, bytes]]:
+        """(text, token ids, embedding, blob id, blob bytes) per block; blobs are written here."""
         runner = self.runner
         chunks = chunk_text(text, bank.block_tokens, lambda t: len(runner.tokenize(t)))
         if not chunks:
@@ -435,7 +435,7 @@ class BankStore:
         out = []
         for chunk, ids, vec, kv in zip(chunks, token_ids, vectors, kvs, strict=True):
             data = encode_block(kv, bank.model_fingerprint, bank.codec)
-            out.append((chunk, ids, vec, self.blobs.put(data), len(data)))
+            out.append((chunk, ids, vec, self.blobs.put(data), data))
         return out
 
     def put_document(self, bank: str, doc_id: str, text: str, *, metadata: dict[str, Any] | None = None,
@@ -474,6 +474,10 @@ class BankStore:
                 return PutResult(_doc_info(doc, n), created=False, changed=meta_changed)
         encoded = self._encode_blocks(bank_row, text)
         with self.sessions() as s, self._blob_lock:
+            # The blobs were written outside the lock: since then a delete or orphan collection may have removed
+            # a file of the same content (blobs are shared by content). Writing again is a no-op when present.
+            for *_, data in encoded:
+                self.blobs.put(data)
             bank_row = self._bank(s, bank)
             doc = self._doc(s, bank_row, doc_id, required=False)
             self._check_if_match(doc, if_match)
@@ -498,9 +502,9 @@ class BankStore:
             rows = [BlockRow(bank_id=bank_row.id, document_id=doc.id, ordinal=i, token_count=len(ids),
                              text=chunk, token_ids=_ids_bytes(ids), embedding=vec.astype("<f4").tobytes(),
                              blob_id=blob_id, codec=bank_row.codec,
-                             raw_bytes=len(ids) * self.runner.bytes_per_token_fp16, stored_bytes=size, agent=agent,
-                             status="live", access_count=0, importance=0.0, created_at=now)
-                    for i, (chunk, ids, vec, blob_id, size) in enumerate(encoded)]
+                             raw_bytes=len(ids) * self.runner.bytes_per_token_fp16, stored_bytes=len(data),
+                             agent=agent, status="live", access_count=0, importance=0.0, created_at=now)
+                    for i, (chunk, ids, vec, blob_id, data) in enumerate(encoded)]
             s.add_all(rows)
             s.flush()
             op = OpLogRow(bank_id=bank_row.id, op="put", doc_id=doc_id, version=doc.version,
