@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from kvrag_client import APIError, Conflict, KVRag, KVRagError, QueryResult, TokenEvent
+from kvrag_client import APIError, Conflict, ContextMap, KVRag, KVRagError, QueryResult, TokenEvent
 from tqdm import tqdm
 
 app = typer.Typer(help="kvrag: a memory database for LLM agents that stores documents as their KV cache.",
@@ -23,9 +23,15 @@ app = typer.Typer(help="kvrag: a memory database for LLM agents that stores docu
 db_app = typer.Typer(help="Manage the catalog database.", no_args_is_help=True)
 banks_app = typer.Typer(help="List, create, inspect and delete banks (no subcommand: list).")
 keys_app = typer.Typer(help="Create, list and revoke API keys (needs an admin key).", no_args_is_help=True)
+map_app = typer.Typer(help="Show, edit and refresh a bank's context map (what it holds, what earlier work found).",
+                      no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(banks_app, name="banks")
 app.add_typer(keys_app, name="keys")
+app.add_typer(map_app, name="map")
+sessions_app = typer.Typer(help="Agent sessions: append to a trajectory kept as KV, brief a worker, prune.",
+                           no_args_is_help=True)
+app.add_typer(sessions_app, name="sessions")
 
 TEXT_SUFFIXES = (".txt", ".md")
 JSONL_SUFFIX = ".jsonl"
@@ -222,13 +228,16 @@ def query(question: Annotated[str, typer.Argument(help="The question.", show_def
           k: Annotated[int, typer.Option("--k", "-k", min=1, help="Blocks to retrieve.")] = 5,
           max_new_tokens: Annotated[int, typer.Option(min=0, help="Tokens to generate at most.")] = 64,
           stream: Annotated[bool, typer.Option("--stream", help="Print tokens as they come.")] = False,
+          context_map: Annotated[bool, typer.Option("--context-map", help="Put the bank's context map before "
+                                                    "the passages.")] = False,
           json_out: JsonOut = False, url: Url = DEFAULT_URL, api_key: ApiKey = None) -> None:
     """Answer a question from a bank; the answer goes to stdout, its sources and timings to stderr."""
     if mode not in ("kv", "text"):
         raise _fail("--mode must be kv or text")
     with _connect(url, api_key) as kv:
         if stream and not json_out:
-            events = kv.query(bank, question, k=k, mode=mode, max_new_tokens=max_new_tokens, stream=True)
+            events = kv.query(bank, question, k=k, mode=mode, max_new_tokens=max_new_tokens, stream=True,
+                              context_map=context_map)
             for event in events:
                 if isinstance(event, TokenEvent):
                     typer.echo(event.text, nl=False)
@@ -236,7 +245,7 @@ def query(question: Annotated[str, typer.Argument(help="The question.", show_def
             if events.result is not None:
                 _print_result(events.result)
             return
-        result = kv.query(bank, question, k=k, mode=mode, max_new_tokens=max_new_tokens)
+        result = kv.query(bank, question, k=k, mode=mode, max_new_tokens=max_new_tokens, context_map=context_map)
     if json_out:
         _print_json(result.model_dump(mode="json"))
         return
@@ -356,6 +365,195 @@ def keys_revoke(key_id: Annotated[str, typer.Argument(help="The key's id.", show
     with _connect(url, api_key) as kv:
         kv.keys.delete(key_id)
     typer.echo(f"revoked key {key_id}")
+
+
+# -- context map --------------------------------------------------------------------------------------
+
+MAP_SECTIONS = ("roadmap", "understanding", "reusable_results")
+
+
+def _print_map(cmap: ContextMap) -> None:
+    typer.echo(f"version {cmap.version} | {cmap.tokens}/{cmap.budget_tokens} tokens"
+               f"{' | frozen' if cmap.frozen else ''}")
+    for section in MAP_SECTIONS:
+        items = [i for i in cmap.items if i.section == section]
+        if items:
+            typer.echo(f"[{section}]")
+        for item in items:
+            typer.echo(f"  {item.id}  (+{item.helpful}/-{item.harmful}, score {item.score:.2f}"
+                       f"{', stale' if item.stale else ''})  {item.content}")
+
+
+def _pairs(values: list[str], option: str) -> list[tuple[str, str]]:
+    """``KEY=TEXT`` option values split once at the first '='."""
+    out = []
+    for value in values:
+        key, sep, text = value.partition("=")
+        if not sep or not key or not text.strip():
+            raise _fail(f"{option} takes KEY=TEXT, got {value!r}")
+        out.append((key.strip(), text.strip()))
+    return out
+
+
+@map_app.command("show")
+def map_show(bank: Bank, version: Annotated[int | None, typer.Option(min=0, help="An older version.")] = None,
+             json_out: JsonOut = False, url: Url = DEFAULT_URL, api_key: ApiKey = None) -> None:
+    """Print the bank's context map (or an older version) by section, with ids, votes and scores."""
+    with _connect(url, api_key) as kv:
+        cmap = kv.context_map.get(bank, version=version)
+    if json_out:
+        _print_json(cmap.model_dump(mode="json"))
+        return
+    _print_map(cmap)
+
+
+@map_app.command("edit")
+def map_edit(bank: Bank,
+             add: Annotated[list[str], typer.Option("--add", help="SECTION=TEXT (roadmap, understanding, "
+                                                    "reusable_results); repeatable.")] = [],  # noqa: B006
+             replace: Annotated[list[str], typer.Option("--replace", help="ID=TEXT; repeatable.")] = [],  # noqa: B006
+             delete: Annotated[list[str], typer.Option("--delete", help="ID to delete; repeatable.")] = [],  # noqa: B006
+             helpful: Annotated[list[str], typer.Option("--helpful", help="ID that helped.")] = [],  # noqa: B006
+             harmful: Annotated[list[str], typer.Option("--harmful", help="ID that misled.")] = [],  # noqa: B006
+             stale: Annotated[list[str], typer.Option("--stale", help="ID that is out of date.")] = [],  # noqa: B006
+             base_version: Annotated[int | None, typer.Option(min=0, help="Refuse if items changed since this "
+                                                              "version.")] = None,
+             frozen: Annotated[bool | None, typer.Option("--freeze/--unfreeze", help="Stop or allow automatic "
+                                                         "refresh and bootstrap.", show_default=False)] = None,
+             budget: Annotated[int | None, typer.Option(min=16, help="New token budget (evicts at once).")] = None,
+             json_out: JsonOut = False, url: Url = DEFAULT_URL, api_key: ApiKey = None) -> None:
+    """Edit the context map in one atomic version: add, replace and delete items, vote on them, freeze it
+    or change its budget; prints what was applied and evicted."""
+    for section, _ in _pairs(add, "--add"):
+        if section not in MAP_SECTIONS:
+            raise _fail(f"--add: section must be one of {', '.join(MAP_SECTIONS)}")
+    edits = ([{"op": "add", "section": sec, "content": text} for sec, text in _pairs(add, "--add")]
+             + [{"op": "replace", "id": item, "content": text} for item, text in _pairs(replace, "--replace")]
+             + [{"op": "delete", "id": item} for item in delete])
+    feedback = [{"id": item, "tag": tag} for tag, ids in (("helpful", helpful), ("harmful", harmful),
+                                                          ("stale", stale)) for item in ids]
+    if not edits and not feedback and frozen is None and budget is None:
+        raise _fail("nothing to do: give --add, --replace, --delete, a vote, --freeze/--unfreeze or --budget")
+    with _connect(url, api_key) as kv:
+        result = None
+        if edits or feedback:
+            result = kv.context_map.edit(bank, edits, feedback=feedback, base_version=base_version)
+        if frozen is not None or budget is not None:
+            kv.context_map.update(bank, frozen=frozen, budget_tokens=budget)
+        cmap = kv.context_map.get(bank)
+    if json_out:
+        _print_json({"edit": result.model_dump(mode="json") if result else None, "map": cmap.model_dump(mode="json")})
+        return
+    if result is not None:
+        applied = ", ".join(f"{a['op']} {a['id']}" + (f" {a['tag']}" if "tag" in a else "") for a in result.applied)
+        typer.echo(f"applied: {applied or 'nothing'}")
+        if result.evicted:
+            typer.echo(f"evicted to fit the budget: {', '.join(result.evicted)}")
+    _print_map(cmap)
+
+
+@map_app.command("refresh")
+def map_refresh(bank: Bank, json_out: JsonOut = False, url: Url = DEFAULT_URL, api_key: ApiKey = None) -> None:
+    """Distill the bank's recent queries into map edits with the server's map LLM and apply them."""
+    with _connect(url, api_key) as kv:
+        report = kv.context_map.refresh(bank)
+    if json_out:
+        _print_json(report.model_dump(mode="json"))
+        return
+    typer.echo(f"{report.status}: version {report.version}, {report.tokens} tokens, {report.records} queries "
+               f"distilled by {report.llm}")
+    for entry in report.applied:
+        typer.echo(f"  applied {entry['op']} {entry['id']}")
+    for entry in report.rejected:
+        typer.echo(f"  rejected {entry}")
+    if report.evicted:
+        typer.echo(f"  evicted {', '.join(report.evicted)}")
+    if report.error:
+        typer.echo(f"  {report.error}", err=True)
+    if report.status in ("unparseable", "llm_error"):
+        raise typer.Exit(1)
+
+
+# -- sessions -----------------------------------------------------------------------------------------
+
+SessionId = Annotated[str, typer.Argument(help="The session.", show_default=False)]
+
+
+@sessions_app.command("create")
+def sessions_create(bank: Bank, session_id: Annotated[str | None, typer.Argument(
+                        help="Default: a random id.", show_default=False)] = None,
+                    url: Url = DEFAULT_URL, api_key: ApiKey = None) -> None:
+    """Create an empty session; prints its id."""
+    with _connect(url, api_key) as kv:
+        typer.echo(kv.sessions.create(bank, session_id).session_id)
+
+
+@sessions_app.command("append")
+def sessions_append(bank: Bank, session_id: SessionId,
+                    text: Annotated[str, typer.Argument(help="The segment's text ('-': read stdin).",
+                                                        show_default=False)],
+                    role: Annotated[str, typer.Option(help="orchestrator | tool | worker | note.")] = "note",
+                    agent: Annotated[str | None, typer.Option(help="Default: the key's agent.")] = None,
+                    url: Url = DEFAULT_URL, api_key: ApiKey = None, json_out: JsonOut = False) -> None:
+    """Append one segment; only its tokens are prefilled."""
+    body = typer.get_text_stream("stdin").read() if text == "-" else text
+    with _connect(url, api_key) as kv:
+        result = kv.sessions.append(bank, session_id, [{"role": role, "text": body, "agent": agent}])
+    if json_out:
+        _print_json(result.model_dump(mode="json"))
+        return
+    typer.echo(f"segment {result.segment_ids[0]}: {result.token_counts[0]} tokens; session holds {result.tokens}")
+
+
+@sessions_app.command("brief")
+def sessions_brief(bank: Bank, session_id: SessionId,
+                   task: Annotated[str, typer.Argument(help="The worker's task.", show_default=False)],
+                   budget_tokens: Annotated[int | None, typer.Option(min=0, help="Keep at most this many.")] = None,
+                   tau: Annotated[float | None, typer.Option(help="Keep above median + tau * MAD.")] = None,
+                   include_documents: Annotated[int, typer.Option(min=0, help="Add the top-k bank blocks.")] = 0,
+                   max_new_tokens: Annotated[int, typer.Option(min=0)] = 64,
+                   url: Url = DEFAULT_URL, api_key: ApiKey = None, json_out: JsonOut = False) -> None:
+    """Answer a task from the session compacted to what the task attends to."""
+    with _connect(url, api_key) as kv:
+        result = kv.sessions.brief(bank, session_id, task, budget_tokens=budget_tokens, tau=tau,
+                                   include_documents=include_documents, max_new_tokens=max_new_tokens)
+    if json_out:
+        _print_json(result.model_dump(mode="json"))
+        return
+    typer.echo(result.answer)
+    typer.echo(f"[{result.kept_tokens}/{result.session_tokens} session tokens, compaction "
+               f"{result.compaction_ms:.0f} ms, ttft {result.timings.ttft_ms:.0f} ms]", err=True)
+
+
+@sessions_app.command("prune")
+def sessions_prune(bank: Bank, session_id: SessionId,
+                   policy: Annotated[str, typer.Option(help="model | attention.")] = "model",
+                   goal: Annotated[str | None, typer.Option(help="What the agent still has to do.")] = None,
+                   url: Url = DEFAULT_URL, api_key: ApiKey = None, json_out: JsonOut = False) -> None:
+    """Drop the KV of segments no longer needed (their text stays)."""
+    with _connect(url, api_key) as kv:
+        result = kv.sessions.prune(bank, session_id, policy=policy, goal=goal)
+    if json_out:
+        _print_json(result.model_dump(mode="json"))
+        return
+    typer.echo(f"pruned {result.pruned or 'nothing'}: {result.tokens_before} -> {result.tokens_after} tokens")
+    if result.error:
+        typer.echo(f"  {result.error}", err=True)
+
+
+@sessions_app.command("get")
+def sessions_get(bank: Bank, session_id: SessionId, url: Url = DEFAULT_URL, api_key: ApiKey = None) -> None:
+    """Show a session (segments, live tokens, stored bytes) as JSON."""
+    with _connect(url, api_key) as kv:
+        _print_json(kv.sessions.get(bank, session_id).model_dump(mode="json"))
+
+
+@sessions_app.command("delete")
+def sessions_delete(bank: Bank, session_id: SessionId, url: Url = DEFAULT_URL, api_key: ApiKey = None) -> None:
+    """Delete a session with its KV."""
+    with _connect(url, api_key) as kv:
+        kv.sessions.delete(bank, session_id)
+    typer.echo(f"deleted session {session_id}")
 
 
 # -- agents -------------------------------------------------------------------------------------------

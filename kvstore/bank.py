@@ -230,6 +230,8 @@ class BankStore:
         self._indexes: dict[int, BankIndex] = {}
         self._index_lock = threading.Lock()
         self._ops_since_snapshot: dict[int, int] = {}
+        self._integrity: dict[str, dict[str, Any]] = {}  # per bank: damage found and repaired since start
+        self._integrity_lock = threading.Lock()
         self.load_indexes()
 
     # -- lifecycle --------------------------------------------------------------------------------
@@ -246,13 +248,34 @@ class BankStore:
         return self.settings.data_dir / "indexes" / f"bank-{bank.id}.faiss"
 
     def load_indexes(self) -> None:
+        """Load every bank's index. A bank whose index cannot be loaded is reported and retried on first use,
+        so one damaged bank never keeps the others from serving."""
         with self.sessions() as s:
-            for bank in s.scalars(select(BankRow)):
-                self._indexes[bank.id] = self._load_index(s, bank)
+            for bank in s.scalars(select(BankRow)).all():
+                try:
+                    self._indexes[bank.id] = self._load_index(s, bank)
+                except Exception as exc:  # noqa: BLE001 - isolate the damage to this bank
+                    s.rollback()
+                    log.exception("bank %s: index could not be loaded; retrying on first use", bank.name)
+                    self._note(bank.name, "index", f"failed to load: {type(exc).__name__}")
+
+    def _note(self, bank: str, what: str, value: Any = 1) -> None:
+        """Record damage found in ``bank``: a message, or a count when ``value`` is a number."""
+        with self._integrity_lock:
+            entry = self._integrity.setdefault(bank, {})
+            entry[what] = entry.get(what, 0) + value if isinstance(value, int) else value
+
+    def integrity_report(self) -> dict[str, dict[str, Any]]:
+        """Damage found and repaired since this process started, per bank (only banks with any):
+        ``index`` (how a missing or damaged snapshot was handled), ``corrupt_blocks`` (failed their
+        checksum or were missing), ``rebuilt_blocks`` (rewritten from the stored text)."""
+        with self._integrity_lock:
+            return {bank: dict(entry) for bank, entry in self._integrity.items()}
 
     def _load_index(self, s: Session, bank: BankRow) -> BankIndex:
         """Snapshot + op-log tail, or a full rebuild from the catalog."""
-        index = BankIndex.load(self._index_path(bank), self.embedder.dim)
+        path = self._index_path(bank)
+        index = BankIndex.load(path, self.embedder.dim)
         if index is not None:
             tail = s.scalars(select(OpLogRow).where(OpLogRow.bank_id == bank.id, OpLogRow.seq > index.seq)
                              .order_by(OpLogRow.seq)).all()
@@ -267,7 +290,14 @@ class BankStore:
         ids = s.scalars(select(BlockRow.id).where(BlockRow.bank_id == bank.id, BlockRow.status == "live")).all()
         self._add_rows(index, s, list(ids))
         index.seq = s.scalar(select(func.max(OpLogRow.seq)).where(OpLogRow.bank_id == bank.id)) or 0
-        log.info("bank %s: index rebuilt from the catalog (%d blocks)", bank.name, index.ntotal)
+        if path.exists():
+            log.warning("bank %s: index snapshot damaged; rebuilt from the catalog (%d blocks)", bank.name,
+                        index.ntotal)
+            self._note(bank.name, "index", "snapshot damaged; rebuilt from the catalog")
+        elif index.seq:
+            # Normal after a crash before the first snapshot; worth reporting if snapshots were deleted.
+            log.warning("bank %s: no index snapshot; rebuilt from the catalog (%d blocks)", bank.name, index.ntotal)
+            self._note(bank.name, "index", "snapshot missing; rebuilt from the catalog")
         return index
 
     def _add_rows(self, index: BankIndex, s: Session, block_ids: list[int]) -> None:
@@ -690,9 +720,19 @@ class BankStore:
             except IncompatibleModel:
                 raise
             except CorruptBlock as exc:
-                log.error("bank %s block %d: %s; quarantining and rebuilding from text", bank.name, block.id,
-                          exc.detail)
-        return self._rebuild_block(s, bank, block)
+                self._quarantine(s, bank, block, exc.detail)
+        kv = self._rebuild_block(s, bank, block)
+        self._note(bank.name, "rebuilt_blocks")
+        return kv
+
+    def _quarantine(self, s: Session, bank: BankRow, block: BlockRow, reason: str) -> None:
+        """Take a damaged block out of service (never served, counted in stats) until it is rebuilt."""
+        log.error("bank %s block %d: %s; quarantined, rebuilding from the stored text", bank.name, block.id, reason)
+        s.execute(update(BlockRow).where(BlockRow.id == block.id).values(status="quarantined"))
+        s.commit()
+        if block.blob_id:
+            self.hot.discard(block.blob_id)
+        self._note(bank.name, "corrupt_blocks")
 
     def _rebuild_block(self, s: Session, bank: BankRow, block: BlockRow) -> BlockKV:
         ids = _bytes_ids(block.token_ids)
@@ -812,12 +852,10 @@ class BankStore:
                     if not block.blob_id:
                         raise CorruptBlock("block has no blob")
                     decode_block(self.blobs.get(block.blob_id), bank_row.model_fingerprint)
-                except CorruptBlock:
-                    s.execute(update(BlockRow).where(BlockRow.id == block.id).values(status="quarantined"))
-                    s.commit()
-                    if block.blob_id:
-                        self.hot.discard(block.blob_id)
+                except CorruptBlock as exc:
+                    self._quarantine(s, bank_row, block, exc.detail)
                     self._rebuild_block(s, bank_row, block)
+                    self._note(bank_row.name, "rebuilt_blocks")
                     rebuilt += 1
         return {"checked": checked, "rebuilt": rebuilt}
 

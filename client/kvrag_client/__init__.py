@@ -34,6 +34,12 @@ from ._version import __version__
 from .types import (
     ApiKey,
     Bank,
+    ContextMap,
+    ContextMapEdit,
+    ContextMapEditResult,
+    ContextMapFeedback,
+    ContextMapItem,
+    ContextMapRefresh,
     Document,
     DocumentInput,
     DoneEvent,
@@ -55,5 +61,6 @@ __all__ = [
     "PermissionDenied", "NotFound", "Conflict", "VersionMismatch", "IncompatibleModel", "PayloadTooLarge",
     "ValidationError", "RateLimited", "InternalServerError", "CorruptBlock", "Unavailable", "JobFailed",
     "ApiKey", "Bank", "Document", "DocumentInput", "Health", "Hit", "Job", "PutResult", "QueryResult",
-    "SearchFilter", "StreamEvent", "Timings", "TokenEvent", "DoneEvent", "Usage",
+    "SearchFilter", "StreamEvent", "Timings", "TokenEvent", "DoneEvent", "Usage", "ContextMap", "ContextMapItem",
+    "ContextMapEdit", "ContextMapFeedback", "ContextMapEditResult", "ContextMapRefresh",
 ]

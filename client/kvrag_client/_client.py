@@ -13,7 +13,20 @@ import httpx
 from . import _operations as ops
 from ._base import Call, ClientConfig, EventReader, transport_error
 from ._exceptions import APIConnectionError, APITimeoutError, JobFailed, Unavailable, error_from_response
-from .types import ApiKey, Bank, Document, Health, Hit, Job, PutResult, QueryResult, StreamEvent
+from .types import (
+    ApiKey,
+    Bank,
+    ContextMap,
+    ContextMapEditResult,
+    ContextMapRefresh,
+    Document,
+    Health,
+    Hit,
+    Job,
+    PutResult,
+    QueryResult,
+    StreamEvent,
+)
 
 T = TypeVar("T")
 
@@ -161,6 +174,29 @@ class Documents(_Resource):
         self._client._call(ops.delete_document(bank, doc_id, if_match))
 
 
+class ContextMaps(_Resource):
+    """Context maps: each bank's small, token-budgeted map of what it holds and what earlier work found."""
+
+    def get(self, bank: str, *, version: int | None = None) -> ContextMap:
+        """The current map, or an older ``version``."""
+        return self._client._call(ops.get_context_map(bank, version))
+
+    def edit(self, bank: str, edits: Iterable[ops.EditLike] = (), *,
+             feedback: Iterable[ops.FeedbackLike] | None = None, base_version: int | None = None
+             ) -> ContextMapEditResult:
+        """Apply ``edits`` ({op, id?, section?, content?}) and ``feedback`` ({id, tag}) as one new version;
+        with ``base_version``, edits to items changed since then raise ``VersionMismatch``."""
+        return self._client._call(ops.edit_context_map(bank, edits, feedback, base_version))
+
+    def refresh(self, bank: str) -> ContextMapRefresh:
+        """Distill the bank's recent queries into edits with the server's map LLM; see ``status``."""
+        return self._client._call(ops.refresh_context_map(bank))
+
+    def update(self, bank: str, *, frozen: bool | None = None, budget_tokens: int | None = None) -> ContextMap:
+        """Freeze/unfreeze the map or change its token budget (a smaller one evicts at once)."""
+        return self._client._call(ops.update_context_map(bank, frozen, budget_tokens))
+
+
 class KVRag:
     """Synchronous client of a kvrag server.
 
@@ -179,6 +215,7 @@ class KVRag:
         self.banks = Banks(self)
         self.documents = Documents(self)
         self.jobs = Jobs(self)
+        self.context_map = ContextMaps(self)
 
     @property
     def base_url(self) -> str:
@@ -192,19 +229,21 @@ class KVRag:
 
     @overload
     def query(self, bank: str, question: str, k: int = ..., mode: str = ..., max_new_tokens: int = ...,
-              filter: ops.FilterLike = ..., stream: Literal[False] = ...) -> QueryResult: ...
+              filter: ops.FilterLike = ..., stream: Literal[False] = ..., context_map: bool = ...) -> QueryResult: ...
 
     @overload
     def query(self, bank: str, question: str, k: int = ..., mode: str = ..., max_new_tokens: int = ...,
-              filter: ops.FilterLike = ..., *, stream: Literal[True]) -> QueryStream: ...
+              filter: ops.FilterLike = ..., *, stream: Literal[True], context_map: bool = ...) -> QueryStream: ...
 
     def query(self, bank: str, question: str, k: int = 5, mode: str = "kv", max_new_tokens: int = 64,
-              filter: ops.FilterLike = None, stream: bool = False) -> QueryResult | QueryStream:
+              filter: ops.FilterLike = None, stream: bool = False, context_map: bool = False
+              ) -> QueryResult | QueryStream:
         """Answer from the top-k blocks (``mode`` "kv": stored KV; "text": re-read their text).
 
+        ``context_map=True`` puts the bank's context map before the blocks (its KV is cached per map version).
         With ``stream=True`` it returns a ``QueryStream`` of token events ending with the full result.
         """
-        call = ops.query(bank, question, k, mode, max_new_tokens, filter, stream)
+        call = ops.query(bank, question, k, mode, max_new_tokens, filter, stream, context_map)
         if stream:
             return QueryStream(self._send(call, stream=True))
         return self._call(call)

@@ -9,9 +9,27 @@ from urllib.parse import quote
 from pydantic import BaseModel
 
 from ._base import Call
-from .types import ApiKey, Bank, Document, DocumentInput, Health, Hit, Job, PutResult, QueryResult, SearchFilter
+from .types import (
+    ApiKey,
+    Bank,
+    ContextMap,
+    ContextMapEdit,
+    ContextMapEditResult,
+    ContextMapFeedback,
+    ContextMapRefresh,
+    Document,
+    DocumentInput,
+    Health,
+    Hit,
+    Job,
+    PutResult,
+    QueryResult,
+    SearchFilter,
+)
 
 FilterLike = SearchFilter | Mapping[str, Any] | None
+EditLike = ContextMapEdit | Mapping[str, Any]
+FeedbackLike = ContextMapFeedback | Mapping[str, Any]
 DocumentLike = DocumentInput | Mapping[str, Any]
 
 
@@ -168,9 +186,46 @@ def search(bank: str, query: str, k: int, flt: FilterLike) -> Call[list[Hit]]:
 
 
 def query(bank: str, question: str, k: int, mode: str, max_new_tokens: int, flt: FilterLike,
-          stream: bool) -> Call[QueryResult]:
+          stream: bool, context_map: bool = False) -> Call[QueryResult]:
     body = _drop_none({"question": question, "k": k, "mode": mode, "max_new_tokens": max_new_tokens,
                        "stream": stream, "filter": _filter(flt)})
+    if context_map:  # only sent when asked, so an older server keeps accepting the request
+        body["context_map"] = True
     headers = {"Accept": "text/event-stream"} if stream else {}
     return Call("POST", f"{_bank_path(bank)}/query", QueryResult.model_validate, json=body, headers=headers,
                 idempotent=True)
+
+
+# -- context map ------------------------------------------------------------------------------------
+
+
+def _map_path(bank: str) -> str:
+    return f"{_bank_path(bank)}/context-map"
+
+
+def get_context_map(bank: str, version: int | None) -> Call[ContextMap]:
+    return Call("GET", _map_path(bank), ContextMap.model_validate, params=_drop_none({"version": version}))
+
+
+def edit_context_map(bank: str, edits: Iterable[EditLike], feedback: Iterable[FeedbackLike] | None,
+                     base_version: int | None) -> Call[ContextMapEditResult]:
+    body: dict[str, Any] = {
+        "edits": [(e if isinstance(e, ContextMapEdit) else ContextMapEdit.model_validate(dict(e))).model_dump(
+            exclude_none=True) for e in edits],
+        "feedback": [(f if isinstance(f, ContextMapFeedback) else ContextMapFeedback.model_validate(dict(f)))
+                     .model_dump() for f in feedback or ()],
+    }
+    if base_version is not None:
+        body["base_version"] = base_version
+    # An add is not idempotent: resending after a lost answer could add the item twice.
+    return Call("POST", f"{_map_path(bank)}/edits", ContextMapEditResult.model_validate, json=body,
+                idempotent=False)
+
+
+def refresh_context_map(bank: str) -> Call[ContextMapRefresh]:
+    return Call("POST", f"{_map_path(bank)}/refresh", ContextMapRefresh.model_validate, idempotent=False)
+
+
+def update_context_map(bank: str, frozen: bool | None, budget_tokens: int | None) -> Call[ContextMap]:
+    body = _drop_none({"frozen": frozen, "budget_tokens": budget_tokens})
+    return Call("PATCH", _map_path(bank), ContextMap.model_validate, json=body, idempotent=True)

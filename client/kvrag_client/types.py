@@ -12,7 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = [
     "Model", "ApiKey", "Bank", "Document", "DocumentInput", "PutResult", "Hit", "SearchFilter", "Timings",
-    "Usage", "QueryResult", "TokenEvent", "DoneEvent", "StreamEvent", "Job", "Health",
+    "Usage", "QueryResult", "TokenEvent", "DoneEvent", "StreamEvent", "Job", "Health", "ContextMap",
+    "ContextMapItem", "ContextMapEdit", "ContextMapFeedback", "ContextMapEditResult", "ContextMapRefresh",
 ]
 
 
@@ -57,6 +58,7 @@ class Bank(Model):
     merges: int | None = None
     quarantined_blocks: int | None = None
     index_entries: int | None = None
+    context_map_budget_tokens: int | None = None
 
 
 class Document(Model):
@@ -132,6 +134,7 @@ class Usage(Model):
     context_tokens: int = 0
     question_tokens: int = 0
     generated_tokens: int = 0
+    map_prefill_tokens: int = 0  # context-map tokens prefilled for this query (0: its KV was cached)
 
 
 class QueryResult(Model):
@@ -176,6 +179,73 @@ class Job(Model):
     @property
     def finished(self) -> bool:
         return self.status in ("succeeded", "failed")
+
+
+class ContextMapItem(Model):
+    """One item of a context map: ``id`` is cr-N (roadmap), cu-N (understanding) or rr-N (reusable_results)."""
+
+    id: str
+    section: str
+    content: str
+    helpful: int = 0
+    harmful: int = 0
+    score: float = 0.0
+    agent: str | None = None
+    stale: bool = False
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+
+
+class ContextMap(Model):
+    """A bank's context map at one version; ``tokens`` of the rendered map never exceed ``budget_tokens``."""
+
+    version: int
+    budget_tokens: int
+    tokens: int
+    frozen: bool = False
+    items: list[ContextMapItem] = Field(default_factory=list)
+
+
+class ContextMapEdit(BaseModel):
+    """``add`` (section, content), ``replace`` (id, content) or ``delete`` (id)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    op: Literal["add", "replace", "delete"]
+    id: str | None = None
+    section: Literal["roadmap", "understanding", "reusable_results"] | None = None
+    content: str | None = None
+
+
+class ContextMapFeedback(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str
+    tag: Literal["helpful", "harmful", "neutral", "stale"]
+
+
+class ContextMapEditResult(Model):
+    """The new version after edits, its tokens, the ids the budget evicted and what was applied."""
+
+    version: int
+    tokens: int
+    evicted: list[str] = Field(default_factory=list)
+    applied: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class ContextMapRefresh(Model):
+    """What a refresh did: ``status`` applied | unchanged | unparseable | llm_error | nothing_to_distill."""
+
+    status: str
+    version: int
+    tokens: int = 0
+    records: int = 0
+    llm: str | None = None
+    applied: list[dict[str, Any]] = Field(default_factory=list)
+    rejected: list[dict[str, Any]] = Field(default_factory=list)
+    evicted: list[str] = Field(default_factory=list)
+    error: str | None = None
+    raw: str | None = None
 
 
 class Health(Model):
