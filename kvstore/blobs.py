@@ -63,6 +63,8 @@ class LocalBlobStore:
             return path.read_bytes()
         except FileNotFoundError:
             raise CorruptBlock(f"blob {blob_id[:12]} is missing") from None
+        except OSError as exc:  # a directory in its place, a path component that is a file, an I/O error
+            raise CorruptBlock(f"blob {blob_id[:12]} is unreadable ({exc.strerror})") from None
 
     def exists(self, blob_id: str) -> bool:
         return self._path(blob_id).exists()

@@ -20,14 +20,16 @@ def healthz() -> Status:
 
 @router.get("/readyz", operation_id="readyz", responses={503: {"model": ErrorOut}})
 def readyz(request: Request) -> JSONResponse:
-    """Ready once the model, catalog and indexes are loaded; 503 before that."""
+    """Ready once the model, catalog and indexes are loaded; 503 before that. ``integrity`` reports damage
+    found and repaired since the start, per bank (a damaged bank never keeps the others from serving)."""
     state = request.app.state
     store = getattr(state, "store", None)
     if store is None:
         failed = getattr(state, "load_error", None)
         detail = f"loading failed: {failed}" if failed else "loading the model, catalog and indexes"
         return error_response(503, "unavailable", detail, request_id_of(request), state.settings.retry_after_s)
-    return JSONResponse({"status": "ready", "model": store.llm.name, "queue_depth": state.worker.depth})
+    return JSONResponse({"status": "ready", "model": store.llm.name, "queue_depth": state.worker.depth,
+                         "integrity": store.integrity_report()})
 
 
 @router.get("/metrics", operation_id="metrics", response_class=Response,
