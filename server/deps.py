@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
@@ -29,6 +30,12 @@ Store = Annotated[BankStore, Depends(get_store)]
 Worker = Annotated[ModelWorker, Depends(get_worker)]
 
 
+def _aware(value: Any) -> Any:
+    """A naive datetime is UTC (the catalog stores UTC; SQLite drops the offset). Sent without one it
+    would not be an RFC 3339 ``date-time``, which the OpenAPI schema promises."""
+    return value.replace(tzinfo=UTC) if isinstance(value, datetime) and value.tzinfo is None else value
+
+
 def plain(value: Any) -> dict[str, Any]:
-    """A dataclass as a dict (nested dataclasses too), ready for a response model."""
-    return dataclasses.asdict(value)
+    """A dataclass as a dict (nested dataclasses too), ready for a response model; datetimes carry UTC."""
+    return dataclasses.asdict(value, dict_factory=lambda items: {k: _aware(v) for k, v in items})

@@ -5,19 +5,19 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from kvstore.cache import HotCache
 
 
 class _HotTierCollector(Collector):
-    """Hot-tier hits and misses, read from the cache's own counters at scrape time."""
+    """Hot-tier hits, misses, bytes held and byte budget, read from the cache itself at scrape time."""
 
     def __init__(self, hot: Callable[[], HotCache | None]) -> None:
         self._hot = hot
 
-    def collect(self) -> Iterator[CounterMetricFamily]:
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
         hot = self._hot()
         hits = CounterMetricFamily("kvrag_hot_tier_hits", "Decoded blocks served from the hot tier.")
         misses = CounterMetricFamily("kvrag_hot_tier_misses", "Block loads that missed the hot tier.")
@@ -25,10 +25,16 @@ class _HotTierCollector(Collector):
         misses.add_metric([], float(hot.misses if hot else 0))
         yield hits
         yield misses
+        held = GaugeMetricFamily("kvrag_hot_tier_bytes", "Bytes of decoded blocks held in the hot tier.")
+        budget = GaugeMetricFamily("kvrag_hot_tier_budget_bytes", "The hot tier's byte budget.")
+        held.add_metric([], float(hot.nbytes if hot else 0))
+        budget.add_metric([], float(hot.budget_bytes if hot else 0))
+        yield held
+        yield budget
 
 
 class Metrics:
-    """Request counts and latency per route, model queue depth, hot-tier hits and misses."""
+    """Request counts and latency per route, model queue depth, hot-tier hits, misses and bytes."""
 
     def __init__(self, queue_depth: Callable[[], float], hot: Callable[[], HotCache | None]) -> None:
         self.registry = CollectorRegistry()

@@ -27,6 +27,25 @@ _CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 _BODY_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
 
 
+def has_lone_surrogate(value: Any) -> bool:
+    """Whether parsed JSON holds a string (or key) with a lone UTF-16 surrogate: ``"\\ud800"`` is valid
+    JSON but not text; it cannot be encoded, stored or tokenized. Computed without recursion."""
+    stack: list[Any] = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
+
+
 def json_depth(value: Any) -> int:
     """Nesting depth of parsed JSON (a scalar is 0, ``{}`` is 1), computed without recursion."""
     deepest = 0
@@ -117,15 +136,17 @@ class RequestContextMiddleware:
             if not message.get("more_body", False):
                 break
         body = b"".join(chunks)
-        too_deep = self._too_deep(scope, body)
-        if too_deep:
-            await self._reject(scope, receive, send, 422, "validation_error", too_deep, request_id)
+        problem = self._json_problem(scope, body)
+        if problem:
+            status, code, detail = problem
+            await self._reject(scope, receive, send, status, code, detail, request_id)
             return None
         return _replay(body, receive)
 
-    def _too_deep(self, scope: Scope, body: bytes) -> str | None:
-        """A message when the JSON body nests deeper than allowed; unparseable JSON is left to the route
-        (it answers 400), so this check never hides a syntax error."""
+    def _json_problem(self, scope: Scope, body: bytes) -> tuple[int, str, str] | None:
+        """(status, code, message) when the JSON body nests deeper than allowed (422) or holds strings that
+        are not text (400); unparseable JSON is left to the route (it answers 400), so this check never
+        hides a syntax error."""
         content_type = _header(scope, b"content-type") or ""
         if not body or "json" not in content_type:
             return None
@@ -133,10 +154,14 @@ class RequestContextMiddleware:
         try:
             parsed = json.loads(body)
         except RecursionError:
-            return f"JSON nesting exceeds {limit} levels"
+            return 422, "validation_error", f"JSON nesting exceeds {limit} levels"
         except ValueError:
             return None
-        return f"JSON nesting exceeds {limit} levels" if json_depth(parsed) > limit else None
+        if json_depth(parsed) > limit:
+            return 422, "validation_error", f"JSON nesting exceeds {limit} levels"
+        if has_lone_surrogate(parsed):
+            return 400, "bad_request", "JSON strings must be valid Unicode text (a lone surrogate escape was sent)"
+        return None
 
     async def _reject(self, scope: Scope, receive: Receive, send: Send, status: int, code: str, detail: str,
                       request_id: str) -> None:
