@@ -93,3 +93,57 @@ def test_bad_input_is_rejected(live: LiveServer) -> None:
         assert c.post("/v1/banks/team/sessions", json={"session_id": "no spaces"}).status_code == 422
         assert c.post("/v1/banks/nobank/sessions", json={}).status_code == 404
         assert c.get("/v1/banks/team/sessions/bad").json()["tokens"] == 0
+
+
+def test_sdk_sessions_sync_and_async(live: LiveServer) -> None:
+    import asyncio
+
+    from kvrag_client import AsyncKVRag, KVRag, NotFound
+
+    with KVRag(live.url, api_key=live.settings.admin_key) as kv:
+        created = kv.sessions.create("team", metadata={"goal": "normans"})
+        appended = kv.sessions.append("team", created.session_id, SEGMENTS)
+        assert appended.segment_ids == [0, 1, 2]
+        brief = kv.sessions.brief("team", created.session_id, "Who were the Normans?", budget_tokens=12,
+                                  max_new_tokens=2)
+        assert brief.kept_tokens <= 12 and brief.session_tokens == appended.tokens
+        assert kv.sessions.prune("team", created.session_id, policy="attention", threshold=0).pruned == []
+        assert kv.sessions.get("team", created.session_id).tokens == appended.tokens
+
+    async def run() -> None:
+        async with AsyncKVRag(live.url, api_key=live.settings.admin_key) as akv:
+            await akv.sessions.append("team", created.session_id, [{"role": "worker", "text": "Normandy."}])
+            got = await akv.sessions.get("team", created.session_id)
+            assert [g.id for g in got.segments] == [0, 1, 2, 3]
+            assert (await akv.sessions.brief("team", created.session_id, "Who?", max_new_tokens=1)).answer is not None
+            await akv.sessions.delete("team", created.session_id)
+            try:
+                await akv.sessions.get("team", created.session_id)
+                raise AssertionError("the session should be gone")
+            except NotFound:
+                pass
+
+    asyncio.run(run())
+
+
+def test_cli_sessions(live: LiveServer) -> None:
+    from typer.testing import CliRunner
+
+    from kvrag.cli import app
+
+    cli = CliRunner()
+    env = {"KVRAG_URL": live.url, "KVRAG_API_KEY": live.settings.admin_key}
+    created = cli.invoke(app, ["sessions", "create", "-b", "team", "cli-run"], env=env)
+    assert created.exit_code == 0 and created.stdout.strip() == "cli-run", created.output
+    appended = cli.invoke(app, ["sessions", "append", "-b", "team", "cli-run", SEGMENTS[1]["text"], "--role", "tool"],
+                          env=env)
+    assert appended.exit_code == 0 and appended.stdout.startswith("segment 0:"), appended.output
+    brief = cli.invoke(app, ["sessions", "brief", "-b", "team", "cli-run", "Who?", "--budget-tokens", "5",
+                             "--max-new-tokens", "2", "--json"], env=env)
+    assert brief.exit_code == 0 and json.loads(brief.stdout)["kept_tokens"] <= 5, brief.output
+    pruned = cli.invoke(app, ["sessions", "prune", "-b", "team", "cli-run", "--policy", "attention"], env=env)
+    assert pruned.exit_code == 0 and "tokens" in pruned.stdout, pruned.output
+    assert json.loads(cli.invoke(app, ["sessions", "get", "-b", "team", "cli-run"], env=env).stdout)["tokens"] > 0
+    assert cli.invoke(app, ["sessions", "delete", "-b", "team", "cli-run"], env=env).exit_code == 0
+    missing = cli.invoke(app, ["sessions", "get", "-b", "team", "cli-run"], env=env)
+    assert missing.exit_code == 1 and "not_found" in missing.output

@@ -30,6 +30,7 @@ from ._exceptions import (
     ValidationError,
     VersionMismatch,
 )
+from ._sessions import AppendResult, BriefResult, BriefTimings, PruneResult, Segment, SegmentInput, Session
 from ._version import __version__
 from .types import (
     ApiKey,
@@ -63,4 +64,5 @@ __all__ = [
     "ApiKey", "Bank", "Document", "DocumentInput", "Health", "Hit", "Job", "PutResult", "QueryResult",
     "SearchFilter", "StreamEvent", "Timings", "TokenEvent", "DoneEvent", "Usage", "ContextMap", "ContextMapItem",
     "ContextMapEdit", "ContextMapFeedback", "ContextMapEditResult", "ContextMapRefresh",
+    "Session", "Segment", "SegmentInput", "AppendResult", "BriefResult", "BriefTimings", "PruneResult",
 ]

@@ -14,6 +14,7 @@ import httpx
 from . import _operations as ops
 from ._base import Call, ClientConfig, EventReader, transport_error
 from ._exceptions import APIConnectionError, APITimeoutError, JobFailed, Unavailable, error_from_response
+from ._sessions import AsyncSessions
 from .types import (
     ApiKey,
     Bank,
@@ -218,6 +219,7 @@ class AsyncKVRag:
         self.banks = AsyncBanks(self)
         self.documents = AsyncDocuments(self)
         self.jobs = AsyncJobs(self)
+        self.sessions = AsyncSessions(self)
         self.context_map = AsyncContextMaps(self)
 
     @property

@@ -13,6 +13,7 @@ import httpx
 from . import _operations as ops
 from ._base import Call, ClientConfig, EventReader, transport_error
 from ._exceptions import APIConnectionError, APITimeoutError, JobFailed, Unavailable, error_from_response
+from ._sessions import Sessions
 from .types import (
     ApiKey,
     Bank,
@@ -215,6 +216,7 @@ class KVRag:
         self.banks = Banks(self)
         self.documents = Documents(self)
         self.jobs = Jobs(self)
+        self.sessions = Sessions(self)
         self.context_map = ContextMaps(self)
 
     @property
