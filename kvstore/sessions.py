@@ -649,25 +649,8 @@ class SessionStore:
             hits, docs = self._documents(s, bank, bank_row, task, include_documents)
             t_loaded = time.perf_counter()
             with self.store.model_lock:
-                ctx = self._context(state, session.positions)
-                # The task's attention over the trajectory: the compaction signal and the attention prune's record.
-                scores = token_scores(runner, ctx, task_ids) if state.tokens else None
-                keep = None
-                if spec is not None and scores is not None:
-                    boundaries = torch.tensor([a for a, t in state.spans if t], dtype=torch.long,
-                                              device=scores.device)
-                    keep = keep_mask(scores, spec, KEEP_FIRST, always=boundaries)
-                kept = state if keep is None else SessionKV(
-                    segment_ids=state.segment_ids, positions=state.positions[keep], spans=[],
-                    kv=BlockKV(k=state.kv.k[:, :, keep], v=state.kv.v[:, :, keep]))
+                ctx, kept, scores = self._compact(state, session.positions, task_ids, spec, docs)
                 t_compacted = time.perf_counter()
-                if keep is not None or docs is not None:
-                    doc_positions = None
-                    if docs is not None:
-                        doc_positions = torch.arange(session.positions, session.positions + docs.tokens,
-                                                     device=state.positions.device)
-                    ctx = self._context(kept, session.positions + (docs.tokens if docs is not None else 0),
-                                        docs, doc_positions)
                 gen = runner.generate(ctx, task_ids, max_new_tokens, on_token)
             if scores is not None:
                 self._record_attention(s, state, segment_attention(scores, state.spans))
@@ -675,10 +658,47 @@ class SessionStore:
         timings = BriefTimings(load_ms=_ms(t_loaded - t0), compaction_ms=_ms(t_compacted - t_loaded),
                                prefill_ms=_ms(gen.ttft_s - t_compacted), ttft_ms=_ms(gen.ttft_s - t0),
                                total_ms=_ms(t_end - t0))
-        return BriefResult(answer=gen.text, session_tokens=state.tokens, kept_tokens=kept.tokens,
+        return BriefResult(answer=gen.text, session_tokens=state.tokens, kept_tokens=kept,
                            document_tokens=docs.tokens if docs is not None else 0, task_tokens=len(task_ids),
                            generated_tokens=len(gen.token_ids), compaction_ms=timings.compaction_ms,
                            timings=timings, sources=hits)
+
+    def briefing_context(self, bank: str, session_id: str, task: str, *, budget_tokens: int | None = None,
+                         tau: float | None = None) -> tuple[Context, int, int]:
+        """The context a brief would answer ``task`` after, with the session's and the kept token counts
+        (fidelity measurements: nothing is recorded)."""
+        spec = CompactionSpec(tau=tau, budget_tokens=budget_tokens) if tau is not None or budget_tokens is not None \
+            else None
+        with self.store.sessions() as s:
+            bank_row = self._bank(s, bank)
+            session = self._session(s, bank_row, session_id)
+            state = self._state(s, bank_row, session)
+            with self.store.model_lock:
+                ctx, kept, _ = self._compact(state, session.positions, self.runner.question_ids(task), spec, None)
+        return ctx, state.tokens, kept
+
+    def _compact(self, state: SessionKV, next_offset: int, task_ids: Sequence[int], spec: CompactionSpec | None,
+                 docs: BlockKV | None) -> tuple[Context, int, torch.Tensor | None]:
+        """(context, kept trajectory tokens, the task's attention per trajectory token or None when empty).
+
+        The task is scored over the whole trajectory; the kept tokens stay at their positions and the
+        documents' KV goes after the trajectory, the task after both. Callers hold the model lock.
+        """
+        ctx = self._context(state, next_offset)
+        # The task's attention over the trajectory: the compaction signal and the attention prune's record.
+        scores = token_scores(self.runner, ctx, task_ids) if state.tokens else None
+        if (spec is None or scores is None) and docs is None:
+            return ctx, state.tokens, scores
+        kept = state
+        if spec is not None and scores is not None:
+            boundaries = torch.tensor([a for a, t in state.spans if t], dtype=torch.long, device=scores.device)
+            keep = keep_mask(scores, spec, KEEP_FIRST, always=boundaries)
+            kept = SessionKV(segment_ids=state.segment_ids, positions=state.positions[keep], spans=[],
+                             kv=BlockKV(k=state.kv.k[:, :, keep], v=state.kv.v[:, :, keep]))
+        if docs is None:
+            return self._context(kept, next_offset), kept.tokens, scores
+        doc_positions = torch.arange(next_offset, next_offset + docs.tokens, device=state.positions.device)
+        return self._context(kept, next_offset + docs.tokens, docs, doc_positions), kept.tokens, scores
 
     def _documents(self, s: Session, bank: str, bank_row: BankRow, task: str, k: int
                    ) -> tuple[list[Hit], BlockKV | None]:
