@@ -47,6 +47,7 @@ from .index import BankIndex
 from .memory import MemoryManager, as_utc, expired_block_ids, record_importance, tier_stats
 from .models import Embedder, LoadedModel, load_llm
 from .recompute import blend, default_ratio
+from .rerank import RETRIEVAL_MODES, hybrid_scores
 from .runner import BlockKV, Runner, set_threads
 
 log = logging.getLogger(__name__)
@@ -666,12 +667,26 @@ class BankStore:
             keep.append(block_id)
         return np.asarray(keep, dtype=np.int64)
 
-    def _retrieve(self, s: Session, bank: BankRow, query: str, k: int, flt: SearchFilter | None
-                  ) -> list[tuple[BlockRow, DocumentRow, float]]:
+    def _retrieve(self, s: Session, bank: BankRow, query: str, k: int, flt: SearchFilter | None,
+                  retrieval: str | None = None) -> list[tuple[BlockRow, DocumentRow, float]]:
         if not isinstance(query, str) or not query.strip():
             raise ValidationFailed("query must be a non-empty string")
         if not 1 <= k <= self.settings.max_k:
             raise ValidationFailed(f"k must be between 1 and {self.settings.max_k}")
+        retrieval = retrieval or self.settings.default_retrieval
+        if retrieval not in RETRIEVAL_MODES:
+            raise ValidationFailed(f"retrieval must be one of {RETRIEVAL_MODES}")
+        if retrieval == "embedding":
+            return self._nearest(s, bank, query, k, flt)
+        # Two stages: the embedding shortlists, the reranker picks the top k of the shortlist.
+        candidates = self._nearest(s, bank, query, max(k, self.settings.rerank_candidates), flt)
+        scores = hybrid_scores(query, [b.text for b, _, _ in candidates], np.asarray([sc for _, _, sc in candidates]))
+        order = np.argsort(-scores, kind="stable")[:k]
+        return [(candidates[i][0], candidates[i][1], float(scores[i])) for i in order.tolist()]
+
+    def _nearest(self, s: Session, bank: BankRow, query: str, k: int, flt: SearchFilter | None
+                 ) -> list[tuple[BlockRow, DocumentRow, float]]:
+        """Top-k blocks by embedding similarity, filtered and unexpired."""
         vec = self.embedder.embed([query])[0]
         allowed = None if flt is None or flt.is_empty() else self._allowed_ids(s, bank, flt)
         expired = np.asarray(expired_block_ids(s, bank.id, utcnow()), dtype=np.int64)
@@ -694,11 +709,13 @@ class BankStore:
         return Hit(doc_id=doc.doc_id, block_id=block.id, score=round(score, 6), text=block.text,
                    metadata=dict(doc.meta or {}), agent=doc.agent, ordinal=block.ordinal)
 
-    def search(self, bank: str, query: str, *, k: int = 5, filter: SearchFilter | None = None) -> list[Hit]:
-        """Top-k blocks by embedding similarity (filters applied before top-k)."""
+    def search(self, bank: str, query: str, *, k: int = 5, filter: SearchFilter | None = None,
+               retrieval: str | None = None) -> list[Hit]:
+        """Top-k blocks by embedding similarity (filters applied before top-k), or of the embedding's
+        ``rerank_candidates`` reranked by ``retrieval`` (default ``Settings.default_retrieval``)."""
         with self.sessions() as s:
             bank_row = self._bank(s, bank)
-            return [self._hit(b, d, sc) for b, d, sc in self._retrieve(s, bank_row, query, k, filter)]
+            return [self._hit(b, d, sc) for b, d, sc in self._retrieve(s, bank_row, query, k, filter, retrieval)]
 
     # -- loading blocks ---------------------------------------------------------------------------
 
@@ -760,7 +777,8 @@ class BankStore:
     def query(self, bank: str, question: str, *, k: int = 5, mode: Mode = "kv", max_new_tokens: int = 64,
               filter: SearchFilter | None = None, on_token: Callable[[str], None] | None = None,
               started_at: float | None = None, recompute: float | None = None,
-              compaction: dict[str, Any] | None = None, context_map: bool = False) -> QueryResult:
+              compaction: dict[str, Any] | None = None, context_map: bool = False,
+              retrieval: str | None = None) -> QueryResult:
         """Retrieve top-k blocks and answer. kv: stored KV + question prefill; text: prefill their text.
         ``context_map`` puts the bank's rendered context map before the blocks (its KV cached per version).
 
@@ -783,7 +801,7 @@ class BankStore:
         with self.sessions() as s:
             bank_row = self._bank(s, bank)
             self._check_model(bank_row)
-            retrieved = self._retrieve(s, bank_row, question, k, filter)
+            retrieved = self._retrieve(s, bank_row, question, k, filter, retrieval)
             t_retrieved = time.perf_counter()
             q_ids = self.runner.question_ids(question)
             shown = self.context_map.prefill(s, bank_row) if context_map else None

@@ -188,6 +188,9 @@ class SearchIn(Request):
     query: str = Field(min_length=1)
     k: int = Field(default=5, ge=1, le=100)
     filter: Filter | None = None
+    retrieval: Literal["embedding", "hybrid"] | None = Field(
+        default=None, description="embedding, or hybrid (BM25 rerank of the embedding's candidates); "
+                                  "default: the server's KVRAG_DEFAULT_RETRIEVAL.")
 
 
 class HitOut(BaseModel):
@@ -220,6 +223,8 @@ class QueryIn(Request):
     stream: bool = False
     filter: Filter | None = None
     context_map: bool = Field(default=False, description="Put the bank's context map before the blocks.")
+    retrieval: Literal["embedding", "hybrid"] | None = Field(
+        default=None, description="How blocks are picked (see search); default: KVRAG_DEFAULT_RETRIEVAL.")
     recompute: float | None = Field(
         default=None, ge=0.0, le=1.0,
         description="kv mode: share of context tokens whose KV is recomputed with full attention (CacheBlend); "

@@ -52,7 +52,8 @@ async def search(bank: str, body: SearchIn, request: Request, store: Store, work
                  _reader: Reader) -> SearchOut:
     """Top-k blocks by embedding similarity; the filter applies before top-k."""
     _check_limits(request.app.state.settings, body.k)
-    hits = await worker.run(partial(store.search, bank, body.query, k=body.k, filter=_filter(body.filter)))
+    hits = await worker.run(partial(store.search, bank, body.query, k=body.k, filter=_filter(body.filter),
+                                   retrieval=body.retrieval))
     return SearchOut(hits=[plain(h) for h in hits])
 
 
@@ -66,6 +67,7 @@ async def query(bank: str, body: QueryIn, request: Request, store: Store, worker
     _check_limits(request.app.state.settings, body.k, body.max_new_tokens)
     call = partial(store.query, bank, body.question, k=body.k, mode=body.mode, max_new_tokens=body.max_new_tokens,
                    filter=_filter(body.filter), started_at=started_at, context_map=body.context_map,
+                   retrieval=body.retrieval,
                    recompute=body.recompute,
                    compaction=body.compaction.model_dump(exclude_none=True) if body.compaction else None)
     if not body.stream:
