@@ -1,4 +1,5 @@
-"""kvrag as an MCP server: memory tools for agents (remember, recall, ask, forget, context_map, context_map_edit).
+"""kvrag as an MCP server: memory tools for agents (remember, recall, ask, forget, context_map, context_map_edit,
+session_append, session_brief).
 
 The tools only speak the REST contract, through the SDK: ``kvrag mcp`` (stdio) points the SDK at a kvrag
 server, and the server's own ``/mcp`` mount (``server.mcp_http``) points it at the app in process, with
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 from urllib.parse import quote
 
-from kvrag_client import APIConnectionError, APIError, AsyncKVRag, Hit, KVRagError
+from kvrag_client import APIConnectionError, APIError, AsyncKVRag, Hit, KVRagError, NotFound
 from kvrag_client._base import Call
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.types import CallToolResult, TextContent, ToolAnnotations
@@ -25,7 +26,8 @@ from pydantic import BaseModel, Field
 INSTRUCTIONS = (
     "Long-term memory shared with other agents (one kvrag bank). `remember` stores a text, `recall` finds "
     "stored passages, `ask` answers a question from memory, `forget` deletes a memory by id. `context_map` "
-    "reads the bank's small map of what it holds and what earlier work found; `context_map_edit` updates it."
+    "reads the bank's small map of what it holds and what earlier work found; `context_map_edit` updates it. "
+    "`session_append` adds a step to an agent session kept as KV; `session_brief` answers a task from it."
 )
 
 
@@ -79,6 +81,22 @@ class Answer(BaseModel):
 class Forgotten(BaseModel):
     doc_id: str
     deleted: bool
+
+
+class SessionAppended(BaseModel):
+    """``segment_id`` is the new segment's id in the session; ``tokens`` the session's live KV tokens."""
+
+    session_id: str
+    segment_id: int
+    segment_tokens: int
+    tokens: int
+
+
+class SessionBrief(BaseModel):
+    answer: str
+    kept_tokens: int
+    session_tokens: int
+    ttft_ms: float
 
 
 class ContextMap(BaseModel):
@@ -222,6 +240,49 @@ def build_server(connect: Connector, name: str = "kvrag") -> MCPServer:
             return Answer(answer=result.answer, sources=[_passage(h) for h in result.sources],
                           context_tokens=result.usage.context_tokens,
                           generated_tokens=result.usage.generated_tokens, ttft_ms=result.timings.ttft_ms)
+
+        return await _guarded(run)
+
+    @server.tool(annotations=ToolAnnotations(destructive_hint=False, open_world_hint=False))
+    async def session_append(
+        ctx: Context,
+        session_id: Annotated[str, Field(min_length=1, max_length=128, description="The agent session (created on "
+                                                                                   "first append).")],
+        text: Annotated[str, Field(min_length=1, description="What happened: a tool output, a note, a reply.")],
+        role: Annotated[Literal["orchestrator", "tool", "worker", "note"], Field(description="Who wrote it.")] = "note",
+    ) -> Annotated[CallToolResult, SessionAppended]:
+        """Append a step to an agent session kept as KV on the server (only the new tokens are encoded)."""
+
+        async def run() -> SessionAppended:
+            segment = [{"role": role, "text": text}]
+            async with connect(ctx) as mem:
+                try:
+                    result = await mem.kv.sessions.append(mem.bank, session_id, segment)
+                except NotFound:
+                    await mem.kv.sessions.create(mem.bank, session_id)
+                    result = await mem.kv.sessions.append(mem.bank, session_id, segment)
+            return SessionAppended(session_id=session_id, segment_id=result.segment_ids[0],
+                                   segment_tokens=result.token_counts[0], tokens=result.tokens)
+
+        return await _guarded(run)
+
+    @server.tool(annotations=read_only)
+    async def session_brief(
+        ctx: Context,
+        session_id: Annotated[str, Field(min_length=1, max_length=128, description="The agent session.")],
+        task: Annotated[str, Field(min_length=1, description="The worker's task or question.")],
+        budget_tokens: Annotated[int | None, Field(ge=0, description="Keep at most this many session tokens "
+                                                                     "(default: all).")] = None,
+        max_new_tokens: Annotated[int, Field(ge=0, le=1024, description="Answer length limit in tokens.")] = 128,
+    ) -> Annotated[CallToolResult, SessionBrief]:
+        """Answer a task from an agent session, compacted to the parts the task attends to."""
+
+        async def run() -> SessionBrief:
+            async with connect(ctx) as mem:
+                result = await mem.kv.sessions.brief(mem.bank, session_id, task, budget_tokens=budget_tokens,
+                                                     max_new_tokens=max_new_tokens)
+            return SessionBrief(answer=result.answer, kept_tokens=result.kept_tokens,
+                                session_tokens=result.session_tokens, ttft_ms=result.timings.ttft_ms)
 
         return await _guarded(run)
 

@@ -26,7 +26,8 @@ from kvstore.models import Embedder, LoadedModel  # noqa: E402
 from .server_harness import LiveServer, live_server, make_key  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-TOOLS = {"remember", "recall", "ask", "forget", "context_map", "context_map_edit"}
+TOOLS = {"remember", "recall", "ask", "forget", "context_map", "context_map_edit", "session_append",
+         "session_brief"}
 ALPHA = "Paris is the capital and most populous city of France. The Seine flows through it."
 BETA = "Photosynthesis converts light energy into chemical energy stored in glucose."
 
@@ -111,6 +112,13 @@ async def round_trip(client: Client, text: str) -> str | None:
     else:
         assert any("one fact" in str(item) for item in data(edited)["items"])
         assert data(await client.call_tool("context_map", {}))["version"] >= 1
+
+    step = data(await client.call_tool("session_append", {"session_id": "mcp-run", "text": text, "role": "tool"}))
+    assert step["segment_tokens"] > 0 and step["tokens"] >= step["segment_tokens"]
+    brief = data(await client.call_tool("session_brief", {"session_id": "mcp-run", "task": "What is this about?",
+                                                          "budget_tokens": 4, "max_new_tokens": 2}))
+    assert brief["kept_tokens"] <= 4 and brief["session_tokens"] >= step["tokens"]
+    assert failure(await client.call_tool("session_brief", {"session_id": "nope", "task": "x"}))["code"] == "not_found"
 
     for forgotten in (doc_id, "named-1"):
         assert data(await client.call_tool("forget", {"doc_id": forgotten})) == {"doc_id": forgotten, "deleted": True}
