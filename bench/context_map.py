@@ -1,0 +1,195 @@
+"""What the context map costs and gives on SQuAD: questions answered with and without the bank's map.
+
+The paragraphs are ingested into a fresh store; ingest bootstraps the map's roadmap (one entry per
+paragraph: first sentence + doc id, while the default 1024-token budget allows). Each question's top-k
+blocks are retrieved once and four variants answer after the same blocks (``bench/quality.py``'s
+harness: greedy answer -> EM/F1, teacher-forced question + gold answer -> NLL and KL):
+
+- **text** / **kv**: no map (the baseline and kv mode);
+- **text+map** / **kv+map**: the rendered map right after the shared prefix, from its cached KV (prefilled
+  once per map version, timed separately as ``map_prefill_ms``), then the blocks.
+
+KL is kv against text and kv+map against text+map (fidelity of kv mode with the map in front); the
+map's own effect shows in F1, gold NLL and agreement between with/without. One refresh by the local
+model is attempted and its status recorded (SmolLM2-135M is not expected to write valid JSON edits).
+Writes bench/results/context_map.json and context_map.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from matplotlib.figure import Figure
+from tqdm import tqdm
+
+from bench.quality import Case, Env, Outcome, answer_nll, kl_per_token, kv_variant, retrieve_cases, run_variant
+from bench.quality import text_variant as plain_text_variant
+from bench.squad import (
+    BANK,
+    add_data_args,
+    doc_markdown,
+    ingest,
+    load_or_exit,
+    machine_info,
+    open_store,
+    pick_questions,
+    print_table,
+    save_figure,
+    squad_scores,
+    update_doc_table,
+    write_json,
+)
+from kvstore.contextmap import MapPrefill
+from kvstore.runner import BlockKV, Context
+
+VARIANTS = ("text", "kv", "text+map", "kv+map")
+REFERENCE_OF = {"text": "text", "kv": "text", "text+map": "text+map", "kv+map": "text+map"}
+
+
+def with_map(env: Env, case: Case, shown: BlockKV, kv: bool) -> Context:
+    """The map's cached KV after the prefix, then the blocks: stored KV (kv) or prefilled text."""
+    runner = env.store.runner
+    if kv:
+        blocks = [env.store.load_block(env.session, env.bank, row) for row in case.blocks]
+        return runner.assemble([shown, *blocks])
+    ctx = runner.assemble([shown])
+    flat = [tok for ids in case.block_ids for tok in ids]
+    runner.generate(ctx, flat, max_new_tokens=1)  # the runner's public prefill (see quality.text_variant)
+    return Context(ctx.cache, ctx.next_position + len(flat), ctx.context_tokens + len(flat))
+
+
+def evaluate(env: Env, cases: Sequence[Case], shown: BlockKV, max_new_tokens: int) -> list[dict[str, Any]]:
+    """One record per (question, variant), variants interleaved question by question so load hits them alike."""
+    records = []
+    builders = {"text": plain_text_variant, "kv": kv_variant,
+                "text+map": lambda e, c: with_map(e, c, shown, kv=False),
+                "kv+map": lambda e, c: with_map(e, c, shown, kv=True)}
+    for case in tqdm(cases, desc="evaluate", unit="q"):
+        outs: dict[str, Outcome] = {name: run_variant(env, case, builders[name], max_new_tokens) for name in VARIANTS}
+        for name, out in outs.items():
+            ref = outs[REFERENCE_OF[name]]
+            em, f1 = squad_scores(out.answer, case.question.answers)
+            twin = outs[name.replace("+map", "") if "+map" in name else f"{name}+map"]
+            records.append({"variant": name, "qid": case.question.qid, "answer": out.answer, "em": em, "f1": f1,
+                            "kl": kl_per_token(ref.logprobs, out.logprobs), "nll": answer_nll(out.logprobs, case),
+                            "agree_ref": out.answer == ref.answer, "agree_twin": out.answer == twin.answer,
+                            "ttft_ms": round(out.ttft_ms, 2), "gold_retrieved": case.gold_retrieved})
+    return records
+
+
+def summarise(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    for name in VARIANTS:
+        mine = [r for r in records if r["variant"] == name]
+        rows.append({"variant": name, "n": len(mine), "em": statistics.fmean(r["em"] for r in mine),
+                     "f1": statistics.fmean(r["f1"] for r in mine), "kl_mean": statistics.fmean(r["kl"] for r in mine),
+                     "nll": statistics.fmean(r["nll"] for r in mine),
+                     "agree_ref": statistics.fmean(r["agree_ref"] for r in mine),
+                     "agree_twin": statistics.fmean(r["agree_twin"] for r in mine),
+                     "ttft_ms_median": round(statistics.median(r["ttft_ms"] for r in mine), 2)})
+    return rows
+
+
+def plot(rows: Sequence[dict[str, Any]], map_tokens: int) -> Figure:
+    fig = Figure(figsize=(12, 3.8))
+    axes = fig.subplots(1, 3)
+    names = [r["variant"] for r in rows]
+    colors = ["#888888", "#1f77b4", "#bbbbbb", "#ff7f0e"]
+    for ax, key, label in ((axes[0], "f1", "SQuAD F1 (mean)"), (axes[1], "nll", "gold-answer NLL (nats/token)"),
+                           (axes[2], "ttft_ms_median", "median TTFT, ms")):
+        ax.bar(names, [r[key] for r in rows], color=colors)
+        ax.set(title=label)
+        ax.grid(alpha=0.3, axis="y")
+    fig.suptitle(f"context map ({map_tokens} tokens, KV cached) before the retrieved blocks")
+    fig.tight_layout()
+    return fig
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    squad = load_or_exit(args.data)
+    questions = pick_questions(squad.questions, args.questions)
+    with tempfile.TemporaryDirectory(prefix="kvrag-bench-map-") as tmp:
+        store = open_store(Path(tmp), torch_threads=args.threads, map_llm_max_tokens=args.refresh_tokens)
+        ingest(store, squad.paragraphs)
+        view = store.context_map.get(BANK)
+        with store.session() as s:
+            bank_row = store._bank(s, BANK)
+            t0 = time.perf_counter()
+            first: MapPrefill = store.context_map.prefill(s, bank_row)
+            map_prefill_ms = (time.perf_counter() - t0) * 1000
+            t0 = time.perf_counter()
+            again = store.context_map.prefill(s, bank_row)
+            cached_ms = (time.perf_counter() - t0) * 1000
+            assert first.kv is not None and again.prefilled == 0
+            env = Env(store, s, bank_row)
+            cases = retrieve_cases(env, questions, [args.k])
+            records = evaluate(env, cases, first.kv, args.max_new_tokens)
+        # A refresh distills query records; a few queries through BankStore.query leave some.
+        for question in questions[:5]:
+            store.query(BANK, question.text, k=args.k, max_new_tokens=8, context_map=True)
+        t0 = time.perf_counter()
+        refresh = store.context_map.refresh(BANK)
+        refresh_s = time.perf_counter() - t0
+        stats = store.stats(BANK)
+        machine = machine_info(store.llm.name)
+        machine["embedder"] = store.embedder.name
+        store.close()
+    return {
+        "benchmark": "context_map",
+        "data": str(args.data),
+        "questions": len(questions),
+        "k": args.k,
+        "max_new_tokens": args.max_new_tokens,
+        "bank": {"documents": stats.documents, "blocks": stats.blocks, "tokens": stats.tokens},
+        "map": {"version": view.version, "items": len(view.items), "tokens": view.tokens,
+                "budget_tokens": view.budget_tokens, "prefill_ms": round(map_prefill_ms, 2),
+                "cached_lookup_ms": round(cached_ms, 3)},
+        "refresh": {"llm": refresh.llm, "status": refresh.status, "seconds": round(refresh_s, 2),
+                    "applied": len(refresh.applied), "error": refresh.error},
+        "machine": machine,
+        "rows": summarise(records),
+        "records": records,
+    }
+
+
+TABLE_HEADERS = ("variant", "EM", "F1", "KL vs its text", "gold NLL", "agree w/ text", "agree w/o↔with map",
+                 "TTFT p50 ms")
+
+
+def table_rows(rows: Sequence[dict[str, Any]]) -> list[list[Any]]:
+    return [[r["variant"], r["em"], r["f1"], r["kl_mean"], r["nll"], r["agree_ref"], r["agree_twin"],
+             r["ttft_ms_median"]] for r in rows]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_data_args(parser, default_questions=30)
+    parser.add_argument("--k", type=int, default=3, help="blocks retrieved per question (default: 3)")
+    parser.add_argument("--max-new-tokens", type=int, default=24, help="greedy answer length (default: 24)")
+    parser.add_argument("--refresh-tokens", type=int, default=256,
+                        help="longest answer the local refresh may write (default: 256)")
+    args = parser.parse_args()
+    result = run(args)
+    path = write_json("context_map", result)
+    save_figure(plot(result["rows"], result["map"]["tokens"]), "context_map")
+    m, r = result["map"], result["refresh"]
+    print(f"map: {m['items']} items, {m['tokens']}/{m['budget_tokens']} tokens, prefilled once in "
+          f"{m['prefill_ms']:.0f} ms (cached lookup {m['cached_lookup_ms']:.2f} ms); local refresh: {r['status']} "
+          f"in {r['seconds']:.0f} s")
+    print_table(f"context map, k = {args.k}", TABLE_HEADERS, table_rows(result["rows"]))
+    summary = (f"Map: {m['items']} roadmap items, {m['tokens']} of {m['budget_tokens']} tokens, prefilled once in "
+               f"{m['prefill_ms']:.0f} ms, then reused from memory. Local refresh (SmolLM2): `{r['status']}`.\n\n")
+    markdown = summary + doc_markdown(result, TABLE_HEADERS, table_rows(result["rows"]))
+    if not update_doc_table("context_map", markdown):
+        print("docs/BENCHMARKS.md has no context_map markers; paste this:\n" + markdown)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
