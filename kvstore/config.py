@@ -66,7 +66,7 @@ class Settings(BaseSettings):
     default_retrieval: str = Field(
         default="hybrid", pattern="^(embedding|hybrid)$",
         description="Retrieval of search and query: embedding | hybrid (embedding + BM25 rerank; the default: "
-                    "+11 points recall@1 on the SQuAD excerpt for ~9 ms, docs/BENCHMARKS.md).")
+                    "+11 points recall@1 on the SQuAD excerpt for ~5 ms, docs/BENCHMARKS.md).")
     rerank_candidates: int = Field(default=20, ge=1, le=1000, description="FAISS candidates a rerank reorders.")
 
     def resolved_database_url(self) -> str:
