@@ -32,6 +32,7 @@ from kvstore.errors import KVRagError, NotFound, ValidationFailed
 from ..auth import CurrentPrincipal, check_bank
 from ..deps import Store, Worker
 from ..errors import RETRY_STATUSES, request_id_of, status_of
+from ..schemas import ErrorOut
 from ..worker import ModelWorker
 
 log = logging.getLogger(__name__)
@@ -102,7 +103,28 @@ class OpenAIErrorRoute(APIRoute):
         return guarded
 
 
-router = APIRouter(prefix="/v1", tags=["openai"], route_class=OpenAIErrorRoute)
+class OpenAIErrorDetail(BaseModel):
+    message: str
+    type: str
+    code: str | None = None
+    param: str | None = None
+
+
+class OpenAIErrorOut(BaseModel):
+    error: OpenAIErrorDetail
+
+
+# Errors raised before the route runs (body size, JSON depth, unknown routes) keep kvrag's own shape.
+OPENAI_ERRORS: dict[int | str, dict[str, Any]] = {
+    **{status: {"model": OpenAIErrorOut, "description": text} for status, text in (
+        (400, "Invalid request (OpenAI shape)"), (401, "Missing or invalid API key"), (403, "Role too low"),
+        (404, "Unknown bank, or outside the key's scope"), (409, "Conflict"), (429, "Rate limited"),
+        (503, "Busy or starting; see Retry-After"))},
+    413: {"model": ErrorOut, "description": "Body too large"},
+    422: {"model": ErrorOut, "description": "Body nested too deeply"},
+}
+
+router = APIRouter(prefix="/v1", tags=["openai"], route_class=OpenAIErrorRoute, responses=OPENAI_ERRORS)
 
 
 # -- request ------------------------------------------------------------------------------------------
