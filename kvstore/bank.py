@@ -448,7 +448,7 @@ class BankStore:
             raise PayloadTooLarge(f"document text exceeds {self.settings.max_document_chars} characters")
         if metadata is not None and not isinstance(metadata, dict):
             raise ValidationFailed("metadata must be an object")
-        if metadata and len(json.dumps(metadata)) > self.settings.max_metadata_bytes:
+        if metadata and len(json.dumps(metadata, ensure_ascii=False).encode()) > self.settings.max_metadata_bytes:
             raise ValidationFailed(f"metadata exceeds {self.settings.max_metadata_bytes} bytes")
         if tags is not None and (not isinstance(tags, list) or not all(isinstance(t, str) for t in tags)):
             raise ValidationFailed("tags must be a list of strings")
