@@ -13,7 +13,7 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -562,7 +562,8 @@ class BankStore:
             expires_at = utcnow() + timedelta(seconds=ttl_s)
         if expires_at is not None and not isinstance(expires_at, datetime):
             raise ValidationFailed("expires_at must be a datetime")
-        return as_utc(expires_at).astimezone(UTC) if expires_at is not None else None
+        aware = as_utc(expires_at)
+        return aware.astimezone(UTC) if aware is not None else None
 
     def _check_model(self, bank: BankRow) -> None:
         if bank.model_fingerprint != self.llm.fingerprint:
@@ -590,7 +591,7 @@ class BankStore:
         if count >= _SNAPSHOT_EVERY_OPS:
             self._snapshot(s, bank)
 
-    def _drop_unreferenced(self, s: Session, blob_ids: set[str]) -> None:
+    def _drop_unreferenced(self, s: Session, blob_ids: Iterable[str | None]) -> None:
         """Delete blob files no block references any more (callers hold the blob lock)."""
         for blob_id in blob_ids:
             if not blob_id:

@@ -41,7 +41,8 @@ Sections = dict[str, np.ndarray]
 class Preset(Protocol):
     """A codec preset turns a block's K/V into named arrays and back."""
 
-    name: str
+    @property
+    def name(self) -> str: ...
 
     def encode(self, block: BlockKV) -> tuple[Sections, dict[str, Any]]: ...
 

@@ -81,7 +81,8 @@ def _scoring_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.
     sink = _scores.get()
     if sink is not None:
         softcap = kwargs.get("softcap")
-        sink.append(_attention_mass(query, key, attention_mask, scaling, float(softcap) if softcap else None))
+        cap = float(softcap) if isinstance(softcap, int | float) and softcap else None
+        sink.append(_attention_mass(query, key, attention_mask, scaling, cap))
     kwargs.pop("softcap", None)
     return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
 

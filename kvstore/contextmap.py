@@ -31,6 +31,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
+from functools import partial
 from typing import TYPE_CHECKING, Any, Literal
 
 import httpx
@@ -263,10 +264,10 @@ def apply_changes(state: MapState, edits: Sequence[Edit], feedback: Sequence[Fee
             rejected.append({**entry, "reason": exc.detail})
 
     for edit in edits:
-        attempt(edit.model_dump(exclude_none=True), lambda e=edit: _apply_edit(new, e, version, base, agent, stamp,
-                                                                               count_tokens))
+        attempt(edit.model_dump(exclude_none=True),
+                partial(_apply_edit, new, edit, version, base, agent, stamp, count_tokens))
     for fb in feedback:
-        attempt(fb.model_dump(), lambda f=fb: _apply_feedback(new, f, base))
+        attempt(fb.model_dump(), partial(_apply_feedback, new, fb, base))
     tokens, evicted = evict(new, count_tokens)
     return Applied(new, tokens, applied, evicted, rejected)
 
@@ -504,7 +505,7 @@ class ContextMaps:
                     try:
                         moved = s.execute(update(ContextMapRow).where(
                             ContextMapRow.bank_id == bank_row.id, ContextMapRow.version == head.version).values(
-                            version=version, updated_at=utcnow(), **head_changes)).rowcount
+                            version=version, updated_at=utcnow(), **head_changes)).rowcount  # type: ignore[attr-defined]
                         if moved != 1:
                             s.rollback()
                             continue
@@ -518,9 +519,9 @@ class ContextMaps:
                     if render(result.state) != before:
                         with self._kv_lock:
                             self._kv.pop(_kv_key(bank_row), None)
-                    head = s.get(ContextMapRow, bank_row.id, populate_existing=True)
-                    assert head is not None
-                    return head, result
+                    fresh = s.get(ContextMapRow, bank_row.id, populate_existing=True)
+                    assert fresh is not None
+                    return fresh, result
         raise Conflict("the context map kept changing under this write; retry")
 
     # -- reads ------------------------------------------------------------------------------------

@@ -517,8 +517,8 @@ class MemoryManager:
                 cosines, neighbours = index.index.search(vectors, min(cfg.merge_neighbours + 1, index.ntotal))
             neighbours = np.where(np.isin(neighbours, ids), neighbours, -1)  # cold or merged blocks do not take part
             tokens = {i: np.frombuffer(b.token_ids, dtype="<i4").tolist() for i, b in blocks.items()}
-            pairs = plan_merges(ids, vectors, tokens, {i: b.blob_id for i, b in blocks.items()}, neighbours, cosines,
-                                cfg)
+            blob_of = {i: b.blob_id or "" for i, b in blocks.items()}
+            pairs = plan_merges(ids, vectors, tokens, blob_of, neighbours, cosines, cfg)
             freed = set()
             for keep, dup in pairs:
                 canon, alias = blocks[keep], blocks[dup]

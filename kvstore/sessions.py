@@ -600,7 +600,7 @@ class SessionStore:
             # Optimistic guard: another process appending to the same session moved ``positions`` first.
             moved = s.execute(update(AgentSessionRow).where(
                 AgentSessionRow.id == session.id, AgentSessionRow.positions == base).values(
-                positions=start, updated_at=now)).rowcount
+                positions=start, updated_at=now)).rowcount  # type: ignore[attr-defined]
             if moved != 1:
                 s.rollback()
                 raise Conflict(f"session {session_id!r} was appended to concurrently; retry")

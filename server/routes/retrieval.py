@@ -20,7 +20,7 @@ from kvstore.errors import KVRagError, ValidationFailed
 from ..auth import Reader
 from ..deps import Store, Worker, plain
 from ..errors import error_body, request_id_of
-from ..schemas import Filter, QueryIn, QueryOut, SearchIn, SearchOut
+from ..schemas import Filter, HitOut, QueryIn, QueryOut, SearchIn, SearchOut
 from ..worker import ModelWorker
 from .common import ERRORS
 
@@ -54,7 +54,7 @@ async def search(bank: str, body: SearchIn, request: Request, store: Store, work
     _check_limits(request.app.state.settings, body.k)
     hits = await worker.run(partial(store.search, bank, body.query, k=body.k, filter=_filter(body.filter),
                                    retrieval=body.retrieval))
-    return SearchOut(hits=[plain(h) for h in hits])
+    return SearchOut(hits=[HitOut(**plain(h)) for h in hits])
 
 
 @router.post("/query", operation_id="query", response_model=QueryOut,
