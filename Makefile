@@ -25,7 +25,7 @@ test: install
 	$(BIN)/python -m pytest -q
 
 lint: install
-	$(BIN)/ruff check kvstore server client tests bench
+	$(BIN)/ruff check kvstore server client kvrag tests bench migrations
 	$(BIN)/mypy
 
 bench: install
