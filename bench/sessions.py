@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import random
 import statistics
 import tempfile
@@ -38,6 +39,7 @@ from tqdm import tqdm
 from bench.quality import kl_per_token
 from bench.squad import (
     BANK,
+    RESULTS_DIR,
     Question,
     Squad,
     add_data_args,
@@ -264,6 +266,26 @@ def plot(summary: dict[str, Any]) -> Figure:
     return fig
 
 
+def run_prune_only(args: argparse.Namespace) -> dict[str, Any]:
+    """Only the prune row, measured again; the worker-call rows are kept from bench/results/sessions.json."""
+    previous = json.loads((RESULTS_DIR / "sessions.json").read_text())
+    squad = load_or_exit(args.data)
+    episodes = build_episodes(squad, previous["episodes"], previous["relevant_per_episode"],
+                              previous["distractors_per_episode"], args.per_paragraph)
+    per_episode = -(-previous["questions"] // len(episodes))
+    for e in episodes:
+        e.questions = e.questions[:per_episode]
+    with tempfile.TemporaryDirectory(prefix="kvrag-bench-sessions-") as tmp:
+        store = open_store(Path(tmp), torch_threads=args.threads)
+        store.create_bank(BANK)
+        ss = sessions_of(store)
+        runs = [prune_run(ss, i, e, previous["max_new_tokens"]) for i, e in enumerate(tqdm(episodes, desc="prune"))]
+        machine = machine_info(store.llm.name)
+        store.close()
+    records = [Record(**r) for r in previous["records"]]
+    return {**previous, **summarise(records, runs), "prune_runs": [r.__dict__ for r in runs], "prune_machine": machine}
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     squad = load_or_exit(args.data)
     episodes = build_episodes(squad, args.episodes, args.relevant, args.distractors, args.per_paragraph)
@@ -315,7 +337,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--distractors", type=int, default=3, help="distractor paragraphs per trajectory (default: 3)")
     parser.add_argument("--per-paragraph", type=int, default=2, help="subquestions per answer paragraph (default: 2)")
     parser.add_argument("--max-new-tokens", type=int, default=16, help="greedy answer length cap (default: 16)")
-    result = run(parser.parse_args(argv))
+    parser.add_argument("--prune-only", action="store_true",
+                        help="measure only the prune row again, keeping the other rows of bench/results/sessions.json")
+    args = parser.parse_args(argv)
+    result = run_prune_only(args) if args.prune_only else run(args)
     print_table(f"sessions: {result['questions']} worker subquestions over {result['episodes']} trajectories",
                 TABLE_HEADERS, table_rows(result))
     print("goals:", result["goals"])

@@ -12,7 +12,8 @@ are run over the session's KV, every trajectory position is scored by the attent
 (one shared mask over layers and heads, :mod:`kvstore.compaction`), and only the positions above
 ``median + tau * MAD`` or the best ``budget_tokens`` stay, always with the first tokens and each
 segment's first token. Kept tokens stay at their original positions. Each brief also records every
-segment's attention per token relative to the trajectory's mean, the signal of the ``attention`` prune.
+segment's share of the attention relative to an even share (1 / live segments, the attention sinks
+left out), the signal of the ``attention`` prune.
 
 ``prune`` drops the KV of segments that are no longer useful (SideQuest); their text stays for audit.
 Positions never move back, so the remaining tokens keep the RoPE distances they were computed with.
@@ -108,7 +109,7 @@ class SessionSegmentRow(Base):
     token_ids: Mapped[bytes] = mapped_column(LargeBinary)  # int32 little-endian
     start: Mapped[int] = mapped_column(Integer)  # first position, counted after the shared prefix
     token_count: Mapped[int] = mapped_column(Integer)
-    attention: Mapped[list[Any]] = mapped_column(JSON, default=list)  # per brief: attention per token / mean
+    attention: Mapped[list[Any]] = mapped_column(JSON, default=list)  # per brief: share of the attention / even share
     pruned_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     prune_reason: Mapped[str | None] = mapped_column(String(32), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
@@ -264,21 +265,34 @@ def render_segment(role: str, text: str, agent: str | None) -> str:
 # -- attention bookkeeping ----------------------------------------------------------------------
 
 
-def segment_attention(scores: torch.Tensor, spans: Sequence[tuple[int, int]]) -> list[float]:
-    """Per segment: its share of the task's attention over its share of the tokens (1.0 = an even share).
+def segment_attention(scores: torch.Tensor, spans: Sequence[tuple[int, int]],
+                      sinks: torch.Tensor | None = None) -> list[float]:
+    """Per segment: its share of the task's attention over an even share of it (1 / live segments), so 1.0
+    is an even share and the attention prune's default threshold 0.25 a quarter of one.
 
     ``scores: [tokens]`` is the attention each trajectory token got; spans are (first row, tokens).
+    ``sinks`` (row indices: the first tokens, segment boundaries) are left out of every share: they soak
+    up attention whatever the task and are always kept by a brief anyway.
     """
+    live = [t for _, t in spans if t]
+    if sinks is not None and sinks.numel():
+        scores = scores.clone()
+        scores[sinks] = 0.0
     total = float(scores.sum())
-    n = int(scores.shape[0])
-    if total <= 0 or n == 0:
+    if total <= 0 or not live:
         return [1.0 for _ in spans]
-    return [float(scores[a:a + t].sum()) / total / (t / n) if t else 0.0 for a, t in spans]
+    return [float(scores[a:a + t].sum()) / total * len(live) if t else 0.0 for a, t in spans]
+
+
+def _sinks(state: SessionKV, scores: torch.Tensor) -> torch.Tensor:
+    """Rows a brief always keeps (the first tokens, each segment's first token): left out of the shares."""
+    rows = {*range(min(KEEP_FIRST, state.tokens)), *(a for a, t in state.spans if t)}
+    return torch.tensor(sorted(rows), dtype=torch.long, device=scores.device)
 
 
 def low_attention(history: Sequence[float], window: int, threshold: float) -> bool:
-    """Whether a segment's mean relative attention over its last ``window`` briefs is below ``threshold``;
-    a segment no brief has seen yet is never low (no evidence)."""
+    """Whether a segment's mean attention share (over an even share) in its last ``window`` briefs is below
+    ``threshold``; a segment no brief has seen yet is never low (no evidence)."""
     recent = list(history)[-window:]
     return bool(recent) and sum(recent) / len(recent) < threshold
 
@@ -653,7 +667,7 @@ class SessionStore:
                 t_compacted = time.perf_counter()
                 gen = runner.generate(ctx, task_ids, max_new_tokens, on_token)
             if scores is not None:
-                self._record_attention(s, state, segment_attention(scores, state.spans))
+                self._record_attention(s, state, segment_attention(scores, state.spans, _sinks(state, scores)))
         t_end = time.perf_counter()
         timings = BriefTimings(load_ms=_ms(t_loaded - t0), compaction_ms=_ms(t_compacted - t_loaded),
                                prefill_ms=_ms(gen.ttft_s - t_compacted), ttft_ms=_ms(gen.ttft_s - t0),
@@ -734,8 +748,9 @@ class SessionStore:
         """Drop the KV of segments no longer useful; their text stays. ``model``: the judge (an auxiliary
         call; its tokens never enter the session) names the segments still needed for ``goal`` and every
         other live segment is pruned; a reply that does not parse prunes nothing and says why.
-        ``attention``: segments whose mean relative attention over their last ``window`` briefs is below
-        ``threshold`` (1.0 = attention in proportion to their tokens) are pruned."""
+        ``attention``: segments whose mean share of the attention over their last ``window`` briefs is below
+        ``threshold`` times an even share (1 / live segments; sinks left out) are pruned; a segment no brief
+        has seen yet is kept."""
         if policy not in ("model", "attention"):
             raise ValidationFailed("policy must be 'model' or 'attention'")
         if isinstance(window, bool) or not isinstance(window, int) or not 1 <= window <= ATTENTION_HISTORY:

@@ -256,10 +256,47 @@ def test_attention_prune_drops_only_segments_the_briefs_ignore(sessions: Session
         sessions.prune("agents", "s", policy="random")  # type: ignore[arg-type]
 
 
-def test_segment_attention_is_relative_to_an_even_share() -> None:
-    scores = torch.tensor([1.0, 1.0, 1.0, 1.0, 4.0, 0.0])
-    rel = segment_attention(scores, [(0, 4), (4, 1), (5, 1)])
-    assert rel == pytest.approx([4 / 8 / (4 / 6), 4 / 8 / (1 / 6), 0.0])
+def test_segment_attention_is_a_share_over_an_even_share_without_sinks() -> None:
+    scores = torch.tensor([9.0, 1.0, 1.0, 1.0, 9.0, 4.0, 0.0])
+    spans = [(0, 4), (4, 2), (6, 1)]
+    # Three live segments: an even share is 1/3. Without sinks the segments got 12, 13 and 0 of 25.
+    assert segment_attention(scores, spans) == pytest.approx([12 / 25 * 3, 13 / 25 * 3, 0.0])
+    # Rows 0 and 4 (the first token, a segment boundary) are sinks: left out, the others got 3, 4 and 0 of 7.
+    sinks = torch.tensor([0, 4])
+    assert segment_attention(scores, spans, sinks) == pytest.approx([3 / 7 * 3, 4 / 7 * 3, 0.0])
+    assert segment_attention(torch.zeros(3), [(0, 3)]) == [1.0]  # no attention at all: no evidence
+
+
+def test_attention_prune_drops_an_unattended_segment_and_keeps_an_attended_one(
+        sessions: SessionStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Constructed attention: the task looks at segment 1 and never at segment 3 (sinks soak up a lot)."""
+    import kvstore.sessions as mod
+
+    sessions.create("agents", "s")
+    sessions.append("agents", "s", SEGMENTS)
+    tokens = [g.tokens for g in sessions.get("agents", "s").segments]
+    spans = [(sum(tokens[:i]), t) for i, t in enumerate(tokens)]  # rows in the live KV
+
+    def constructed(runner: object, ctx: object, task_ids: object) -> torch.Tensor:
+        scores = torch.full((sum(tokens),), 0.01)
+        a, t = spans[1]
+        scores[a:a + t] = 1.0  # attended
+        a, t = spans[3]
+        scores[a:a + t] = 0.0  # ignored by every brief...
+        scores[a] = 50.0  # ...but for its boundary token, a sink that must not count
+        scores[:4] = 50.0  # the first tokens: sinks too
+        return scores
+
+    monkeypatch.setattr(mod, "token_scores", constructed)
+    for _ in range(2):
+        sessions.brief("agents", "s", TASK, max_new_tokens=1)
+    before = sessions.get("agents", "s").tokens
+    result = sessions.prune("agents", "s", policy="attention")
+    assert 3 in result.pruned and 1 not in result.pruned and 1 in result.needed
+    assert result.tokens_before == before and result.tokens_after == before - sum(
+        t for i, (_, t) in enumerate(spans) if i in result.pruned)
+    live = {g.id for g in sessions.get("agents", "s").segments if not g.pruned}
+    assert 1 in live and 3 not in live
 
 
 # -- durability -----------------------------------------------------------------------------------
