@@ -40,8 +40,9 @@ def bm25_scores(query: str, texts: Sequence[str]) -> np.ndarray:
 
 
 def _minmax(x: np.ndarray) -> np.ndarray:
+    # Candidates that all score alike (or a single one) are all at the top, not all at the bottom.
     span = float(x.max() - x.min()) if len(x) else 0.0
-    return (x - x.min()) / span if span > 0 else np.zeros_like(x)
+    return (x - x.min()) / span if span > 0 else np.ones_like(x)
 
 
 def fuse(embedding: np.ndarray, lexical: np.ndarray, weight: float = HYBRID_WEIGHT) -> np.ndarray:

@@ -35,7 +35,9 @@ def test_bm25_prefers_the_exact_name_and_survives_empty_texts() -> None:
 def test_fuse_is_a_weighted_sum_of_normalized_scores() -> None:
     fused = fuse(np.array([0.9, 0.8, 0.7]), np.array([0.0, 5.0, 10.0]), weight=0.5)
     np.testing.assert_allclose(fused, [0.5, 0.5, 0.5])
-    np.testing.assert_allclose(fuse(np.array([0.9, 0.8]), np.array([3.0, 3.0]), weight=0.5), [0.5, 0.0])
+    # Tied scores (or a single candidate) count as the top of their scale, so a lone hit scores 1.0.
+    np.testing.assert_allclose(fuse(np.array([0.9, 0.8]), np.array([3.0, 3.0]), weight=0.5), [1.0, 0.5])
+    np.testing.assert_allclose(fuse(np.array([0.4]), np.array([0.0]), weight=0.5), [1.0])
 
 
 def test_hybrid_ranks_the_exact_name_match_first() -> None:
