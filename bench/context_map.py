@@ -40,9 +40,9 @@ from bench.squad import (
     open_store,
     pick_questions,
     print_table,
+    publish_doc_table,
     save_figure,
     squad_scores,
-    update_doc_table,
     write_json,
 )
 from kvstore.contextmap import MapPrefill
@@ -186,8 +186,7 @@ def main() -> None:
     summary = (f"Map: {m['items']} roadmap items, {m['tokens']} of {m['budget_tokens']} tokens, prefilled once in "
                f"{m['prefill_ms']:.0f} ms, then reused from memory. Local refresh (SmolLM2): `{r['status']}`.\n\n")
     markdown = summary + doc_markdown(result, TABLE_HEADERS, table_rows(result["rows"]))
-    if not update_doc_table("context_map", markdown):
-        print("docs/BENCHMARKS.md has no context_map markers; paste this:\n" + markdown)
+    publish_doc_table("context_map", markdown)
     print(f"wrote {path}")
 
 

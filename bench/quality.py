@@ -46,9 +46,9 @@ from bench.squad import (
     open_store,
     pick_questions,
     print_table,
+    publish_doc_table,
     save_figure,
     squad_scores,
-    update_doc_table,
     write_json,
 )
 from kvstore.bank import BankStore, _bytes_ids
@@ -317,15 +317,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--k", type=int, nargs="+", default=[1, 3, 5], help="k values (default: 1 3 5)")
     parser.add_argument("--max-new-tokens", type=int, default=24, help="greedy answer length cap (default: 24)")
     parser.add_argument("--variants", nargs="+", default=[n for n in VARIANTS if n != REFERENCE],
-                        help=f"variants besides the text reference (known: {', '.join(VARIANTS)})")
+                        help=f"variants besides the text reference (known: {', '.join(VARIANTS)})".replace("%", "%%"))
     result = run(parser.parse_args(argv))
     print_table(f"quality vs text mode, {result['questions']} questions", TABLE_HEADERS, table_rows(result["rows"]))
     print(f"wrote {write_json('quality', result)} and {save_figure(plot(result['rows']), 'quality')}")
     markdown = doc_markdown(result, TABLE_HEADERS, table_rows(result["rows"]))
-    if update_doc_table("quality", markdown):
-        print("updated the quality table in docs/BENCHMARKS.md")
-    else:
-        print(markdown)
+    publish_doc_table("quality", markdown)
 
 
 if __name__ == "__main__":

@@ -29,8 +29,8 @@ from bench.squad import (
     open_store,
     pick_questions,
     print_table,
+    publish_doc_table,
     save_figure,
-    update_doc_table,
     write_json,
 )
 from kvstore.bank import BankStore
@@ -142,8 +142,7 @@ def main() -> None:
     print_table("Retrieval quality (SQuAD excerpt)", headers, rows)
     sweep_rows = [[w, r["recall@1"], r["recall@3"], r["recall@5"]] for w, r in sweep.items()]
     print_table("Hybrid weight sweep", ["BM25 weight", "recall@1", "recall@3", "recall@5"], sweep_rows)
-    if not update_doc_table(NAME, doc_markdown(result, headers, rows)):
-        print("docs/BENCHMARKS.md has no retrieval_quality markers; paste the table above by hand")
+    publish_doc_table(NAME, doc_markdown(result, headers, rows))
 
 
 if __name__ == "__main__":

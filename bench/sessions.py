@@ -49,9 +49,9 @@ from bench.squad import (
     machine_info,
     open_store,
     print_table,
+    publish_doc_table,
     save_figure,
     squad_scores,
-    update_doc_table,
     write_json,
 )
 from kvstore.bank import BankStore
@@ -346,10 +346,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     print("goals:", result["goals"])
     print(f"wrote {write_json('sessions', result)} and {save_figure(plot(result), 'sessions')}")
     markdown = doc_markdown(result, TABLE_HEADERS, table_rows(result))
-    if update_doc_table("sessions", markdown):
-        print("updated the sessions table in docs/BENCHMARKS.md")
-    else:
-        print(markdown)
+    publish_doc_table("sessions", markdown)
 
 
 if __name__ == "__main__":

@@ -250,6 +250,14 @@ def update_doc_table(name: str, markdown: str) -> bool:
     return True
 
 
+def publish_doc_table(name: str, markdown: str) -> None:
+    """Put ``markdown`` into the benchmark's span of docs/BENCHMARKS.md, or print it to paste by hand."""
+    if update_doc_table(name, markdown):
+        print(f"updated the {name} table in docs/BENCHMARKS.md")
+    else:
+        print(f"docs/BENCHMARKS.md has no {name} markers; paste this:\n{markdown}")
+
+
 def _cell(value: Any) -> str:
     if isinstance(value, float):
         if value != 0 and abs(value) < 0.01:

@@ -37,8 +37,8 @@ from bench.squad import (
     open_store,
     pick_questions,
     print_table,
+    publish_doc_table,
     save_figure,
-    update_doc_table,
     write_json,
 )
 from kvstore.bank import BankStore, Mode, Timings
@@ -218,10 +218,7 @@ def main(argv: Sequence[str] | None = None) -> None:
               f"{goal['measured']:.1f}x -> {'met' if goal['met'] else 'NOT met'}")
     print(f"wrote {write_json('ttft', result)} and {save_figure(plot(result['rows']), 'ttft')}")
     markdown = doc_markdown(result, TABLE_HEADERS, table_rows(result["rows"]))
-    if update_doc_table("ttft", markdown):
-        print("updated the ttft table in docs/BENCHMARKS.md")
-    else:
-        print(markdown)
+    publish_doc_table("ttft", markdown)
 
 
 if __name__ == "__main__":
