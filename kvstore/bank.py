@@ -49,6 +49,7 @@ from .models import Embedder, LoadedModel, load_llm
 from .recompute import blend, default_ratio
 from .rerank import RETRIEVAL_MODES, hybrid_scores
 from .runner import BlockKV, Runner, set_threads
+from .sessions import sessions_of
 
 log = logging.getLogger(__name__)
 
@@ -401,15 +402,16 @@ class BankStore:
         return _bank_info(row)
 
     def delete_bank(self, name: str) -> None:
-        """Delete a bank with its documents, blocks, index and unreferenced blobs."""
+        """Delete a bank with its documents, blocks, index, agent sessions and unreferenced blobs."""
         with self.sessions() as s, self._blob_lock:
             row = self._bank(s, name)
             blob_ids = set(s.scalars(select(BlockRow.blob_id).where(BlockRow.bank_id == row.id)).all())
-            s.execute(delete(BlockRow).where(BlockRow.bank_id == row.id))
-            s.execute(delete(DocumentRow).where(DocumentRow.bank_id == row.id))
-            s.execute(delete(OpLogRow).where(OpLogRow.bank_id == row.id))
-            s.delete(row)
-            s.commit()
+            with sessions_of(self).deleting_bank(s, row.id):
+                s.execute(delete(BlockRow).where(BlockRow.bank_id == row.id))
+                s.execute(delete(DocumentRow).where(DocumentRow.bank_id == row.id))
+                s.execute(delete(OpLogRow).where(OpLogRow.bank_id == row.id))
+                s.delete(row)
+                s.commit()
             self._drop_unreferenced(s, blob_ids)
             with self._index_lock:
                 self._indexes.pop(row.id, None)

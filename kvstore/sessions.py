@@ -27,7 +27,8 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal, Protocol
@@ -476,6 +477,22 @@ class SessionStore:
             s.delete(row)
             s.commit()
             self._forget_state(row.id)
+            self._drop_unreferenced(s, blob_ids)
+
+    @contextmanager
+    def deleting_bank(self, s: Session, bank_id: int) -> Iterator[None]:
+        """Around the transaction that deletes a bank: the catalog cascades to the bank's sessions, segments
+        and pages; once the body has committed, their blobs that no other session (of any bank) shares are
+        deleted and their live KV forgotten. Holding the write lock keeps an append from writing a shared
+        blob between the reference count and the delete."""
+        with self._write_lock:
+            session_pks = list(s.scalars(select(AgentSessionRow.id).where(AgentSessionRow.bank_id == bank_id)))
+            blob_ids = set(s.scalars(select(SessionPageRow.blob_id).join(
+                SessionSegmentRow, SessionSegmentRow.id == SessionPageRow.segment_pk).where(
+                SessionSegmentRow.session_pk.in_(session_pks)))) if session_pks else set()
+            yield
+            for pk in session_pks:
+                self._forget_state(pk)
             self._drop_unreferenced(s, blob_ids)
 
     def _info(self, s: Session, bank: BankRow, row: AgentSessionRow, with_text: bool = True) -> SessionInfo:

@@ -1,4 +1,5 @@
-"""Agent sessions on the tiny model: appends equal one whole prefill, briefs, the budget, prune, durability."""
+"""Agent sessions on the tiny model: appends equal one whole prefill, briefs, the budget, prune, durability,
+blob collection; on SQLite and (marker ``postgres``) on a throwaway PostgreSQL database."""
 
 from __future__ import annotations
 
@@ -6,17 +7,19 @@ import json
 import threading
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import pytest
 import torch
+from sqlalchemy import select
 
 from kvstore.bank import BankStore
 from kvstore.errors import Conflict, NotFound, ValidationFailed
 from kvstore.runner import BlockKV
 from kvstore.sessions import (
+    AgentSessionRow,
     HttpJudge,
     JudgeError,
+    SessionPageRow,
     SessionStore,
     parse_needed,
     render_segment,
@@ -32,11 +35,18 @@ SEGMENTS = [
     {"role": "worker", "text": "They were descended from Norse raiders from Denmark and Norway.", "agent": "w1"},
 ]
 TASK = "Who were the Normans?"
+BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+
+
+@pytest.fixture(params=BACKENDS)
+def catalog(request: pytest.FixtureRequest) -> dict[str, str]:
+    """Catalog settings: SQLite in the data dir, or a throwaway PostgreSQL database."""
+    return {"database_url": request.getfixturevalue("postgres_url")} if request.param == "postgres" else {}
 
 
 @pytest.fixture
-def sessions(make_store: Callable[..., BankStore]) -> SessionStore:
-    store = make_store(block_tokens=16)  # small pages: every segment spans several blobs
+def sessions(make_store: Callable[..., BankStore], catalog: dict[str, str]) -> SessionStore:
+    store = make_store(block_tokens=16, **catalog)  # small pages: every segment spans several blobs
     store.create_bank("agents")
     return sessions_of(store)
 
@@ -303,15 +313,85 @@ def test_attention_prune_drops_an_unattended_segment_and_keeps_an_attended_one(
 
 
 def test_every_acknowledged_append_survives_a_reopen_without_close(make_store: Callable[..., BankStore],
-                                                                   tmp_path: Path) -> None:
-    first = sessions_of(make_store(block_tokens=16))
+                                                                   catalog: dict[str, str]) -> None:
+    first = sessions_of(make_store(block_tokens=16, **catalog))
     first.store.create_bank("agents")
     first.create("agents", "s")
     acked = [first.append("agents", "s", [seg]) for seg in SEGMENTS]
     answer = first.brief("agents", "s", TASK, max_new_tokens=4).answer
     # No close(): the process "dies" here; a new store opens the same data dir.
-    second = sessions_of(make_store(block_tokens=16))
+    second = sessions_of(make_store(block_tokens=16, **catalog))
     info = second.get("agents", "s")
     assert [g.id for g in info.segments] == [a.segment_ids[0] for a in acked]
     assert info.tokens == acked[-1].tokens
     assert second.brief("agents", "s", TASK, max_new_tokens=4).answer == answer
+
+
+def test_appends_from_two_processes_continue_one_trajectory(make_store: Callable[..., BankStore],
+                                                            catalog: dict[str, str]) -> None:
+    """Two stores on one catalog (two server processes): each sees the other's appends, none is lost or
+    computed over a stale state, and the result still equals one whole prefill."""
+    a = sessions_of(make_store(block_tokens=16, **catalog))
+    a.store.create_bank("agents")
+    b = sessions_of(make_store(block_tokens=16, **catalog))
+    a.create("agents", "s")
+    for i, seg in enumerate(SEGMENTS):
+        (a if i % 2 == 0 else b).append("agents", "s", [seg])
+    whole = _whole_prefill(a)
+    for ss in (a, b):
+        with ss.store.session() as s:
+            bank = ss._bank(s, "agents")
+            state = ss._state(s, bank, ss._session(s, bank, "s"))
+        assert state.positions.tolist() == list(range(whole.tokens))
+        assert (state.kv.k - whole.k).abs().max() <= 2e-3 * whole.k.abs().max()
+    answers = {ss.brief("agents", "s", TASK, max_new_tokens=4).answer for ss in (a, b)}
+    assert len(answers) == 1
+
+
+def _page_blobs(ss: SessionStore) -> set[str]:
+    with ss.store.session() as s:
+        return set(s.scalars(select(SessionPageRow.blob_id)))
+
+
+def test_deleting_a_bank_collects_its_session_blobs_but_not_shared_ones(sessions: SessionStore) -> None:
+    store = sessions.store
+    store.create_bank("other")
+    sessions.create("other", "s")
+    sessions.append("other", "s", SEGMENTS[:2])
+    others = set(sessions.blobs.ids())
+    sessions.create("agents", "s")
+    sessions.append("agents", "s", SEGMENTS[:2])  # the same pages as bank "other": content-addressed, stored once
+    assert set(sessions.blobs.ids()) == others
+    sessions.append("agents", "s", SEGMENTS[2:])  # pages only bank "agents" uses
+    assert set(sessions.blobs.ids()) == _page_blobs(sessions) > others
+
+    store.delete_bank("agents")
+    assert set(sessions.blobs.ids()) == others == _page_blobs(sessions)  # the catalog cascaded; shared pages stay
+    with store.session() as s:
+        assert [r.session_id for r in s.scalars(select(AgentSessionRow))] == ["s"]
+    sessions._states.clear()
+    assert sessions.brief("other", "s", TASK, max_new_tokens=2).kept_tokens == sessions.get("other", "s").tokens
+
+    # A new bank and session of the same names start empty: nothing of the deleted one's live KV is reused.
+    store.create_bank("agents")
+    sessions.create("agents", "s")
+    assert sessions.get("agents", "s").tokens == 0
+    appended = sessions.append("agents", "s", SEGMENTS[3:4])
+    assert sessions.brief("agents", "s", TASK, max_new_tokens=2).session_tokens == appended.tokens
+
+    store.delete_bank("agents")
+    store.delete_bank("other")
+    assert list(sessions.blobs.ids()) == [] and _page_blobs(sessions) == set()
+
+
+def test_deleting_a_session_collects_only_the_blobs_no_other_session_uses(sessions: SessionStore) -> None:
+    sessions.create("agents", "b")
+    sessions.append("agents", "b", SEGMENTS[:2])
+    only_b = set(sessions.blobs.ids())
+    sessions.create("agents", "a")
+    sessions.append("agents", "a", SEGMENTS)  # its first pages are b's
+    assert set(sessions.blobs.ids()) > only_b
+    sessions.delete("agents", "a")
+    assert set(sessions.blobs.ids()) == only_b == _page_blobs(sessions)
+    sessions.delete("agents", "b")
+    assert list(sessions.blobs.ids()) == [] and _page_blobs(sessions) == set()
