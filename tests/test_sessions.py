@@ -90,6 +90,16 @@ def test_appending_segment_by_segment_equals_one_whole_prefill(sessions: Session
     assert brief.generated_tokens == len(reference)
     assert sessions.runner.tokenizer.decode(reference, skip_special_tokens=True).strip() == brief.answer
     assert brief.kept_tokens == brief.session_tokens == whole.tokens
+    # The uncompacted briefing context gives the whole prefill's next-token distribution (fp16 pages).
+    ctx, session_tokens, kept = sessions.briefing_context("agents", "s", TASK)
+    assert kept == session_tokens == whole.tokens
+    p = len(sessions.runner.prefix_ids)
+    ids = sessions.runner.question_ids(TASK)
+    want = sessions.runner.logits(sessions.runner.context_at(whole, torch.arange(p, p + whole.tokens),
+                                                             p + whole.tokens), ids)
+    got = sessions.runner.logits(ctx, ids)
+    assert got.argmax(-1).tolist() == want.argmax(-1).tolist()
+    assert (got - want).abs().max() <= 1e-2 * want.abs().max()
 
 
 def test_appending_several_segments_at_once_equals_one_by_one(sessions: SessionStore) -> None:
@@ -231,6 +241,22 @@ def test_model_prune_never_drops_a_needed_segment(sessions: SessionStore, judge_
     replies[0] = {"content": "I think segment 1 matters."}
     bad = sessions.prune("agents", "s", policy="model", judge=HttpJudge(url))
     assert bad.pruned == [] and bad.error and bad.tokens_after == bad.tokens_before
+
+
+def test_model_prune_never_drops_what_any_judge_reply_names(sessions: SessionStore) -> None:
+    """Replies naming different subsets, one after another: a named live segment is never pruned."""
+    sessions.create("agents", "s")
+    sessions.append("agents", "s", SEGMENTS)
+    for named in ([4, 0, 2], [0, 2], [2], []):
+        live = {g.id for g in sessions.get("agents", "s").segments if not g.pruned}
+        result = sessions.prune("agents", "s", policy="model", judge=lambda _prompt, n=named: json.dumps({"needed": n}))
+        assert result.error is None and set(result.needed) == set(named)
+        assert set(result.pruned) == live - set(named)
+        after = {g.id for g in sessions.get("agents", "s").segments if not g.pruned}
+        assert after == set(named), (named, after)
+        if named:
+            assert sessions.brief("agents", "s", TASK, max_new_tokens=1).session_tokens == sum(
+                g.tokens for g in sessions.get("agents", "s").segments if g.id in named)
 
 
 def test_model_prune_uses_the_map_llm_endpoint_when_configured(make_store, judge_server) -> None:
