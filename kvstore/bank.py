@@ -226,7 +226,9 @@ class BankStore:
         self.context_map = ContextMaps(self)
         self.embedder = embedder or Embedder(self.settings)
         self.llm = llm or load_llm(self.settings)
-        self.runner = Runner(self.llm, self.settings.system_prompt)
+        self.runner = Runner(self.llm, self.settings.system_prompt, self.settings.device_cache_bytes)
+        if self.llm.device.type == "cuda":
+            self.hot.pin_dtype = self.llm.dtype
         self.model_lock = threading.Lock()
         self._blob_lock = threading.Lock()
         self._indexes: dict[int, BankIndex] = {}
@@ -733,7 +735,9 @@ class BankStore:
                 self.memory.counters.hot_hits += 1
                 return cached
             try:
-                kv = decode_block(self.blobs.get(block.blob_id), bank.model_fingerprint)
+                # Decoded where the model runs: on CUDA the compact sections cross the bus, not the dense KV.
+                kv = decode_block(self.blobs.get(block.blob_id), bank.model_fingerprint, device=self.llm.device)
+                kv.key = block.blob_id
                 self.hot.put(block.blob_id, kv)
                 self.memory.counters.warm_loads += 1
                 return kv

@@ -5,6 +5,9 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 
+import torch
+
+from .device import pinned
 from .runner import BlockKV
 
 
@@ -12,8 +15,11 @@ class HotCache:
     """Decoded blocks keyed by blob id (content address), so shared content is cached once; a cold
     block's on-the-fly KV is keyed by its token content (``memory.cold_key``)."""
 
-    def __init__(self, budget_bytes: int) -> None:
+    def __init__(self, budget_bytes: int, pin_dtype: torch.dtype | None = None) -> None:
         self.budget_bytes = budget_bytes
+        # A CUDA worker keeps its blocks in page-locked host memory in the model's dtype, so the copy to the
+        # GPU is one asynchronous DMA with no conversion; a CPU worker stores the decoded tensors as they are.
+        self.pin_dtype = pin_dtype
         self._items: OrderedDict[str, BlockKV] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
@@ -47,6 +53,8 @@ class HotCache:
             return block
 
     def put(self, key: str, block: BlockKV) -> None:
+        if self.pin_dtype is not None and self.budget_bytes > 0:
+            block = BlockKV(k=pinned(block.k, self.pin_dtype), v=pinned(block.v, self.pin_dtype), key=key)
         size = block.nbytes
         if size > self.budget_bytes:
             return

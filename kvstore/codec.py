@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -137,8 +138,12 @@ def read_header(data: bytes) -> tuple[BlockHeader, dict[str, Any], bytes]:
     return header, raw_header, body[_PREAMBLE.size + head_len:]
 
 
-def decode_block(data: bytes, fingerprint: str | None = None) -> BlockKV:
-    """Parse and verify a block; refuse corruption and KV of another model."""
+def decode_block(data: bytes, fingerprint: str | None = None, device: torch.device | str | None = None) -> BlockKV:
+    """Parse and verify a block; refuse corruption and KV of another model.
+
+    With ``device`` the sections are moved there before the preset decodes them, so dequantization and SVD
+    reconstruction run as torch ops on that device (the GPU) and only the compact sections cross the bus.
+    """
     header, raw_header, payload = read_header(data)
     if fingerprint is not None and header.fingerprint != fingerprint:
         raise IncompatibleModel("block was produced by another model (fingerprint mismatch)")
@@ -164,9 +169,12 @@ def decode_block(data: bytes, fingerprint: str | None = None) -> BlockKV:
         if end > len(raw):
             raise CorruptBlock("block payload shorter than its header says")
         arr = np.frombuffer(raw, dtype=np_dtype, count=count, offset=offset).reshape(shape)
-        sections[str(spec["name"])] = torch.from_numpy(arr.astype(arr.dtype.newbyteorder("="), copy=True))
+        section = torch.from_numpy(arr.astype(arr.dtype.newbyteorder("="), copy=True))
+        sections[str(spec["name"])] = section if device is None else section.to(device)
         offset = end
     try:
-        return preset.decode(sections, header.params, header.shape)
+        # Factory calls inside a preset (index tensors, scratch buffers) land on the sections' device too.
+        with torch.device(device) if device is not None else nullcontext():
+            return preset.decode(sections, header.params, header.shape)
     except (KeyError, RuntimeError, TypeError, ValueError) as exc:
         raise CorruptBlock(f"block sections do not match preset {header.codec!r}: {exc}") from None

@@ -38,6 +38,9 @@ class Settings(BaseSettings):
     encode_batch_size: int = Field(default=8, ge=1)
     max_document_chars: int = Field(default=200_000, ge=1)
     hot_tier_bytes: int = Field(default=1 << 30, ge=0, description="Byte budget of decoded blocks in RAM.")
+    device_cache_bytes: int = Field(
+        default=4 << 30, ge=0, description="CUDA only: byte budget of blocks kept on the GPU, so a block used "
+                                           "again is not copied from host memory again.")
 
     admin_key: str | None = Field(default=None, description="Root API key; without it only loopback binds.")
     max_body_bytes: int = 8 << 20

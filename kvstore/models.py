@@ -49,11 +49,26 @@ class LoadedModel:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
 
 def resolve_device(setting: str) -> torch.device:
+    """``auto`` is CUDA when present, else the CPU; an explicit ``cuda`` without CUDA is refused."""
     if setting == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(setting)
+    device = torch.device(setting)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BadRequest("KVRAG_DEVICE=cuda but torch sees no CUDA device")
+    if device.type not in ("cpu", "cuda"):
+        raise BadRequest(f"KVRAG_DEVICE={setting!r}: choose auto, cpu or cuda")
+    return device
+
+
+def model_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on CUDA (tensor cores, fp32's range), fp32 on CPU (bf16 matmuls are slower there)."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
 def model_fingerprint(model: PreTrainedModel) -> str:
@@ -117,10 +132,13 @@ def load_llm(settings: Settings) -> LoadedModel:
         if not path.is_dir():
             raise BadRequest(f"KVRAG_MODEL={settings.model!r} is not a local model directory")
         name = path.name
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
-    return LoadedModel(model=model, tokenizer=tokenizer, fingerprint=model_fingerprint(model), name=name)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    # The fingerprint is taken on the fp32 weights, before the cast to the device's dtype, so a bank written
+    # on a CPU worker is readable by a CUDA worker of the same model and the other way round.
+    fingerprint = model_fingerprint(model)
+    model = model.to(device=device, dtype=model_dtype(device))
+    return LoadedModel(model=model, tokenizer=tokenizer, fingerprint=fingerprint, name=name)
 
 
 def wrap_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str = "custom") -> LoadedModel:

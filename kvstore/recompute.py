@@ -148,6 +148,7 @@ def _forward(runner: Runner, cache: _ScatterCache, token_ids: torch.Tensor, posi
         pass
 
 
+@torch.inference_mode()
 def select_tokens(runner: Runner, ctx: Context, context_ids: Sequence[int], count: int,
                   check_layer: int = 1) -> torch.Tensor:
     """Indices (into the context, ascending) of the ``count`` tokens whose layer-``check_layer`` values

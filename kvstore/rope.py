@@ -87,6 +87,11 @@ class ModelRope:
             kr = torch.cat((kr, kg[..., rot:]), dim=-1)
         return kr.to(k.dtype)
 
+    def rotate_with(self, k_pre: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Rotate ``k_pre: [..., tokens, head_dim]`` with a table from :meth:`cos_sin` (computed once, reused
+        for every layer of its group)."""
+        return self._rotate_group(k_pre, cos.to(k_pre.device), sin.to(k_pre.device), inverse=False)
+
     def rotate(self, k_pre: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Place pre-RoPE keys ``[layers, kv_heads, tokens, head_dim]`` at ``positions: [tokens]``."""
         return self._apply(k_pre, positions, inverse=False)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
+from .device import Assembled, PendingLayer, ResidentBlocks, assemble_layers
 from .models import LoadedModel
 from .rope import ModelRope
 
@@ -27,6 +28,7 @@ class BlockKV:
 
     k: torch.Tensor  # [layers, kv_heads, tokens, head_dim]
     v: torch.Tensor  # [layers, kv_heads, tokens, head_dim]
+    key: str | None = None  # content address (blob id) when stored: what a GPU-resident copy is found by
 
     @property
     def tokens(self) -> int:
@@ -87,7 +89,7 @@ def set_threads(threads: int) -> None:
 class Runner:
     """Model-side operations of kvrag. Not thread-safe: callers serialize model work."""
 
-    def __init__(self, llm: LoadedModel, system_prompt: str) -> None:
+    def __init__(self, llm: LoadedModel, system_prompt: str, device_cache_bytes: int = 0) -> None:
         self.llm = llm
         self.model = llm.model
         self.tokenizer = llm.tokenizer
@@ -106,6 +108,13 @@ class Runner:
         self.pad_id: int = pad if pad is not None else (next(iter(self.stop_ids)) if self.stop_ids else 0)
         self.prefix_ids: list[int] = self.tokenize(self.layout.prefix, add_special=True)
         self.prefix_kv: tuple[torch.Tensor, torch.Tensor] = self._prefill_prefix()
+        device = self.llm.device
+        # CUDA assembles layer by layer on a copy stream that runs ahead of the question's prefill; the CPU
+        # has no second engine to overlap with, so it keeps the one-pass assembly.
+        self.layered = device.type == "cuda"
+        self.resident = ResidentBlocks(device_cache_bytes)  # filled by assemble_layered only
+        self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._group_of = {layer: g for g, group in enumerate(self.rope.groups) for layer in group.layers}
 
     # -- tokens -----------------------------------------------------------------------------------
 
@@ -133,14 +142,20 @@ class Runner:
         v = torch.stack([cache.layers[i].values[0] for i in range(self.num_layers)])
         return k, v  # post-RoPE, [layers, kv_heads, prefix, head_dim]
 
-    def _cache_from(self, k: torch.Tensor, v: torch.Tensor) -> DynamicCache:
+    def _cache_from(self, k: torch.Tensor, v: torch.Tensor, owned: bool = False,
+                    ready: Sequence[torch.cuda.Event | None] | None = None) -> DynamicCache:
         """A full-attention DynamicCache from ``k, v: [layers, batch, heads, tokens, dim]``.
 
         No config is given on purpose: transformers would make sliding-window layers keep only the
         last window, and kvrag needs every token of a block. The model's own masks still apply the
-        window when attending.
+        window when attending. ``owned``: the caller gives up ``k, v`` (a fresh assembly buffer), so the
+        layers use them as they are instead of copying; ``ready``: per layer, the event its copy records.
         """
         cache = DynamicCache()
+        if owned:
+            events = ready or [None] * self.num_layers
+            cache.layers.extend(PendingLayer(k[layer], v[layer], events[layer]) for layer in range(self.num_layers))
+            return cache
         for layer in range(self.num_layers):
             cache.update(k[layer], v[layer], layer)
         return cache
@@ -184,6 +199,8 @@ class Runner:
         p = pk.shape[2]
         if not blocks:
             return Context(self.prefix_cache(), p, 0)
+        if self.layered:
+            return self.assemble_layered(blocks)
         n = sum(b.tokens for b in blocks)
         layers, heads, _, dim = pk.shape
         # One allocation per K and V; the blocks are copied in once, keys rotated in place of the copy.
@@ -196,7 +213,25 @@ class Runner:
             v[:, 0, :, offset:offset + b.tokens] = b.v
             offset += b.tokens
         k[:, 0, :, p:] = self.rope.rotate(k[:, 0, :, p:], torch.arange(p, p + n, device=pk.device))
-        return Context(self._cache_from(k, v), p + n, n)
+        return Context(self._cache_from(k, v, owned=True), p + n, n)
+
+    def assemble_layered(self, blocks: Sequence[BlockKV]) -> Context:
+        """:meth:`assemble` layer by layer (the CUDA path; callable on CPU, where it runs in order): blocks
+        resident on the GPU are not copied again, host blocks are copied on the copy stream, and each layer's
+        keys are re-rotated in one op over all blocks while earlier layers already serve the prefill."""
+        pk, pv = self.prefix_kv
+        p = pk.shape[2]
+        n = sum(b.tokens for b in blocks)
+        positions = torch.arange(p, p + n, device=pk.device)
+        tables = [self.rope.cos_sin(group, positions) for group in self.rope.groups]  # per group: [n, rot]
+
+        def rotate(layer: int, k: torch.Tensor) -> torch.Tensor:
+            cos, sin = tables[self._group_of[layer]]
+            return self.rope.rotate_with(k, cos, sin)
+
+        built: Assembled = assemble_layers(pk, pv, [(b.key, b.k, b.v) for b in blocks], rotate, self.resident,
+                                           self._copy_stream)
+        return Context(self._cache_from(built.k, built.v, owned=True, ready=built.ready), p + n, n)
 
     def context_at(self, kv: BlockKV, positions: torch.Tensor, next_position: int) -> Context:
         """The prefix, then ``kv`` with its pre-RoPE keys rotated to ``positions: [tokens]``.
