@@ -44,7 +44,7 @@ from .errors import (
     VersionMismatch,
 )
 from .index import BankIndex
-from .memory import MemoryManager, as_utc, expired_block_ids, record_importance, tier_stats
+from .memory import MemoryManager, as_utc, expired_block_ids, record_access, tier_stats
 from .models import Embedder, LoadedModel, load_llm
 from .recompute import blend, default_ratio
 from .rerank import RETRIEVAL_MODES, hybrid_scores
@@ -853,13 +853,10 @@ class BankStore:
                            timings=timings, usage=usage)
 
     def _record_access(self, s: Session, block_ids: list[int], shares: list[float] | None = None) -> None:
-        """Access count and time of the blocks a query used, and their decayed attention importance."""
+        """Access count, time and heat of the blocks a query used, and their decayed attention importance."""
         if not block_ids:
             return
-        if shares is not None:
-            record_importance(s, block_ids, shares, utcnow(), self.memory.config)
-        s.execute(update(BlockRow).where(BlockRow.id.in_(block_ids)).values(
-            access_count=BlockRow.access_count + 1, last_access_at=utcnow()))
+        record_access(s, block_ids, shares, utcnow(), self.memory.config)
         s.commit()
 
     # -- integrity --------------------------------------------------------------------------------

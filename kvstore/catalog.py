@@ -101,6 +101,9 @@ class BlockRow(Base):
     status: Mapped[str] = mapped_column(String(16), default="live")
     access_count: Mapped[int] = mapped_column(BigInteger, default=0)
     importance: Mapped[float] = mapped_column(Float, default=0.0)
+    # Decayed access frequency (LRFU's combined recency-frequency): +1 per access, halved every
+    # MemoryConfig.heat_half_life_s, as of last_access_at. The hybrid policy ranks by it.
+    heat: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
     last_access_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     merged_into: Mapped[int | None] = mapped_column(BigId, nullable=True, index=True)

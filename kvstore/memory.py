@@ -18,9 +18,12 @@ moves blocks warm -> cold in the order the bank's policy gives; blocks sharing a
 (only then are the bytes freed); pinned documents never move. Only a delete removes a document.
 
 Policies (higher score = keep): ``lru`` by last touch; ``importance`` by decayed attention
-importance plus the writer's importance; ``hybrid`` a weighted sum of recency rank, frequency and
-importance. Importance is the share of the question's attention that landed on a block's tokens,
-recorded after each kv query and decayed with a half-life.
+importance plus the writer's importance; ``hybrid`` by heat and importance. Heat is LRFU's combined
+recency-frequency value: every access adds 1 and it halves every ``heat_half_life_s``, so a block used
+often a while ago outlives a block used once just now (a one-hit scan does not flush the working set,
+as it does under LRU), while a block nobody has used for many half-lives fades out. Importance is the
+share of the question's attention that landed on a block's tokens, recorded after each kv query and
+decayed with a half-life.
 
 This module holds no web imports and no BankStore: the facade calls these functions inside its own
 sessions and write order.
@@ -29,7 +32,6 @@ sessions and write order.
 from __future__ import annotations
 
 import hashlib
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -57,7 +59,10 @@ class MemoryConfig:
     """Knobs of memory management (one per store; tests and benchmarks adjust them)."""
 
     importance_half_life_s: float = 7 * 24 * 3600.0
-    hybrid_weights: tuple[float, float, float] = (0.35, 0.35, 0.3)  # recency, frequency, importance
+    # Heat (hybrid's recency + frequency): an access a day old counts half. Shorter leans towards LRU,
+    # longer towards LFU.
+    heat_half_life_s: float = 24 * 3600.0
+    hybrid_weights: tuple[float, float] = (0.7, 0.3)  # heat, attention importance (each scaled to [0, 1])
     track_importance: bool = True  # one extra question pass after the answer; never delays the first token
     rewarm_on_access: bool = True  # a cold block a query used goes back to warm (then the budget is enforced)
     merge_cosine: float = 0.95  # near-duplicates: embedding cosine at least this ...
@@ -111,6 +116,7 @@ class Candidate:
     importance: float  # decayed to now
     prior: float  # writer-given importance (0 when none)
     pinned: bool
+    heat: float = 0.0  # decayed access frequency, decayed to now
 
 
 def _rank01(values: Sequence[float]) -> np.ndarray:
@@ -138,10 +144,12 @@ def policy_scores(policy: str, cands: Sequence[Candidate], cfg: MemoryConfig) ->
         # Recency only breaks ties (e.g. blocks no query has attended to yet).
         return np.asarray([c.importance for c in cands]) + prior + 1e-9 * recency
     if policy == "hybrid":
-        w_rec, w_freq, w_imp = cfg.hybrid_weights
-        freq = _norm01([math.log1p(c.access_count) for c in cands])
+        # Recency lives in the heat's decay; the rank only orders equals (e.g. blocks never used yet,
+        # oldest first, as under LRU).
+        w_heat, w_imp = cfg.hybrid_weights
+        heat = _norm01([c.heat for c in cands])
         imp = _norm01([c.importance for c in cands])
-        return w_rec * recency + w_freq * freq + w_imp * imp + prior
+        return w_heat * heat + w_imp * imp + prior + 1e-9 * recency
     raise ValueError(f"unknown eviction policy {policy!r}; one of {POLICIES}")
 
 
@@ -190,7 +198,8 @@ def plan_eviction(cands: Sequence[Candidate], policy: str, budget_bytes: int | N
 def warm_candidates(s: Session, bank_id: int, now: datetime, cfg: MemoryConfig) -> list[Candidate]:
     """Every warm block of a bank with what the policies need."""
     rows = s.execute(select(BlockRow.id, BlockRow.blob_id, BlockRow.stored_bytes, BlockRow.last_access_at,
-                            BlockRow.created_at, BlockRow.access_count, BlockRow.importance, DocumentRow.pinned,
+                            BlockRow.created_at, BlockRow.access_count, BlockRow.importance, BlockRow.heat,
+                            DocumentRow.pinned,
                             DocumentRow.importance.label("prior")).join(
         DocumentRow, DocumentRow.id == BlockRow.document_id).where(
         BlockRow.bank_id == bank_id, BlockRow.status == "live", BlockRow.blob_id.is_not(None))).all()
@@ -201,7 +210,8 @@ def warm_candidates(s: Session, bank_id: int, now: datetime, cfg: MemoryConfig) 
                              touched=touched.timestamp(), access_count=int(r.access_count),
                              importance=decayed(float(r.importance), r.last_access_at, now,
                                                 cfg.importance_half_life_s),
-                             prior=float(r.prior or 0.0), pinned=bool(r.pinned)))
+                             prior=float(r.prior or 0.0), pinned=bool(r.pinned),
+                             heat=decayed(float(r.heat), r.last_access_at, now, cfg.heat_half_life_s)))
     return out
 
 
@@ -232,16 +242,22 @@ def block_attention(scores: torch.Tensor, spans: Sequence[int]) -> list[float]:
     return (per_block / total).tolist() if total > 0 else [0.0] * len(spans)
 
 
-def record_importance(s: Session, block_ids: Sequence[int], shares: Sequence[float], now: datetime,
-                      cfg: MemoryConfig) -> None:
-    """Decay each block's importance to now and add this query's attention share (before the access
-    time is updated, which the decay reads). Does not commit."""
-    rows = s.execute(select(BlockRow.id, BlockRow.importance, BlockRow.last_access_at).where(
+def record_access(s: Session, block_ids: Sequence[int], shares: Sequence[float] | None, now: datetime,
+                  cfg: MemoryConfig) -> None:
+    """One access to each block a query used: count, heat (decayed to now, plus one), last access time,
+    and when the attention was measured, importance (decayed to now, plus this query's share). Both
+    decays read the previous access time, which this then moves to ``now``. Does not commit."""
+    rows = s.execute(select(BlockRow.id, BlockRow.importance, BlockRow.heat, BlockRow.last_access_at).where(
         BlockRow.id.in_(list(block_ids)))).all()
-    share = dict(zip(block_ids, shares, strict=True))
+    share = dict(zip(block_ids, shares, strict=True)) if shares is not None else {}
     for r in rows:
-        value = decayed(float(r.importance), r.last_access_at, now, cfg.importance_half_life_s) + share[r.id]
-        s.execute(update(BlockRow).where(BlockRow.id == r.id).values(importance=value))
+        values: dict[str, Any] = {
+            "access_count": BlockRow.access_count + 1, "last_access_at": now,
+            "heat": decayed(float(r.heat), r.last_access_at, now, cfg.heat_half_life_s) + 1.0}
+        if r.id in share:
+            values["importance"] = decayed(float(r.importance), r.last_access_at, now,
+                                           cfg.importance_half_life_s) + share[r.id]
+        s.execute(update(BlockRow).where(BlockRow.id == r.id).values(**values))
 
 
 # -- merging --------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from kvstore import index as index_module
 from kvstore.bank import BankStore, SearchFilter
 from kvstore.catalog import BlockRow, DocumentRow
 from kvstore.index import BankIndex
-from kvstore.memory import Candidate, MemoryConfig, decayed, plan_eviction
+from kvstore.memory import Candidate, MemoryConfig, decayed, plan_eviction, policy_scores
 
 from .conftest import build_tiny
 
@@ -136,6 +136,61 @@ def test_plan_eviction_moves_shared_blobs_together_and_respects_pins() -> None:
     # x counts once (20 of 30 bytes used by x+y+z... 30 > 20); y is pinned; z is older than x's newest member.
     assert plan.block_ids == [4] and plan.bytes_after == 20 and not plan.over_budget
     assert plan_eviction(cands, "lru", 5, None, MemoryConfig()).over_budget  # the pinned blob alone is 10
+
+
+def _age_accesses(store: BankStore, bank: str, doc_id: str, by: timedelta) -> None:
+    """Move a document's last access back in time, as if its queries had come ``by`` earlier."""
+    with store.session() as s:
+        doc = store._doc(s, store._bank(s, bank), doc_id)
+        assert doc is not None
+        for block in s.scalars(select(BlockRow).where(BlockRow.document_id == doc.id)):
+            assert block.last_access_at is not None
+            block.last_access_at = block.last_access_at - by
+        s.commit()
+
+
+@pytest.mark.parametrize(("policy", "kept", "evicted"), [("hybrid", "a", "b"), ("lru", "b", "a")])
+def test_hybrid_keeps_a_block_used_often_a_while_ago_over_one_used_once_just_now(
+        store: BankStore, policy: str, kept: str, evicted: str) -> None:
+    bank = _bank(store, eviction=policy)
+    store.put_document(bank, "a", TEXTS[0])
+    store.put_document(bank, "b", TEXTS[1])
+    assert [store.search(bank, q, k=1)[0].doc_id for q in QUESTIONS[:2]] == ["a", "b"]
+    for _ in range(5):
+        store.query(bank, QUESTIONS[0], k=1, max_new_tokens=1)
+    _age_accesses(store, bank, "a", timedelta(hours=3))
+    store.query(bank, QUESTIONS[1], k=1, max_new_tokens=1)  # b: one hit, just now (a one-hit scan)
+    with store.session() as s:
+        heat = {r.text: r.heat for r in s.execute(select(BlockRow.text, BlockRow.heat).where(
+            BlockRow.bank_id == store._bank(s, bank).id))}
+    assert heat[TEXTS[0]] == pytest.approx(5.0, rel=1e-3) and heat[TEXTS[1]] == pytest.approx(1.0)
+    store.update_bank(bank, max_blocks=1)
+    assert (_tier(store, bank, kept), _tier(store, bank, evicted)) == (["warm"], ["cold"])
+
+
+def test_hybrid_heat_decays_so_recency_still_counts() -> None:
+    now, day = 1e6, 24 * 3600.0
+    cfg = MemoryConfig()
+
+    def cand(block_id: int, hits: int, age_s: float) -> Candidate:
+        return Candidate(block_id, f"blob{block_id}", 10, now - age_s, hits, 0.0, 0.0, False,
+                         heat=hits * 0.5 ** (age_s / cfg.heat_half_life_s))
+
+    often_lately, once_now, often_long_ago, never = (cand(1, 10, 3 * 3600), cand(2, 1, 0), cand(3, 10, 10 * day),
+                                                     cand(4, 0, 2 * day))
+    cands = [often_lately, once_now, often_long_ago, never]
+
+    def order(policy: str) -> list[int]:
+        """Block ids, first evicted first."""
+        return [cands[i].block_id for i in np.argsort(policy_scores(policy, cands, cfg))]
+
+    # hybrid: never used < used often but ten half-lives ago < used once now < used often lately
+    assert order("hybrid") == [4, 3, 2, 1]
+    assert order("lru") == [3, 4, 1, 2]
+    # Attention importance breaks the tie between equally hot blocks.
+    hot_a, hot_b = cand(5, 2, 0), cand(6, 2, 0)
+    hot_b.importance = 0.9
+    assert policy_scores("hybrid", [hot_a, hot_b], cfg).argmin() == 0
 
 
 # -- importance ------------------------------------------------------------------------------------
