@@ -14,9 +14,14 @@ again, so the warm set follows the stream under each policy. The hot tier is sma
 Reported per run, after a warm-up share of the stream: hot-tier hit rate (decoded KV in RAM), the
 warm/cold mix of retrieved blocks, cold misses (prefills), KV hit rate (hot + warm: no prefill needed),
 the same on the popular (non-scan) queries only, mean TTFT, and fidelity: the share of answers equal
-to the unbudgeted bank's answer to the same query (over the whole stream).
+to the unbudgeted bank's answer to the same query (over the whole stream). Budgets are fractions of the
+raw fp16 KV size; each run also shows its budget as a share of the unbudgeted warm tier (compressed
+bytes on disk), which is what decides how many blocks fit.
 
-    .venv/bin/python -m bench.memory --model tiny [--paragraphs 1000] [--queries 1000] [--zipf 0.8] [--scan-every 20]
+Results go to bench/results/memory.json (packaged SmolLM2) or memory_tiny.json (``--model tiny``), and
+to the matching table span of docs/BENCHMARKS.md.
+
+    .venv/bin/python -m bench.memory [--model tiny] [--paragraphs 1000] [--queries 1000] [--budgets 0.25]
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import itertools
 import random
 import re
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -39,14 +45,13 @@ from tqdm import tqdm
 
 from bench.squad import (
     DEFAULT_DATA,
-    Question,
     load_or_exit,
     machine_info,
     markdown_table,
     normalize_answer,
     print_table,
+    publish_doc_table,
     save_figure,
-    squad_scores,
     write_json,
 )
 from kvstore.bank import BankStore
@@ -107,16 +112,6 @@ def synthetic_corpus(paragraphs: Sequence[str], total: int, seed: int = 0) -> li
         if round_ > 200:
             break
     return docs
-
-
-def zipf_stream(questions: Sequence[Question], n: int, s: float = 1.1, seed: int = 0) -> list[Question]:
-    """``n`` questions drawn with Zipf popularity over a random ranking of the questions."""
-    rng = np.random.default_rng(seed)
-    ranked = list(questions)
-    rng.shuffle(ranked)  # type: ignore[arg-type]
-    weights = 1.0 / np.arange(1, len(ranked) + 1) ** s
-    picks = rng.choice(len(ranked), size=n, p=weights / weights.sum())
-    return [ranked[i] for i in picks]
 
 
 def doc_query(text: str, rng: random.Random, words: int = 14) -> str:
@@ -212,13 +207,6 @@ def agreement(answers: Sequence[str], reference: Sequence[str]) -> dict[str, flo
                                         for a, r in zip(answers, reference, strict=True)]))}
 
 
-def fidelity(answers: Sequence[str], reference: Sequence[str], stream: Sequence[Question]) -> dict[str, float]:
-    agree = float(np.mean([normalize_answer(a) == normalize_answer(r) for a, r in zip(answers, reference,
-                                                                                      strict=True)]))
-    f1 = float(np.mean([squad_scores(a, q.answers)[1] for a, q in zip(answers, stream, strict=True)]))
-    return {"agreement": agree, "f1": f1}
-
-
 # -- output ---------------------------------------------------------------------------------------
 
 
@@ -240,6 +228,25 @@ def plot(runs: list[dict[str, Any]], budgets: Sequence[float]) -> Figure:
     axes[3].set_ylim(0, 1.05)
     fig.tight_layout()
     return fig
+
+
+def doc_markdown(payload: dict[str, Any], headers: Sequence[str], table: Sequence[Sequence[Any]]) -> str:
+    """The run's setting, table and verdict for its span of docs/BENCHMARKS.md."""
+    machine, goal, ref = payload["machine"], payload["goal_at_25pct"], payload["reference"]
+    lines = [f"Model {machine['model']}; {payload['documents']} documents ({ref['blocks']} blocks, raw KV "
+             f"{ref['raw_bytes'] / 1e6:.1f} MB, stored {ref['stored_bytes'] / 1e6:.1f} MB); {payload['queries']} "
+             f"queries ({payload['scan_queries']} scan), first {payload['queries'] - payload['counted_queries']} "
+             f"not counted; k = {payload['k']}, hot tier {payload['hot_tier_mib']} MiB, {machine['torch_threads']} "
+             f"torch thread(s), load average {machine['load_average'][0]:.1f} at the end, commit "
+             f"{machine['git_commit']}, {machine['measured_at']}, wall {payload['wall_s']:.0f} s. Command: "
+             f"`{payload['command']}`.", "", markdown_table(headers, table), ""]
+    if goal is None:
+        lines.append("No 25% budget in this run: the goal is not evaluated.")
+    else:
+        lines.append(f"Goal at 25%: hybrid fidelity {goal['hybrid_fidelity_vs_unbudgeted']:.3f} of the unbudgeted "
+                     f"(>= 0.9), KV hit rate hybrid {goal['hybrid_kv_hit_rate']:.3f} vs lru "
+                     f"{goal['lru_kv_hit_rate']:.3f}: **{'met' if goal['met'] else 'not met'}**.")
+    return "\n".join(lines)
 
 
 def _tiny() -> Any:
@@ -298,7 +305,8 @@ def main() -> None:
             store.update_bank(name, budget_bytes=int(fraction * ref_stats.raw_bytes))
             result = run_stream(store, name, stream, args.k, args.max_new_tokens, hot_bytes, warmup)
             result.update(agreement(result["answers"], reference["answers"]))
-            result.update(policy=policy, budget_fraction=fraction, budget_bytes=int(fraction * ref_stats.raw_bytes))
+            result.update(policy=policy, budget_fraction=fraction, budget_bytes=int(fraction * ref_stats.raw_bytes),
+                          budget_vs_stored=fraction * ref_stats.raw_bytes / ref_stats.stored_bytes)
             runs.append(result)
     wall_s = time.perf_counter() - t0
     at25 = {r["policy"]: r for r in runs if abs(r["budget_fraction"] - 0.25) < 1e-9}
@@ -310,7 +318,8 @@ def main() -> None:
         goal["met"] = goal["hybrid_fidelity_vs_unbudgeted"] >= 0.9 and goal["hybrid_kv_hit_rate"] > goal[
             "lru_kv_hit_rate"]
     payload = {
-        "benchmark": "memory", "machine": machine_info(store.llm.name), "model": args.model, "data": str(squad.path),
+        "benchmark": "memory", "command": " ".join(["python -m bench.memory", *sys.argv[1:]]),
+        "machine": machine_info(store.llm.name), "model": args.model, "data": str(squad.path),
         "documents": len(corpus), "original_paragraphs": len(squad.paragraphs), "queries": len(stream),
         "counted_queries": len(stream) - warmup, "scan_queries": sum(scan for _, scan in stream),
         "distinct_documents_asked": len({text for text, _ in stream}), "zipf": args.zipf,
@@ -322,19 +331,20 @@ def main() -> None:
         "runs": [{key: v for key, v in r.items() if key != "answers"} for r in runs],
         "goal_at_25pct": goal,
     }
-    write_json("memory", payload)
-    save_figure(plot(runs, args.budgets), "memory")
-    headers = ["policy", "budget", "hot hit", "warm", "cold", "cold misses", "KV hit", "KV hit (popular)",
-               "mean TTFT ms", "agreement", "evictions"]
-    table = [["unbudgeted", "-", reference["hot_hit_rate"], reference["warm_share"], reference["cold_share"],
+    name = "memory" if args.model == "packaged" else "memory_tiny"
+    write_json(name, payload)
+    save_figure(plot(runs, args.budgets), name)
+    headers = ["policy", "budget (raw)", "budget (stored)", "hot hit", "warm", "cold", "cold misses", "KV hit",
+               "KV hit (popular)", "mean TTFT ms", "agreement", "evictions"]
+    table = [["unbudgeted", "-", "-", reference["hot_hit_rate"], reference["warm_share"], reference["cold_share"],
               reference["cold_misses"], reference["kv_hit_rate"], reference["popular_kv_hit_rate"],
               reference["mean_ttft_ms"], reference["agreement"], 0]]
-    table += [[r["policy"], f"{int(100 * r['budget_fraction'])}%", r["hot_hit_rate"], r["warm_share"],
-               r["cold_share"], r["cold_misses"], r["kv_hit_rate"], r["popular_kv_hit_rate"], r["mean_ttft_ms"],
-               r["agreement"], r["evictions"]] for r in runs]
+    table += [[r["policy"], f"{round(100 * r['budget_fraction'])}%", f"{round(100 * r['budget_vs_stored'])}%",
+               r["hot_hit_rate"], r["warm_share"], r["cold_share"], r["cold_misses"], r["kv_hit_rate"],
+               r["popular_kv_hit_rate"], r["mean_ttft_ms"], r["agreement"], r["evictions"]] for r in runs]
     print_table(f"memory: {len(corpus)} documents, {len(stream)} queries", headers, table)
-    print(markdown_table(headers, table))
     print("goal at 25%:", goal)
+    publish_doc_table(name, doc_markdown(payload, headers, table))
     if args.data_dir is None:
         store.close()
         shutil.rmtree(data_dir, ignore_errors=True)
