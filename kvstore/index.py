@@ -23,6 +23,7 @@ import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import cache
 from pathlib import Path
 
 import faiss
@@ -66,6 +67,14 @@ def _make_ivf(vectors: np.ndarray, ids: np.ndarray) -> faiss.IndexIVFFlat:
     return ivf
 
 
+@cache
+def gpu_resources() -> faiss.StandardGpuResources | None:
+    """FAISS's GPU resources when faiss-gpu is installed and sees a GPU (the ``gpu`` extra), else None."""
+    if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() < 1:
+        return None
+    return faiss.StandardGpuResources()
+
+
 def _as_ivf(index: faiss.Index) -> faiss.IndexIVFFlat | None:
     # No faiss.downcast_index: its wrapper does not own the index, which a dropped parent would free.
     return index if isinstance(index, faiss.IndexIVFFlat) else None
@@ -80,6 +89,9 @@ class BankIndex:
         self.seq = 0
         self.lock = threading.RLock()
         self._trained_at = 0  # vector count the IVF was trained on (0: flat)
+        self._mutations = 0  # bumped by every change: the GPU copy is made again when it is stale
+        self._gpu: faiss.Index | None = None
+        self._gpu_at = -1
 
     @property
     def kind(self) -> str:
@@ -114,6 +126,7 @@ class BankIndex:
             self.remove(ids, rebalance=False)
             self.index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32),
                                     np.ascontiguousarray(ids, dtype=np.int64))
+            self._mutations += 1
             self._rebalance()
 
     def remove(self, ids: np.ndarray, rebalance: bool = True) -> None:
@@ -125,6 +138,7 @@ class BankIndex:
             sel = (faiss.IDSelectorArray(len(ids), faiss.swig_ptr(ids)) if self._trained_at
                    else faiss.IDSelectorBatch(ids))
             self.index.remove_ids(sel)
+            self._mutations += 1
             if rebalance:
                 self._rebalance()
 
@@ -138,6 +152,7 @@ class BankIndex:
             self._rebuild(ivf=False)
 
     def _rebuild(self, ivf: bool) -> None:
+        self._mutations += 1
         ids = self.ids()
         vectors = self.vectors(ids)
         if ivf:
@@ -156,7 +171,7 @@ class BankIndex:
             if self.ntotal == 0 or k <= 0:
                 return np.empty(0, np.int64), np.empty(0, np.float32)
             if allowed is None:
-                scores, ids = self.index.search(q, min(k, self.ntotal))
+                scores, ids = (self._on_gpu() or self.index).search(q, min(k, self.ntotal))
             elif len(allowed) == 0:
                 return np.empty(0, np.int64), np.empty(0, np.float32)
             elif self._trained_at and len(allowed) <= EXACT_FILTER_MAX:
@@ -175,6 +190,21 @@ class BankIndex:
                     return self._exact_subset(q[0], k, allowed)
         keep = ids[0] >= 0
         return ids[0][keep], scores[0][keep]
+
+    def _on_gpu(self) -> faiss.Index | None:
+        """A GPU copy of the index for unfiltered search (faiss-gpu and a GPU present), made again after a
+        change; None on CPU-only FAISS. Filtered search stays on the CPU: GPU indexes take no id selector."""
+        res = gpu_resources()
+        if res is None:
+            return None
+        if self._gpu is None or self._gpu_at != self._mutations:
+            try:
+                self._gpu = faiss.index_cpu_to_gpu(res, 0, self.index)
+            except RuntimeError as exc:  # an index kind faiss cannot clone to the GPU: search it on the CPU
+                log.warning("FAISS index not copied to the GPU (%s); searching on the CPU", exc)
+                return None
+            self._gpu_at = self._mutations
+        return self._gpu
 
     def _exact_subset(self, query: np.ndarray, k: int, allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Exhaustive inner product over the allowed ids that the index holds."""

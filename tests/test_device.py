@@ -166,3 +166,45 @@ def test_cuda_decode_runs_on_the_device() -> None:
 @pytest.mark.gpu
 def test_pinned_bandwidth_is_measured() -> None:
     assert h2d_bandwidth(16 << 20, repeats=2) > 1e9  # any PCIe link moves more than 1 GB/s
+
+
+def _index_with(n: int, dim: int = 16):
+    import numpy as np
+
+    from kvstore.index import BankIndex
+
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((n, dim)).astype("float32")
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    index = BankIndex(dim)
+    index.add(np.arange(n, dtype="int64"), vectors)
+    return index, vectors
+
+
+def test_faiss_search_stays_on_the_cpu_without_faiss_gpu() -> None:
+    from kvstore.index import gpu_resources
+
+    index, vectors = _index_with(50)
+    if gpu_resources() is not None:
+        pytest.skip("faiss-gpu sees a GPU here")
+    assert index._on_gpu() is None
+    ids, _ = index.search(vectors[7], 3)
+    assert ids[0] == 7
+
+
+@pytest.mark.gpu
+def test_faiss_gpu_search_matches_the_cpu_and_follows_changes() -> None:
+    import numpy as np
+
+    from kvstore.index import gpu_resources
+
+    if gpu_resources() is None:
+        pytest.skip("faiss-gpu is not installed (the gpu extra)")
+    index, vectors = _index_with(500)
+    ids, scores = index.search(vectors[42], 5)
+    cpu_scores, cpu_ids = index.index.search(vectors[42][None], 5)
+    assert index._on_gpu() is not None
+    assert ids.tolist() == cpu_ids[0].tolist()
+    np.testing.assert_allclose(scores, cpu_scores[0], rtol=1e-5)
+    index.remove(np.array([42], dtype="int64"))
+    assert 42 not in index.search(vectors[42], 5)[0].tolist()  # the GPU copy was made again
