@@ -26,6 +26,7 @@ from typing import Any
 from matplotlib.figure import Figure
 from tqdm import tqdm
 
+from bench import ttft_shape
 from bench.squad import (
     BANK,
     Question,
@@ -206,10 +207,26 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m bench.ttft",
         description="Time to first token of kv mode (hot tier and cold) vs text mode at several k, end to end "
-                    "through BankStore.query on the SQuAD excerpt. Writes bench/results/ttft.{json,png}.")
+                    "through BankStore.query on the SQuAD excerpt (bench/results/ttft.{json,png}); with --http "
+                    "through a real server (ttft_http.*); with --shape on a random-weight model of a real size "
+                    "at long contexts (ttft_shape_<device>.*).")
     add_data_args(parser, default_questions=30)
     parser.add_argument("--k", type=int, nargs="+", default=[1, 3, 5, 8], help="k values (default: 1 3 5 8)")
-    result = run(parser.parse_args(argv))
+    parser.add_argument("--http", action="store_true", help="time kv vs text (and llama.cpp) end to end through "
+                        "a real server's HTTP API at k = 5 instead (bench/ttft_http.py)")
+    parser.add_argument("--no-llama-cpp", action="store_true", help="with --http: skip the llama.cpp baseline")
+    ttft_shape.add_args(parser)
+    args = parser.parse_args(argv)
+    if args.shape:
+        shaped = ttft_shape.run(args)
+        ttft_shape.report(shaped, f"ttft_shape_{shaped['device'].split(':')[0]}")
+        return
+    if args.http:
+        from bench import ttft_http  # it imports this module's percentile
+
+        ttft_http.report(ttft_http.run(args))
+        return
+    result = run(args)
     print_table(f"TTFT, {result['questions']} questions, {result['machine']['torch_threads']} torch threads",
                 TABLE_HEADERS, table_rows(result["rows"]))
     goal = result["goal"]
