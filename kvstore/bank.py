@@ -44,10 +44,11 @@ from .errors import (
     VersionMismatch,
 )
 from .index import BankIndex
+from .keysummary import KeySummaries
 from .memory import MemoryManager, as_utc, expired_block_ids, record_access, tier_stats
 from .models import Embedder, LoadedModel, load_llm
 from .recompute import blend, default_ratio
-from .rerank import RETRIEVAL_MODES, hybrid_scores
+from .rerank import KV_MODES, RETRIEVAL_MODES, rerank_scores
 from .runner import BlockKV, Runner, set_threads
 from .sessions import sessions_of
 
@@ -227,6 +228,7 @@ class BankStore:
         self.embedder = embedder or Embedder(self.settings)
         self.llm = llm or load_llm(self.settings)
         self.runner = Runner(self.llm, self.settings.system_prompt, self.settings.device_cache_bytes)
+        self.summaries = KeySummaries(self)
         if self.llm.device.type == "cuda":
             self.hot.pin_dtype = self.llm.dtype
         self.model_lock = threading.Lock()
@@ -457,8 +459,8 @@ class BankStore:
         if tags is not None and (not isinstance(tags, list) or not all(isinstance(t, str) for t in tags)):
             raise ValidationFailed("tags must be a list of strings")
 
-    def _encode_blocks(self, bank: BankRow, text: str) -> list[tuple[str, list[int], np.ndarray, str, bytes]]:
-        """(text, token ids, embedding, blob id, blob bytes) per block; blobs are written here."""
+    def _encode_blocks(self, bank: BankRow, text: str) -> list[tuple[str, list[int], np.ndarray, str, bytes, bytes]]:
+        """(text, token ids, embedding, blob id, key summary, blob bytes) per block; blobs are written here."""
         runner = self.runner
         chunks = chunk_text(text, bank.block_tokens, lambda t: len(runner.tokenize(t)))
         if not chunks:
@@ -470,7 +472,7 @@ class BankStore:
         out = []
         for chunk, ids, vec, kv in zip(chunks, token_ids, vectors, kvs, strict=True):
             data = encode_block(kv, bank.model_fingerprint, bank.codec)
-            out.append((chunk, ids, vec, self.blobs.put(data), data))
+            out.append((chunk, ids, vec, self.blobs.put(data), self.summaries.build(kv, bank.model_fingerprint), data))
         return out
 
     def put_document(self, bank: str, doc_id: str, text: str, *, metadata: dict[str, Any] | None = None,
@@ -532,14 +534,14 @@ class BankStore:
             doc.text, doc.content_hash, doc.meta, doc.tags = text, content_hash, metadata or {}, tags or []
             doc.pinned, doc.agent, doc.updated_at = pinned, agent, now
             doc.importance, doc.expires_at = importance, expires_at
-            doc.tokens = sum(len(ids) for _, ids, _, _, _ in encoded)
+            doc.tokens = sum(len(ids) for _, ids, *_ in encoded)
             s.flush()
             rows = [BlockRow(bank_id=bank_row.id, document_id=doc.id, ordinal=i, token_count=len(ids),
                              text=chunk, token_ids=_ids_bytes(ids), embedding=vec.astype("<f4").tobytes(),
-                             blob_id=blob_id, codec=bank_row.codec,
+                             blob_id=blob_id, kv_summary=summary, codec=bank_row.codec,
                              raw_bytes=len(ids) * self.runner.bytes_per_token_fp16, stored_bytes=len(data),
                              agent=agent, status="live", access_count=0, importance=0.0, created_at=now)
-                    for i, (chunk, ids, vec, blob_id, data) in enumerate(encoded)]
+                    for i, (chunk, ids, vec, blob_id, summary, data) in enumerate(encoded)]
             s.add_all(rows)
             s.flush()
             op = OpLogRow(bank_id=bank_row.id, op="put", doc_id=doc_id, version=doc.version,
@@ -685,7 +687,10 @@ class BankStore:
             return self._nearest(s, bank, query, k, flt)
         # Two stages: the embedding shortlists, the reranker picks the top k of the shortlist.
         candidates = self._nearest(s, bank, query, max(k, self.settings.rerank_candidates), flt)
-        scores = hybrid_scores(query, [b.text for b, _, _ in candidates], np.asarray([sc for _, _, sc in candidates]))
+        kv = (self.summaries.scores(s, bank, query, [b for b, _, _ in candidates])
+              if retrieval in KV_MODES and candidates else None)
+        scores = rerank_scores(retrieval, query, [b.text for b, _, _ in candidates],
+                               np.asarray([sc for _, _, sc in candidates]), kv)
         order = np.argsort(-scores, kind="stable")[:k]
         return [(candidates[i][0], candidates[i][1], float(scores[i])) for i in order.tolist()]
 
@@ -768,7 +773,8 @@ class BankStore:
                 old = block.blob_id
                 blob_id = self.blobs.put(data, replace=True)
                 s.execute(update(BlockRow).where(BlockRow.id == block.id).values(
-                    blob_id=blob_id, stored_bytes=len(data), codec=bank.codec, status="live"))
+                    blob_id=blob_id, stored_bytes=len(data), codec=bank.codec, status="live",
+                    kv_summary=self.summaries.build(kv, bank.model_fingerprint)))
                 s.commit()
                 if old and old != blob_id:
                     self._drop_unreferenced(s, {old})

@@ -107,6 +107,9 @@ class BlockRow(Base):
     last_access_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     merged_into: Mapped[int | None] = mapped_column(BigId, nullable=True, index=True)
+    # Keys of a few attention heads for the KV rerank (kvstore.keysummary, checksummed); deferred so
+    # that loading rows elsewhere never reads them. None: not built yet (rebuilt on first use).
+    kv_summary: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True, deferred=True)
 
 
 class OpLogRow(Base):

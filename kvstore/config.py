@@ -67,10 +67,16 @@ class Settings(BaseSettings):
     map_llm_max_tokens: int = Field(default=512, ge=16, description="Longest answer a map refresh asks the LLM for.")
 
     default_retrieval: str = Field(
-        default="hybrid", pattern="^(embedding|hybrid)$",
-        description="Retrieval of search and query: embedding | hybrid (embedding + BM25 rerank; the default: "
-                    "+11 points recall@1 on the SQuAD excerpt for ~5 ms, docs/BENCHMARKS.md).")
+        default="hybrid", pattern="^(embedding|kv|hybrid|hybrid_kv)$",
+        description="Retrieval of search and query: embedding | kv (embedding + KV-utility rerank) | hybrid "
+                    "(embedding + BM25 rerank; the default: +11 points recall@1 on the SQuAD excerpt for ~5 ms) | "
+                    "hybrid_kv (embedding + BM25 + KV); docs/BENCHMARKS.md.")
     rerank_candidates: int = Field(default=20, ge=1, le=1000, description="FAISS candidates a rerank reorders.")
+    kv_rerank_heads: str = Field(
+        default="17.3,17.4,17.5,18.6",
+        description="Query heads (layer.head) whose attention ranks blocks in kv retrieval, picked on SmolLM2-135M "
+                    "(docs/BENCHMARKS.md). Heads the model lacks are dropped; with none left, every head of the "
+                    "layer at 60% of the depth.")
 
     def resolved_database_url(self) -> str:
         """The catalog URL, defaulting to a SQLite file under the data dir."""

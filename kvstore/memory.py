@@ -408,7 +408,8 @@ class MemoryManager:
                 data = encode_block(kv, bank.model_fingerprint, bank.codec)
                 blob_id = store.blobs.put(data)
                 s.execute(update(BlockRow).where(BlockRow.id == row.id, BlockRow.blob_id.is_(None)).values(
-                    blob_id=blob_id, stored_bytes=len(data), codec=bank.codec))
+                    blob_id=blob_id, stored_bytes=len(data), codec=bank.codec,
+                    kv_summary=store.summaries.build(kv, bank.model_fingerprint)))
                 store.hot.discard(cold_key(bank.model_fingerprint, row.token_ids))
                 store.hot.put(blob_id, kv)
             s.execute(update(BankRow).where(BankRow.id == bank.id).values(reencodes=BankRow.reencodes + len(cold)))
@@ -469,6 +470,7 @@ class MemoryManager:
                 b.token_ids = np.asarray(ids, dtype="<i4").tobytes()
                 b.token_count, b.raw_bytes = len(ids), len(ids) * runner.bytes_per_token_fp16
                 b.blob_id, b.stored_bytes, b.merged_into = None, 0, None
+                b.kv_summary = None  # keys of the old model: rebuilt from the new KV when next needed
             row.model_fingerprint, row.model_name = llm.fingerprint, llm.name
             s.commit()
             store._drop_unreferenced(s, old_blobs)
@@ -503,6 +505,7 @@ class MemoryManager:
                         if full:
                             break
                         block.blob_id, block.stored_bytes, block.codec = store.blobs.put(data), len(data), row.codec
+                        block.kv_summary = store.summaries.build(kv, row.model_fingerprint)
                         used += len(data)
                         warmed += 1
                     s.execute(update(BankRow).where(BankRow.id == row.id).values(
@@ -544,6 +547,7 @@ class MemoryManager:
                 # recompute and a cold re-encode then all see the same content); its own text stays.
                 alias.token_ids, alias.token_count = canon.token_ids, canon.token_count
                 alias.raw_bytes = canon.raw_bytes
+                alias.kv_summary = canon.kv_summary  # it ranks by the keys it now serves
             if pairs:
                 row.merges += len(pairs)
                 s.commit()

@@ -188,9 +188,10 @@ class SearchIn(Request):
     query: str = Field(min_length=1)
     k: int = Field(default=5, ge=1, le=100)
     filter: Filter | None = None
-    retrieval: Literal["embedding", "hybrid"] | None = Field(
-        default=None, description="embedding, or hybrid (BM25 rerank of the embedding's candidates); "
-                                  "default: the server's KVRAG_DEFAULT_RETRIEVAL.")
+    retrieval: Literal["embedding", "kv", "hybrid", "hybrid_kv"] | None = Field(
+        default=None, description="embedding; or a rerank of the embedding's candidates: kv (by the attention the "
+                                  "question's queries pay each block's stored keys), hybrid (by BM25), hybrid_kv "
+                                  "(both); default: the server's KVRAG_DEFAULT_RETRIEVAL.")
 
 
 class HitOut(BaseModel):
@@ -223,7 +224,7 @@ class QueryIn(Request):
     stream: bool = False
     filter: Filter | None = None
     context_map: bool = Field(default=False, description="Put the bank's context map before the blocks.")
-    retrieval: Literal["embedding", "hybrid"] | None = Field(
+    retrieval: Literal["embedding", "kv", "hybrid", "hybrid_kv"] | None = Field(
         default=None, description="How blocks are picked (see search); default: KVRAG_DEFAULT_RETRIEVAL.")
     recompute: float | None = Field(
         default=None, ge=0.0, le=1.0,
