@@ -12,9 +12,19 @@ the workers' subquestions, the others are distractor paragraphs of the same arti
 - ``retrieval``: plain kv retrieval of the top-2 paragraphs from a bank holding the whole excerpt.
 
 Reported: SQuAD F1, KL(text || variant) over question + gold answer tokens, the context tokens the
-worker got, compaction ms and TTFT. Prune: each episode is replayed with its subquestions asked when
-their passage arrives (full-KV briefs) and ``prune(policy="attention")`` after every step, beside an
-unpruned twin; reported are peak live session tokens and F1 of both.
+worker got, compaction ms and TTFT.
+
+Prune: the peak session tokens are the most live KV tokens the session ever holds, so pruning has to
+happen while the trajectory grows. Each episode is replayed step by step: the orchestrator appends a
+search result and its note, then delegates the worker calls due at that step (full-KV briefs): the first
+subquestion of an answer paragraph when it arrives, the next ones ``--lag`` steps later (so a passage
+must outlive the step it arrived in), and on a step with no subquestion due one unscored call that reads
+the new result. After the step's calls the orchestrator prunes. Settings: ``attention@<t>`` drops
+segments whose mean attention share over their recent briefs is below ``t`` times an even share;
+``model`` asks the loaded model (an auxiliary call, strict JSON) which segments the goal and the still
+open subquestions need. Each setting runs beside an unpruned twin asking the same scored subquestions;
+reported are peak live tokens and F1 of both, segments pruned and, for ``model``, how often the judge's
+reply parsed.
 Writes bench/results/sessions.json and sessions.png.
 """
 
@@ -24,6 +34,7 @@ import argparse
 import copy
 import json
 import random
+import re
 import statistics
 import tempfile
 import time
@@ -47,6 +58,7 @@ from bench.squad import (
     ingest,
     load_or_exit,
     machine_info,
+    markdown_table,
     open_store,
     print_table,
     publish_doc_table,
@@ -63,10 +75,20 @@ GOAL = ("Goal: answer the team's questions about the Normans. Plan: search the a
         "and note what matters for the questions.")
 BRIEFS: dict[str, dict[str, float]] = {  # name -> {"tau": ...} or {"share": budget as a share of the tokens}
     "brief@tau=0": {"tau": 0.0}, "brief@tau=1": {"tau": 1.0}, "brief@40%": {"share": 0.40},
-    "brief@25%": {"share": 0.25},
+    "brief@35%": {"share": 0.35}, "brief@30%": {"share": 0.30}, "brief@25%": {"share": 0.25},
 }
 VARIANTS = ("text", "kv", *BRIEFS, "retrieval")
 RETRIEVAL_K = 2
+PRUNES: dict[str, dict[str, Any]] = {  # name -> SessionStore.prune keyword arguments
+    "attention@0.25": {"policy": "attention", "threshold": 0.25},
+    "attention@0.5": {"policy": "attention", "threshold": 0.5},
+    "attention@1.0": {"policy": "attention", "threshold": 1.0},
+    "attention@2.0": {"policy": "attention", "threshold": 2.0},
+    "attention@1.5": {"policy": "attention", "threshold": 1.5},
+    "attention@1.0/w2": {"policy": "attention", "threshold": 1.0, "window": 2},
+    "attention@1.5/w2": {"policy": "attention", "threshold": 1.5, "window": 2},
+    "model": {"policy": "model"},
+}
 
 
 @dataclass
@@ -96,12 +118,17 @@ class Record:
 
 @dataclass
 class PruneRun:
+    """One episode replayed under one prune setting (``keep``: never pruned)."""
+
+    setting: str
     episode: int
-    peak_keep: int = 0
-    peak_prune: int = 0
-    f1_keep: list[float] = field(default_factory=list)
-    f1_prune: list[float] = field(default_factory=list)
+    peak_tokens: int = 0
+    final_tokens: int = 0
+    f1: list[float] = field(default_factory=list)
     pruned_segments: int = 0
+    prunes: int = 0
+    judge_errors: list[str] = field(default_factory=list)
+    judge_ms: list[float] = field(default_factory=list)
 
 
 def build_episodes(squad: Squad, episodes: int, relevant: int, distractors: int, per_paragraph: int,
@@ -191,33 +218,92 @@ def _retrieval(store: BankStore, index: int, question: Question, reference: torc
                   result.answer)
 
 
-def prune_run(ss: SessionStore, index: int, episode: Episode, max_new_tokens: int) -> PruneRun:
-    """Replay the episode asking each subquestion when its passage arrives; prune by attention after each step."""
-    keep, prune = f"keep{index}", f"prune{index}"
-    run = PruneRun(episode=index)
-    for sid in (keep, prune):
-        ss.create(BANK, sid)
-        ss.append(BANK, sid, [episode.segments[0]])
+def schedule(episode: Episode, lag: int) -> dict[int, list[Question]]:
+    """Step -> the subquestions delegated after it: a paragraph's first when it arrives, the others ``lag``
+    steps later (at the last step when that is past the end)."""
+    last = len(episode.steps) - 1
+    due: dict[int, list[Question]] = {}
+    seen: set[int] = set()
+    for question, step in episode.questions:
+        at = step if step not in seen else min(step + lag, last)
+        seen.add(step)
+        due.setdefault(at, []).append(question)
+    return due
+
+
+def prune_run(ss: SessionStore, index: int, episode: Episode, setting: str, lag: int, max_new_tokens: int
+              ) -> PruneRun:
+    """Replay the episode step by step: append, the step's worker calls, then prune with ``setting``
+    (``keep``: no prune); the peak is the most live tokens right after an append."""
+    sid = f"{re.sub(r'[^A-Za-z0-9._-]', '-', setting)}-{index}"
+    run = PruneRun(setting=setting, episode=index)
+    due = schedule(episode, lag)
+    asked: set[str] = set()
+    ss.create(BANK, sid)
+    ss.append(BANK, sid, [episode.segments[0]])
     for step, segments in enumerate(episode.steps):
-        due = [q for q, at in episode.questions if at == step]
-        for sid, f1s in ((keep, run.f1_keep), (prune, run.f1_prune)):
-            live = ss.append(BANK, sid, segments).tokens
-            if sid == keep:
-                run.peak_keep = max(run.peak_keep, live)
-            else:
-                run.peak_prune = max(run.peak_prune, live)
-            for q in due:
-                answer = ss.brief(BANK, sid, q.text, max_new_tokens=max_new_tokens).answer
-                f1s.append(squad_scores(answer, q.answers)[1])
-        run.pruned_segments += len(ss.prune(BANK, prune, policy="attention").pruned)
+        run.peak_tokens = max(run.peak_tokens, ss.append(BANK, sid, segments).tokens)
+        for q in due.get(step, []):
+            answer = ss.brief(BANK, sid, q.text, max_new_tokens=max_new_tokens).answer
+            run.f1.append(squad_scores(answer, q.answers)[1])
+            asked.add(q.qid)
+        if setting == "keep":
+            continue
+        knobs = PRUNES[setting]
+        if knobs["policy"] == "attention" and not due.get(step):
+            # Every tool result goes to some worker; this call is unscored, only its attention is recorded.
+            ss.brief(BANK, sid, f"What does search result {step + 1} say?", max_new_tokens=1)
+        open_questions = [q.text for q, _ in episode.questions if q.qid not in asked]
+        goal = GOAL + (" Questions still open: " + " ".join(open_questions) if open_questions else "")
+        result = ss.prune(BANK, sid, goal=goal, **knobs)
+        run.prunes += 1
+        run.pruned_segments += len(result.pruned)
+        if knobs["policy"] == "model":
+            run.judge_ms.append(result.judge_ms)
+            if result.error:
+                run.judge_errors.append(result.error)
+    run.final_tokens = ss.get(BANK, sid, with_text=False).tokens
     return run
+
+
+def prune_runs(ss: SessionStore, episodes: Sequence[Episode], settings: Sequence[str], lag: int,
+               max_new_tokens: int) -> list[PruneRun]:
+    """Every episode unpruned (``keep``) and under every prune setting."""
+    return [prune_run(ss, i, e, setting, lag, max_new_tokens)
+            for i, e in enumerate(tqdm(episodes, desc="prune", unit="ep")) for setting in ("keep", *settings)]
+
+
+def summarise_prune(runs: Sequence[PruneRun]) -> dict[str, dict[str, Any]]:
+    """Per prune setting: mean peak tokens and F1 beside the unpruned twin's, and what the prunes did."""
+    keep = [r for r in runs if r.setting == "keep"]
+    if not keep:
+        return {}
+    peak_keep = statistics.mean(r.peak_tokens for r in keep)
+    f1_keep = statistics.mean(f for r in keep for f in r.f1)
+    out: dict[str, dict[str, Any]] = {}
+    for setting in dict.fromkeys(r.setting for r in runs if r.setting != "keep"):
+        rs = [r for r in runs if r.setting == setting]
+        peak = statistics.mean(r.peak_tokens for r in rs)
+        f1 = statistics.mean(f for r in rs for f in r.f1)
+        errors = [e for r in rs for e in r.judge_errors]
+        out[setting] = {
+            "peak_tokens_keep": peak_keep, "peak_tokens_prune": peak, "peak_cut": 1 - peak / peak_keep,
+            "final_tokens_keep": statistics.mean(r.final_tokens for r in keep),
+            "final_tokens_prune": statistics.mean(r.final_tokens for r in rs),
+            "f1_keep": f1_keep, "f1_prune": f1, "f1_loss_points": 100 * (f1_keep - f1),
+            "pruned_segments": sum(r.pruned_segments for r in rs), "prunes": sum(r.prunes for r in rs),
+            "judge_errors": len(errors), "judge_error_examples": sorted(set(errors))[:5],
+            "judge_ms_median": statistics.median(ms) if (ms := [m for r in rs for m in r.judge_ms]) else None,
+            "goal_met": 1 - peak / peak_keep >= 0.5 and 100 * (f1_keep - f1) <= 2.0,
+        }
+    return out
 
 
 def summarise(records: Sequence[Record], runs: Sequence[PruneRun]) -> dict[str, Any]:
     by_variant = {v: [r for r in records if r.variant == v] for v in VARIANTS}
     text_tokens = statistics.mean(r.worker_tokens for r in by_variant["text"])
     text_ttft = statistics.median(r.ttft_ms for r in by_variant["text"])
-    rows = []
+    rows: list[dict[str, Any]] = []
     for variant, rs in by_variant.items():
         rows.append({
             "variant": variant, "f1": statistics.mean(r.f1 for r in rs), "kl_mean": statistics.mean(r.kl for r in rs),
@@ -227,19 +313,14 @@ def summarise(records: Sequence[Record], runs: Sequence[PruneRun]) -> dict[str, 
             "ttft_ms_median": statistics.median(r.ttft_ms for r in rs),
             "speedup_vs_text": text_ttft / statistics.median(r.ttft_ms for r in rs),
         })
-    f1_keep = statistics.mean(f for r in runs for f in r.f1_keep)
-    f1_prune = statistics.mean(f for r in runs for f in r.f1_prune)
-    peak_keep = statistics.mean(r.peak_keep for r in runs)
-    peak_prune = statistics.mean(r.peak_prune for r in runs)
-    prune = {"peak_tokens_keep": peak_keep, "peak_tokens_prune": peak_prune, "peak_cut": 1 - peak_prune / peak_keep,
-             "f1_keep": f1_keep, "f1_prune": f1_prune, "f1_loss_points": 100 * (f1_keep - f1_prune),
-             "pruned_segments": sum(r.pruned_segments for r in runs)}
+    prune = summarise_prune(runs)
     kv = next(r for r in rows if r["variant"] == "kv")
     briefs = [r for r in rows if r["variant"].startswith("brief")]
     ok = [r for r in briefs if r["f1"] >= 0.95 * kv["f1"] and r["token_share"] <= 0.40]
     goals = {
         "brief_f1_95pct_at_40pct_tokens": {"met": bool(ok), "variants": [r["variant"] for r in ok]},
-        "prune_peak_cut_50pct_f1_loss_2pts": {"met": prune["peak_cut"] >= 0.5 and prune["f1_loss_points"] <= 2.0},
+        "prune_peak_cut_50pct_f1_loss_2pts": {"met": any(p["goal_met"] for p in prune.values()),
+                                              "settings": [k for k, p in prune.items() if p["goal_met"]]},
         "worker_ttft_5x_vs_text": {"met": min(r["speedup_vs_text"] for r in briefs) >= 5.0,
                                    "min_speedup": min(r["speedup_vs_text"] for r in briefs)},
     }
@@ -247,8 +328,8 @@ def summarise(records: Sequence[Record], runs: Sequence[PruneRun]) -> dict[str, 
 
 
 def plot(summary: dict[str, Any]) -> Figure:
-    fig = Figure(figsize=(11, 4))
-    ax1, ax2 = fig.subplots(1, 2)
+    fig = Figure(figsize=(16, 4))
+    ax1, ax2, ax3 = fig.subplots(1, 3)
     rows = summary["rows"]
     for r in rows:
         ax1.scatter(r["token_share"], r["f1"], s=40)
@@ -262,36 +343,52 @@ def plot(summary: dict[str, Any]) -> Figure:
     ax2.set_ylabel("TTFT p50 ms (log)")
     ax2.set_title("Worker time to first token")
     ax2.tick_params(axis="x", rotation=40, labelsize=8)
+    for name, p in summary["prune"].items():
+        ax3.scatter(100 * p["peak_cut"], p["f1_loss_points"], s=40)
+        ax3.annotate(name, (100 * p["peak_cut"], p["f1_loss_points"]), fontsize=8, xytext=(4, 4),
+                     textcoords="offset points")
+    ax3.axvline(50, color="grey", linestyle=":")
+    ax3.axhline(2, color="grey", linestyle=":")
+    ax3.set_xlabel("peak session tokens cut, %")
+    ax3.set_ylabel("F1 loss vs unpruned, points")
+    ax3.set_title("Prune during the trajectory (goal: right of and below the lines)")
     fig.tight_layout()
     return fig
 
 
-def run_prune_only(args: argparse.Namespace) -> dict[str, Any]:
-    """Only the prune row, measured again; the worker-call rows are kept from bench/results/sessions.json."""
-    previous = json.loads((RESULTS_DIR / "sessions.json").read_text())
-    squad = load_or_exit(args.data)
-    episodes = build_episodes(squad, previous["episodes"], previous["relevant_per_episode"],
-                              previous["distractors_per_episode"], args.per_paragraph)
-    per_episode = -(-previous["questions"] // len(episodes))
+def _episodes(squad: Squad, args: argparse.Namespace, count: int) -> list[Episode]:
+    """``count`` episodes (the first ones are the same whatever the count), their subquestions capped."""
+    episodes = build_episodes(squad, count, args.relevant, args.distractors, args.per_paragraph)
+    per_episode = -(-args.questions // args.episodes)
     for e in episodes:
         e.questions = e.questions[:per_episode]
+    return episodes
+
+
+def _prune_result(args: argparse.Namespace, runs: Sequence[PruneRun]) -> dict[str, Any]:
+    return {"prune_episodes": args.prune_episodes if runs else 0, "lag": args.lag,
+            "prune_questions": sum(len(r.f1) for r in runs if r.setting == "keep"),
+            "prune_runs": [r.__dict__ for r in runs]}
+
+
+def run_prune_only(args: argparse.Namespace) -> dict[str, Any]:
+    """Only the prune settings, measured again; the worker-call rows are kept from bench/results/sessions.json
+    (read once the prune is measured, so a full run with ``--prune-episodes 0`` may still be writing it)."""
+    episodes = _episodes(load_or_exit(args.data), args, args.prune_episodes)
     with tempfile.TemporaryDirectory(prefix="kvrag-bench-sessions-") as tmp:
         store = open_store(Path(tmp), torch_threads=args.threads)
         store.create_bank(BANK)
-        ss = sessions_of(store)
-        runs = [prune_run(ss, i, e, previous["max_new_tokens"]) for i, e in enumerate(tqdm(episodes, desc="prune"))]
+        runs = prune_runs(sessions_of(store), episodes, args.prune_settings, args.lag, args.max_new_tokens)
         machine = machine_info(store.llm.name)
         store.close()
+    previous = json.loads((RESULTS_DIR / "sessions.json").read_text())
     records = [Record(**r) for r in previous["records"]]
-    return {**previous, **summarise(records, runs), "prune_runs": [r.__dict__ for r in runs], "prune_machine": machine}
+    return {**previous, **summarise(records, runs), **_prune_result(args, runs), "prune_machine": machine}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     squad = load_or_exit(args.data)
-    episodes = build_episodes(squad, args.episodes, args.relevant, args.distractors, args.per_paragraph)
-    per_episode = -(-args.questions // len(episodes))
-    for e in episodes:
-        e.questions = e.questions[:per_episode]
+    episodes = _episodes(squad, args, args.episodes)
     with tempfile.TemporaryDirectory(prefix="kvrag-bench-sessions-") as tmp:
         store = open_store(Path(tmp), torch_threads=args.threads)
         ingest(store, squad.paragraphs)
@@ -299,7 +396,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         records: list[Record] = []
         for i, episode in enumerate(tqdm(episodes, desc="episodes", unit="ep")):
             records += compare(store, ss, i, episode, args.max_new_tokens)
-        runs = [prune_run(ss, i, e, args.max_new_tokens) for i, e in enumerate(tqdm(episodes, desc="prune"))]
+        runs = prune_runs(ss, _episodes(squad, args, args.prune_episodes), args.prune_settings, args.lag,
+                          args.max_new_tokens) if args.prune_episodes else []
         machine = machine_info(store.llm.name)
         store.close()
     trajectory_tokens = statistics.mean(r.worker_tokens for r in records if r.variant == "text")
@@ -307,21 +405,30 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "benchmark": "sessions", "data": str(args.data), "questions": sum(len(e.questions) for e in episodes),
         "episodes": len(episodes), "relevant_per_episode": args.relevant, "distractors_per_episode": args.distractors,
         "max_new_tokens": args.max_new_tokens, "mean_text_worker_tokens": trajectory_tokens, "machine": machine,
-        **summarise(records, runs),
-        "records": [r.__dict__ for r in records], "prune_runs": [r.__dict__ for r in runs],
+        **summarise(records, runs), **_prune_result(args, runs), "records": [r.__dict__ for r in records],
     }
 
 
 TABLE_HEADERS = ("variant", "F1", "KL mean", "worker tokens", "share of text", "compaction ms p50", "TTFT p50 ms",
                  "text/variant")
+PRUNE_HEADERS = ("prune setting", "peak tokens (unpruned)", "peak cut", "final tokens (unpruned)", "F1 (unpruned)",
+                 "F1 loss, points", "segments pruned", "judge replies unusable", "judge ms p50", "goal met")
 
 
 def table_rows(result: dict[str, Any]) -> list[list[Any]]:
-    rows = [[r["variant"], r["f1"], r["kl_mean"], int(r["worker_tokens"]), r["token_share"], r["compaction_ms"],
+    return [[r["variant"], r["f1"], r["kl_mean"], int(r["worker_tokens"]), r["token_share"], r["compaction_ms"],
              r["ttft_ms_median"], f"{r['speedup_vs_text']:.1f}x"] for r in result["rows"]]
-    p = result["prune"]
-    rows.append(["prune (attention): peak tokens", f"{p['f1_prune']:.3f} vs {p['f1_keep']:.3f}", "",
-                 f"{p['peak_tokens_prune']:.0f} vs {p['peak_tokens_keep']:.0f}", 1 - p["peak_cut"], "", "", ""])
+
+
+def prune_rows(result: dict[str, Any]) -> list[list[Any]]:
+    rows = []
+    for name, p in result["prune"].items():
+        judge_ms = p["judge_ms_median"]
+        rows.append([name, f"{p['peak_tokens_prune']:.0f} ({p['peak_tokens_keep']:.0f})", f"{100 * p['peak_cut']:.1f}%",
+                     f"{p['final_tokens_prune']:.0f} ({p['final_tokens_keep']:.0f})",
+                     f"{p['f1_prune']:.3f} ({p['f1_keep']:.3f})", f"{p['f1_loss_points']:.1f}", p["pruned_segments"],
+                     f"{p['judge_errors']}/{p['prunes']}" if name == "model" else "",
+                     f"{judge_ms:.0f}" if judge_ms is not None else "", "yes" if p["goal_met"] else "no"])
     return rows
 
 
@@ -337,15 +444,31 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--distractors", type=int, default=3, help="distractor paragraphs per trajectory (default: 3)")
     parser.add_argument("--per-paragraph", type=int, default=2, help="subquestions per answer paragraph (default: 2)")
     parser.add_argument("--max-new-tokens", type=int, default=16, help="greedy answer length cap (default: 16)")
+    parser.add_argument("--prune-episodes", type=int, default=4,
+                        help="trajectories replayed for the prune settings (default: 4, the compared ones; more "
+                             "add new trajectories; 0 skips the prune, for a later --prune-only run)")
+    parser.add_argument("--lag", type=int, default=1,
+                        help="steps between an answer paragraph's arrival and its later subquestions (default: 1)")
+    parser.add_argument("--prune-settings", nargs="+", default=list(PRUNES), choices=list(PRUNES),
+                        help=f"prune settings to replay (default: all of {', '.join(PRUNES)})")
     parser.add_argument("--prune-only", action="store_true",
-                        help="measure only the prune row again, keeping the other rows of bench/results/sessions.json")
+                        help="measure only the prune settings again, keeping the other rows of "
+                             "bench/results/sessions.json")
     args = parser.parse_args(argv)
     result = run_prune_only(args) if args.prune_only else run(args)
     print_table(f"sessions: {result['questions']} worker subquestions over {result['episodes']} trajectories",
                 TABLE_HEADERS, table_rows(result))
+    markdown = doc_markdown(result, TABLE_HEADERS, table_rows(result))
+    if result["prune"]:
+        print_table(f"prune: {result['prune_questions']} subquestions over {result['prune_episodes']} trajectories, "
+                    f"lag {result['lag']}", PRUNE_HEADERS, prune_rows(result))
+        m = result.get("prune_machine", result["machine"])
+        markdown += (f"\n\nPrune: {result['prune_questions']} scored subquestions over {result['prune_episodes']} "
+                     f"trajectories, later subquestions {result['lag']} step(s) after their passage; the unpruned "
+                     f"twin in parentheses; load average {m['load_average'][0]:.1f} at the end, commit "
+                     f"{m['git_commit']}, {m['measured_at']}.\n\n" + markdown_table(PRUNE_HEADERS, prune_rows(result)))
     print("goals:", result["goals"])
     print(f"wrote {write_json('sessions', result)} and {save_figure(plot(result), 'sessions')}")
-    markdown = doc_markdown(result, TABLE_HEADERS, table_rows(result))
     publish_doc_table("sessions", markdown)
 
 
