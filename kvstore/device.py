@@ -131,7 +131,7 @@ class PendingLayer(DynamicLayer):
         return 0 if self._keys is None else int(self._keys.shape[-2])
 
 
-Rotate = Callable[[int, torch.Tensor], torch.Tensor]  # (layer, keys [heads, tokens, dim]) -> rotated keys
+Rotate = Callable[[int, torch.Tensor], None]  # (layer, keys [heads, tokens, dim]) rotated in place
 
 
 @dataclass
@@ -195,7 +195,7 @@ def assemble_layers(prefix_k: torch.Tensor, prefix_v: torch.Tensor, blocks: Sequ
                 v_out[layer, 0, :, offset:offset + tokens] = item.v[layer]
                 offset += tokens
             if n:
-                k_out[layer, 0, :, p:] = rotate(layer, k_out[layer, 0, :, p:])
+                rotate(layer, k_out[layer, 0, :, p:])
             if stream is not None:
                 event = torch.cuda.Event()
                 event.record(stream)

@@ -87,10 +87,30 @@ class ModelRope:
             kr = torch.cat((kr, kg[..., rot:]), dim=-1)
         return kr.to(k.dtype)
 
-    def rotate_with(self, k_pre: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Rotate ``k_pre: [..., tokens, head_dim]`` with a table from :meth:`cos_sin` (computed once, reused
-        for every layer of its group)."""
-        return self._rotate_group(k_pre, cos.to(k_pre.device), sin.to(k_pre.device), inverse=False)
+    @staticmethod
+    def rotate_inplace(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+        """Rotate ``k: [..., tokens, head_dim]`` in place with a table from :meth:`cos_sin` (``[tokens, rot]``).
+
+        The same ``k * cos + rotate_half(k) * sin`` as the model, written per half with in-place multiply-adds:
+        one half-size temporary instead of five full-size ones, and no copy back (4x faster on a CPU).
+        """
+        rot = cos.shape[-1]
+        half = rot // 2
+        cos, sin = cos.to(k.device, k.dtype), sin.to(k.device, k.dtype)
+        x1, x2 = k[..., :half], k[..., half:rot]
+        first = x1.clone()
+        x1.mul_(cos[..., :half]).addcmul_(x2, sin[..., :half], value=-1)
+        x2.mul_(cos[..., half:]).addcmul_(first, sin[..., half:])
+
+    def place_inplace(self, k_pre: torch.Tensor, positions: torch.Tensor) -> None:
+        """:meth:`rotate` in place: ``k_pre: [layers, kv_heads, tokens, head_dim]`` at ``positions: [tokens]``."""
+        for group in self.groups:
+            cos, sin = self.cos_sin(group, positions)
+            if len(self.groups) == 1:
+                self.rotate_inplace(k_pre, cos, sin)
+            else:
+                for layer in group.layers:
+                    self.rotate_inplace(k_pre[layer], cos, sin)
 
     def rotate(self, k_pre: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Place pre-RoPE keys ``[layers, kv_heads, tokens, head_dim]`` at ``positions: [tokens]``."""

@@ -212,7 +212,7 @@ class Runner:
             k[:, 0, :, offset:offset + b.tokens] = b.k
             v[:, 0, :, offset:offset + b.tokens] = b.v
             offset += b.tokens
-        k[:, 0, :, p:] = self.rope.rotate(k[:, 0, :, p:], torch.arange(p, p + n, device=pk.device))
+        self.rope.place_inplace(k[:, 0, :, p:], torch.arange(p, p + n, device=pk.device))
         return Context(self._cache_from(k, v, owned=True), p + n, n)
 
     def assemble_layered(self, blocks: Sequence[BlockKV]) -> Context:
@@ -225,9 +225,9 @@ class Runner:
         positions = torch.arange(p, p + n, device=pk.device)
         tables = [self.rope.cos_sin(group, positions) for group in self.rope.groups]  # per group: [n, rot]
 
-        def rotate(layer: int, k: torch.Tensor) -> torch.Tensor:
+        def rotate(layer: int, k: torch.Tensor) -> None:
             cos, sin = tables[self._group_of[layer]]
-            return self.rope.rotate_with(k, cos, sin)
+            self.rope.rotate_inplace(k, cos, sin)
 
         built: Assembled = assemble_layers(pk, pv, [(b.key, b.k, b.v) for b in blocks], rotate, self.resident,
                                            self._copy_stream)

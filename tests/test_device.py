@@ -208,3 +208,25 @@ def test_faiss_gpu_search_matches_the_cpu_and_follows_changes() -> None:
     np.testing.assert_allclose(scores, cpu_scores[0], rtol=1e-5)
     index.remove(np.array([42], dtype="int64"))
     assert 42 not in index.search(vectors[42], 5)[0].tolist()  # the GPU copy was made again
+
+
+@pytest.mark.parametrize("kind", sorted(TINY_FAMILIES))
+def test_in_place_rotation_matches_the_reference(kind: str) -> None:
+    runner = _runner(kind)
+    k = torch.randn(runner.num_layers, runner.kv_heads, 37, runner.head_dim)
+    positions = torch.arange(100, 137)
+    placed = k.clone()
+    runner.rope.place_inplace(placed, positions)
+    torch.testing.assert_close(placed, runner.rope.rotate(k, positions), rtol=1e-5, atol=1e-5)
+
+
+def test_in_place_rotation_leaves_channels_past_a_partial_rotary_alone() -> None:
+    from kvstore.rope import ModelRope
+
+    k = torch.randn(2, 2, 5, 16)
+    angles = torch.rand(5, 4) * 6
+    cos, sin = torch.cat((angles, angles), -1).cos(), torch.cat((angles, angles), -1).sin()  # rot = 8 of 16
+    placed = k.clone()
+    ModelRope.rotate_inplace(placed, cos, sin)
+    torch.testing.assert_close(placed, ModelRope._rotate_group(k, cos, sin, inverse=False))
+    assert torch.equal(placed[..., 8:], k[..., 8:])
