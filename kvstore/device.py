@@ -86,9 +86,13 @@ class ResidentBlocks:
 
 
 def pinned(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A page-locked host copy of ``t`` in ``dtype`` (what a non-blocking host-to-device copy needs)."""
-    host = t.detach().to("cpu", dtype)
-    return host if host.is_pinned() else host.pin_memory()
+    """``t`` in page-locked host memory in ``dtype`` (what a non-blocking host-to-device copy needs), copied
+    once: straight from the GPU or the pageable tensor into the pinned buffer. Needs CUDA."""
+    if t.device.type == "cpu" and t.dtype == dtype and t.is_pinned():
+        return t
+    out = torch.empty(t.shape, dtype=dtype, pin_memory=True)
+    out.copy_(t.detach())
+    return out
 
 
 class PendingLayer(DynamicLayer):
