@@ -7,7 +7,9 @@ block of any shape encodes and decodes in a handful of kernel calls. Shapes foll
 Quantization is asymmetric min-max over groups (KIVI): keys per channel (a group runs along
 tokens, because pre-RoPE keys have a few large fixed channels), values per token (a group runs
 along channels). Scales and minima are stored in fp16 and the codes are computed against those
-rounded values, so decode reproduces exactly what encode measured.
+rounded values, so decode reproduces exactly what encode measured. Rotated presets turn keys and
+values by a Hadamard matrix first and may store values with symmetric levels (a scale, no minimum).
+Bit packing of any width is whole-tensor shifts over 8 codes at a time (3 bits: 8 codes in 3 bytes).
 """
 
 from __future__ import annotations
@@ -20,38 +22,64 @@ import torch.nn.functional as F
 _MIN_SCALE = 1e-6  # keeps constant groups (scale 0) finite; fp16 still represents it
 
 
+def _word_dtype(bits: int) -> torch.dtype:
+    """An integer type holding 8 codes of ``bits`` bits without touching its sign bit."""
+    return torch.int32 if 8 * bits < 32 else torch.int64
+
+
 def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack ``codes`` (uint8, each < 2**bits, any shape) into ``[ceil(n * bits / 8)]`` uint8, LSB first."""
+    """Pack ``codes`` (uint8, each < 2**bits, any shape) into ``[ceil(n * bits / 8)]`` uint8, LSB first.
+
+    Every 8 codes make one ``8 * bits``-bit word (code i at bit ``bits * i``), written as ``bits``
+    little-endian bytes: 8 + ``bits`` whole-tensor shifts for any width (3 bits: 8 codes in 3
+    bytes), and the same byte stream as packing the codes bit by bit.
+    """
     flat = codes.reshape(-1).to(torch.uint8)
     if bits == 8:
         return flat
+    count = flat.numel()
     if 8 % bits == 0:
-        # 1, 2, 4 bits: whole codes per byte, no code straddles a byte boundary.
+        # 1, 2, 4 bits: whole codes per byte, shifted in place in uint8.
         per_byte = 8 // bits
-        lanes = F.pad(flat, (0, (-flat.numel()) % per_byte)).view(-1, per_byte).to(torch.int32)
-        shifts = torch.arange(0, 8, bits, dtype=torch.int32)
-        return (lanes << shifts).sum(-1).to(torch.uint8)
-    # Any other width (3, 5, 6, 7): spread every code into its bits, then gather bits into bytes.
-    bitplanes = (flat[:, None].to(torch.int32) >> torch.arange(bits, dtype=torch.int32)) & 1  # [n, bits]
-    stream = bitplanes.reshape(-1)
-    stream = F.pad(stream, (0, (-stream.numel()) % 8)).view(-1, 8)
-    return (stream << torch.arange(8, dtype=torch.int32)).sum(-1).to(torch.uint8)
+        lanes8 = F.pad(flat, (0, (-count) % per_byte)).view(-1, per_byte)  # [bytes, per_byte]
+        out = lanes8[:, 0].clone()
+        for i in range(1, per_byte):
+            out |= lanes8[:, i] << (bits * i)
+        return out
+    lanes = F.pad(flat, (0, (-count) % 8)).view(-1, 8).to(_word_dtype(bits))  # [words, 8]
+    word = lanes[:, 0].clone()
+    for i in range(1, 8):
+        word |= lanes[:, i] << (bits * i)
+    packed = torch.empty(word.shape[0], bits, dtype=torch.uint8)  # [words, bits]
+    for j in range(bits):
+        packed[:, j] = (word >> (8 * j)) & 0xFF
+    return packed.reshape(-1)[:math.ceil(count * bits / 8)]
 
 
 def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     """Inverse of :func:`pack_bits`: the first ``count`` codes as ``[count]`` uint8."""
-    flat = packed.reshape(-1).to(torch.int32)
-    if math.ceil(count * bits / 8) > flat.numel():
+    flat = packed.reshape(-1)
+    used = math.ceil(count * bits / 8)
+    if used > flat.numel():
         raise ValueError(f"{flat.numel()} packed bytes hold fewer than {count} codes of {bits} bits")
     if bits == 8:
         return flat[:count].to(torch.uint8)
     mask = (1 << bits) - 1
     if 8 % bits == 0:
-        shifts = torch.arange(0, 8, bits, dtype=torch.int32)
-        return ((flat[:, None] >> shifts) & mask).reshape(-1)[:count].to(torch.uint8)
-    stream = ((flat[:, None] >> torch.arange(8, dtype=torch.int32)) & 1).reshape(-1)[:count * bits]
-    weights = 1 << torch.arange(bits, dtype=torch.int32)
-    return (stream.view(count, bits) * weights).sum(-1).to(torch.uint8)
+        per_byte = 8 // bits
+        spread = torch.empty(used, per_byte, dtype=torch.uint8)  # [bytes, per_byte]
+        for i in range(per_byte):
+            spread[:, i] = (flat[:used] >> (bits * i)) & mask
+        return spread.reshape(-1)[:count]
+    words = math.ceil(count / 8)
+    lanes = F.pad(flat[:used], (0, words * bits - used)).view(words, bits).to(_word_dtype(bits))  # [words, bits]
+    word = lanes[:, 0].clone()
+    for j in range(1, bits):
+        word |= lanes[:, j] << (8 * j)
+    codes = torch.empty(words, 8, dtype=torch.uint8)  # [words, 8]
+    for i in range(8):
+        codes[:, i] = (word >> (bits * i)) & mask
+    return codes.reshape(-1)[:count]
 
 
 def quantize(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -69,9 +97,35 @@ def quantize(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, to
     return codes, scale, low
 
 
+def quantize_symmetric(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize the last axis of ``x: [..., group]`` to levels symmetric around zero, scale only.
+
+    Levels are ``(code - (2**bits - 1) / 2) * scale``: no zero level, all ``2**bits`` used. For
+    rotated (zero-mean, Gaussian-like) groups this loses little against min-max and stores half
+    the overhead. Returns ``codes: [..., group]`` uint8 and ``scale: [..., 1]`` fp16.
+    """
+    x = x.float()
+    half = ((1 << bits) - 1) / 2
+    scale = (x.abs().amax(-1, keepdim=True) / half).clamp_min(_MIN_SCALE).half()
+    codes = (x / scale.float() + half).round_().clamp_(0, 2 * half).to(torch.uint8)
+    return codes, scale
+
+
+def symmetric_low(scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """The ``low`` that makes :func:`dequantize` read symmetric codes: ``-scale * (2**bits - 1) / 2``."""
+    return scale.float() * -(((1 << bits) - 1) / 2)
+
+
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
     """``codes: [..., group]``, ``scale, low: [..., 1]`` -> float32 ``[..., group]``."""
     return codes.float() * scale.float() + low.float()
+
+
+def token_group(tokens: int, wanted: int) -> int:
+    """Tokens per key group: at most ``wanted``, as even as possible, so padding stays under one token
+    per group (165 tokens in groups of 128 would pad to 256 and store 55% more codes)."""
+    wanted = max(1, min(wanted, tokens))
+    return -(-tokens // -(-tokens // wanted))
 
 
 def group_along_tokens(x: torch.Tensor, group: int) -> torch.Tensor:

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import struct
 from collections.abc import Callable
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from sqlalchemy import select
 
 from kvstore.bank import BankStore
 from kvstore.catalog import BlockRow
-from kvstore.codec import PRESETS, decode_block, encode_block, read_header
+from kvstore.codec import FORMAT_VERSION, MAGIC, PRESETS, decode_block, encode_block, read_header
 from kvstore.errors import CorruptBlock
 from kvstore.quant import dequantize, pack_bits, quantize, unpack_bits
 from kvstore.runner import BlockKV, Runner
@@ -30,6 +35,9 @@ REL_RMS_BOUND: dict[str, tuple[float, float]] = {
     "k2v2": (0.50, 0.50),
     "svd": (0.20, 0.12),
     "svd-layer": (0.40, 0.12),
+    "rot4": (0.12, 0.15),
+    "mix3": (0.25, 0.50),
+    "mix2": (0.50, 0.50),
 }
 
 
@@ -121,7 +129,7 @@ def test_a_truncated_block_is_refused(name: str, keep: int) -> None:
 
 def test_blocks_keep_their_preset_after_the_bank_default_changes(make_store: Callable[..., BankStore]) -> None:
     store = make_store()
-    store.create_bank("mixed", codec="int4")
+    store.create_bank("mixed", codec="mix3")
     store.put_document("mixed", "a", "The Normans gave their name to Normandy, a region in France.")
     store.update_bank("mixed", codec="fp16")
     store.put_document("mixed", "b", "Paris is the capital and most populous city of France.")
@@ -129,7 +137,7 @@ def test_blocks_keep_their_preset_after_the_bank_default_changes(make_store: Cal
     with store.sessions() as s:
         bank = store._bank(s, "mixed")
         rows = s.scalars(select(BlockRow).where(BlockRow.bank_id == bank.id).order_by(BlockRow.id)).all()
-        assert [r.codec for r in rows] == ["int4", "fp16"]
+        assert [r.codec for r in rows] == ["mix3", "fp16"]
         for row in rows:
             store.hot.discard(row.blob_id)
             header, _, _ = read_header(store.blobs.get(row.blob_id))
@@ -138,3 +146,58 @@ def test_blocks_keep_their_preset_after_the_bank_default_changes(make_store: Cal
             assert kv.tokens == row.token_count
     result = store.query("mixed", "Which region is named after the Normans?", k=2, max_new_tokens=3)
     assert len(result.sources) == 2
+
+
+def _deep_block(layers: int = 30, tokens: int = 41, dim: int = 16, seed: int = 2) -> BlockKV:
+    """A block with as many layers as SmolLM2, so the per-layer widths of ``mix3``/``mix2`` apply."""
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(layers, 2, tokens, dim, generator=g)
+    k[..., 5] += 6.0
+    return BlockKV(k=k, v=torch.randn(layers, 2, tokens, dim, generator=g))
+
+
+@pytest.mark.parametrize("name", ["mix3", "mix2"])
+def test_per_layer_widths_are_in_the_header_and_decode(name: str) -> None:
+    block = _deep_block()
+    data = encode_block(block, FP, name)
+    header, raw, _ = read_header(data)
+    k_bits, v_bits = header.params["k_bits"], header.params["v_bits"]
+    assert isinstance(k_bits, list) and len(k_bits) == 30 and isinstance(v_bits, list) and len(v_bits) == 30
+    assert k_bits[18] > k_bits[0] and v_bits[18] > v_bits[13]
+    assert header.params["k_rotate"] == header.params["v_rotate"] == "hadamard" and header.params["v_symmetric"]
+    # One section group per width, every layer in exactly one.
+    assert {s["name"] for s in raw["sections"]} >= {f"k{w}_codes" for w in set(k_bits)} | {f"v{w}_scale" for w in
+                                                                                           set(v_bits)}
+    out = decode_block(data, FP)
+    k_err = (out.k.float() - block.k).pow(2).mean(dim=(1, 2, 3)).sqrt()  # [layers]
+    # More bits, less error: the boosted key layer beats every layer at the base width.
+    base = [layer for layer, b in enumerate(k_bits) if b == min(k_bits)]
+    assert float(k_err[18]) < float(k_err[base].min())
+    _check_bounds(name, block)
+
+
+GOLDEN = Path(__file__).parent / "data" / "codec_v1"
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in GOLDEN.glob("*.kvrb")))
+def test_blocks_written_by_the_first_codec_release_still_decode(name: str) -> None:
+    """Blocks encoded by the codec as first committed (before rotated keys, per-layer widths and word
+    packing) decode to what that code decoded them to."""
+    out = decode_block((GOLDEN / f"{name}.kvrb").read_bytes(), FP)
+    expected = np.frombuffer((GOLDEN / f"{name}.decoded.f16").read_bytes(), dtype="<f2").astype(np.float32)
+    got = np.concatenate([out.k.to(torch.float16).numpy().ravel(), out.v.to(torch.float16).numpy().ravel()])
+    assert got.shape == expected.shape
+    np.testing.assert_allclose(got.astype(np.float32), expected, rtol=2e-3, atol=2e-3)
+
+
+def test_params_missing_from_older_blocks_take_their_old_meaning() -> None:
+    # Blocks written before key rotation existed have no ``k_rotate``: they were not rotated.
+    data = encode_block(_random_block(), FP, "int4")
+    header, raw, payload = read_header(data)
+    assert raw["params"].pop("k_rotate") == "none"
+    head = json.dumps(raw, sort_keys=True, separators=(",", ":")).encode()
+    body = struct.pack("<4sHI", MAGIC, FORMAT_VERSION, len(head)) + head + payload
+    older = body + hashlib.sha256(body).digest()
+    same = decode_block(older, FP)
+    new = decode_block(data, FP)
+    assert torch.equal(same.k, new.k) and torch.equal(same.v, new.v)
