@@ -827,7 +827,7 @@ class BankStore:
                 with self.model_lock:
                     ctx = self.runner.assemble(lead + blocks)
                     context_tokens = ctx.context_tokens
-                    recomputed = blend(self.runner, ctx, context_ids, ratio)
+                    recomputed = blend(self.runner, ctx, context_ids, ratio, question_ids=q_ids)
                     if spec is not None:
                         ctx = compact(self.runner, ctx, q_ids, spec)
                     gen = self.runner.generate(ctx, q_ids, max_new_tokens, on_token)

@@ -5,11 +5,16 @@ placed before it. A text prefill of the same context would give them different K
 token is exactly a text prefill (and as slow); CacheBlend observes that a few tokens carry most of the
 deviation and that an early layer already tells which ones:
 
+0. **Question attention** (when the question is given): the question is run once over the stored KV
+   and the attention it pays each context token is recorded (:func:`kvstore.compaction.token_scores`).
+   A token's stale value moves the answer by about its attention times its error, so the selection
+   ranks deviation x attention; deviation alone spends much of the budget on tokens the question never
+   reads (SmolLM2, k = 5, 15%: KL vs text 0.059 by deviation, 0.035 by the product; docs/BENCHMARKS.md).
 1. **Probe**: run all context tokens through the first ``check_layer`` layers with full attention over
    the assembled context and compare the fresh layer-``check_layer`` values with the stored ones. The
    model stops right there (the probe costs about ``check_layer / num_layers`` of a text prefill), and
    the fresh KV of layers ``0..check_layer`` is kept: it is exact.
-2. **Recompute**: run only the ``ratio`` most deviating tokens through every layer, at their true
+2. **Recompute**: run only the ``ratio`` top-ranked tokens through every layer, at their true
    positions, each attending to every context token before it. At each layer their new K/V replace the
    stored rows before attention, so later selected tokens see them; the other tokens keep stored KV.
 
@@ -31,6 +36,7 @@ from transformers.masking_utils import (
     sliding_window_causal_mask_function,
 )
 
+from .compaction import token_scores
 from .runner import Context, Runner
 
 # docs/BENCHMARKS.md, "Multi-document quality": on CPU even 5% cuts kv's TTFT lead over text from ~11x to
@@ -150,24 +156,33 @@ def _forward(runner: Runner, cache: _ScatterCache, token_ids: torch.Tensor, posi
 
 @torch.inference_mode()
 def select_tokens(runner: Runner, ctx: Context, context_ids: Sequence[int], count: int,
-                  check_layer: int = 1) -> torch.Tensor:
-    """Indices (into the context, ascending) of the ``count`` tokens whose layer-``check_layer`` values
-    deviate most from full attention. Also leaves exact KV for layers ``<= check_layer`` in ``ctx``."""
+                  check_layer: int = 1, question_ids: Sequence[int] | None = None) -> torch.Tensor:
+    """Indices (into the context, ascending) of the ``count`` tokens that matter most: whose layer-``check_layer``
+    values deviate most from full attention, each weighted by the attention the question pays it when
+    ``question_ids`` are given. Also leaves exact KV for layers ``<= check_layer`` in ``ctx``."""
     n = ctx.context_tokens
     p = ctx.next_position - n
     device = ctx.cache.layers[0].keys.device
+    # Scored on the stored KV, before the probe rewrites layers 0..check_layer: [context_tokens].
+    attention = token_scores(runner, ctx, question_ids) if question_ids else None
     rows = torch.arange(p, p + n, device=device)
     probe = _ScatterCache(ctx, rows, probe_layer=min(check_layer, runner.num_layers - 1))
     _forward(runner, probe, torch.tensor(list(context_ids), device=device), rows)
     assert probe.deviation is not None
-    return probe.deviation.topk(count).indices.sort().values
+    # A stale value moves the question's attention output by about (its attention) x (its error), so the
+    # product ranks the tokens whose recompute changes the answer most; deviation alone also picks tokens
+    # the question never reads.
+    score = probe.deviation if attention is None else probe.deviation * attention.to(probe.deviation)
+    return score.topk(count).indices.sort().values
 
 
 @torch.inference_mode()
-def blend(runner: Runner, ctx: Context, context_ids: Sequence[int], ratio: float, check_layer: int = 1) -> int:
+def blend(runner: Runner, ctx: Context, context_ids: Sequence[int], ratio: float, check_layer: int = 1,
+          question_ids: Sequence[int] | None = None) -> int:
     """Recompute the KV of the ``ratio`` most deviating context tokens in ``ctx`` (in place).
 
-    ``context_ids`` are the context's token ids (the assembled blocks', in order). Ratio 0 leaves ``ctx``
+    ``context_ids`` are the context's token ids (the assembled blocks', in order). With ``question_ids`` the
+    deviation is weighted by the question's attention (see :func:`select_tokens`). Ratio 0 leaves ``ctx``
     untouched; ratio 1 makes it equal to a text prefill of the same tokens. Returns how many tokens were
     recomputed through every layer.
     """
@@ -185,7 +200,7 @@ def blend(runner: Runner, ctx: Context, context_ids: Sequence[int], ratio: float
     if count == n:
         chosen = torch.arange(n, device=device)  # everything: the probe would only cost time
     else:
-        chosen = select_tokens(runner, ctx, context_ids, count, check_layer)
+        chosen = select_tokens(runner, ctx, context_ids, count, check_layer, question_ids)
     rows = chosen + p
     _forward(runner, _ScatterCache(ctx, rows), ids[chosen], rows)
     return count

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kvstore import recompute
 from kvstore.recompute import blend, select_tokens
 from kvstore.runner import Runner
 
@@ -45,32 +46,35 @@ def _case(runner: Runner) -> tuple[list[list[int]], list[int], list[int], torch.
     return blocks, ids, question, text
 
 
-def _kl_at(runner: Runner, ratio: float) -> tuple[float, int]:
+def _kl_at(runner: Runner, ratio: float, weighted: bool = False) -> tuple[float, int]:
     blocks, ids, question, text = _case(runner)
     ctx = runner.assemble(runner.encode(blocks))
-    count = blend(runner, ctx, ids, ratio)
+    count = blend(runner, ctx, ids, ratio, question_ids=question if weighted else None)
     return _kl(runner.logits(ctx, question), text), count
 
 
-def test_ratio_one_equals_the_text_path(runner: Runner) -> None:
-    kl, count = _kl_at(runner, 1.0)
+@pytest.mark.parametrize("weighted", [False, True])
+def test_ratio_one_equals_the_text_path(runner: Runner, weighted: bool) -> None:
+    kl, count = _kl_at(runner, 1.0, weighted)
     assert count == sum(len(runner.tokenize(b)) for b in BLOCKS)
     assert kl <= 1e-3
     assert abs(kl) <= 1e-5  # in fact exact up to float error
 
 
-def test_ratio_zero_equals_plain_kv(runner: Runner) -> None:
+@pytest.mark.parametrize("weighted", [False, True])
+def test_ratio_zero_equals_plain_kv(runner: Runner, weighted: bool) -> None:
     blocks, ids, question, _ = _case(runner)
     kvs = runner.encode(blocks)
     plain = runner.logits(runner.assemble(kvs), question)
     ctx = runner.assemble(kvs)
-    assert blend(runner, ctx, ids, 0.0) == 0
+    assert blend(runner, ctx, ids, 0.0, question_ids=question if weighted else None) == 0
     assert torch.equal(runner.logits(ctx, question), plain)
 
 
-def test_partial_recompute_moves_towards_text(runner: Runner) -> None:
+@pytest.mark.parametrize("weighted", [False, True])
+def test_partial_recompute_moves_towards_text(runner: Runner, weighted: bool) -> None:
     plain, _ = _kl_at(runner, 0.0)
-    half, count = _kl_at(runner, 0.5)
+    half, count = _kl_at(runner, 0.5, weighted)
     assert count == len(_case(runner)[1]) // 2
     assert half < plain
 
@@ -81,6 +85,28 @@ def test_selection_picks_distinct_context_tokens(runner: Runner) -> None:
     chosen = select_tokens(runner, ctx, ids, 5)
     assert chosen.shape == (5,) and chosen.unique().numel() == 5
     assert int(chosen.min()) >= 0 and int(chosen.max()) < len(ids)
+
+
+def test_question_attention_weights_the_selection(runner: Runner, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Deviation times attention: tokens the question does not attend to are never chosen, however stale."""
+    blocks, ids, question, _ = _case(runner)
+    # Tokens of the last block: encoded without the blocks before it, so their stored values deviate.
+    wanted = torch.tensor([len(ids) - 9, len(ids) - 5, len(ids) - 2])
+    attention = torch.zeros(len(ids))
+    attention[wanted] = 1.0
+    seen: list[list[int]] = []
+
+    def fake_scores(r: Runner, ctx: object, question_ids: list[int]) -> torch.Tensor:
+        seen.append(list(question_ids))
+        return attention
+
+    monkeypatch.setattr(recompute, "token_scores", fake_scores)
+    ctx = runner.assemble(runner.encode(blocks))
+    assert torch.equal(select_tokens(runner, ctx, ids, 3, question_ids=question), wanted)
+    assert seen == [question]
+    # Without a question the same call ranks by deviation alone and asks for no attention.
+    ctx = runner.assemble(runner.encode(blocks))
+    assert select_tokens(runner, ctx, ids, 3).shape == (3,) and len(seen) == 1
 
 
 def test_bad_arguments_are_refused(runner: Runner) -> None:
