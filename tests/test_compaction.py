@@ -6,7 +6,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvstore.compaction import KEEP_FIRST, CompactionSpec, compact, keep_mask, token_scores
+from kvstore.compaction import (
+    COMPACTION_CHUNK,
+    COMPACTION_SKIP_LAYERS,
+    KEEP_FIRST,
+    CompactionSpec,
+    chunk_means,
+    compact,
+    compaction_scores,
+    keep_mask,
+    token_scores,
+)
 from kvstore.runner import BlockKV, Context, Runner
 
 from .conftest import TINY_FAMILIES, build_tiny
@@ -41,6 +51,7 @@ def test_scores_are_the_attention_eager_attention_reports() -> None:
     ctx = _assembled(runner)
     rows, n = ctx.cache.get_seq_length(), ctx.context_tokens
     got = token_scores(runner, ctx, question)
+    peak = compaction_scores(runner, ctx, question)
     assert ctx.cache.get_seq_length() == rows  # the question's KV is dropped again
     llm.model.set_attn_implementation("eager")
     try:
@@ -52,6 +63,19 @@ def test_scores_are_the_attention_eager_attention_reports() -> None:
     # attentions: per layer [1, heads, question, rows + question]
     want = torch.stack([a[0].mean(dim=(0, 1)) for a in out.attentions]).mean(0)[rows - n:rows]
     assert torch.allclose(got, want, atol=1e-5)
+    # Compaction's score: the most any head pays a token from any question token, layers after the first ones,
+    # then averaged over aligned chunks.
+    voting = out.attentions[min(COMPACTION_SKIP_LAYERS, len(out.attentions) - 1):]
+    want_peak = torch.stack([a[0].amax(dim=(0, 1)) for a in voting]).mean(0)[rows - n:rows]
+    assert torch.allclose(peak, chunk_means(want_peak, COMPACTION_CHUNK), atol=1e-5)
+    assert not torch.allclose(peak, got, atol=1e-3)
+
+
+def test_chunk_means_average_aligned_chunks_and_a_short_last_one() -> None:
+    scores = torch.tensor([1.0, 3.0, 0.0, 0.0, 5.0])
+    assert chunk_means(scores, 2).tolist() == [2.0, 2.0, 0.0, 0.0, 5.0]
+    assert chunk_means(scores, 1).tolist() == scores.tolist()
+    assert torch.allclose(chunk_means(scores, 8), torch.full((5,), 1.8))
 
 
 def test_scoring_leaves_the_model_as_it_was(runner: Runner) -> None:
