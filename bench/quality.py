@@ -107,11 +107,13 @@ def kv_variant(env: Env, case: Case) -> Context:
 VARIANTS: dict[str, Variant] = {REFERENCE: text_variant, "kv": kv_variant}
 
 
-def recompute_variant(ratio: float) -> Variant:
-    """kv, then the KV of the ``ratio`` most deviating context tokens recomputed (CacheBlend)."""
+def recompute_variant(ratio: float, weighted: bool = True) -> Variant:
+    """kv, then the KV of the ``ratio`` context tokens that matter most recomputed (CacheBlend): by layer-1
+    value deviation times the question's attention, or by deviation alone (``weighted=False``)."""
     def variant(env: Env, case: Case) -> Context:
         ctx = kv_variant(env, case)
-        blend(env.store.runner, ctx, [tok for ids in case.block_ids for tok in ids], ratio)
+        blend(env.store.runner, ctx, [tok for ids in case.block_ids for tok in ids], ratio,
+              question_ids=case.question_ids if weighted else None)
         return ctx
     return variant
 
@@ -126,7 +128,8 @@ def compact_variant(tau: float | None = None, share: float | None = None) -> Var
     return variant
 
 
-VARIANTS.update({f"kv+recompute@{r:.2f}": recompute_variant(r) for r in (0.05, 0.10, 0.15)})
+VARIANTS.update({f"kv+recompute@{r:.2f}": recompute_variant(r) for r in (0.05, 0.10, 0.15, 0.25)})
+VARIANTS["kv+recompute@0.15/dev-only"] = recompute_variant(0.15, weighted=False)
 VARIANTS.update({"kv+compact@tau=0": compact_variant(tau=0.0), "kv+compact@tau=1": compact_variant(tau=1.0),
                  "kv+compact@50%": compact_variant(share=0.5)})
 
@@ -137,6 +140,7 @@ class Outcome:
 
     answer: str
     ttft_ms: float
+    kept_tokens: int  # context tokens the answer was generated from (fewer than the blocks' after compaction)
     logprobs: torch.Tensor  # [len(question_ids) + len(answer_ids), vocab], teacher forced
 
 
@@ -152,7 +156,7 @@ def run_variant(env: Env, case: Case, variant: Variant, max_new_tokens: int) -> 
     # The cache copy is harness overhead, not part of answering: leave it out of TTFT.
     ttft_ms = case.retrieve_ms + (t_copied - t0 + gen.prefill_ms / 1000) * 1000
     logits = runner.logits(ctx, case.question_ids + case.answer_ids)
-    return Outcome(gen.text, ttft_ms, torch.log_softmax(logits, dim=-1))
+    return Outcome(gen.text, ttft_ms, ctx.context_tokens, torch.log_softmax(logits, dim=-1))
 
 
 def kl_per_token(reference: torch.Tensor, other: torch.Tensor) -> float:
@@ -207,6 +211,7 @@ def evaluate(env: Env, cases: Sequence[Case], variants: dict[str, Variant], max_
                             "em": em, "f1": f1, "kl": kl_per_token(ref.logprobs, out.logprobs),
                             "nll": answer_nll(out.logprobs, case), "agree": out.answer == ref.answer,
                             "ttft_ms": round(out.ttft_ms, 2), "context_tokens": sum(map(len, case.block_ids)),
+                            "kept_tokens": out.kept_tokens,
                             "gold_retrieved": case.gold_retrieved})
     return records
 
@@ -222,6 +227,7 @@ def summarise(records: Sequence[dict[str, Any]], names: Sequence[str], ks: Seque
             rows.append({
                 "variant": name, "k": k, "n": len(mine),
                 "context_tokens": statistics.median(r["context_tokens"] for r in mine),
+                "kept_share": statistics.fmean(r["kept_tokens"] / r["context_tokens"] for r in mine),
                 "gold_retrieved": statistics.fmean(r["gold_retrieved"] for r in mine),
                 "em": statistics.fmean(r["em"] for r in mine), "f1": statistics.fmean(r["f1"] for r in mine),
                 "kl_mean": statistics.fmean(r["kl"] for r in mine), "kl_max": max(r["kl"] for r in mine),
@@ -297,13 +303,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-TABLE_HEADERS = ("k", "variant", "ctx tokens", "gold in top-k", "EM", "F1", "KL mean", "KL max", "gold NLL",
+TABLE_HEADERS = ("k", "variant", "ctx tokens", "kept", "gold in top-k", "EM", "F1", "KL mean", "KL max", "gold NLL",
                  "agree w/ text", "TTFT p50 ms", "text/variant")
 
 
 def table_rows(rows: Sequence[dict[str, Any]]) -> list[list[Any]]:
-    return [[r["k"], r["variant"], int(r["context_tokens"]), r["gold_retrieved"], r["em"], r["f1"], r["kl_mean"],
-             r["kl_max"], r["nll"], r["agreement"], r["ttft_ms_median"], f"{r['speedup_vs_text']:.1f}x"]
+    return [[r["k"], r["variant"], int(r["context_tokens"]), f"{r['kept_share']:.0%}", r["gold_retrieved"], r["em"],
+             r["f1"], r["kl_mean"], r["kl_max"], r["nll"], r["agreement"], r["ttft_ms_median"],
+             f"{r['speedup_vs_text']:.1f}x"]
             for r in rows]
 
 
