@@ -47,6 +47,7 @@ from .cache import HotCache
 from .catalog import BankRow, BlockRow, DocumentRow, utcnow
 from .codec import encode_block
 from .runner import BlockKV, Context
+from .sessions import sessions_of
 
 if TYPE_CHECKING:
     from .bank import BankStore
@@ -452,6 +453,7 @@ class MemoryManager:
             report["evicted"], report["over_budget"] = len(plan.block_ids), plan.over_budget
         if gc:
             report["orphan_blobs_removed"] = self.collect_orphans()
+            report["session_orphan_blobs_removed"] = sessions_of(store).collect_orphans(self.config.orphan_grace_s)
         return report
 
     def _rebind_model(self, bank: str) -> bool:

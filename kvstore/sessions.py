@@ -495,6 +495,24 @@ class SessionStore:
                 self._forget_state(pk)
             self._drop_unreferenced(s, blob_ids)
 
+    def collect_orphans(self, grace_s: float) -> int:
+        """Delete session blobs no page references, older than ``grace_s`` seconds: an append writes its
+        blobs before the transaction that acknowledges it, so one that died in between leaves them behind
+        (the grace period spares another process's append still in flight). Returns how many went."""
+        cutoff = time.time() - grace_s
+        removed = 0
+        with self.store.sessions() as s, self._write_lock:
+            referenced = set(s.scalars(select(SessionPageRow.blob_id).distinct()))
+            for blob_id in list(self.blobs.ids()):
+                try:
+                    if blob_id in referenced or self.blobs._path(blob_id).stat().st_mtime > cutoff:
+                        continue
+                except FileNotFoundError:
+                    continue
+                self.blobs.delete(blob_id)
+                removed += 1
+        return removed
+
     def _info(self, s: Session, bank: BankRow, row: AgentSessionRow, with_text: bool = True) -> SessionInfo:
         segments = self._segments(s, row)
         stored = s.scalar(select(func.coalesce(func.sum(SessionPageRow.stored_bytes), 0)).join(

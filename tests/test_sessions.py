@@ -421,3 +421,18 @@ def test_deleting_a_session_collects_only_the_blobs_no_other_session_uses(sessio
     assert set(sessions.blobs.ids()) == only_b == _page_blobs(sessions)
     sessions.delete("agents", "b")
     assert list(sessions.blobs.ids()) == [] and _page_blobs(sessions) == set()
+
+
+def test_orphan_session_blobs_are_collected_after_the_grace_period(sessions: SessionStore) -> None:
+    """A blob written by an append that died before its commit: no page names it."""
+    sessions.create("agents", "s")
+    sessions.append("agents", "s", SEGMENTS[:2])
+    referenced = set(sessions.blobs.ids())
+    orphan = sessions.blobs.put(b"an append that died before its commit")
+    assert sessions.collect_orphans(grace_s=3600) == 0 and orphan in set(sessions.blobs.ids())  # maybe in flight
+    assert sessions.collect_orphans(grace_s=0) == 1
+    assert set(sessions.blobs.ids()) == referenced
+    sessions._states.clear()
+    assert sessions.brief("agents", "s", TASK, max_new_tokens=1).kept_tokens == sessions.get("agents", "s").tokens
+    report = sessions.store.maintain("agents")
+    assert report["session_orphan_blobs_removed"] == 0

@@ -5,7 +5,8 @@ one request after another, and the server is SIGKILLed while it works: right aft
 acknowledged, with the next one usually in flight. After each restart the session holds exactly the
 acknowledged steps, plus the in-doubt one either whole or not at all; its live tokens add up; every KV
 page's blob is on disk and decodes; a brief over the whole session works and, once the run is over,
-answers exactly like a session built by the same appends on a server that was never killed.
+answers exactly like a session built by the same appends on a server that was never killed. Maintenance
+then deletes exactly the blobs of the appends that died before their commit.
 """
 
 from __future__ import annotations
@@ -71,14 +72,18 @@ def _texts(steps: list[int]) -> list[str]:
     return [seg["text"] for n in steps for seg in _step(n)]
 
 
-def _check_pages(database_url: str, data_dir: Path, fingerprint: str) -> int:
-    """Every KV page of every session has its blob on disk and it decodes (read while no server runs)."""
+def _referenced(database_url: str) -> set[str]:
     engine = make_engine(database_url)
     try:
         with engine.connect() as conn:
-            blob_ids = set(conn.scalars(select(SessionPageRow.blob_id)))
+            return set(conn.scalars(select(SessionPageRow.blob_id)))
     finally:
         engine.dispose()
+
+
+def _check_pages(database_url: str, data_dir: Path, fingerprint: str) -> int:
+    """Every KV page of every session has its blob on disk and it decodes (read while no server runs)."""
+    blob_ids = _referenced(database_url)
     blobs = LocalBlobStore(data_dir / "session-blobs")
     for blob_id in blob_ids:
         decode_block(blobs.get(blob_id), fingerprint)
@@ -135,6 +140,13 @@ def _crash_run(fork_server: ForkServer, data_dir: Path, database_url: str | None
             life.signal(signal.SIGTERM)
             life.wait_dead()
     assert len(steps) >= KILLS * ACKS_BEFORE_KILL
+    # Appends killed before their commit left blobs no page names; maintenance collects exactly those.
+    referenced = _referenced(url)
+    stored = set(LocalBlobStore(data_dir / "session-blobs").ids())
+    assert referenced <= stored
+    report = fork_server.maintain(data_dir, BANK, database_url)
+    assert report["session_orphan_blobs_removed"] == len(stored - referenced)
+    assert set(LocalBlobStore(data_dir / "session-blobs").ids()) == referenced
 
 
 @pytest.mark.slow  # a few kills and restarts of a real server process
