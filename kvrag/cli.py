@@ -12,10 +12,10 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, cast, get_args
 
 import typer
-from kvrag_client import APIError, Conflict, ContextMap, KVRag, KVRagError, QueryResult, TokenEvent
+from kvrag_client import APIError, Conflict, ContextMap, KVRag, KVRagError, QueryResult, Retrieval, TokenEvent
 from tqdm import tqdm
 
 app = typer.Typer(help="kvrag: a memory database for LLM agents that stores documents as their KV cache.",
@@ -42,12 +42,21 @@ ApiKey = Annotated[str | None, typer.Option("--api-key", envvar="KVRAG_API_KEY",
                                             help="API key (Authorization: Bearer).")]
 Bank = Annotated[str, typer.Option("--bank", "-b", help="The bank to use.")]
 JsonOut = Annotated[bool, typer.Option("--json", help="Print the server's answer as JSON.")]
+RetrievalOpt = Annotated[str | None, typer.Option(show_default=False, help="How blocks are ranked: "
+                                                  f"{' | '.join(get_args(Retrieval))} (default: the server's).")]
 DEFAULT_URL = "http://127.0.0.1:8000"
 
 
 def _fail(message: str) -> typer.Exit:
     typer.echo(f"error: {message}", err=True)
     return typer.Exit(1)
+
+
+def _retrieval(value: str | None) -> Retrieval | None:
+    """The --retrieval option checked against the modes the SDK knows."""
+    if value is not None and value not in get_args(Retrieval):
+        raise _fail(f"--retrieval must be one of {', '.join(get_args(Retrieval))}")
+    return cast("Retrieval | None", value)
 
 
 @contextmanager
@@ -230,14 +239,28 @@ def query(question: Annotated[str, typer.Argument(help="The question.", show_def
           stream: Annotated[bool, typer.Option("--stream", help="Print tokens as they come.")] = False,
           context_map: Annotated[bool, typer.Option("--context-map", help="Put the bank's context map before "
                                                     "the passages.")] = False,
+          retrieval: RetrievalOpt = None,
+          recompute: Annotated[float | None, typer.Option(min=0.0, max=1.0, help="kv mode: share of context tokens "
+                                                          "whose KV is recomputed with full attention "
+                                                          "(default: the server's).")] = None,
+          budget_tokens: Annotated[int | None, typer.Option(min=1, help="kv mode: compact the context to at most "
+                                                            "this many tokens the question attends to.")] = None,
+          tau: Annotated[float | None, typer.Option(help="kv mode: compact the context to tokens scoring above "
+                                                    "median + tau * MAD.")] = None,
           json_out: JsonOut = False, url: Url = DEFAULT_URL, api_key: ApiKey = None) -> None:
     """Answer a question from a bank; the answer goes to stdout, its sources and timings to stderr."""
     if mode not in ("kv", "text"):
         raise _fail("--mode must be kv or text")
+    if budget_tokens is not None and tau is not None:
+        raise _fail("give --budget-tokens or --tau, not both")
+    compaction = {"budget_tokens": budget_tokens} if budget_tokens is not None else (
+        {"tau": tau} if tau is not None else None)
+    ranking = _retrieval(retrieval)
     with _connect(url, api_key) as kv:
         if stream and not json_out:
             events = kv.query(bank, question, k=k, mode=mode, max_new_tokens=max_new_tokens, stream=True,
-                              context_map=context_map)
+                              context_map=context_map, retrieval=ranking, recompute=recompute,
+                              compaction=compaction)
             for event in events:
                 if isinstance(event, TokenEvent):
                     typer.echo(event.text, nl=False)
@@ -245,7 +268,8 @@ def query(question: Annotated[str, typer.Argument(help="The question.", show_def
             if events.result is not None:
                 _print_result(events.result)
             return
-        result = kv.query(bank, question, k=k, mode=mode, max_new_tokens=max_new_tokens, context_map=context_map)
+        result = kv.query(bank, question, k=k, mode=mode, max_new_tokens=max_new_tokens, context_map=context_map,
+                          retrieval=ranking, recompute=recompute, compaction=compaction)
     if json_out:
         _print_json(result.model_dump(mode="json"))
         return
@@ -256,10 +280,11 @@ def query(question: Annotated[str, typer.Argument(help="The question.", show_def
 @app.command()
 def search(text: Annotated[str, typer.Argument(help="What to look for.", show_default=False)], bank: Bank,
            k: Annotated[int, typer.Option("--k", "-k", min=1, help="Blocks to return.")] = 5,
+           retrieval: RetrievalOpt = None,
            json_out: JsonOut = False, url: Url = DEFAULT_URL, api_key: ApiKey = None) -> None:
-    """Show the blocks most similar to TEXT (no generation)."""
+    """Show the blocks that best match TEXT (no generation)."""
     with _connect(url, api_key) as kv:
-        hits = kv.search(bank, text, k=k)
+        hits = kv.search(bank, text, k=k, retrieval=_retrieval(retrieval))
     if json_out:
         _print_json([h.model_dump(mode="json") for h in hits])
         return

@@ -87,6 +87,13 @@ def test_ingest_search_query_and_banks(live_server: Callable[..., LiveServer], t
                                   "--json"], env=env)
     result = json.loads(as_json.stdout)
     assert result["mode"] == "kv" and len(result["sources"]) == 2 and "ttft_ms" in result["timings"]
+    tuned = runner.invoke(app, ["query", "Capital of France?", "-b", "notes", "-k", "2", "--max-new-tokens", "2",
+                                "--retrieval", "embedding", "--recompute", "1.0", "--budget-tokens", "12", "--json"],
+                          env=env)
+    usage = json.loads(tuned.stdout)["usage"]
+    assert usage["recomputed_tokens"] > 0 and 0 < usage["kept_tokens"] <= 12
+    wrong = runner.invoke(app, ["search", "Normans", "-b", "notes", "--retrieval", "nearest"], env=env)
+    assert wrong.exit_code == 1 and "--retrieval must be one of" in wrong.stderr
 
     assert runner.invoke(app, ["banks", "create", "other", "--eviction", "importance"], env=env).exit_code == 0
     listed = runner.invoke(app, ["banks"], env=env)

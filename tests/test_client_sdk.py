@@ -18,6 +18,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+import pydantic
 import pytest
 from kvrag_client import (
     APIConnectionError,
@@ -266,6 +267,21 @@ def test_search_and_query_bodies(fake: FakeServer) -> None:
                                  "stream": False}
     assert result.answer == "Paris" and result.timings.ttft_ms == 4 and result.usage.generated_tokens == 1
     assert result.timings.extra_ms == 6  # unknown fields are kept
+
+
+def test_query_knobs_are_sent_only_when_set(fake: FakeServer) -> None:
+    fake.on("POST", "/v1/banks/notes/search", Reply(200, {"hits": RESULT["sources"]}))
+    fake.on("POST", "/v1/banks/notes/query", Reply(200, RESULT))
+    with KVRag(fake.url) as kv:
+        kv.search("notes", "france", retrieval="hybrid")
+        kv.query("notes", "capital?", retrieval="kv", recompute=0.15, compaction={"budget_tokens": 64})
+        with pytest.raises(pydantic.ValidationError):
+            kv.query("notes", "capital?", recompute=2.0)
+    assert fake.seen[0].body == {"query": "france", "k": 5, "retrieval": "hybrid"}
+    assert fake.seen[1].body == {"question": "capital?", "k": 5, "mode": "kv", "max_new_tokens": 64,
+                                 "stream": False, "retrieval": "kv", "recompute": 0.15,
+                                 "compaction": {"budget_tokens": 64}}
+    assert len(fake.seen) == 2  # an invalid knob is refused before anything is sent
 
 
 def test_documents_list_follows_the_cursor(fake: FakeServer) -> None:

@@ -126,6 +126,12 @@ def test_sync_lifecycle(live_server: Callable[..., LiveServer]) -> None:
                 assert result.mode == mode and isinstance(result.answer, str)
                 assert len(result.sources) == 2 and result.usage.generated_tokens <= 4
                 assert result.usage.context_tokens > 0 and result.timings.ttft_ms > 0
+            # the query knobs reach the engine: recompute and compaction report what they did
+            tuned = reader.query("notes", "What is the capital of France?", k=2, max_new_tokens=2,
+                                 retrieval="embedding", recompute=1.0, compaction={"budget_tokens": 12})
+            assert tuned.usage.recomputed_tokens > 0 and 0 < tuned.usage.kept_tokens <= 12
+            kv_hits = reader.search("notes", "Which region is named after the Normans?", k=2, retrieval="kv")
+            assert len(kv_hits) == 2
             stream = reader.query("notes", "What is the capital of France?", k=2, max_new_tokens=4, stream=True)
             events = list(stream)
             assert isinstance(events[-1], DoneEvent) and stream.result is not None

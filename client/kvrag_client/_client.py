@@ -25,7 +25,9 @@ from .types import (
     Hit,
     Job,
     PutResult,
+    QueryKnobs,
     QueryResult,
+    Retrieval,
     StreamEvent,
 )
 
@@ -225,27 +227,40 @@ class KVRag:
 
     # -- retrieval --------------------------------------------------------------------------------
 
-    def search(self, bank: str, query: str, k: int = 5, filter: ops.FilterLike = None) -> list[Hit]:
-        """Top-k blocks by similarity; ``filter`` ({agent, tags, metadata}) applies before top-k."""
-        return self._call(ops.search(bank, query, k, filter))
+    def search(self, bank: str, query: str, k: int = 5, filter: ops.FilterLike = None,
+                retrieval: Retrieval | None = None) -> list[Hit]:
+        """Top-k blocks; ``filter`` ({agent, tags, metadata}) applies before top-k.
+
+        ``retrieval`` picks the ranking ("embedding", "kv", "hybrid", "hybrid_kv"; default: the server's).
+        """
+        return self._call(ops.search(bank, query, k, filter, retrieval))
 
     @overload
     def query(self, bank: str, question: str, k: int = ..., mode: str = ..., max_new_tokens: int = ...,
-              filter: ops.FilterLike = ..., stream: Literal[False] = ..., context_map: bool = ...) -> QueryResult: ...
+              filter: ops.FilterLike = ..., stream: Literal[False] = ..., context_map: bool = ...,
+              retrieval: Retrieval | None = ..., recompute: float | None = ...,
+              compaction: Mapping[str, float] | None = ...) -> QueryResult: ...
 
     @overload
     def query(self, bank: str, question: str, k: int = ..., mode: str = ..., max_new_tokens: int = ...,
-              filter: ops.FilterLike = ..., *, stream: Literal[True], context_map: bool = ...) -> QueryStream: ...
+              filter: ops.FilterLike = ..., *, stream: Literal[True], context_map: bool = ...,
+              retrieval: Retrieval | None = ..., recompute: float | None = ...,
+              compaction: Mapping[str, float] | None = ...) -> QueryStream: ...
 
     def query(self, bank: str, question: str, k: int = 5, mode: str = "kv", max_new_tokens: int = 64,
-              filter: ops.FilterLike = None, stream: bool = False, context_map: bool = False
+              filter: ops.FilterLike = None, stream: bool = False, context_map: bool = False,
+              retrieval: Retrieval | None = None, recompute: float | None = None,
+              compaction: Mapping[str, float] | None = None
               ) -> QueryResult | QueryStream:
         """Answer from the top-k blocks (``mode`` "kv": stored KV; "text": re-read their text).
 
         ``context_map=True`` puts the bank's context map before the blocks (its KV is cached per map version).
+        ``retrieval``, ``recompute`` and ``compaction`` override the server's defaults (see ``QueryKnobs``).
         With ``stream=True`` it returns a ``QueryStream`` of token events ending with the full result.
         """
-        call = ops.query(bank, question, k, mode, max_new_tokens, filter, stream, context_map)
+        knobs = QueryKnobs(retrieval=retrieval, recompute=recompute,
+                           compaction=dict(compaction) if compaction is not None else None)
+        call = ops.query(bank, question, k, mode, max_new_tokens, filter, stream, context_map, knobs)
         if stream:
             return QueryStream(self._send(call, stream=True))
         return self._call(call)

@@ -23,6 +23,7 @@ from .types import (
     Hit,
     Job,
     PutResult,
+    QueryKnobs,
     QueryResult,
     SearchFilter,
 )
@@ -179,16 +180,18 @@ def get_job(job_id: str) -> Call[Job]:
 # -- retrieval --------------------------------------------------------------------------------------
 
 
-def search(bank: str, query: str, k: int, flt: FilterLike) -> Call[list[Hit]]:
-    body = _drop_none({"query": query, "k": k, "filter": _filter(flt)})
+def search(bank: str, query: str, k: int, flt: FilterLike, retrieval: str | None = None) -> Call[list[Hit]]:
+    body = _drop_none({"query": query, "k": k, "filter": _filter(flt), "retrieval": retrieval})
     return Call("POST", f"{_bank_path(bank)}/search", lambda d: [Hit.model_validate(h) for h in d["hits"]],
                 json=body, idempotent=True)
 
 
 def query(bank: str, question: str, k: int, mode: str, max_new_tokens: int, flt: FilterLike,
-          stream: bool, context_map: bool = False) -> Call[QueryResult]:
+          stream: bool, context_map: bool = False, knobs: QueryKnobs | None = None) -> Call[QueryResult]:
     body = _drop_none({"question": question, "k": k, "mode": mode, "max_new_tokens": max_new_tokens,
                        "stream": stream, "filter": _filter(flt)})
+    if knobs is not None:  # unset knobs are not sent: the server's defaults (chosen by measurement) apply
+        body.update(knobs.body())
     if context_map:  # only sent when asked, so an older server keeps accepting the request
         body["context_map"] = True
     headers = {"Accept": "text/event-stream"} if stream else {}

@@ -11,7 +11,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = [
-    "Model", "ApiKey", "Bank", "Document", "DocumentInput", "PutResult", "Hit", "SearchFilter", "Timings",
+    "Model", "ApiKey", "Bank", "Document", "DocumentInput", "PutResult", "Hit", "SearchFilter", "Retrieval",
+    "QueryKnobs",    "Timings",
     "Usage", "QueryResult", "TokenEvent", "DoneEvent", "StreamEvent", "Job", "Health", "ContextMap",
     "ContextMapItem", "ContextMapEdit", "ContextMapFeedback", "ContextMapEditResult", "ContextMapRefresh",
 ]
@@ -120,6 +121,27 @@ class SearchFilter(BaseModel):
     metadata: dict[str, Any] | None = None
 
 
+Retrieval = Literal["embedding", "kv", "hybrid", "hybrid_kv"]
+
+
+class QueryKnobs(BaseModel):
+    """Optional query settings; a knob left unset is not sent, so the server's measured default applies.
+
+    ``retrieval``: "embedding" | "kv" | "hybrid" | "hybrid_kv"; ``recompute``: share of context tokens whose KV
+    is recomputed with full attention (0.0-1.0); ``compaction``: ``{"tau": float}`` or ``{"budget_tokens": int}``.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    retrieval: Retrieval | None = None
+    recompute: float | None = Field(default=None, ge=0.0, le=1.0)
+    compaction: dict[str, int | float] | None = None
+
+    def body(self) -> dict[str, Any]:
+        """The request-body fields of the knobs that are set."""
+        return self.model_dump(exclude_none=True)
+
+
 class Timings(Model):
     """Milliseconds; ``ttft_ms`` runs from the server receiving the request to the first token."""
 
@@ -135,6 +157,8 @@ class Usage(Model):
     question_tokens: int = 0
     generated_tokens: int = 0
     map_prefill_tokens: int = 0  # context-map tokens prefilled for this query (0: its KV was cached)
+    recomputed_tokens: int = 0  # context tokens whose KV was recomputed with full attention
+    kept_tokens: int = 0  # context tokens the answer was generated from (after compaction)
 
 
 class QueryResult(Model):
