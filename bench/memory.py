@@ -58,6 +58,7 @@ from kvstore.bank import BankStore
 from kvstore.cache import HotCache
 from kvstore.catalog import BlockRow, DocumentRow, OpLogRow
 from kvstore.config import Settings
+from kvstore.memory import Candidate, plan_eviction
 
 POLICIES = ("lru", "importance", "hybrid")
 REFERENCE = "reference"
@@ -207,6 +208,54 @@ def agreement(answers: Sequence[str], reference: Sequence[str]) -> dict[str, flo
                                         for a, r in zip(answers, reference, strict=True)]))}
 
 
+# -- replay: the eviction planner alone on the retrieval trace ---------------------------------------
+
+
+def retrieval_trace(store: BankStore, stream: Sequence[tuple[str, bool]], k: int) -> list[list[int]]:
+    """Block ids each query retrieves from the reference bank: the same under every policy and budget, since
+    cold blocks stay searchable (only their KV is dropped)."""
+    with store.sessions() as s:
+        bank = store._bank(s, REFERENCE)
+        return [[b.id for b, _, _ in store._retrieve(s, bank, text, k, None)] for text, _ in stream]
+
+
+def replay(store: BankStore, trace: Sequence[Sequence[int]], policy: str, budget_bytes: int,
+           warmup: int) -> dict[str, Any]:
+    """Replay the trace through ``plan_eviction`` as ``BankStore.query`` drives it, without a model or a hot
+    tier: the query's blocks are accessed (count, heat, an equal attention share each), cold ones re-warmed,
+    then the budget enforced. One query per simulated second (heat and importance barely decay)."""
+    cfg = store.memory.config
+    with store.sessions() as s:
+        rows = s.execute(select(BlockRow.id, BlockRow.blob_id, BlockRow.stored_bytes, BlockRow.created_at).where(
+            BlockRow.bank_id == store._bank(s, REFERENCE).id, BlockRow.blob_id.is_not(None))).all()
+    cands = {r.id: Candidate(block_id=r.id, blob_id=r.blob_id, stored_bytes=int(r.stored_bytes),
+                             touched=r.created_at.timestamp(), access_count=0, importance=0.0, prior=0.0,
+                             pinned=False) for r in rows}
+    warm = set(cands)
+
+    def enforce() -> None:
+        warm.difference_update(plan_eviction([cands[b] for b in warm], policy, budget_bytes, None, cfg).block_ids)
+
+    enforce()
+    start = max(c.touched for c in cands.values()) + 1.0
+    hits = misses = 0
+    for i, ids in enumerate(trace):
+        now = start + i
+        for b in ids:
+            c = cands[b]
+            if i >= warmup:
+                hits, misses = (hits + 1, misses) if b in warm else (hits, misses + 1)
+            age = now - c.touched
+            c.heat = c.heat * 0.5 ** (age / cfg.heat_half_life_s) + 1.0
+            c.importance = c.importance * 0.5 ** (age / cfg.importance_half_life_s) + 1.0 / len(ids)
+            c.access_count, c.touched = c.access_count + 1, now
+        if not warm.issuperset(ids):
+            warm.update(ids)
+            enforce()
+    return {"policy": policy, "budget_bytes": budget_bytes, "warm_hit_rate": hits / max(1, hits + misses),
+            "cold_misses": misses}
+
+
 # -- output ---------------------------------------------------------------------------------------
 
 
@@ -249,6 +298,27 @@ def doc_markdown(payload: dict[str, Any], headers: Sequence[str], table: Sequenc
     return "\n".join(lines)
 
 
+def publish_replay(store: BankStore, args: argparse.Namespace, stream: Sequence[tuple[str, bool]], warmup: int,
+                   raw_bytes: int, stored_bytes: int) -> None:
+    """``--replay``: every policy and budget on the stream's retrieval trace; json, table, BENCHMARKS span."""
+    trace = retrieval_trace(store, stream, args.k)
+    runs = [replay(store, trace, policy, int(fraction * raw_bytes), warmup) | {"budget_fraction": fraction}
+            for fraction in args.budgets for policy in POLICIES]
+    name = ("memory" if args.model == "packaged" else "memory_tiny") + "_replay"
+    command = " ".join(["python -m bench.memory", *sys.argv[1:]])
+    write_json(name, {"benchmark": name, "command": command,
+                      "machine": machine_info(store.llm.name), "queries": len(stream), "warmup": warmup,
+                      "raw_bytes": raw_bytes, "stored_bytes": stored_bytes, "runs": runs})
+    headers = ["budget (raw)", "budget (stored)", *[f"{p} warm hit" for p in POLICIES],
+               *[f"{p} cold misses" for p in POLICIES]]
+    table = [[f"{round(100 * f)}%", f"{round(100 * f * raw_bytes / stored_bytes)}%",
+              *[r["warm_hit_rate"] for r in runs if r["budget_fraction"] == f],
+              *[r["cold_misses"] for r in runs if r["budget_fraction"] == f]] for f in args.budgets]
+    print_table(f"memory replay: {len(stream)} queries", headers, table)
+    publish_doc_table(name, f"{len(stream)} queries, first {warmup} not counted. Command: `{command}`.\n\n"
+                            f"{markdown_table(headers, table)}")
+
+
 def _tiny() -> Any:
     """The random-weight tiny Llama of the tests: same code path, negligible model cost."""
     from tests.conftest import build_tiny
@@ -274,6 +344,9 @@ def main() -> None:
     parser.add_argument("--model", choices=["packaged", "tiny"], default="packaged",
                         help="packaged SmolLM2, or the tests' tiny random-weight model (policy mechanics only)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is steadier on a shared box)")
+    parser.add_argument("--replay", action="store_true",
+                        help="replay the stream's retrieval trace through the eviction planner only (no answers, "
+                             "no hot tier; seconds): warm hit rate per policy and budget")
     args = parser.parse_args()
     squad = load_or_exit(args.data)
     corpus = synthetic_corpus(squad.paragraphs, args.paragraphs)
@@ -293,6 +366,9 @@ def main() -> None:
             store.put_document(REFERENCE, f"p{i:04d}", text)
     ingest_s = time.perf_counter() - t0
     ref_stats = store.stats(REFERENCE)
+    if args.replay:
+        publish_replay(store, args, stream, warmup, ref_stats.raw_bytes, ref_stats.stored_bytes)
+        return
     # The reference answers from the unbudgeted bank, on a clone so its access history starts empty too.
     clone_bank(store, REFERENCE, "unbudgeted", "lru")
     reference = run_stream(store, "unbudgeted", stream, args.k, args.max_new_tokens, hot_bytes, warmup)
