@@ -33,7 +33,9 @@ class Settings(BaseSettings):
     torch_threads: int = Field(default=0, description="torch intra-op threads; 0 = number of cores.")
 
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
-    default_codec: str = "fp16"
+    default_codec: str = Field(
+        default="int8", description="Codec of a new bank's blocks (docs/BENCHMARKS.md, codec presets): int8 keeps "
+                                    "every greedy answer of the fp16 path at 1.9x; no preset >= 5x reached 90%.")
     block_tokens: int = Field(default=256, ge=16, le=4096, description="Token budget of one KV block.")
     encode_batch_size: int = Field(default=8, ge=1)
     max_document_chars: int = Field(default=200_000, ge=1)
