@@ -46,7 +46,9 @@ def catalog(request: pytest.FixtureRequest) -> dict[str, str]:
 
 @pytest.fixture
 def sessions(make_store: Callable[..., BankStore], catalog: dict[str, str]) -> SessionStore:
-    store = make_store(block_tokens=16, **catalog)  # small pages: every segment spans several blobs
+    # Small pages: every segment spans several blobs. fp16 pages: the equivalences below are about appending,
+    # and a lossy default codec would add its own error on top of fp16 rounding.
+    store = make_store(block_tokens=16, default_codec="fp16", **catalog)
     store.create_bank("agents")
     return sessions_of(store)
 
@@ -340,13 +342,13 @@ def test_attention_prune_drops_an_unattended_segment_and_keeps_an_attended_one(
 
 def test_every_acknowledged_append_survives_a_reopen_without_close(make_store: Callable[..., BankStore],
                                                                    catalog: dict[str, str]) -> None:
-    first = sessions_of(make_store(block_tokens=16, **catalog))
+    first = sessions_of(make_store(block_tokens=16, default_codec="fp16", **catalog))
     first.store.create_bank("agents")
     first.create("agents", "s")
     acked = [first.append("agents", "s", [seg]) for seg in SEGMENTS]
     answer = first.brief("agents", "s", TASK, max_new_tokens=4).answer
     # No close(): the process "dies" here; a new store opens the same data dir.
-    second = sessions_of(make_store(block_tokens=16, **catalog))
+    second = sessions_of(make_store(block_tokens=16, default_codec="fp16", **catalog))
     info = second.get("agents", "s")
     assert [g.id for g in info.segments] == [a.segment_ids[0] for a in acked]
     assert info.tokens == acked[-1].tokens
@@ -357,9 +359,9 @@ def test_appends_from_two_processes_continue_one_trajectory(make_store: Callable
                                                             catalog: dict[str, str]) -> None:
     """Two stores on one catalog (two server processes): each sees the other's appends, none is lost or
     computed over a stale state, and the result still equals one whole prefill."""
-    a = sessions_of(make_store(block_tokens=16, **catalog))
+    a = sessions_of(make_store(block_tokens=16, default_codec="fp16", **catalog))
     a.store.create_bank("agents")
-    b = sessions_of(make_store(block_tokens=16, **catalog))
+    b = sessions_of(make_store(block_tokens=16, default_codec="fp16", **catalog))
     a.create("agents", "s")
     for i, seg in enumerate(SEGMENTS):
         (a if i % 2 == 0 else b).append("agents", "s", [seg])
