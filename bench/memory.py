@@ -146,8 +146,9 @@ def doc_stream(corpus: Sequence[tuple[str, int]], n: int, s: float = 1.0, scan_e
 
 
 def clone_bank(store: BankStore, src: str, dst: str, policy: str) -> None:
-    """A catalog-only copy of ``src`` (same blobs, fresh access history) under ``policy``, no budget yet."""
-    store.create_bank(dst, eviction=policy)
+    """A catalog-only copy of ``src`` (same blobs, fresh access history) under ``policy``, no budget yet. It
+    keeps the source's codec, so blocks re-warmed after eviction are stored as the reference stored them."""
+    store.create_bank(dst, eviction=policy, codec=store.get_bank(src).codec)
     with store.session() as s:
         src_row, dst_row = store._bank(s, src), store._bank(s, dst)
         docs = s.scalars(select(DocumentRow).where(DocumentRow.bank_id == src_row.id)).all()
