@@ -176,5 +176,7 @@ def decode_block(data: bytes, fingerprint: str | None = None, device: torch.devi
         # Factory calls inside a preset (index tensors, scratch buffers) land on the sections' device too.
         with torch.device(device) if device is not None else nullcontext():
             return preset.decode(sections, header.params, header.shape)
+    except torch.OutOfMemoryError:
+        raise  # the device is full, the block is fine: quarantining it would lose good data
     except (KeyError, RuntimeError, TypeError, ValueError) as exc:
         raise CorruptBlock(f"block sections do not match preset {header.codec!r}: {exc}") from None

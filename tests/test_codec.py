@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvstore.codec import decode_block, encode_block, read_header
+from kvstore.codec import PRESETS, decode_block, encode_block, read_header
 from kvstore.errors import CorruptBlock, IncompatibleModel, ValidationFailed
 from kvstore.runner import BlockKV
 
@@ -62,3 +62,14 @@ def test_pickle_bytes_are_not_a_block() -> None:
 def test_unknown_codec_is_a_validation_error() -> None:
     with pytest.raises(ValidationFailed):
         encode_block(_block(), FP, "no-such-codec")
+
+
+def test_out_of_memory_while_decoding_is_not_called_corruption(monkeypatch: pytest.MonkeyPatch) -> None:
+    data = encode_block(_block(), FP, "fp16")
+
+    def exhausted(*_: object) -> BlockKV:
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(PRESETS["fp16"], "decode", exhausted)
+    with pytest.raises(torch.OutOfMemoryError):
+        decode_block(data, FP)
