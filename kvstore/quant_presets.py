@@ -288,7 +288,11 @@ LOSSY_PRESETS: tuple[QuantPreset | SvdPreset, ...] = (
     QuantPreset("k4v3", k_bits=4, v_bits=3, k_group=128, v_group=64, v_rotate=True),
     QuantPreset("k3v3", k_bits=3, v_bits=3, k_group=256, v_group=64, v_rotate=True),
     QuantPreset("k2v2", k_bits=2, v_bits=2, k_group=64, v_group=32, v_rotate=True),
-    # Hadamard-rotated keys and values, values symmetric: 4 bits, key layer 18 at 6.
+    # Hadamard-rotated keys and values, values symmetric: 6, 5 or 4 bits, key layer 18 two more.
+    QuantPreset("rot6", k_bits=6, v_bits=6, k_group=256, v_group=64, v_rotate=True, k_rotate=True,
+                k_layers=((18, 8),), v_symmetric=True),
+    QuantPreset("rot5", k_bits=5, v_bits=5, k_group=256, v_group=64, v_rotate=True, k_rotate=True,
+                k_layers=((18, 7),), v_symmetric=True),
     QuantPreset("rot4", k_bits=4, v_bits=4, k_group=256, v_group=64, v_rotate=True, k_rotate=True,
                 k_layers=((18, 6),), v_symmetric=True),
     # ~3.1 bits: 3-bit rotated K/V, sensitive key layers at 4-6 bits paid for by quiet value layers at 2.
