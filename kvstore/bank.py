@@ -14,7 +14,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
@@ -29,7 +29,7 @@ from .cache import HotCache
 from .catalog import BankRow, BlockRow, DocumentRow, OpLogRow, open_catalog, utcnow
 from .chunking import chunk_text
 from .codec import decode_block, encode_block, get_preset
-from .compaction import CompactionSpec, compact
+from .compaction import CompactionSpec, compact, prefill_attention
 from .config import Settings
 from .contextmap import ContextMaps
 from .errors import (
@@ -830,7 +830,13 @@ class BankStore:
                     recomputed = blend(self.runner, ctx, context_ids, ratio, question_ids=q_ids)
                     if spec is not None:
                         ctx = compact(self.runner, ctx, q_ids, spec)
-                    gen = self.runner.generate(ctx, q_ids, max_new_tokens, on_token)
+                    # The answer's prefill records the attention the importance policies need, so no second
+                    # question pass runs after the answer.
+                    recorder = (prefill_attention(self.runner, ctx) if self.memory.config.track_importance
+                                else nullcontext(lambda: None))
+                    with recorder as recorded:
+                        gen = self.runner.generate(ctx, q_ids, max_new_tokens, on_token)
+                    prefill_scores = recorded()
                 kept = ctx.context_tokens
             else:
                 block_ids = [tok for b, _, _ in retrieved for tok in _bytes_ids(b.token_ids)]
@@ -842,7 +848,7 @@ class BankStore:
                     gen = self.runner.generate(ctx, block_ids + q_ids, max_new_tokens, on_token)
                 context_tokens = kept = len(lead_ids) + len(block_ids)
                 recomputed = 0
-            shares = self.memory.attention_shares(ctx, q_ids, lead + blocks) if mode == "kv" else None
+            shares = self.memory.attention_shares(ctx, q_ids, lead + blocks, prefill_scores) if mode == "kv" else None
             self._record_access(s, [b.id for b, _, _ in retrieved], shares[len(lead):] if shares else shares)
             self.context_map.record_query(s, bank_row, question, gen.text, [d.doc_id for _, d, _ in retrieved],
                                           shown.version if shown is not None else None)

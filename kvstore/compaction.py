@@ -18,7 +18,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from typing import Literal
 
 import torch
@@ -42,7 +43,31 @@ COMPACTION_CHUNK = 8
 # any head pays it from any question token (a key one head relies on counts even if the others ignore it).
 Reduction = Literal["mean", "peak"]
 
-_scores: ContextVar[tuple[list[torch.Tensor], Reduction] | None] = ContextVar("kvrag_attention_scores", default=None)
+
+
+@dataclass
+class _Collector:
+    """Per-layer attention records of the forwards run while scoring is on, at most ``limit`` of them.
+
+    A record keeps references to the layer's query and key and is reduced only when ``scores()`` is called,
+    so recording during an answer's prefill adds nothing before the first token.
+    """
+
+    reduction: Reduction
+    limit: int | None = None
+    records: list[Callable[[], torch.Tensor]] = field(default_factory=list)
+
+    def add(self, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, scaling: float | None,
+            softcap: float | None) -> None:
+        if self.limit is None or len(self.records) < self.limit:
+            self.records.append(partial(_attention_mass, query, key, mask, scaling, softcap, self.reduction))
+
+    def scores(self) -> list[torch.Tensor]:
+        """Attention per key row, one ``[keys]`` tensor per recorded layer."""
+        return [record() for record in self.records]
+
+
+_active: ContextVar[_Collector | None] = ContextVar("kvrag_attention_collector", default=None)
 
 
 @dataclass(frozen=True)
@@ -94,12 +119,11 @@ def _scoring_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.
                        attention_mask: torch.Tensor | None, scaling: float | None = None,
                        **kwargs: object) -> tuple[torch.Tensor, None]:
     """sdpa attention that also records the attention mass per key row into the active collector."""
-    active = _scores.get()
-    if active is not None:
-        sink, reduction = active
+    collector = _active.get()
+    if collector is not None:
         softcap = kwargs.get("softcap")
-        cap = float(softcap) if isinstance(softcap, int | float) and softcap else None
-        sink.append(_attention_mass(query, key, attention_mask, scaling, cap, reduction))
+        collector.add(query, key, attention_mask, scaling, float(softcap) if isinstance(softcap, int | float)
+                      and softcap else None)
     kwargs.pop("softcap", None)
     return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
 
@@ -109,20 +133,20 @@ AttentionMaskInterface.register(SCORING_ATTENTION, sdpa_mask)
 
 
 @contextmanager
-def _scoring(runner: Runner, reduction: Reduction = "mean") -> Iterator[list[torch.Tensor]]:
-    """Switch the model to the scoring attention for one forward; yields the per-layer ``[keys]`` scores."""
+def _scoring(runner: Runner, reduction: Reduction = "mean", limit: int | None = None) -> Iterator[_Collector]:
+    """Switch the model to the scoring attention; yields the collector of the per-layer records."""
     configs = {id(c): c for c in (runner.model.config, runner.model.get_decoder().config)}.values()
     saved = [(c, c._attn_implementation_internal) for c in configs]
-    collected: list[torch.Tensor] = []
-    token = _scores.set((collected, reduction))
+    collector = _Collector(reduction, limit)
+    token = _active.set(collector)
     for c, _ in saved:
         c._attn_implementation_internal = SCORING_ATTENTION
     try:
-        yield collected
+        yield collector
     finally:
         for c, impl in saved:
             c._attn_implementation_internal = impl
-        _scores.reset(token)
+        _active.reset(token)
 
 
 @torch.inference_mode()
@@ -137,16 +161,37 @@ def token_scores(runner: Runner, ctx: Context, question_ids: Sequence[int], redu
     device = ctx.cache.layers[0].keys.device
     positions = torch.arange(ctx.next_position, ctx.next_position + len(question_ids), device=device)
     decoder: Callable[..., object] = runner.model.get_decoder()
-    with _scoring(runner, reduction) as per_layer:
+    with _scoring(runner, reduction) as collector:
         # The decoder alone: only the attention is wanted, the LM head over the vocabulary would be wasted.
         decoder(input_ids=torch.tensor([list(question_ids)], device=device), position_ids=positions[None],
                 past_key_values=ctx.cache, use_cache=True)
     for layer in ctx.cache.layers:
         layer.keys, layer.values = layer.keys[:, :, :rows], layer.values[:, :, :rows]
-    # Sliding-window layers attend only their window, so every layer counts as one vote of equal weight.
-    first = rows - ctx.context_tokens
+    return _context_votes(collector.scores(), rows, ctx.context_tokens, skip_layers)
+
+
+def _context_votes(per_layer: Sequence[torch.Tensor], rows: int, context_tokens: int,
+                   skip_layers: int = 0) -> torch.Tensor:
+    """Per-layer ``[keys]`` scores cut to the context rows and averaged over the voting layers:
+    ``[context_tokens]``. Sliding-window layers attend only their window, so every layer is one equal vote."""
+    first = rows - context_tokens
     voting = per_layer[min(skip_layers, len(per_layer) - 1):]
     return torch.stack([s[first:rows] for s in voting]).mean(0)
+
+
+@contextmanager
+def prefill_attention(runner: Runner, ctx: Context) -> Iterator[Callable[[], torch.Tensor | None]]:
+    """Record, during the next forward over ``ctx`` (the answer's prefill), the attention the prefilled tokens
+    pay each context token, like :func:`token_scores` with its defaults but without a second question pass.
+
+    Yields a getter: ``[context_tokens]`` once a forward has run inside the block, else None (nothing was
+    generated). Only the first forward's layers are recorded, and they are reduced when the getter is called,
+    after the answer: the first token waits for nothing.
+    """
+    rows, layers = ctx.cache.get_seq_length(), len(ctx.cache.layers)
+    with _scoring(runner, "mean", limit=layers) as collector:
+        yield lambda: (_context_votes(collector.scores(), rows, ctx.context_tokens)
+                       if len(collector.records) == layers else None)
 
 
 def chunk_means(scores: torch.Tensor, chunk: int) -> torch.Tensor:

@@ -375,22 +375,26 @@ class MemoryManager:
         self.counters.cold_encodes += 1
         return kv
 
-    def attention_shares(self, ctx: Context, question_ids: Sequence[int], kvs: Sequence[BlockKV]) -> list[float] | None:
+    def attention_shares(self, ctx: Context, question_ids: Sequence[int], kvs: Sequence[BlockKV],
+                         scores: torch.Tensor | None = None) -> list[float] | None:
         """Share of the question's attention on each assembled block, or None when it cannot be told
         (tracking off, or a compacted context whose rows no longer line up with the blocks).
 
-        Runs after the answer: the context's cache is cut back to prefix + blocks, then the question is
-        scored once more with the attention-recording pass of :mod:`kvstore.compaction`.
+        ``scores`` (``[context_tokens]``) is what the answer's prefill recorded
+        (:func:`kvstore.compaction.prefill_attention`); without it (nothing was generated) the context's cache
+        is cut back to prefix + blocks and the question is scored once more.
         """
         spans = [kv.tokens for kv in kvs]
         if not self.config.track_importance or not spans or ctx.context_tokens != sum(spans):
             return None
-        from .compaction import token_scores  # the model-side scoring pass lives with compaction
+        if scores is None:
+            from .compaction import token_scores  # the model-side scoring pass lives with compaction
 
-        with self.store.model_lock:
-            for layer in ctx.cache.layers:
-                layer.keys, layer.values = layer.keys[:, :, :ctx.next_position], layer.values[:, :, :ctx.next_position]
-            scores = token_scores(self.store.runner, ctx, question_ids)
+            rows = ctx.next_position  # prefix + blocks: the question and answer rows are dropped
+            with self.store.model_lock:
+                for layer in ctx.cache.layers:
+                    layer.keys, layer.values = layer.keys[:, :, :rows], layer.values[:, :, :rows]
+                scores = token_scores(self.store.runner, ctx, question_ids)
         return block_attention(scores, spans)
 
     def rewarm_and_enforce(self, s: Session, bank: BankRow, rows: Sequence[BlockRow], kvs: Sequence[BlockKV]) -> int:

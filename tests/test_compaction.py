@@ -15,6 +15,7 @@ from kvstore.compaction import (
     compact,
     compaction_scores,
     keep_mask,
+    prefill_attention,
     token_scores,
 )
 from kvstore.runner import BlockKV, Context, Runner
@@ -85,6 +86,20 @@ def test_scoring_leaves_the_model_as_it_was(runner: Runner) -> None:
     compact(runner, _assembled(runner), question, CompactionSpec(tau=0.0))
     assert runner.model.config._attn_implementation == impl
     assert torch.equal(runner.logits(_assembled(runner), question), before)
+
+
+def test_the_answers_prefill_records_what_a_second_question_pass_scores(runner: Runner) -> None:
+    question = runner.question_ids(QUESTION)
+    second_pass = token_scores(runner, _assembled(runner), question)
+    ctx = _assembled(runner)
+    plain = runner.generate(_assembled(runner), question, max_new_tokens=3)
+    with prefill_attention(runner, ctx) as recorded:
+        assert recorded() is None  # nothing has run yet
+        answer = runner.generate(ctx, question, max_new_tokens=3)
+    got = recorded()
+    assert got is not None and got.shape == (ctx.context_tokens,)
+    assert torch.allclose(got, second_pass, atol=1e-5)
+    assert answer.token_ids == plain.token_ids  # recording does not change what the model computes
 
 
 @pytest.mark.parametrize("spec", [CompactionSpec(tau=0.0), CompactionSpec(tau=2.0), CompactionSpec(budget_tokens=10),
