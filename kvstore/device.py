@@ -14,14 +14,14 @@ so assembly hands its buffers to the model without another copy). On CUDA:
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 from transformers.cache_utils import DynamicLayer
+
+from .lru import ByteBudgetLRU
 
 
 @dataclass
@@ -36,53 +36,24 @@ class ResidentKV:
         return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
 
 
-class ResidentBlocks:
-    """Blocks kept on the GPU under a byte budget, least recently used out first, keyed like the hot tier."""
+class ResidentBlocks(ByteBudgetLRU[ResidentKV]):
+    """Blocks kept on the GPU under a byte budget, least recently used out first, keyed like the hot tier.
+
+    ``hits`` are blocks served without a host-to-device copy; ``copies``/``copied_bytes`` those copied."""
 
     def __init__(self, budget_bytes: int) -> None:
-        self.budget_bytes = budget_bytes
-        self._items: OrderedDict[str, ResidentKV] = OrderedDict()
-        self._bytes = 0
-        self._lock = threading.Lock()
-        self.hits = 0  # blocks served without a host-to-device copy
-        self.copies = 0  # blocks copied to the device
+        super().__init__(budget_bytes)
+        self.copies = 0
         self.copied_bytes = 0
 
-    @property
-    def nbytes(self) -> int:
-        return self._bytes
+    def lookup(self, key: str | None) -> ResidentKV | None:
+        """The resident block under ``key`` (None for a block with no cache key, which is never resident)."""
+        return None if key is None else self.get(key)
 
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def get(self, key: str | None) -> ResidentKV | None:
-        if key is None:
-            return None
-        with self._lock:
-            item = self._items.get(key)
-            if item is not None:
-                self._items.move_to_end(key)
-                self.hits += 1
-            return item
-
-    def put(self, key: str | None, item: ResidentKV) -> None:
-        if key is None or item.nbytes > self.budget_bytes:
-            return
-        with self._lock:
-            old = self._items.pop(key, None)
-            if old is not None:
-                self._bytes -= old.nbytes
-            self._items[key] = item
-            self._bytes += item.nbytes
-            while self._bytes > self.budget_bytes:
-                _, evicted = self._items.popitem(last=False)
-                self._bytes -= evicted.nbytes
-
-    def discard(self, key: str) -> None:
-        with self._lock:
-            old = self._items.pop(key, None)
-            if old is not None:
-                self._bytes -= old.nbytes
+    def keep(self, key: str | None, item: ResidentKV) -> None:
+        """Keep ``item`` resident under ``key`` (a block with no cache key is not kept)."""
+        if key is not None:
+            self.put(key, item)
 
 
 def pinned(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -173,12 +144,12 @@ def assemble_layers(prefix_k: torch.Tensor, prefix_v: torch.Tensor, blocks: Sequ
     with torch.cuda.stream(stream) if stream is not None else nullcontext():
         sources: list[tuple[ResidentKV, ResidentKV | None]] = []  # (where to read, host block to copy in)
         for key, k, v in blocks:
-            found = resident.get(key)
+            found = resident.lookup(key)
             if found is not None:
                 sources.append((found, None))
             elif k.device == device:
                 item = ResidentKV(k.to(dtype), v.to(dtype))
-                resident.put(key, item)
+                resident.keep(key, item)
                 sources.append((item, None))
             else:
                 item = ResidentKV(torch.empty(k.shape, dtype=dtype, device=device),
@@ -206,7 +177,7 @@ def assemble_layers(prefix_k: torch.Tensor, prefix_v: torch.Tensor, blocks: Sequ
                 ready[layer] = event
     for (key, _, _), (item, host) in zip(blocks, sources, strict=True):
         if host is not None:
-            resident.put(key, item)
+            resident.keep(key, item)
     return Assembled(k_out, v_out, ready)
 
 

@@ -71,8 +71,8 @@ def test_resident_budget_evicts_least_recently_used() -> None:
     cache.put("c", item)
     assert cache.get("b") is None and cache.get("a") is item and cache.get("c") is item
     assert cache.nbytes == 2 * item.nbytes
-    cache.put(None, item)
-    assert len(cache) == 2
+    cache.keep(None, item)
+    assert len(cache) == 2 and cache.lookup(None) is None  # a block with no cache key is never resident
 
 
 def test_cpu_assembly_hands_its_buffer_to_the_cache_without_a_copy() -> None:
