@@ -827,7 +827,10 @@ class BankStore:
                 with self.model_lock:
                     ctx = self.runner.assemble(lead + blocks)
                     context_tokens = ctx.context_tokens
-                    recomputed = blend(self.runner, ctx, context_ids, ratio, question_ids=q_ids)
+                    # A lone block after the prefix already holds what a text prefill gives (it was encoded
+                    # there): recomputing it would only add time.
+                    recomputed = (blend(self.runner, ctx, context_ids, ratio, question_ids=q_ids)
+                                  if len(lead) + len(blocks) > 1 else 0)
                     if spec is not None:
                         ctx = compact(self.runner, ctx, q_ids, spec)
                     # The answer's prefill records the attention the importance policies need, so no second

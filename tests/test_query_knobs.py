@@ -30,6 +30,9 @@ def test_bank_query_reports_recomputed_and_kept_tokens(make_store: Callable[...,
     small = store.query("kb", QUESTION, k=3, max_new_tokens=2, recompute=0.25, compaction={"budget_tokens": 12})
     assert 0 < small.usage.recomputed_tokens < small.usage.context_tokens
     assert small.usage.kept_tokens == 12 and small.usage.context_tokens == plain.usage.context_tokens
+    lone = store.query("kb", QUESTION, k=1, max_new_tokens=2, recompute=1.0)
+    alone = store.query("kb", QUESTION, k=1, max_new_tokens=2)
+    assert lone.usage.recomputed_tokens == 0 and lone.answer == alone.answer  # one block is exact already
     for bad in ({"recompute": 2.0}, {"recompute": "x"}, {"compaction": {"tau": "x"}}, {"compaction": {}}):
         with pytest.raises(ValidationFailed):
             store.query("kb", QUESTION, k=3, max_new_tokens=2, **bad)  # type: ignore[arg-type]
