@@ -839,7 +839,6 @@ class BankStore:
                                 else nullcontext(lambda: None))
                     with recorder as recorded:
                         gen = self.runner.generate(ctx, q_ids, max_new_tokens, on_token)
-                    prefill_scores = recorded()
                 kept = ctx.context_tokens
             else:
                 block_ids = [tok for b, _, _ in retrieved for tok in _bytes_ids(b.token_ids)]
@@ -851,7 +850,7 @@ class BankStore:
                     gen = self.runner.generate(ctx, block_ids + q_ids, max_new_tokens, on_token)
                 context_tokens = kept = len(lead_ids) + len(block_ids)
                 recomputed = 0
-            shares = self.memory.attention_shares(ctx, q_ids, lead + blocks, prefill_scores) if mode == "kv" else None
+            shares = self.memory.attention_shares(ctx, q_ids, lead + blocks, recorded) if mode == "kv" else None
             self._record_access(s, [b.id for b, _, _ in retrieved], shares[len(lead):] if shares else shares)
             self.context_map.record_query(s, bank_row, question, gen.text, [d.doc_id for _, d, _ in retrieved],
                                           shown.version if shown is not None else None)

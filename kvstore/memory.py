@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -376,17 +376,18 @@ class MemoryManager:
         return kv
 
     def attention_shares(self, ctx: Context, question_ids: Sequence[int], kvs: Sequence[BlockKV],
-                         scores: torch.Tensor | None = None) -> list[float] | None:
+                         recorded: Callable[[], torch.Tensor | None] | None = None) -> list[float] | None:
         """Share of the question's attention on each assembled block, or None when it cannot be told
         (tracking off, or a compacted context whose rows no longer line up with the blocks).
 
-        ``scores`` (``[context_tokens]``) is what the answer's prefill recorded
-        (:func:`kvstore.compaction.prefill_attention`); without it (nothing was generated) the context's cache
-        is cut back to prefix + blocks and the question is scored once more.
+        ``recorded`` reduces what the answer's prefill recorded (:func:`kvstore.compaction.prefill_attention`)
+        to ``[context_tokens]``, only once the shares are wanted; when it has nothing (nothing was generated)
+        the context's cache is cut back to prefix + blocks and the question is scored once more.
         """
         spans = [kv.tokens for kv in kvs]
         if not self.config.track_importance or not spans or ctx.context_tokens != sum(spans):
             return None
+        scores = recorded() if recorded is not None else None
         if scores is None:
             from .compaction import token_scores  # the model-side scoring pass lives with compaction
 
