@@ -251,10 +251,9 @@ def query(question: Annotated[str, typer.Argument(help="The question.", show_def
     """Answer a question from a bank; the answer goes to stdout, its sources and timings to stderr."""
     if mode not in ("kv", "text"):
         raise _fail("--mode must be kv or text")
-    if budget_tokens is not None and tau is not None:
-        raise _fail("give --budget-tokens or --tau, not both")
-    compaction = {"budget_tokens": budget_tokens} if budget_tokens is not None else (
-        {"tau": tau} if tau is not None else None)
+    # Both may be given, as in the API: tokens above the threshold, at most the budget of them.
+    compaction = {name: value for name, value in (("budget_tokens", budget_tokens), ("tau", tau))
+                  if value is not None} or None
     ranking = _retrieval(retrieval)
     with _connect(url, api_key) as kv:
         if stream and not json_out:
