@@ -22,19 +22,26 @@ Results go to bench/results/memory.json (packaged SmolLM2) or memory_tiny.json (
 to the matching table span of docs/BENCHMARKS.md.
 
     .venv/bin/python -m bench.memory [--model tiny] [--paragraphs 1000] [--queries 1000] [--budgets 0.25]
+
+Each run's result (answers included) is also saved under ``--runs-dir`` (default DATA_DIR/runs) with its
+setting, and a later invocation with the same setting reuses it instead of running it again. So the runs
+can go in parallel processes, one per run (``--only unbudgeted``, ``--only hybrid-25``, ...), each on its
+own copy of the data dir (the bench deletes every bank but the reference when it starts) and one shared
+``--runs-dir``; a last invocation without ``--only`` then collects them and publishes.
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import random
 import re
 import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -288,7 +295,8 @@ def doc_markdown(payload: dict[str, Any], headers: Sequence[str], table: Sequenc
              f"queries ({payload['scan_queries']} scan), first {payload['queries'] - payload['counted_queries']} "
              f"not counted; k = {payload['k']}, hot tier {payload['hot_tier_mib']} MiB, {machine['torch_threads']} "
              f"torch thread(s), load average {machine['load_average'][0]:.1f} at the end, commit "
-             f"{machine['git_commit']}, {machine['measured_at']}, wall {payload['wall_s']:.0f} s. Command: "
+             f"{machine['git_commit']}, {machine['measured_at']}, wall {payload['wall_s']:.0f} s; each run "
+             f"(s): {', '.join(f'{name} {wall:.0f}' for name, wall in payload['run_wall_s'].items())}. Command: "
              f"`{payload['command']}`.", "", markdown_table(headers, table), ""]
     if goal is None:
         lines.append("No 25% budget in this run: the goal is not evaluated.")
@@ -320,6 +328,27 @@ def publish_replay(store: BankStore, args: argparse.Namespace, stream: Sequence[
                             f"{markdown_table(headers, table)}")
 
 
+def saved_or_run(runs_dir: Path | None, name: str, setting: dict[str, Any], model: str,
+                 run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Run ``name``'s result: the one saved under ``runs_dir`` for the same ``setting``, else ``run()`` (then
+    saved there with its wall time and machine, so a parallel process's run can be collected later)."""
+    path = runs_dir / f"{name}.json" if runs_dir is not None else None
+    if path is not None and path.exists():
+        saved = json.loads(path.read_text())
+        if saved["setting"] == setting:
+            print(f"{name}: reusing {path} ({saved['result']['wall_s']:.0f} s)")
+            return dict(saved["result"])
+    t0 = time.perf_counter()
+    result = run()
+    result.update(wall_s=round(time.perf_counter() - t0, 1), machine=machine_info(model))
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps({"setting": setting, "result": result}) + "\n")
+        tmp.replace(path)
+    return result
+
+
 def _tiny() -> Any:
     """The random-weight tiny Llama of the tests: same code path, negligible model cost."""
     from tests.conftest import build_tiny
@@ -342,6 +371,15 @@ def main() -> None:
     parser.add_argument("--hot-mib", type=float, default=2.0, help="hot tier size (MiB; default 2)")
     parser.add_argument("--data-dir", type=Path, default=None,
                         help="keep the store here; an existing reference bank there is reused (default: a temp dir)")
+    parser.add_argument("--codec", default=None,
+                        help="codec of the reference bank when it is ingested (default: the store's default); a "
+                             "reused reference keeps its own")
+    parser.add_argument("--runs-dir", type=Path, default=None,
+                        help="where each run's result is saved and reused from (default: DATA_DIR/runs with "
+                             "--data-dir, else nowhere)")
+    parser.add_argument("--only", nargs="+", default=None, metavar="RUN",
+                        help="run only these (unbudgeted, lru-25, hybrid-25, ...), save them under --runs-dir and "
+                             "publish nothing")
     parser.add_argument("--model", choices=["packaged", "tiny"], default="packaged",
                         help="packaged SmolLM2, or the tests' tiny random-weight model (policy mechanics only)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is steadier on a shared box)")
@@ -349,6 +387,9 @@ def main() -> None:
                         help="replay the stream's retrieval trace through the eviction planner only (no answers, "
                              "no hot tier; seconds): warm hit rate per policy and budget")
     args = parser.parse_args()
+    runs_dir = args.runs_dir or (args.data_dir / "runs" if args.data_dir else None)
+    if args.only and runs_dir is None:
+        parser.error("--only needs --data-dir or --runs-dir, where its results are saved")
     squad = load_or_exit(args.data)
     corpus = synthetic_corpus(squad.paragraphs, args.paragraphs)
     stream = doc_stream(corpus, args.queries, args.zipf, args.scan_every, args.scan_len)
@@ -362,7 +403,7 @@ def main() -> None:
     for name in existing - {REFERENCE}:
         store.delete_bank(name)
     if REFERENCE not in existing:
-        store.create_bank(REFERENCE)
+        store.create_bank(REFERENCE, codec=args.codec)
         for i, (text, _) in enumerate(tqdm(corpus, desc="ingest", unit="doc")):
             store.put_document(REFERENCE, f"p{i:04d}", text)
     ingest_s = time.perf_counter() - t0
@@ -370,21 +411,49 @@ def main() -> None:
     if args.replay:
         publish_replay(store, args, stream, warmup, ref_stats.raw_bytes, ref_stats.stored_bytes)
         return
-    # The reference answers from the unbudgeted bank, on a clone so its access history starts empty too.
-    clone_bank(store, REFERENCE, "unbudgeted", "lru")
-    reference = run_stream(store, "unbudgeted", stream, args.k, args.max_new_tokens, hot_bytes, warmup)
-    reference.update(agreement(reference["answers"], reference["answers"]))
-    runs = []
+    setting = {"model": store.llm.name, "documents": len(corpus), "reference_blocks": ref_stats.blocks,
+               "reference_stored_bytes": ref_stats.stored_bytes, "queries": len(stream), "zipf": args.zipf,
+               "scan_every": args.scan_every, "scan_len": args.scan_len, "warmup": warmup, "k": args.k,
+               "max_new_tokens": args.max_new_tokens, "hot_tier_bytes": hot_bytes}
+
+    def budgeted(name: str, policy: str, fraction: float) -> Callable[[], dict[str, Any]]:
+        def run() -> dict[str, Any]:
+            clone_bank(store, REFERENCE, name, policy)
+            store.update_bank(name, budget_bytes=int(fraction * ref_stats.raw_bytes))
+            return run_stream(store, name, stream, args.k, args.max_new_tokens, hot_bytes, warmup)
+        return run
+
+    def unbudgeted() -> dict[str, Any]:
+        # On a clone too, so its access history starts empty like the budgeted ones'.
+        clone_bank(store, REFERENCE, "unbudgeted", "lru")
+        return run_stream(store, "unbudgeted", stream, args.k, args.max_new_tokens, hot_bytes, warmup)
+
+    plan: dict[str, tuple[str, float, Callable[[], dict[str, Any]]]] = {"unbudgeted": ("lru", 0.0, unbudgeted)}
     for fraction in args.budgets:
         for policy in POLICIES:
             name = f"{policy}-{int(round(fraction * 100))}"
-            clone_bank(store, REFERENCE, name, policy)
-            store.update_bank(name, budget_bytes=int(fraction * ref_stats.raw_bytes))
-            result = run_stream(store, name, stream, args.k, args.max_new_tokens, hot_bytes, warmup)
-            result.update(agreement(result["answers"], reference["answers"]))
-            result.update(policy=policy, budget_fraction=fraction, budget_bytes=int(fraction * ref_stats.raw_bytes),
-                          budget_vs_stored=fraction * ref_stats.raw_bytes / ref_stats.stored_bytes)
-            runs.append(result)
+            plan[name] = (policy, fraction, budgeted(name, policy, fraction))
+    if args.only:
+        unknown = set(args.only) - set(plan)
+        if unknown:
+            parser.error(f"unknown runs {sorted(unknown)}; these are {sorted(plan)}")
+        for name in args.only:
+            result = saved_or_run(runs_dir, name, setting | {"run": name}, store.llm.name, plan[name][2])
+            print(f"{name}: saved under {runs_dir} ({result['wall_s']:.0f} s)")
+        return
+    # The reference answers are the unbudgeted bank's.
+    reference = saved_or_run(runs_dir, "unbudgeted", setting | {"run": "unbudgeted"}, store.llm.name,
+                             plan["unbudgeted"][2])
+    reference.update(agreement(reference["answers"], reference["answers"]))
+    runs = []
+    for name, (policy, fraction, run) in plan.items():
+        if name == "unbudgeted":
+            continue
+        result = saved_or_run(runs_dir, name, setting | {"run": name}, store.llm.name, run)
+        result.update(agreement(result["answers"], reference["answers"]))
+        result.update(policy=policy, budget_fraction=fraction, budget_bytes=int(fraction * ref_stats.raw_bytes),
+                      budget_vs_stored=fraction * ref_stats.raw_bytes / ref_stats.stored_bytes)
+        runs.append(result)
     wall_s = time.perf_counter() - t0
     at25 = {r["policy"]: r for r in runs if abs(r["budget_fraction"] - 0.25) < 1e-9}
     goal = None
@@ -403,6 +472,8 @@ def main() -> None:
         "scan_every": args.scan_every, "scan_len": args.scan_len, "k": args.k,
         "max_new_tokens": args.max_new_tokens, "hot_tier_mib": args.hot_mib, "ingest_s": round(ingest_s, 1),
         "wall_s": round(wall_s, 1),
+        "run_wall_s": {"unbudgeted": reference["wall_s"]} | {
+            f"{r['policy']}-{round(100 * r['budget_fraction'])}": r["wall_s"] for r in runs},
         "reference": {key: v for key, v in reference.items() if key != "answers"} | {
             "raw_bytes": ref_stats.raw_bytes, "stored_bytes": ref_stats.stored_bytes, "blocks": ref_stats.blocks},
         "runs": [{key: v for key, v in r.items() if key != "answers"} for r in runs],
