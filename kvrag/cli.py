@@ -534,13 +534,16 @@ def sessions_brief(bank: Bank, session_id: SessionId,
                    task: Annotated[str, typer.Argument(help="The worker's task.", show_default=False)],
                    budget_tokens: Annotated[int | None, typer.Option(min=0, help="Keep at most this many.")] = None,
                    tau: Annotated[float | None, typer.Option(help="Keep above median + tau * MAD.")] = None,
+                   selection: Annotated[str | None, typer.Option(
+                       help="segments (whole segments by attention density, then chunks) or tokens.")] = None,
                    include_documents: Annotated[int, typer.Option(min=0, help="Add the top-k bank blocks.")] = 0,
                    max_new_tokens: Annotated[int, typer.Option(min=0)] = 64,
                    url: Url = DEFAULT_URL, api_key: ApiKey = None, json_out: JsonOut = False) -> None:
     """Answer a task from the session compacted to what the task attends to."""
     with _connect(url, api_key) as kv:
         result = kv.sessions.brief(bank, session_id, task, budget_tokens=budget_tokens, tau=tau,
-                                   include_documents=include_documents, max_new_tokens=max_new_tokens)
+                                   include_documents=include_documents, max_new_tokens=max_new_tokens,
+                                   selection=selection)
     if json_out:
         _print_json(result.model_dump(mode="json"))
         return

@@ -43,6 +43,10 @@ COMPACTION_CHUNK = 8
 # any head pays it from any question token (a key one head relies on counts even if the others ignore it).
 Reduction = Literal["mean", "peak"]
 
+# How a session brief spends its budget: "segments" keeps whole segments by attention density, then the best
+# chunks; "tokens" keeps the best-scoring positions one by one (the first tokens and segment starts always).
+Selection = Literal["segments", "tokens"]
+SELECTIONS: tuple[Selection, ...] = ("segments", "tokens")
 
 
 @dataclass
@@ -239,6 +243,33 @@ def keep_mask(scores: torch.Tensor, spec: CompactionSpec, keep_first: int = KEEP
         ranked[:first] = float("inf")
         keep = torch.zeros_like(keep)
         keep[ranked.topk(spec.budget_tokens).indices] = True
+    return keep
+
+
+def segment_keep_mask(scores: torch.Tensor, spans: Sequence[tuple[int, int]], budget_tokens: int,
+                      keep_first: int = KEEP_FIRST, chunk: int = COMPACTION_CHUNK) -> torch.Tensor:
+    """Bool ``[tokens]`` with at most ``budget_tokens`` True: the first ``keep_first`` tokens and each
+    segment's first token, then whole segments in order of attention density (the mean score of their
+    tokens, those forced ones counted as 0) while each still fits, then the best ``chunk``-token chunk means
+    in what is left. ``scores: [tokens]``; spans are (first row, tokens) per segment.
+
+    A passage a worker needs is read as a whole: its answer span keeps the sentences around it, where
+    keeping scattered high-attention tokens would cut them apart.
+    """
+    n = scores.shape[0]
+    keep = torch.zeros(n, dtype=torch.bool, device=scores.device)
+    forced = list(dict.fromkeys([*range(min(keep_first, n)), *(a for a, t in spans if t)]))[:max(budget_tokens, 0)]
+    keep[forced] = True
+    unforced = scores.masked_fill(keep, 0.0)
+    density = [float(unforced[a:a + t].mean()) if t else float("-inf") for a, t in spans]
+    for i in sorted(range(len(spans)), key=lambda j: -density[j]):
+        a, t = spans[i]
+        if t and int(keep.sum()) + int((~keep[a:a + t]).sum()) <= budget_tokens:
+            keep[a:a + t] = True
+    left = min(budget_tokens - int(keep.sum()), int((~keep).sum()))
+    if left > 0:
+        ranked = chunk_means(scores, chunk).masked_fill(keep, float("-inf"))
+        keep[ranked.topk(left).indices] = True
     return keep
 
 

@@ -9,11 +9,12 @@ transaction that acknowledges the append, so an acknowledged append survives a c
 
 ``brief`` hands a worker a task-compacted slice of the trajectory (Latent Briefing): the task's tokens
 are run over the session's KV, every trajectory position is scored by the attention the task pays it
-(one shared mask over layers and heads, :mod:`kvstore.compaction`), and only the positions above
-``median + tau * MAD`` or the best ``budget_tokens`` stay, always with the first tokens and each
-segment's first token. Kept tokens stay at their original positions. Each brief also records every
-segment's share of the attention relative to an even share (1 / live segments, the attention sinks
-left out), the signal of the ``attention`` prune.
+(one shared mask over layers and heads, :mod:`kvstore.compaction`), and ``budget_tokens`` (or as many as
+score above ``median + tau * MAD``) are kept, always with the first tokens and each segment's first
+token: by default whole segments in order of attention density, then the best chunks in what is left
+(``selection="tokens"``: the best positions one by one). Kept tokens stay at their original positions.
+Each brief also records every segment's share of the attention relative to an even share (1 / live
+segments, the attention sinks left out), the signal of the ``attention`` prune.
 
 ``prune`` drops the KV of segments that are no longer useful (SideQuest); their text stays for audit.
 Positions never move back, so the remaining tokens keep the RoPE distances they were computed with.
@@ -58,7 +59,7 @@ from transformers import DynamicCache
 from .blobs import LocalBlobStore
 from .catalog import BankRow, Base, BigId, BlockRow, utcnow
 from .codec import decode_block, encode_block
-from .compaction import KEEP_FIRST, CompactionSpec, keep_mask, token_scores
+from .compaction import KEEP_FIRST, SELECTIONS, CompactionSpec, Selection, keep_mask, segment_keep_mask, token_scores
 from .errors import Conflict, CorruptBlock, IncompatibleModel, NotFound, PayloadTooLarge, ValidationFailed
 from .runner import BlockKV, Context, Runner
 
@@ -672,10 +673,12 @@ class SessionStore:
     # -- brief ------------------------------------------------------------------------------------
 
     def brief(self, bank: str, session_id: str, task: str, *, budget_tokens: int | None = None,
-              tau: float | None = None, include_documents: int = 0, max_new_tokens: int = 64,
-              on_token: Callable[[str], None] | None = None, started_at: float | None = None) -> BriefResult:
+              tau: float | None = None, selection: Selection = "segments", include_documents: int = 0,
+              max_new_tokens: int = 64, on_token: Callable[[str], None] | None = None,
+              started_at: float | None = None) -> BriefResult:
         """Answer ``task`` from a task-compacted slice of the session (all of it with neither budget nor tau),
-        plus the top ``include_documents`` bank blocks placed after the trajectory."""
+        plus the top ``include_documents`` bank blocks placed after the trajectory. ``selection`` is how the
+        kept tokens are chosen (:data:`kvstore.compaction.Selection`)."""
         t0 = started_at if started_at is not None else time.perf_counter()
         if not isinstance(task, str) or not task.strip():
             raise ValidationFailed("task must be a non-empty string")
@@ -685,6 +688,8 @@ class SessionStore:
             spec = CompactionSpec.parse(compaction) if compaction else None
         except ValueError as exc:
             raise ValidationFailed(str(exc)) from None
+        if selection not in SELECTIONS:
+            raise ValidationFailed(f"selection must be one of {SELECTIONS}")
         if not 0 <= max_new_tokens <= self.settings.max_new_tokens:
             raise ValidationFailed(f"max_new_tokens must be between 0 and {self.settings.max_new_tokens}")
         if isinstance(include_documents, bool) or not 0 <= include_documents <= self.settings.max_k:
@@ -698,7 +703,7 @@ class SessionStore:
             hits, docs = self._documents(s, bank, bank_row, task, include_documents)
             t_loaded = time.perf_counter()
             with self.store.model_lock:
-                ctx, kept, scores = self._compact(state, session.positions, task_ids, spec, docs)
+                ctx, kept, scores = self._compact(state, session.positions, task_ids, spec, docs, selection)
                 t_compacted = time.perf_counter()
                 gen = runner.generate(ctx, task_ids, max_new_tokens, on_token)
             if scores is not None:
@@ -713,7 +718,7 @@ class SessionStore:
                            timings=timings, sources=hits)
 
     def briefing_context(self, bank: str, session_id: str, task: str, *, budget_tokens: int | None = None,
-                         tau: float | None = None) -> tuple[Context, int, int]:
+                         tau: float | None = None, selection: Selection = "segments") -> tuple[Context, int, int]:
         """The context a brief would answer ``task`` after, with the session's and the kept token counts
         (fidelity measurements: nothing is recorded)."""
         spec = CompactionSpec(tau=tau, budget_tokens=budget_tokens) if tau is not None or budget_tokens is not None \
@@ -723,11 +728,12 @@ class SessionStore:
             session = self._session(s, bank_row, session_id)
             state = self._state(s, bank_row, session)
             with self.store.model_lock:
-                ctx, kept, _ = self._compact(state, session.positions, self.runner.question_ids(task), spec, None)
+                ctx, kept, _ = self._compact(state, session.positions, self.runner.question_ids(task), spec, None,
+                                             selection)
         return ctx, state.tokens, kept
 
     def _compact(self, state: SessionKV, next_offset: int, task_ids: Sequence[int], spec: CompactionSpec | None,
-                 docs: BlockKV | None) -> tuple[Context, int, torch.Tensor | None]:
+                 docs: BlockKV | None, selection: Selection = "segments") -> tuple[Context, int, torch.Tensor | None]:
         """(context, kept trajectory tokens, the task's attention per trajectory token or None when empty).
 
         The task is scored over the whole trajectory; the kept tokens stay at their positions and the
@@ -742,6 +748,9 @@ class SessionStore:
         if spec is not None and scores is not None:
             boundaries = torch.tensor([a for a, t in state.spans if t], dtype=torch.long, device=scores.device)
             keep = keep_mask(scores, spec, KEEP_FIRST, always=boundaries)
+            if selection == "segments":
+                # The token rule (tau and/or budget) says how many tokens to keep; segments spend them.
+                keep = segment_keep_mask(scores, state.spans, int(keep.sum()))
             kept = SessionKV(segment_ids=state.segment_ids, positions=state.positions[keep], spans=[],
                              kv=BlockKV(k=state.kv.k[:, :, keep], v=state.kv.v[:, :, keep]))
         if docs is None:

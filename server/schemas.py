@@ -408,6 +408,9 @@ class BriefIn(Request):
     task: str = Field(min_length=1)
     budget_tokens: int | None = Field(default=None, ge=0, description="Keep at most this many trajectory tokens.")
     tau: float | None = Field(default=None, description="Keep tokens scoring above median + tau * MAD.")
+    selection: Literal["segments", "tokens"] = Field(
+        default="segments", description="Spend the budget on whole segments by attention density, then the best "
+                                        "chunks (segments), or on the best tokens one by one (tokens).")
     include_documents: int = Field(default=0, ge=0, le=100, description="Add the top-k bank blocks' KV.")
     max_new_tokens: int = Field(default=64, ge=0, le=1024)
     stream: bool = False

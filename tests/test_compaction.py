@@ -16,6 +16,7 @@ from kvstore.compaction import (
     compaction_scores,
     keep_mask,
     prefill_attention,
+    segment_keep_mask,
     token_scores,
 )
 from kvstore.runner import BlockKV, Context, Runner
@@ -142,6 +143,24 @@ def test_keep_mask_threshold_and_budget() -> None:
     budget = keep_mask(scores, CompactionSpec(budget_tokens=5))
     assert budget.tolist()[:4] == [True] * 4 and budget[7] and int(budget.sum()) == 5
     assert int(keep_mask(scores, CompactionSpec(budget_tokens=0)).sum()) == 0
+
+
+def test_segment_keep_mask_keeps_dense_segments_whole_then_the_best_chunks() -> None:
+    # Four segments: a goal (0-3), a dense passage (4-11), a sparse one (12-19), a note (20-23).
+    spans = [(0, 4), (4, 8), (12, 8), (20, 4)]
+    scores = torch.full((24,), 0.01)
+    scores[5:12] = 0.5
+    scores[13:20] = 0.05
+    scores[17] = 0.9  # one peak in the sparse passage: tokens would take it, segments read density
+    keep = segment_keep_mask(scores, spans, budget_tokens=15, keep_first=4, chunk=4)
+    assert int(keep.sum()) == 15
+    assert keep[:4].all() and keep[4:12].all() and keep[12] and keep[20]  # sinks, the dense passage whole
+    # The one token left fits no segment: it goes to the best chunk (16-19, with the peak).
+    assert int(keep[16:20].sum()) == 1 and not keep[13:16].any() and not keep[21:].any()
+    for budget in (0, 2, 5, 11, 23, 24, 40):  # the budget binds even below the forced tokens
+        got = segment_keep_mask(scores, spans, budget, keep_first=4, chunk=4)
+        assert int(got.sum()) == min(budget, 24)
+    assert segment_keep_mask(scores, spans, 3, keep_first=4).tolist()[:3] == [True] * 3
 
 
 @pytest.mark.parametrize("raw", [{}, {"tau": "x"}, {"budget_tokens": -1}, {"budget_tokens": 1.5}, {"other": 1}])

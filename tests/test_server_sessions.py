@@ -89,6 +89,7 @@ def test_bad_input_is_rejected(live: LiveServer) -> None:
                      {"segments": [{"role": "note", "text": ""}]}, {"segments": SEGMENTS, "extra": 1}):
             assert c.post("/v1/banks/team/sessions/bad/append", json=body).status_code == 422, body
         assert c.post("/v1/banks/team/sessions/bad/brief", json={"task": "x", "budget_tokens": -1}).status_code == 422
+        assert c.post("/v1/banks/team/sessions/bad/brief", json={"task": "x", "selection": "all"}).status_code == 422
         assert c.post("/v1/banks/team/sessions/bad/prune", json={"policy": "random"}).status_code == 422
         assert c.post("/v1/banks/team/sessions", json={"session_id": "no spaces"}).status_code == 422
         assert c.post("/v1/banks/nobank/sessions", json={}).status_code == 404
@@ -107,6 +108,9 @@ def test_sdk_sessions_sync_and_async(live: LiveServer) -> None:
         brief = kv.sessions.brief("team", created.session_id, "Who were the Normans?", budget_tokens=12,
                                   max_new_tokens=2)
         assert brief.kept_tokens <= 12 and brief.session_tokens == appended.tokens
+        tokens = kv.sessions.brief("team", created.session_id, "Who were the Normans?", budget_tokens=12,
+                                   max_new_tokens=2, selection="tokens")
+        assert tokens.kept_tokens == brief.kept_tokens
         assert kv.sessions.prune("team", created.session_id, policy="attention", threshold=0).pruned == []
         assert kv.sessions.get("team", created.session_id).tokens == appended.tokens
 
@@ -116,6 +120,9 @@ def test_sdk_sessions_sync_and_async(live: LiveServer) -> None:
             got = await akv.sessions.get("team", created.session_id)
             assert [g.id for g in got.segments] == [0, 1, 2, 3]
             assert (await akv.sessions.brief("team", created.session_id, "Who?", max_new_tokens=1)).answer is not None
+            briefed = await akv.sessions.brief("team", created.session_id, "Who?", budget_tokens=6, max_new_tokens=1,
+                                               selection="tokens")
+            assert briefed.kept_tokens == 6
             await akv.sessions.delete("team", created.session_id)
             try:
                 await akv.sessions.get("team", created.session_id)
@@ -141,6 +148,9 @@ def test_cli_sessions(live: LiveServer) -> None:
     brief = cli.invoke(app, ["sessions", "brief", "-b", "team", "cli-run", "Who?", "--budget-tokens", "5",
                              "--max-new-tokens", "2", "--json"], env=env)
     assert brief.exit_code == 0 and json.loads(brief.stdout)["kept_tokens"] <= 5, brief.output
+    tokens = cli.invoke(app, ["sessions", "brief", "-b", "team", "cli-run", "Who?", "--budget-tokens", "5",
+                              "--selection", "tokens", "--max-new-tokens", "2", "--json"], env=env)
+    assert tokens.exit_code == 0 and json.loads(tokens.stdout)["kept_tokens"] <= 5, tokens.output
     pruned = cli.invoke(app, ["sessions", "prune", "-b", "team", "cli-run", "--policy", "attention"], env=env)
     assert pruned.exit_code == 0 and "tokens" in pruned.stdout, pruned.output
     assert json.loads(cli.invoke(app, ["sessions", "get", "-b", "team", "cli-run"], env=env).stdout)["tokens"] > 0

@@ -13,12 +13,14 @@ import torch
 from sqlalchemy import select
 
 from kvstore.bank import BankStore
+from kvstore.compaction import segment_keep_mask, token_scores
 from kvstore.errors import Conflict, NotFound, ValidationFailed
 from kvstore.runner import BlockKV
 from kvstore.sessions import (
     AgentSessionRow,
     HttpJudge,
     JudgeError,
+    SessionKV,
     SessionPageRow,
     SessionStore,
     parse_needed,
@@ -117,18 +119,44 @@ def test_appending_several_segments_at_once_equals_one_by_one(sessions: SessionS
     assert sessions.brief("agents", "one", TASK).answer == sessions.brief("agents", "all", TASK).answer
 
 
-def test_budget_is_respected_and_keeps_boundaries(sessions: SessionStore) -> None:
+@pytest.mark.parametrize("selection", ["segments", "tokens"])
+def test_budget_is_respected_and_keeps_boundaries(sessions: SessionStore, selection: str) -> None:
     sessions.create("agents", "s")
     sessions.append("agents", "s", SEGMENTS)
     total = sessions.get("agents", "s").tokens
     for budget in (0, 3, 5, 12, 40, total, total + 10):
-        result = sessions.brief("agents", "s", TASK, budget_tokens=budget, max_new_tokens=2)
+        result = sessions.brief("agents", "s", TASK, budget_tokens=budget, max_new_tokens=2, selection=selection)
         assert result.kept_tokens <= budget and result.kept_tokens == min(budget, total)
         assert result.session_tokens == total
-    tau = sessions.brief("agents", "s", TASK, tau=1.0, max_new_tokens=2)
+    tau = sessions.brief("agents", "s", TASK, tau=1.0, max_new_tokens=2, selection=selection)
     assert len(SEGMENTS) <= tau.kept_tokens < total  # boundaries are always kept; tau drops the rest
-    both = sessions.brief("agents", "s", TASK, tau=0.0, budget_tokens=9, max_new_tokens=2)
+    both = sessions.brief("agents", "s", TASK, tau=0.0, budget_tokens=9, max_new_tokens=2, selection=selection)
     assert both.kept_tokens <= 9
+    with pytest.raises(ValidationFailed):
+        sessions.brief("agents", "s", TASK, budget_tokens=9, selection="random")  # type: ignore[arg-type]
+
+
+def test_a_brief_keeps_by_default_what_the_segment_selection_picks(sessions: SessionStore) -> None:
+    sessions.create("agents", "s")
+    sessions.append("agents", "s", SEGMENTS)
+    budget = sessions.get("agents", "s").tokens // 2
+    with sessions.store.sessions() as s:
+        bank = sessions._bank(s, "agents")
+        session = sessions._session(s, bank, "s")
+        state, positions = sessions._state(s, bank, session), session.positions
+    with sessions.store.model_lock:
+        scores = token_scores(sessions.runner, sessions._context(state, positions),
+                              sessions.runner.question_ids(TASK))
+    keep = segment_keep_mask(scores, state.spans, budget)
+    assert int(keep.sum()) == budget and any(bool(keep[a:a + t].all()) for a, t in state.spans[1:])
+    want = sessions._context(SessionKV(segment_ids=state.segment_ids, positions=state.positions[keep], spans=[],
+                                       kv=BlockKV(k=state.kv.k[:, :, keep], v=state.kv.v[:, :, keep])), positions)
+    got, _, kept = sessions.briefing_context("agents", "s", TASK, budget_tokens=budget)
+    assert kept == budget
+    for got_layer, want_layer in zip(got.cache.layers, want.cache.layers, strict=True):
+        assert torch.equal(got_layer.keys, want_layer.keys) and torch.equal(got_layer.values, want_layer.values)
+    tokens, _, _ = sessions.briefing_context("agents", "s", TASK, budget_tokens=budget, selection="tokens")
+    assert tokens.context_tokens == budget
 
 
 def test_brief_validates_and_may_include_documents(sessions: SessionStore) -> None:

@@ -135,8 +135,9 @@ def append_call(bank: str, session_id: str, segments: Iterable[SegmentLike]) -> 
 
 
 def brief_call(bank: str, session_id: str, task: str, budget_tokens: int | None, tau: float | None,
-               include_documents: int | None, max_new_tokens: int | None) -> Call[BriefResult]:
-    body = _drop_none({"task": task, "budget_tokens": budget_tokens, "tau": tau,
+               include_documents: int | None, max_new_tokens: int | None,
+               selection: str | None = None) -> Call[BriefResult]:
+    body = _drop_none({"task": task, "budget_tokens": budget_tokens, "tau": tau, "selection": selection,
                        "include_documents": include_documents, "max_new_tokens": max_new_tokens})
     # A brief only reads the trajectory (it records attention statistics), so resending is harmless.
     return Call("POST", f"{_path(bank, session_id)}/brief", BriefResult.model_validate, json=body, idempotent=True)
@@ -165,10 +166,11 @@ class Sessions:
 
     def brief(self, bank: str, session_id: str, task: str, *, budget_tokens: int | None = None,
               tau: float | None = None, include_documents: int | None = None,
-              max_new_tokens: int | None = None) -> BriefResult:
-        """Answer ``task`` from the trajectory compacted to what the task attends to."""
+              max_new_tokens: int | None = None, selection: str | None = None) -> BriefResult:
+        """Answer ``task`` from the trajectory compacted to what the task attends to (``selection``:
+        ``"segments"``, the server's default, or ``"tokens"``)."""
         return self._client._call(brief_call(bank, session_id, task, budget_tokens, tau, include_documents,
-                                             max_new_tokens))
+                                             max_new_tokens, selection))
 
     def prune(self, bank: str, session_id: str, *, policy: str = "model", goal: str | None = None,
               window: int | None = None, threshold: float | None = None) -> PruneResult:
@@ -199,10 +201,11 @@ class AsyncSessions:
 
     async def brief(self, bank: str, session_id: str, task: str, *, budget_tokens: int | None = None,
                     tau: float | None = None, include_documents: int | None = None,
-                    max_new_tokens: int | None = None) -> BriefResult:
-        """Answer ``task`` from the trajectory compacted to what the task attends to."""
+                    max_new_tokens: int | None = None, selection: str | None = None) -> BriefResult:
+        """Answer ``task`` from the trajectory compacted to what the task attends to (``selection``:
+        ``"segments"``, the server's default, or ``"tokens"``)."""
         return await self._client._call(brief_call(bank, session_id, task, budget_tokens, tau, include_documents,
-                                                   max_new_tokens))
+                                                   max_new_tokens, selection))
 
     async def prune(self, bank: str, session_id: str, *, policy: str = "model", goal: str | None = None,
                     window: int | None = None, threshold: float | None = None) -> PruneResult:

@@ -66,7 +66,8 @@ async def brief(bank: str, session_id: str, body: BriefIn, request: Request, sto
     """Answer ``task`` from the trajectory compacted to what the task attends to (Latent Briefing):
     ``budget_tokens`` and/or ``tau`` bound what is kept; neither keeps all of it."""
     call = partial(sessions_of(store).brief, bank, session_id, body.task, budget_tokens=body.budget_tokens,
-                   tau=body.tau, include_documents=body.include_documents, max_new_tokens=body.max_new_tokens,
+                   tau=body.tau, selection=body.selection, include_documents=body.include_documents,
+                   max_new_tokens=body.max_new_tokens,
                    started_at=request.state.started_at)
     if not body.stream:
         return _brief_out(await worker.run(call))
