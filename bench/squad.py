@@ -11,7 +11,9 @@ import argparse
 import json
 import os
 import platform
+import random
 import re
+import statistics
 import string
 import subprocess
 import sys
@@ -105,6 +107,16 @@ def add_data_args(parser: argparse.ArgumentParser, default_questions: int) -> No
 
 
 # -- scoring --------------------------------------------------------------------------------------
+
+
+def bootstrap_ci(diffs: Sequence[float], samples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% percentile interval of the mean of paired per-question differences (variant minus baseline),
+    resampling the questions with replacement; a fixed seed, so the same records give the same interval."""
+    if not diffs:
+        return 0.0, 0.0
+    rng = random.Random(seed)
+    means = sorted(statistics.fmean(rng.choices(diffs, k=len(diffs))) for _ in range(samples))
+    return means[int(0.025 * samples)], means[int(0.975 * samples) - 1]
 
 
 def normalize_answer(text: str) -> str:

@@ -828,8 +828,9 @@ class BankStore:
                     ctx = self.runner.assemble(lead + blocks)
                     context_tokens = ctx.context_tokens
                     # A lone block after the prefix already holds what a text prefill gives (it was encoded
-                    # there): recomputing it would only add time.
-                    recomputed = (blend(self.runner, ctx, context_ids, ratio, question_ids=q_ids)
+                    # there): recomputing it would only add time. Of several, the first one is still exact.
+                    recomputed = (blend(self.runner, ctx, context_ids, ratio, question_ids=q_ids,
+                                        exact_tokens=(lead + blocks)[0].tokens)
                                   if len(lead) + len(blocks) > 1 else 0)
                     if spec is not None:
                         ctx = compact(self.runner, ctx, q_ids, spec)

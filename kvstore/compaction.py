@@ -27,6 +27,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from .forward import attention_implementation
 from .runner import Context, Runner
 
 SCORING_ATTENTION = "kvrag_scoring"
@@ -139,17 +140,12 @@ AttentionMaskInterface.register(SCORING_ATTENTION, sdpa_mask)
 @contextmanager
 def _scoring(runner: Runner, reduction: Reduction = "mean", limit: int | None = None) -> Iterator[_Collector]:
     """Switch the model to the scoring attention; yields the collector of the per-layer records."""
-    configs = {id(c): c for c in (runner.model.config, runner.model.get_decoder().config)}.values()
-    saved = [(c, c._attn_implementation_internal) for c in configs]
     collector = _Collector(reduction, limit)
     token = _active.set(collector)
-    for c, _ in saved:
-        c._attn_implementation_internal = SCORING_ATTENTION
     try:
-        yield collector
+        with attention_implementation(runner, SCORING_ATTENTION):
+            yield collector
     finally:
-        for c, impl in saved:
-            c._attn_implementation_internal = impl
         _active.reset(token)
 
 

@@ -50,6 +50,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .catalog import BankRow, BlockRow
 from .errors import CorruptBlock, ValidationFailed
+from .forward import StopForward, attention_implementation
 from .runner import BlockKV, Runner
 
 if TYPE_CHECKING:
@@ -165,10 +166,6 @@ def decode_summary(data: bytes) -> KeySummary:
 # -- the question's queries -----------------------------------------------------------------------
 
 
-class _Captured(Exception):
-    """Raised by the capture attention after the deepest wanted layer: the rest of the model is not run."""
-
-
 _capture: ContextVar[tuple[dict[int, torch.Tensor], int] | None] = ContextVar("kvrag_query_capture", default=None)
 
 
@@ -182,7 +179,7 @@ def _capture_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.
         layer = int(getattr(module, "layer_idx", len(seen)))
         seen[layer] = query[0].detach().float()
         if layer >= last:
-            raise _Captured
+            raise StopForward  # the deepest wanted layer: the rest of the model is not run
     kwargs.pop("softcap", None)
     return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
 
@@ -193,17 +190,12 @@ AttentionMaskInterface.register(CAPTURE_ATTENTION, sdpa_mask)
 
 @contextmanager
 def _capturing(runner: Runner, last_layer: int) -> Iterator[dict[int, torch.Tensor]]:
-    configs = {id(c): c for c in (runner.model.config, runner.model.get_decoder().config)}.values()
-    saved = [(c, c._attn_implementation_internal) for c in configs]
     seen: dict[int, torch.Tensor] = {}
     token = _capture.set((seen, last_layer))
-    for c, _ in saved:
-        c._attn_implementation_internal = CAPTURE_ATTENTION
     try:
-        yield seen
+        with attention_implementation(runner, CAPTURE_ATTENTION):
+            yield seen
     finally:
-        for c, impl in saved:
-            c._attn_implementation_internal = impl
         _capture.reset(token)
 
 
@@ -227,7 +219,7 @@ def question_queries(runner: Runner, question: str, plan: HeadPlan) -> torch.Ten
         try:
             runner.model(input_ids=torch.tensor([ids], device=device), position_ids=positions[None],
                          past_key_values=runner.prefix_cache(), use_cache=True, logits_to_keep=1)
-        except _Captured:
+        except StopForward:
             pass
     # Every layer's slot, so that models with per-layer rotary parameters unrotate each layer with its own
     # (ModelRope indexes its layer groups by absolute layer); the layers not captured stay zero and unused.

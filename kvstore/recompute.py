@@ -5,18 +5,23 @@ placed before it. A text prefill of the same context would give them different K
 token is exactly a text prefill (and as slow); CacheBlend observes that a few tokens carry most of the
 deviation and that an early layer already tells which ones:
 
-0. **Question attention** (when the question is given): the question is run once over the stored KV
-   and the attention it pays each context token is recorded (:func:`kvstore.compaction.token_scores`).
-   A token's stale value moves the answer by about its attention times its error, so the selection
-   ranks deviation x attention; deviation alone spends much of the budget on tokens the question never
-   reads (SmolLM2, k = 5, 15%: KL vs text 0.059 by deviation, 0.035 by the product; docs/BENCHMARKS.md).
-1. **Probe**: run all context tokens through the first ``check_layer`` layers with full attention over
-   the assembled context and compare the fresh layer-``check_layer`` values with the stored ones. The
-   model stops right there (the probe costs about ``check_layer / num_layers`` of a text prefill), and
-   the fresh KV of layers ``0..check_layer`` is kept: it is exact.
-2. **Recompute**: run only the ``ratio`` top-ranked tokens through every layer, at their true
-   positions, each attending to every context token before it. At each layer their new K/V replace the
-   stored rows before attention, so later selected tokens see them; the other tokens keep stored KV.
+0. **Question attention** (when the question is given): the question is run once over the stored KV and
+   the attention it pays each context token is recorded (:func:`kvstore.compaction.token_scores`, mean over
+   heads, question tokens and every layer: stopping at half depth left 60% more KL). A token's stale
+   value moves the answer by about its attention times its error, so only the ``CANDIDATES`` x count most
+   attended tokens are candidates; the first block (encoded right after the prefix, ``exact_tokens``) never is.
+1. **Probe**: the candidates run through the first layers, up to ``PROBE_DEPTH`` of the depth, attending to
+   the whole assembled context; their fresh values at that layer are compared with the stored ones. The
+   forward stops there, the candidates' KV of those layers is kept, and so are their hidden states.
+2. **Recompute**: the ``ratio`` candidates with the largest deviation x attention resume from those hidden
+   states through the remaining layers, at their true positions, each attending to every context token
+   before it. At each layer their new K/V replace the stored rows before attention, so later selected
+   tokens see them; the other tokens keep stored KV.
+
+Measured on SmolLM2 at k = 5 (docs/BENCHMARKS.md): a probe of every token at layer 1 then a full recompute
+from layer 0 (the first version) left KL 0.057 at 15%; probing deeper is what lowers KL, and probing only
+the candidates pays for it. Without a question, every token not known exact is probed and ranked by
+deviation alone.
 
 Both passes are the model's own forward: the cache handed to it (:class:`_ScatterCache`) writes the new
 K/V rows at the selected indices and returns the whole layer, and an explicit 4D mask (one per layer
@@ -27,6 +32,7 @@ So every RoPE decoder transformers implements works without re-implementing its 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
@@ -37,6 +43,7 @@ from transformers.masking_utils import (
 )
 
 from .compaction import token_scores
+from .forward import StopForward, start_at, stop_before
 from .runner import Context, Runner
 
 # docs/BENCHMARKS.md, "Multi-document quality" (k = 5, 30 questions): on CPU recompute at 10 / 15 / 25% cuts
@@ -44,15 +51,15 @@ from .runner import Context, Runner
 # so recompute is opt-in there. CUDA is not measured yet: same default until it is.
 DEFAULT_RATIO_CPU = 0.0
 DEFAULT_RATIO_CUDA = 0.0
+# docs/BENCHMARKS.md, "How the selection and the scoring were chosen": the probe runs the question's most
+# attended ``CANDIDATES`` x count tokens through the first ``PROBE_DEPTH`` of the layers (layer 5 of 30).
+PROBE_DEPTH = 0.17
+CANDIDATES = 2.0
 
 
 def default_ratio(device: torch.device | str) -> float:
     """The recompute ratio kv mode uses when a query does not say: chosen per device by measurement."""
     return DEFAULT_RATIO_CUDA if torch.device(device).type == "cuda" else DEFAULT_RATIO_CPU
-
-
-class _StopForward(Exception):
-    """Raised from the cache to end the probe pass once the check layer's K/V are known."""
 
 
 class _ScatterLayer(CacheLayerMixin):
@@ -87,7 +94,7 @@ class _ScatterLayer(CacheLayerMixin):
 
 
 class _ScatterCache(Cache):
-    """The assembled cache seen through scatter layers; optionally stops the forward at ``probe_layer``."""
+    """The assembled cache seen through scatter layers; records the value deviation at ``probe_layer``."""
 
     def __init__(self, ctx: Context, index: torch.Tensor, probe_layer: int | None = None) -> None:
         super().__init__(layers=[_ScatterLayer(layer.keys, layer.values, index) for layer in ctx.cache.layers])
@@ -100,8 +107,6 @@ class _ScatterCache(Cache):
         if layer_idx == self.probe_layer:
             stored = layer.values.index_select(2, layer.index).float()  # [1, kv_heads, selected, head_dim]
             self.deviation = (value_states.float() - stored).pow(2).sum(dim=(0, 1, 3))
-            layer.update(key_states, value_states)
-            raise _StopForward
         return layer.update(key_states, value_states)
 
 
@@ -144,48 +149,99 @@ def _masks(runner: Runner, positions: torch.Tensor, kv_length: int) -> torch.Ten
     return {kind: _mask_for(runner, window, positions, kv_length) for kind, window in windows.items()}
 
 
-def _forward(runner: Runner, cache: _ScatterCache, token_ids: torch.Tensor, positions: torch.Tensor) -> None:
-    """Run the decoder (no LM head) on ``token_ids: [tokens]`` at ``positions: [tokens]`` over ``cache``."""
+def _forward(runner: Runner, cache: _ScatterCache, positions: torch.Tensor, inputs: torch.Tensor,
+             start: int = 0) -> None:
+    """Run the decoder (no LM head) over ``cache`` at ``positions: [tokens]``: from token ids ``inputs: [tokens]``
+    through every layer, or, with ``start > 0``, from ``inputs: [tokens, hidden_size]``, the hidden states
+    entering layer ``start``."""
     kv_length = cache.layers[0].get_seq_length()
     decoder: Callable[..., object] = runner.model.get_decoder()
-    try:
-        decoder(input_ids=token_ids[None], position_ids=positions[None], past_key_values=cache, use_cache=True,
-                attention_mask=_masks(runner, positions, kv_length))
-    except _StopForward:
-        pass
+    given = {"input_ids": inputs[None]} if start == 0 else {"inputs_embeds": inputs[None]}
+    with start_at(runner, start):
+        try:
+            decoder(**given, position_ids=positions[None], past_key_values=cache, use_cache=True,
+                    attention_mask=_masks(runner, positions, kv_length))
+        except StopForward:
+            pass
+
+
+@dataclass
+class _Probe:
+    """What the probe pass learned about the tokens it ran: their deviation at the check layer and, when layers
+    follow it, their hidden states entering the next layer (where a recompute of them resumes)."""
+
+    deviation: torch.Tensor  # [probed] squared value deviation at the check layer
+    hidden: torch.Tensor | None  # [probed, hidden_size] entering layer check_layer + 1
+
+
+def _probe(runner: Runner, ctx: Context, ids: torch.Tensor, index: torch.Tensor, check_layer: int) -> _Probe:
+    """Run the context tokens at ``index: [probed]`` (ascending; ``ids: [context_tokens]``) through layers
+    ``0..check_layer``, attending to the whole assembled context, write their new KV for those layers into
+    ``ctx`` and stop."""
+    rows = index + ctx.next_position - ctx.context_tokens
+    cache = _ScatterCache(ctx, rows, probe_layer=check_layer)
+    with stop_before(runner, check_layer + 1) as entered:
+        _forward(runner, cache, rows, ids[index])
+    assert cache.deviation is not None
+    return _Probe(cache.deviation, entered[0][0] if entered else None)
+
+
+def probe_layer(runner: Runner) -> int:
+    """The default check layer: ``PROBE_DEPTH`` of the model's depth."""
+    return round(PROBE_DEPTH * (runner.num_layers - 1))
+
+
+def _select(runner: Runner, ctx: Context, ids: torch.Tensor, count: int, check_layer: int,
+            question_ids: Sequence[int] | None, exact_tokens: int) -> tuple[torch.Tensor, _Probe]:
+    """The ``count`` chosen context indices (ascending) and the probe of just those tokens."""
+    n = ctx.context_tokens
+    if question_ids:
+        # Scored on the stored KV, before the probe rewrites any row: [context_tokens].
+        attention = token_scores(runner, ctx, question_ids)
+        attention[:exact_tokens] = 0.0  # already what a text prefill gives: recomputing them changes nothing
+        candidates = attention.topk(min(n, max(count, round(CANDIDATES * count)))).indices.sort().values
+        weight = attention[candidates]
+    else:
+        candidates = torch.arange(exact_tokens if n - exact_tokens >= count else 0, n, device=ids.device)
+        weight = None
+    probe = _probe(runner, ctx, ids, candidates, check_layer)
+    # A stale value moves the question's attention output by about (its attention) x (its error), so the
+    # product ranks the tokens whose recompute changes the answer most; deviation alone also picks tokens
+    # the question never reads.
+    score = probe.deviation if weight is None else probe.deviation * weight.to(probe.deviation)
+    pick = score.topk(count).indices.sort().values
+    hidden = probe.hidden[pick] if probe.hidden is not None else None
+    return candidates[pick], _Probe(probe.deviation[pick], hidden)
+
+
+def _check_layer(runner: Runner, check_layer: int | None) -> int:
+    return probe_layer(runner) if check_layer is None else min(check_layer, runner.num_layers - 1)
 
 
 @torch.inference_mode()
 def select_tokens(runner: Runner, ctx: Context, context_ids: Sequence[int], count: int,
-                  check_layer: int = 1, question_ids: Sequence[int] | None = None) -> torch.Tensor:
-    """Indices (into the context, ascending) of the ``count`` tokens that matter most: whose layer-``check_layer``
-    values deviate most from full attention, each weighted by the attention the question pays it when
-    ``question_ids`` are given. Also leaves exact KV for layers ``<= check_layer`` in ``ctx``."""
-    n = ctx.context_tokens
-    p = ctx.next_position - n
+                  check_layer: int | None = None, question_ids: Sequence[int] | None = None,
+                  exact_tokens: int = 0) -> torch.Tensor:
+    """Indices (into the context, ascending) of the ``count`` tokens that matter most (see the module doc):
+    among the question's most attended tokens, those whose values at ``check_layer`` (None: the default probe
+    layer) deviate most, weighted by that attention; without ``question_ids``, by deviation alone over every
+    token. The first ``exact_tokens`` context tokens are known exact and not candidates. The probed tokens'
+    KV for layers ``<= check_layer`` is rewritten in ``ctx``."""
     device = ctx.cache.layers[0].keys.device
-    # Scored on the stored KV, before the probe rewrites layers 0..check_layer: [context_tokens].
-    attention = token_scores(runner, ctx, question_ids) if question_ids else None
-    rows = torch.arange(p, p + n, device=device)
-    probe = _ScatterCache(ctx, rows, probe_layer=min(check_layer, runner.num_layers - 1))
-    _forward(runner, probe, torch.tensor(list(context_ids), device=device), rows)
-    assert probe.deviation is not None
-    # A stale value moves the question's attention output by about (its attention) x (its error), so the
-    # product ranks the tokens whose recompute changes the answer most; deviation alone also picks tokens
-    # the question never reads.
-    score = probe.deviation if attention is None else probe.deviation * attention.to(probe.deviation)
-    return score.topk(count).indices.sort().values
+    ids = torch.tensor(list(context_ids), device=device)
+    return _select(runner, ctx, ids, count, _check_layer(runner, check_layer), question_ids, exact_tokens)[0]
 
 
 @torch.inference_mode()
-def blend(runner: Runner, ctx: Context, context_ids: Sequence[int], ratio: float, check_layer: int = 1,
-          question_ids: Sequence[int] | None = None) -> int:
-    """Recompute the KV of the ``ratio`` most deviating context tokens in ``ctx`` (in place).
+def blend(runner: Runner, ctx: Context, context_ids: Sequence[int], ratio: float, check_layer: int | None = None,
+          question_ids: Sequence[int] | None = None, exact_tokens: int = 0) -> int:
+    """Recompute the KV of the ``ratio`` context tokens that matter most in ``ctx`` (in place).
 
-    ``context_ids`` are the context's token ids (the assembled blocks', in order). With ``question_ids`` the
-    deviation is weighted by the question's attention (see :func:`select_tokens`). Ratio 0 leaves ``ctx``
-    untouched; ratio 1 makes it equal to a text prefill of the same tokens. Returns how many tokens were
-    recomputed through every layer.
+    ``context_ids`` are the context's token ids (the assembled blocks', in order); ``exact_tokens``, how many of
+    the first ones already hold a text prefill's KV (the first block, encoded right after the prefix). With
+    ``question_ids`` the selection follows the question's attention (see :func:`select_tokens`). Ratio 0
+    leaves ``ctx`` untouched; ratio 1 makes it equal to a text prefill of the same tokens. Returns how many
+    tokens were recomputed through every layer (a selected token's first layers come from the probe).
     """
     if not 0.0 <= ratio <= 1.0:
         raise ValueError("recompute ratio must be between 0 and 1")
@@ -200,8 +256,13 @@ def blend(runner: Runner, ctx: Context, context_ids: Sequence[int], ratio: float
     ids = torch.tensor(list(context_ids), device=device)
     if count == n:
         chosen = torch.arange(n, device=device)  # everything: the probe would only cost time
-    else:
-        chosen = select_tokens(runner, ctx, context_ids, count, check_layer, question_ids)
-    rows = chosen + p
-    _forward(runner, _ScatterCache(ctx, rows), ids[chosen], rows)
+        _forward(runner, _ScatterCache(ctx, chosen + p), chosen + p, ids)
+        return count
+    layer = _check_layer(runner, check_layer)
+    chosen, probe = _select(runner, ctx, ids, count, layer, question_ids, exact_tokens)
+    if probe.hidden is not None:
+        # The probe already wrote the chosen tokens' KV up to the check layer, and their hidden states entering
+        # the next layer are what a run from their embeddings would reach there: resume from those.
+        rows = chosen + p
+        _forward(runner, _ScatterCache(ctx, rows), rows, probe.hidden, start=layer + 1)
     return count

@@ -96,7 +96,7 @@ def test_question_attention_weights_the_selection(runner: Runner, monkeypatch: p
     attention[wanted] = 1.0
     seen: list[list[int]] = []
 
-    def fake_scores(r: Runner, ctx: object, question_ids: list[int]) -> torch.Tensor:
+    def fake_scores(r: Runner, ctx: object, question_ids: list[int], **how: object) -> torch.Tensor:
         seen.append(list(question_ids))
         return attention
 
@@ -116,3 +116,57 @@ def test_bad_arguments_are_refused(runner: Runner) -> None:
         blend(runner, ctx, ids, 1.5)
     with pytest.raises(ValueError):
         blend(runner, ctx, ids[:-1], 0.5)
+
+
+def test_recompute_resumes_from_the_probe_hidden_states(runner: Runner) -> None:
+    """Starting the selected tokens after the probe layer, from the probe's hidden states, writes the same KV as
+    running them from their embeddings through every layer (the probe's layers are exact for every token)."""
+    blocks, ids, _, _ = _case(runner)
+    kvs = runner.encode(blocks)
+    token_ids = torch.tensor(ids)
+    built = []
+    for resume in (True, False):
+        ctx = runner.assemble(kvs)
+        layer = recompute.probe_layer(runner)
+        assert 0 < layer < runner.num_layers - 1
+        with torch.inference_mode():
+            probe = recompute._probe(runner, ctx, token_ids, torch.arange(len(ids)), layer)
+            chosen = probe.deviation.topk(len(ids) // 3).indices.sort().values
+            rows = chosen + ctx.next_position - ctx.context_tokens
+            assert probe.hidden is not None and probe.hidden.shape[0] == len(ids)
+            if resume:
+                recompute._forward(runner, recompute._ScatterCache(ctx, rows), rows, probe.hidden[chosen],
+                                   start=layer + 1)
+            else:
+                recompute._forward(runner, recompute._ScatterCache(ctx, rows), rows, token_ids[chosen])
+        built.append(ctx)
+    for a, b in zip(built[0].cache.layers, built[1].cache.layers, strict=True):
+        torch.testing.assert_close(a.keys, b.keys, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(a.values, b.values, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_exact_leading_tokens_are_not_chosen(runner: Runner, weighted: bool) -> None:
+    """The first block, encoded right after the prefix, already holds text-prefill KV: never worth a recompute."""
+    blocks, ids, question, _ = _case(runner)
+    first = len(blocks[0])
+    ctx = runner.assemble(runner.encode(blocks))
+    chosen = select_tokens(runner, ctx, ids, 6, question_ids=question if weighted else None, exact_tokens=first)
+    assert chosen.shape == (6,) and int(chosen.min()) >= first
+
+
+def test_partial_ratios_recompute_only_the_candidates_rows(runner: Runner) -> None:
+    """A question-weighted recompute rewrites the rows of the probed candidates (at most CANDIDATES x count)
+    and nothing else, and ratio 1 with the question is still the text path."""
+    blocks, ids, question, _ = _case(runner)
+    kvs = runner.encode(blocks)
+    before = runner.assemble(kvs)
+    ctx = runner.assemble(kvs)
+    count = blend(runner, ctx, ids, 0.2, question_ids=question)
+    changed = torch.zeros(ctx.cache.get_seq_length(), dtype=torch.bool)
+    for a, b in zip(before.cache.layers, ctx.cache.layers, strict=True):
+        for old, new in ((a.keys, b.keys), (a.values, b.values)):
+            changed |= (old - new).abs().amax(dim=(0, 1, 3)) > 0
+    p = ctx.next_position - ctx.context_tokens
+    assert not bool(changed[:p].any())
+    assert count <= int(changed.sum()) <= round(recompute.CANDIDATES * count)
