@@ -5,8 +5,12 @@ PUTs the SQuAD paragraphs through the API and warms the hot tier with one kv pas
 Then, for each mode and each number of clients, that many threads (one httpx client each) send
 non-streamed queries (k = 5, default settings, ``--max-new-tokens`` answer tokens) from a shared pool
 until ``--queries`` have been answered or ``--duration`` seconds have passed; a client finishes the query
-it has started. Latency is the client-side time of one query (queueing in the server's single model
-worker included); queries/s is the number answered over the wall time of that point.
+it has started. Latency is the client-side time of one query (queueing in the server's model worker
+included); queries/s is the number answered over the wall time of that point.
+
+``--batching on off`` measures kv mode twice, back to back, on two servers: one batching the questions of
+concurrent kv queries (``KVRAG_BATCH_MAX_SIZE``, default 8) and one with batching off (size 1: every query
+runs alone). Text mode never batches, so it is measured once, on the first server.
 
 Writes bench/results/load.json and load.png, and its section of docs/BENCHMARKS.md.
 """
@@ -47,9 +51,10 @@ K = 5
 
 @dataclass
 class Point:
-    """What one (mode, clients) run saw."""
+    """What one (mode, batching, clients) run saw."""
 
     mode: str
+    batching: str
     clients: int
     latencies_ms: list[float] = field(default_factory=list)
     errors: dict[str, int] = field(default_factory=dict)
@@ -80,10 +85,10 @@ def _client_loop(server: LiveServer, point: Point, pool: itertools.cycle, budget
                     point.errors[failure] = point.errors.get(failure, 0) + 1
 
 
-def run_point(server: LiveServer, mode: str, clients: int, questions: Sequence[Question], queries: int,
-              duration_s: float, max_new_tokens: int) -> Point:
+def run_point(server: LiveServer, mode: str, batching: str, clients: int, questions: Sequence[Question],
+              queries: int, duration_s: float, max_new_tokens: int) -> Point:
     """``clients`` threads answering up to ``queries`` questions in ``mode`` within ``duration_s``."""
-    point = Point(mode, clients)
+    point = Point(mode, batching, clients)
     pool = itertools.cycle(questions)
     budget, lock = [queries], threading.Lock()
     t0 = time.perf_counter()
@@ -100,7 +105,8 @@ def run_point(server: LiveServer, mode: str, clients: int, questions: Sequence[Q
 
 def summarise(point: Point) -> dict[str, Any]:
     lat = point.latencies_ms
-    return {"mode": point.mode, "clients": point.clients, "answered": len(lat), "errors": point.errors,
+    return {"mode": point.mode, "batching": point.batching, "clients": point.clients, "answered": len(lat),
+            "errors": point.errors,
             "wall_s": round(point.wall_s, 2), "qps": round(len(lat) / point.wall_s, 3) if point.wall_s else 0.0,
             "p50_ms": round(percentile(lat, 50), 1) if lat else None,
             "p99_ms": round(percentile(lat, 99), 1) if lat else None}
@@ -110,39 +116,48 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     squad = load_or_exit(args.data)
     questions = pick_questions(squad.questions, args.questions)
     rows, points = [], []
-    with live_server(args.threads) as server:
-        ingest_http(server, squad.paragraphs)
-        with server.client() as c:
-            for q in tqdm(questions, desc="warm hot tier", unit="q"):
-                c.post(f"/v1/banks/{BANK}/query", json={"question": q.text, "k": K, "max_new_tokens": 1}
-                       ).raise_for_status()
-        load_before = os.getloadavg()
-        for mode in args.modes:
-            for clients in sorted(args.clients):
-                queries = args.queries or max(8, 2 * clients)
-                point = run_point(server, mode, clients, questions, queries, args.duration, args.max_new_tokens)
-                row = summarise(point)
-                print(f"{mode} x{clients}: {row['answered']} answered, {row['qps']} q/s, p50 {row['p50_ms']} ms, "
-                      f"p99 {row['p99_ms']} ms, errors {row['errors']}", flush=True)
-                rows.append(row)
-                points.append({"mode": mode, "clients": clients, "latencies_ms": [round(x, 1) for x in
-                                                                                   point.latencies_ms]})
+    load_before = os.getloadavg()
+    for n, batching in enumerate(args.batching):
+        size = args.batch_max_size if batching == "on" else 1
+        modes = [m for m in args.modes if m == "kv" or n == 0]  # text never batches: measured once
+        if not modes:
+            continue
+        with live_server(args.threads, batch_max_size=size) as server:
+            ingest_http(server, squad.paragraphs)
+            with server.client() as c:
+                for q in tqdm(questions, desc="warm hot tier", unit="q"):
+                    c.post(f"/v1/banks/{BANK}/query", json={"question": q.text, "k": K, "max_new_tokens": 1}
+                           ).raise_for_status()
+            for mode in modes:
+                label = batching if mode == "kv" else "-"
+                for clients in sorted(args.clients):
+                    queries = args.queries or max(8, 2 * clients)
+                    point = run_point(server, mode, label, clients, questions, queries, args.duration,
+                                      args.max_new_tokens)
+                    row = summarise(point)
+                    print(f"{mode} (batching {label}) x{clients}: {row['answered']} answered, {row['qps']} q/s, "
+                          f"p50 {row['p50_ms']} ms, p99 {row['p99_ms']} ms, errors {row['errors']}", flush=True)
+                    rows.append(row)
+                    points.append({"mode": mode, "batching": label, "clients": clients,
+                                   "latencies_ms": [round(x, 1) for x in point.latencies_ms]})
     machine = machine_info("SmolLM2-135M-Instruct")
     machine["load_average_before"] = load_before
     return {"benchmark": "load", "data": str(args.data), "questions": len(questions), "k": K,
             "max_new_tokens": args.max_new_tokens, "server_threads": args.threads, "duration_cap_s": args.duration,
+            "batch_max_size": args.batch_max_size,
             "machine": machine, "rows": rows, "points": points}
 
 
 def plot(rows: Sequence[dict[str, Any]]) -> Figure:
     fig = Figure(figsize=(11, 4.2))
     left, right = fig.subplots(1, 2)
-    for mode in dict.fromkeys(r["mode"] for r in rows):
-        mine = [r for r in rows if r["mode"] == mode and r["answered"]]
+    for mode, batching in dict.fromkeys((r["mode"], r.get("batching", "-")) for r in rows):
+        mine = [r for r in rows if r["mode"] == mode and r.get("batching", "-") == batching and r["answered"]]
+        name = mode if batching == "-" else f"{mode}, batching {batching}"
         xs = [r["clients"] for r in mine]
-        left.plot(xs, [r["qps"] for r in mine], marker="o", label=mode)
-        line = right.plot(xs, [r["p50_ms"] for r in mine], marker="o", label=f"{mode} p50")[0]
-        right.plot(xs, [r["p99_ms"] for r in mine], marker="s", ls="--", color=line.get_color(), label=f"{mode} p99")
+        left.plot(xs, [r["qps"] for r in mine], marker="o", label=name)
+        line = right.plot(xs, [r["p50_ms"] for r in mine], marker="o", label=f"{name} p50")[0]
+        right.plot(xs, [r["p99_ms"] for r in mine], marker="s", ls="--", color=line.get_color(), label=f"{name} p99")
     left.set(xscale="log", xlabel="concurrent clients", ylabel="queries / s", title="throughput")
     right.set(xscale="log", yscale="log", xlabel="concurrent clients", ylabel="latency per query, ms",
               title="latency (client side, queueing included)")
@@ -154,11 +169,12 @@ def plot(rows: Sequence[dict[str, Any]]) -> Figure:
     return fig
 
 
-HEADERS = ("mode", "clients", "answered", "errors", "wall s", "queries/s", "p50 ms", "p99 ms")
+HEADERS = ("mode", "batching", "clients", "answered", "errors", "wall s", "queries/s", "p50 ms", "p99 ms")
 
 
 def table_rows(rows: Sequence[dict[str, Any]]) -> list[list[Any]]:
-    return [[r["mode"], r["clients"], r["answered"], sum(r["errors"].values()), r["wall_s"], r["qps"],
+    return [[r["mode"], r.get("batching", "-"), r["clients"], r["answered"], sum(r["errors"].values()), r["wall_s"],
+             r["qps"],
              "-" if r["p50_ms"] is None else r["p50_ms"], "-" if r["p99_ms"] is None else r["p99_ms"]] for r in rows]
 
 
@@ -170,6 +186,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     add_data_args(parser, default_questions=20)
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16], help="concurrent clients (1 4 16)")
     parser.add_argument("--modes", nargs="+", default=["kv", "text"], choices=["kv", "text"])
+    parser.add_argument("--batching", nargs="+", default=["on", "off"], choices=["on", "off"],
+                        help="kv mode with batching on and/or off, back to back on two servers (default: both)")
+    parser.add_argument("--batch-max-size", type=int, default=8,
+                        help="KVRAG_BATCH_MAX_SIZE of the batching server (default 8)")
     parser.add_argument("--queries", type=int, default=0,
                         help="queries answered per point (default: max(8, 2 x clients))")
     parser.add_argument("--duration", type=float, default=300.0, help="seconds per point at most (default 300)")
@@ -182,7 +202,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     print_table(title, HEADERS, table_rows(result["rows"]))
     print(f"wrote {write_json('load', result)} and {save_figure(plot(result['rows']), 'load')}")
     header = (f"{result['questions']} questions cycled, k = {K}, max_new_tokens = {result['max_new_tokens']}, "
-              f"{m['model']}, server with {result['server_threads']} torch thread(s) and its single model worker, "
+              f"{m['model']}, server with {result['server_threads']} torch thread(s), kv batching up to "
+              f"{result['batch_max_size']} questions (on) or none (off), "
               f"{m['cpu_count']} CPUs ({m['processor']}), GPU: {m['cuda'] or 'none'}, load average "
               f"{m['load_average_before'][0]:.1f} at the start and {m['load_average'][0]:.1f} at the end, commit "
               f"{m['git_commit']}, {m['measured_at']}.\n\n")

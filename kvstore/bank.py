@@ -24,6 +24,7 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
+from .batching import BatchRequest, QuestionBatcher
 from .blobs import LocalBlobStore
 from .cache import HotCache
 from .catalog import BankRow, BlockRow, DocumentRow, OpLogRow, open_catalog, utcnow
@@ -228,10 +229,11 @@ class BankStore:
         self.embedder = embedder or Embedder(self.settings)
         self.llm = llm or load_llm(self.settings)
         self.runner = Runner(self.llm, self.settings.system_prompt, self.settings.device_cache_bytes)
+        self.model_lock = threading.Lock()
+        self.batcher = QuestionBatcher(self.runner, self.model_lock, self.settings.batch_max_size)
         self.summaries = KeySummaries(self)
         if self.llm.device.type == "cuda":
             self.hot.pin_dtype = self.llm.dtype
-        self.model_lock = threading.Lock()
         self._blob_lock = threading.Lock()
         self._indexes: dict[int, BankIndex] = {}
         self._index_lock = threading.Lock()
@@ -820,27 +822,42 @@ class BankStore:
             shown = self.context_map.prefill(s, bank_row) if context_map else None
             lead = [shown.kv] if shown is not None and shown.kv is not None else []
             lead_ids = shown.token_ids if lead and shown is not None else []
+            shares: list[float] | None = None
             if mode == "kv":
                 blocks = [self.load_block(s, bank_row, b) for b, _, _ in retrieved]
                 t_loaded = time.perf_counter()
                 context_ids = lead_ids + [tok for b, _, _ in retrieved for tok in _bytes_ids(b.token_ids)]
-                with self.model_lock:
-                    ctx = self.runner.assemble(lead + blocks)
-                    context_tokens = ctx.context_tokens
-                    # A lone block after the prefix already holds what a text prefill gives (it was encoded
-                    # there): recomputing it would only add time. Of several, the first one is still exact.
-                    recomputed = (blend(self.runner, ctx, context_ids, ratio, question_ids=q_ids,
-                                        exact_tokens=(lead + blocks)[0].tokens)
-                                  if len(lead) + len(blocks) > 1 else 0)
-                    if spec is not None:
-                        ctx = compact(self.runner, ctx, q_ids, spec)
-                    # The answer's prefill records the attention the importance policies need, so no second
-                    # question pass runs after the answer.
-                    recorder = (prefill_attention(self.runner, ctx) if self.memory.config.track_importance
-                                else nullcontext(lambda: None))
-                    with recorder as recorded:
-                        gen = self.runner.generate(ctx, q_ids, max_new_tokens, on_token)
-                kept = ctx.context_tokens
+                # Only the plain path batches: recompute and compaction change each context on its own first,
+                # and with no token generated the importance needs a question pass of its own.
+                if (self.batcher.enabled and spec is None and max_new_tokens > 0
+                        and (ratio == 0 or len(lead) + len(blocks) <= 1)):
+                    # The catalog connection goes back to the pool while the question waits for its batch: a
+                    # batch's worth of waiting queries must not hold every connection the next one needs.
+                    s.commit()
+                    answer = self.batcher.answer(BatchRequest(lead + blocks, q_ids, max_new_tokens, on_token,
+                                                              record=self.memory.config.track_importance))
+                    gen, context_tokens, recomputed = answer.generation, answer.context_tokens, 0
+                    kept = context_tokens
+                    shares = self.memory.block_shares(answer.votes(), lead + blocks)
+                else:
+                    with self.model_lock:
+                        ctx = self.runner.assemble(lead + blocks)
+                        context_tokens = ctx.context_tokens
+                        # A lone block after the prefix already holds what a text prefill gives (it was encoded
+                        # there): recomputing it would only add time. Of several, the first one is still exact.
+                        recomputed = (blend(self.runner, ctx, context_ids, ratio, question_ids=q_ids,
+                                            exact_tokens=(lead + blocks)[0].tokens)
+                                      if len(lead) + len(blocks) > 1 else 0)
+                        if spec is not None:
+                            ctx = compact(self.runner, ctx, q_ids, spec)
+                        # The answer's prefill records the attention the importance policies need, so no second
+                        # question pass runs after the answer.
+                        recorder = (prefill_attention(self.runner, ctx) if self.memory.config.track_importance
+                                    else nullcontext(lambda: None))
+                        with recorder as recorded:
+                            gen = self.runner.generate(ctx, q_ids, max_new_tokens, on_token)
+                    kept = ctx.context_tokens
+                    shares = self.memory.attention_shares(ctx, q_ids, lead + blocks, recorded)
             else:
                 block_ids = [tok for b, _, _ in retrieved for tok in _bytes_ids(b.token_ids)]
                 t_loaded = time.perf_counter()
@@ -851,7 +868,6 @@ class BankStore:
                     gen = self.runner.generate(ctx, block_ids + q_ids, max_new_tokens, on_token)
                 context_tokens = kept = len(lead_ids) + len(block_ids)
                 recomputed = 0
-            shares = self.memory.attention_shares(ctx, q_ids, lead + blocks, recorded) if mode == "kv" else None
             self._record_access(s, [b.id for b, _, _ in retrieved], shares[len(lead):] if shares else shares)
             self.context_map.record_query(s, bank_row, question, gen.text, [d.doc_id for _, d, _ in retrieved],
                                           shown.version if shown is not None else None)

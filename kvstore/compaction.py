@@ -19,7 +19,6 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Literal
 
 import torch
@@ -51,6 +50,32 @@ SELECTIONS: tuple[Selection, ...] = ("segments", "tokens")
 
 
 @dataclass
+class _Record:
+    """One layer's attention inputs: query ``[batch, q_heads, tokens, dim]``, key ``[batch, kv_heads, keys, dim]``,
+    mask bool ``[batch or 1, 1, tokens, keys]`` or None."""
+
+    query: torch.Tensor
+    key: torch.Tensor
+    mask: torch.Tensor | None
+    scaling: float | None
+    softcap: float | None
+    reduction: Reduction
+
+    def reduce(self) -> torch.Tensor:
+        """Attention per key row of a batch of one: ``[keys]``."""
+        return _attention_mass(self.query, self.key, self.mask, self.scaling, self.softcap, self.reduction)
+
+    def reduce_row(self, row: int, tokens: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """Attention per key of one row of a padded batch, over its real ``tokens`` and ``keys`` (column
+        indices): ``[len(keys)]``, what that row alone would have recorded."""
+        mask = None
+        if self.mask is not None:
+            mask = self.mask[min(row, self.mask.shape[0] - 1)][:, tokens][:, :, keys][None]
+        return _attention_mass(self.query[row:row + 1, :, tokens], self.key[row:row + 1, :, keys], mask,
+                               self.scaling, self.softcap, self.reduction)
+
+
+@dataclass
 class _Collector:
     """Per-layer attention records of the forwards run while scoring is on, at most ``limit`` of them.
 
@@ -60,16 +85,16 @@ class _Collector:
 
     reduction: Reduction
     limit: int | None = None
-    records: list[Callable[[], torch.Tensor]] = field(default_factory=list)
+    records: list[_Record] = field(default_factory=list)
 
     def add(self, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, scaling: float | None,
             softcap: float | None) -> None:
         if self.limit is None or len(self.records) < self.limit:
-            self.records.append(partial(_attention_mass, query, key, mask, scaling, softcap, self.reduction))
+            self.records.append(_Record(query, key, mask, scaling, softcap, self.reduction))
 
     def scores(self) -> list[torch.Tensor]:
         """Attention per key row, one ``[keys]`` tensor per recorded layer."""
-        return [record() for record in self.records]
+        return [record.reduce() for record in self.records]
 
 
 _active: ContextVar[_Collector | None] = ContextVar("kvrag_attention_collector", default=None)
@@ -192,6 +217,26 @@ def prefill_attention(runner: Runner, ctx: Context) -> Iterator[Callable[[], tor
     with _scoring(runner, "mean", limit=layers) as collector:
         yield lambda: (_context_votes(collector.scores(), rows, ctx.context_tokens)
                        if len(collector.records) == layers else None)
+
+
+@contextmanager
+def batch_prefill_attention(runner: Runner) -> Iterator[Callable[[int, torch.Tensor, torch.Tensor, int, int],
+                                                                   torch.Tensor | None]]:
+    """:func:`prefill_attention` for the next forward over a padded batch (:mod:`kvstore.batching`).
+
+    Yields a getter ``(row, tokens, keys, rows, context_tokens) -> [context_tokens]``: that row's votes, from
+    its real question ``tokens`` and cache ``keys`` (column indices; ``rows`` of its keys precede the
+    question, the last ``context_tokens`` of them are its context), or None when no forward ran.
+    """
+    layers = runner.num_layers
+    with _scoring(runner, "mean", limit=layers) as collector:
+        def votes(row: int, tokens: torch.Tensor, keys: torch.Tensor, rows: int,
+                  context_tokens: int) -> torch.Tensor | None:
+            if len(collector.records) != layers:
+                return None
+            return _context_votes([r.reduce_row(row, tokens, keys) for r in collector.records], rows, context_tokens)
+
+        yield votes
 
 
 def chunk_means(scores: torch.Tensor, chunk: int) -> torch.Tensor:

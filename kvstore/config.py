@@ -51,6 +51,9 @@ class Settings(BaseSettings):
     max_k: int = 100
     max_new_tokens: int = 1024
     queue_size: int = Field(default=32, ge=1, description="Model work waiting beyond this answers 503.")
+    batch_max_size: int = Field(
+        default=8, ge=1, description="kv queries waiting for the model whose questions are prefilled and decoded "
+                                     "together, at most; 1 turns batching off (every query runs alone).")
     batch_job_threshold: int = Field(default=16, ge=1, description="Batches larger than this become jobs.")
     retry_after_s: int = Field(default=1, ge=1, description="Retry-After (seconds) sent with 429 and 503 answers.")
     openai_default_bank: str | None = Field(

@@ -398,6 +398,14 @@ class MemoryManager:
                 scores = token_scores(self.store.runner, ctx, question_ids)
         return block_attention(scores, spans)
 
+    def block_shares(self, votes: torch.Tensor | None, kvs: Sequence[BlockKV]) -> list[float] | None:
+        """:meth:`attention_shares` from votes already reduced (``[context_tokens]``, a batched answer's), or
+        None when tracking is off or nothing was recorded."""
+        spans = [kv.tokens for kv in kvs]
+        if not self.config.track_importance or not spans or votes is None:
+            return None
+        return block_attention(votes, spans)
+
     def rewarm_and_enforce(self, s: Session, bank: BankRow, rows: Sequence[BlockRow], kvs: Sequence[BlockKV]) -> int:
         """Write the cold blocks a query just used back to warm, then bring the bank within budget.
 

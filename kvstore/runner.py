@@ -49,6 +49,41 @@ class Context:
 
 
 @dataclass
+class BatchContext:
+    """Several contexts in one padded cache, a row each, right-aligned: ``[pad | prefix | blocks]``."""
+
+    cache: DynamicCache  # per layer [rows, kv_heads, width, head_dim]
+    mask: torch.Tensor  # [rows, width] long: 1 for a real token, 0 for padding
+    next_positions: list[int]  # per row: the position of its next token
+    context_tokens: list[int]
+
+
+class TokenStream:
+    """Sends the text of generated tokens to ``on_token`` as it grows, never half a character."""
+
+    def __init__(self, tokenizer, on_token: Callable[[str], None] | None) -> None:
+        self.tokenizer = tokenizer
+        self.on_token = on_token
+        self.emitted = ""
+
+    def push(self, tokens: list[int]) -> None:
+        """``tokens``: everything generated so far."""
+        if self.on_token is None:
+            return
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        if len(text) > len(self.emitted) and not text.endswith("\ufffd"):
+            self.on_token(text[len(self.emitted):])
+            self.emitted = text
+
+    def finish(self, tokens: list[int]) -> str:
+        """Send what is left; the whole answer, stripped."""
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        if self.on_token is not None and len(text) > len(self.emitted):
+            self.on_token(text[len(self.emitted):])
+        return text.strip()
+
+
+@dataclass
 class Generation:
     token_ids: list[int]
     text: str
@@ -233,6 +268,30 @@ class Runner:
                                            self._copy_stream)
         return Context(self._cache_from(built.k, built.v, owned=True, ready=built.ready), p + n, n)
 
+    def assemble_batch(self, rows: Sequence[Sequence[BlockKV]]) -> BatchContext:
+        """:meth:`assemble` for several contexts at once, in one cache padded on the left (a shorter context's
+        pad columns come first, so every row's next token is the last column): each row's keys are rotated
+        to the positions it has alone, which the padding does not shift."""
+        pk, pv = self.prefix_kv  # [layers, heads, prefix, dim], post-RoPE
+        layers, heads, p, dim = pk.shape
+        lengths = [sum(b.tokens for b in blocks) for blocks in rows]
+        width = p + max(lengths)
+        # Zeros, not empty: a pad's key meets the queries before the mask hides it, and garbage could be NaN.
+        k = pk.new_zeros(layers, len(rows), heads, width, dim)
+        v = torch.zeros_like(k)
+        mask = torch.zeros(len(rows), width, dtype=torch.long, device=pk.device)
+        for row, (blocks, n) in enumerate(zip(rows, lengths, strict=True)):
+            start = width - p - n
+            k[:, row, :, start:start + p], v[:, row, :, start:start + p] = pk, pv
+            offset = start + p
+            for b in blocks:
+                k[:, row, :, offset:offset + b.tokens] = b.k
+                v[:, row, :, offset:offset + b.tokens] = b.v
+                offset += b.tokens
+            self.rope.place_inplace(k[:, row, :, start + p:], torch.arange(p, p + n, device=pk.device))
+            mask[row, start:] = 1
+        return BatchContext(self._cache_from(k, v, owned=True), mask, [p + n for n in lengths], lengths)
+
     def context_at(self, kv: BlockKV, positions: torch.Tensor, next_position: int) -> Context:
         """The prefix, then ``kv`` with its pre-RoPE keys rotated to ``positions: [tokens]``.
 
@@ -291,7 +350,7 @@ class Runner:
         tokens: list[int] = []
         ttft = t0
         prefill_ms = 0.0
-        emitted = ""
+        stream = TokenStream(self.tokenizer, on_token)
         for step in range(max(0, max_new_tokens)):
             positions = torch.arange(pos, pos + ids.shape[1], device=device)[None]
             out = self.model(input_ids=ids, position_ids=positions, past_key_values=ctx.cache, use_cache=True,
@@ -304,14 +363,8 @@ class Runner:
             if nxt in self.stop_ids:
                 break
             tokens.append(nxt)
-            if on_token is not None:
-                text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-                if len(text) > len(emitted) and not text.endswith("\ufffd"):
-                    on_token(text[len(emitted):])
-                    emitted = text
+            stream.push(tokens)
             ids = torch.tensor([[nxt]], device=device)
-        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-        if on_token is not None and len(text) > len(emitted):
-            on_token(text[len(emitted):])
-        return Generation(token_ids=tokens, text=text.strip(), prefill_ms=prefill_ms, ttft_s=ttft,
+        text = stream.finish(tokens)
+        return Generation(token_ids=tokens, text=text, prefill_ms=prefill_ms, ttft_s=ttft,
                           finished_s=time.perf_counter())

@@ -24,12 +24,18 @@ from .worker import ModelWorker
 log = logging.getLogger(__name__)
 
 
+def _attached(store: BankStore, worker: ModelWorker) -> BankStore:
+    """``store`` with its batched questions giving up the worker's turn while they wait."""
+    store.batcher.while_waiting = worker.released
+    return store
+
+
 def _load_in_background(app: FastAPI, settings: Settings) -> asyncio.Task[None]:
     """Load the store off the event loop so /healthz and /readyz answer while the model loads."""
 
     async def load() -> None:
         try:
-            app.state.store = await asyncio.to_thread(BankStore, settings)
+            app.state.store = _attached(await asyncio.to_thread(BankStore, settings), app.state.worker)
             log.info("kvrag is ready")
         except Exception as exc:  # noqa: BLE001 - reported by /readyz; the process stays up to say so
             log.exception("loading the store failed")
@@ -58,9 +64,11 @@ def create_app(settings: Settings, store: BankStore | None = None) -> FastAPI:
     app = FastAPI(title="kvrag", version="1", lifespan=lifespan,
                   description="A memory database for LLM agents: documents stored as their KV cache.")
     app.state.settings = settings
-    app.state.store = store
+    # Twice the batch size: while one batch runs, the next one's requests retrieve and load.
+    threads = 2 * settings.batch_max_size if settings.batch_max_size > 1 else 1
+    app.state.worker = worker = ModelWorker(settings.queue_size, threads=threads)
+    app.state.store = _attached(store, worker) if store is not None else None
     app.state.load_error = None
-    app.state.worker = worker = ModelWorker(settings.queue_size)
     app.state.tasks = set()
     app.state.metrics = metrics = Metrics(queue_depth=lambda: worker.depth,
                                           hot=lambda: app.state.store.hot if app.state.store else None)

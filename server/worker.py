@@ -1,15 +1,20 @@
 """One bounded worker for model work: the model is not thread-safe and the CPU is small.
 
-Work runs on a single thread, in arrival order. When more than ``queue_size`` calls are already
-waiting, a new one is refused at once with ``Unavailable`` (503 + Retry-After) instead of piling up.
+Work runs one call at a time, in arrival order: a call holds the worker's turn while it runs. When more
+than ``queue_size`` calls are already waiting, a new one is refused at once with ``Unavailable`` (503 +
+Retry-After) instead of piling up. With ``threads`` > 1 a call can give its turn up while it waits
+(:meth:`ModelWorker.released`): a kv query waiting for its batched answer lets the next call retrieve and
+load meanwhile, so that one can join the next batch (kvstore.batching).
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from kvstore.errors import Unavailable
@@ -17,13 +22,41 @@ from kvstore.errors import Unavailable
 T = TypeVar("T")
 
 
-class ModelWorker:
-    """A single-thread executor with a bounded wait queue."""
+class _Turn:
+    """A lock handed out in the order it was asked for (a plain lock lets any waiter in); a call taking its
+    turn back after a wait goes first, since its answer is what that wait was for."""
 
-    def __init__(self, queue_size: int) -> None:
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._queue: deque[object] = deque()
+        self._busy = False
+
+    def acquire(self, first: bool = False) -> None:
+        me = object()
+        with self._cond:
+            if first:
+                self._queue.appendleft(me)
+            else:
+                self._queue.append(me)
+            self._cond.wait_for(lambda: not self._busy and self._queue[0] is me)
+            self._queue.popleft()
+            self._busy = True
+
+    def release(self) -> None:
+        with self._cond:
+            self._busy = False
+            self._cond.notify_all()
+
+
+class ModelWorker:
+    """An executor running one call at a time (the turn), with a bounded wait queue."""
+
+    def __init__(self, queue_size: int, threads: int = 1) -> None:
         self.queue_size = queue_size
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvrag-model")
+        self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="kvrag-model")
         self._lock = threading.Lock()
+        self._turn = _Turn()
+        self._holder = threading.local()
         self._waiting = 0
         self._running = 0
 
@@ -55,14 +88,31 @@ class ModelWorker:
         return await self.submit(fn, *args)
 
     def _call(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
+        self._turn.acquire()
         with self._lock:
             self._waiting -= 1
             self._running += 1
+        self._holder.turn = True
         try:
             return fn(*args)
         finally:
+            self._holder.turn = False
             with self._lock:
                 self._running -= 1
+            self._turn.release()
+
+    @contextmanager
+    def released(self) -> Iterator[None]:
+        """Give the turn up for the block (the call still counts as running), then wait to get it back.
+        Outside a worker call it does nothing."""
+        if not getattr(self._holder, "turn", False):
+            yield
+            return
+        self._turn.release()
+        try:
+            yield
+        finally:
+            self._turn.acquire(first=True)
 
     def shutdown(self) -> None:
         """Let the running and queued calls finish, then stop the thread."""

@@ -27,7 +27,7 @@ def test_streamed_queries_and_a_load_point(tmp_path: Path, tiny_llm: LoadedModel
                 assert 0 < got.ttft_ms <= got.total_ms
                 assert got.server["mode"] == mode and got.server["usage"]["context_tokens"] > 0
                 assert got.server["timings"]["ttft_ms"] <= got.ttft_ms  # the server's clock starts later
-        point = run_point(server, "kv", clients=3, questions=QUESTIONS, queries=5, duration_s=60,
+        point = run_point(server, "kv", "on", clients=3, questions=QUESTIONS, queries=5, duration_s=60,
                           max_new_tokens=2)
     row = summarise(point)
     assert row["answered"] == 5 and row["errors"] == {}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -186,6 +187,38 @@ def test_worker_runs_one_call_at_a_time_and_bounds_its_queue() -> None:
         assert worker.depth == 3 and running == [0]
         gate.set()
         assert await asyncio.gather(first, *queued) == [0, 1, 2]
+        worker.shutdown()
+
+    asyncio.run(scenario())
+
+
+def test_worker_with_threads_keeps_one_call_at_a_time_unless_a_call_gives_its_turn_up() -> None:
+    async def scenario() -> None:
+        worker = ModelWorker(queue_size=8, threads=4)
+        order: list[str] = []
+        inside = threading.Semaphore(0)
+        gate = threading.Event()
+
+        def job(name: str, wait: bool = False) -> str:
+            order.append(f"{name} start")
+            time.sleep(0.02)  # another thread's call would start here if the turn did not hold it back
+            if wait:
+                with worker.released():  # as a batched question does while it waits for its batch
+                    inside.release()
+                    gate.wait(5)
+            order.append(f"{name} end")
+            return name
+
+        waiting = worker.submit(job, "a", True)
+        await asyncio.to_thread(inside.acquire)
+        later = [worker.submit(job, "b")]
+        while "b start" not in order:
+            await asyncio.sleep(0.001)
+        later.append(worker.submit(job, "c"))
+        assert await asyncio.gather(*later) == ["b", "c"]  # they ran while "a" had given its turn up
+        gate.set()
+        assert await waiting == "a"
+        assert order == ["a start", "b start", "b end", "c start", "c end", "a end"]
         worker.shutdown()
 
     asyncio.run(scenario())
