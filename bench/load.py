@@ -8,9 +8,10 @@ until ``--queries`` have been answered or ``--duration`` seconds have passed; a 
 it has started. Latency is the client-side time of one query (queueing in the server's model worker
 included); queries/s is the number answered over the wall time of that point.
 
-``--batching on off`` measures kv mode twice, back to back, on two servers: one batching the questions of
+``--batching on off`` measures kv mode on two servers started side by side: one batching the questions of
 concurrent kv queries (``KVRAG_BATCH_MAX_SIZE``, default 8) and one with batching off (size 1: every query
-runs alone). Text mode never batches, so it is measured once, on the first server.
+runs alone), point by point in turn (on x1, off x1, on x4, ...), so both see the same load on a shared box.
+Text mode never batches, so it is measured once, on the first server.
 
 Writes bench/results/load.json and load.png, and its section of docs/BENCHMARKS.md.
 """
@@ -23,6 +24,7 @@ import os
 import threading
 import time
 from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -116,23 +118,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     squad = load_or_exit(args.data)
     questions = pick_questions(squad.questions, args.questions)
     rows, points = [], []
-    load_before = os.getloadavg()
-    for n, batching in enumerate(args.batching):
-        size = args.batch_max_size if batching == "on" else 1
-        modes = [m for m in args.modes if m == "kv" or n == 0]  # text never batches: measured once
-        if not modes:
-            continue
-        with live_server(args.threads, batch_max_size=size) as server:
+    with ExitStack() as stack:
+        servers: dict[str, LiveServer] = {}
+        for batching in args.batching:
+            server = servers[batching] = stack.enter_context(
+                live_server(args.threads, batch_max_size=args.batch_max_size if batching == "on" else 1))
             ingest_http(server, squad.paragraphs)
             with server.client() as c:
-                for q in tqdm(questions, desc="warm hot tier", unit="q"):
+                for q in tqdm(questions, desc=f"warm hot tier (batching {batching})", unit="q"):
                     c.post(f"/v1/banks/{BANK}/query", json={"question": q.text, "k": K, "max_new_tokens": 1}
                            ).raise_for_status()
-            for mode in modes:
-                label = batching if mode == "kv" else "-"
-                for clients in sorted(args.clients):
+        load_before = os.getloadavg()
+        for mode in args.modes:
+            for clients in sorted(args.clients):
+                # kv on and off alternate point by point, so a change in the shared box's load hits both alike;
+                # text never batches and is measured once.
+                for batching in args.batching if mode == "kv" else args.batching[:1]:
+                    label = batching if mode == "kv" else "-"
                     queries = args.queries or max(8, 2 * clients)
-                    point = run_point(server, mode, label, clients, questions, queries, args.duration,
+                    point = run_point(servers[batching], mode, label, clients, questions, queries, args.duration,
                                       args.max_new_tokens)
                     row = summarise(point)
                     print(f"{mode} (batching {label}) x{clients}: {row['answered']} answered, {row['qps']} q/s, "
