@@ -67,7 +67,9 @@ def has_sliding_window(runner: Runner) -> bool:
     types = getattr(config, "layer_types", None)
     if types is not None:
         return any(t != "full_attention" for t in types)
-    return bool(getattr(config, "use_sliding_window", False) and getattr(config, "sliding_window", None))
+    # Without per-layer types, a configured window counts unless the config turns it off (Mistral has no switch).
+    window = getattr(config, "sliding_window", None)
+    return window is not None and getattr(config, "use_sliding_window", True) is not False
 
 
 @torch.inference_mode()

@@ -140,9 +140,12 @@ def test_batcher_respects_the_max_batch_size(runner: Runner) -> None:
     assert sorted(sizes) == [2, 2, 2, 2]
 
 
-def test_sliding_window_models_do_not_batch() -> None:
-    runner = Runner(build_tiny("gemma3_text", sliding_window=8, layer_types=["sliding_attention", "full_attention"],
-                               head_dim=16), "You answer from the passages.")
+@pytest.mark.parametrize(("kind", "overrides"), [
+    ("gemma3_text", {"sliding_window": 8, "layer_types": ["sliding_attention", "full_attention"], "head_dim": 16}),
+    ("mistral", {"sliding_window": 8}),  # no per-layer types: the configured window is enough
+])
+def test_sliding_window_models_do_not_batch(kind: str, overrides: dict[str, object]) -> None:
+    runner = Runner(build_tiny(kind, **overrides), "You answer from the passages.")
     assert not QuestionBatcher(runner, threading.Lock(), max_batch=8).enabled
 
 
