@@ -279,7 +279,8 @@ TABLE_HEADERS = ("preset", "ratio", "bits/value", "KL mean", "KL max", "gold NLL
 
 
 def table_rows(rows: Sequence[dict[str, Any]]) -> list[list[Any]]:
-    return [[r["preset"], f"{r['ratio']:.2f}x", r["bits_per_value"], r["kl_mean"], r["kl_max"], r["nll_delta"],
+    return [[r["preset"] + ("*" if r.get("earlier_run") else ""), f"{r['ratio']:.2f}x", r["bits_per_value"],
+             r["kl_mean"], r["kl_max"], r["nll_delta"],
              f"{r['agreement']:.0%}", f"{r['agreement_first_sentence']:.0%}", r["encode_ms_per_1k"],
              r["decode_ms_per_1k"]] for r in rows]
 
@@ -300,7 +301,10 @@ def write_docs(result: dict[str, Any]) -> None:
         f"greedy answers ({result['max_new_tokens']} new tokens) with fp16's: the exact string (the must-pass), "
         "and the SQuAD-normalized first sentence (the answer itself, without a near-tie flipping a later word of "
         "a rambling continuation). The ratio is fp16 KV bytes over "
-        "stored bytes (the bank's `compression_ratio`), so fp16 itself shows what zstd alone gives.",
+        "stored bytes (the bank's `compression_ratio`), so fp16 itself shows what zstd alone gives."
+        + (" Presets marked * were measured by an earlier run on the same questions and kept with `--merge` "
+           "(the same KL and agreement; their times are that run's)." if any(r.get("earlier_run")
+                                                                            for r in result["rows"]) else ""),
         "",
         markdown_table(TABLE_HEADERS, table_rows(result["rows"])),
         "",
@@ -323,6 +327,22 @@ def write_docs(result: dict[str, Any]) -> None:
     DOCS.write_text(text.rstrip("\n") + "\n")
 
 
+def merge_rows(rows: list[dict[str, Any]], questions: int, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """This run's rows, then the previous result's rows of presets not measured now (same questions, k and
+    answer length, so KL and agreement are the same measurement; their times come from that earlier run)."""
+    path = RESULTS_DIR / "codec.json"
+    if not path.exists():
+        return rows
+    old = json.loads(path.read_text())
+    if (old["data"], old["questions"], old["k"], old["max_new_tokens"]) != (str(args.data), questions, args.k,
+                                                                            args.max_new_tokens):
+        raise SystemExit(f"--merge: {path} was measured with other data, questions, k or answer length")
+    measured = {r["preset"] for r in rows}
+    kept = [r | {"earlier_run": True} for r in old["rows"] if r["preset"] not in measured and r["preset"] in PRESETS]
+    order = list(PRESETS)
+    return sorted(rows + kept, key=lambda r: order.index(r["preset"]))
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     squad = load_or_exit(args.data)
     unknown = set(args.presets) - PRESETS.keys()
@@ -337,6 +357,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     encoded = runner.encode([runner.tokenize(squad.paragraphs[i]) for i in used])
     kv = dict(zip(used, encoded, strict=True))
     rows = evaluate(runner, kv, cases, args.presets, args.max_new_tokens)
+    if args.merge:
+        rows = merge_rows(rows, len(cases), args)
     return {"chosen_default": choose_default(rows),
         "benchmark": "codec", "data": str(args.data), "questions": len(cases), "k": args.k,
         "blocks": len(kv), "tokens": sum(b.tokens for b in kv.values()), "max_new_tokens": args.max_new_tokens,
@@ -355,6 +377,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--k", type=int, default=3, help="blocks per question: gold + k-1 retrieved (default: 3)")
     parser.add_argument("--max-new-tokens", type=int, default=16, help="greedy answer length cap (default: 16)")
     parser.add_argument("--presets", nargs="+", default=list(PRESETS), help=f"known: {', '.join(PRESETS)}")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the rows of bench/results/codec.json for presets not measured in this run")
     parser.add_argument("--no-docs", action="store_true", help="do not rewrite docs/BENCHMARKS.md")
     parser.add_argument("--docs-only", action="store_true",
                         help="measure nothing: rewrite the docs section from bench/results/codec.json, with the "

@@ -168,3 +168,33 @@ def hadamard(n: int) -> torch.Tensor:
     while h.shape[0] < n:
         h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
     return h / math.sqrt(n)
+
+
+def water_fill(scale: torch.Tensor, mean_bits: float, floor: int = 0, high: int = 8) -> torch.Tensor:
+    """Integer widths ``b`` (0 or 2..``high``, at least ``floor``) for items whose error is ``scale * 4**-b``.
+
+    Reverse water-filling: every item takes each further bit whose error reduction clears one common
+    threshold, found by bisection so the mean width stays within ``mean_bits``. One bit is never
+    given (min-max with two levels snaps a channel to its extremes, worse than its mean at 0 bits).
+    Returns float widths shaped like ``scale``.
+    """
+    scale = scale.float()
+
+    def at(log_t: float) -> torch.Tensor:
+        t = 2.0 ** log_t
+        b = torch.floor(torch.log2(0.75 * scale / t) / 2).add_(1).clamp_(0, high)
+        first = scale * (15 / 32) >= t  # the first two bits together, per bit
+        return torch.where(first, b.clamp_min(2), torch.zeros_like(b)).clamp_min(floor)
+
+    positive = scale[scale > 0]
+    if positive.numel() == 0:
+        return at(0.0)
+    lo = float(positive.min().log2()) - 2 * high - 4  # every item at ``high``
+    hi = float(positive.max().log2()) + 1  # every item at ``floor``
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        if float(at(mid).mean()) > mean_bits:
+            lo = mid
+        else:
+            hi = mid
+    return at(hi)

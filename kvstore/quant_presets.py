@@ -8,7 +8,10 @@ sections, scales and minima in ``float16`` sections; ``kvstore.codec`` registers
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,6 +30,7 @@ from .quant import (
     token_group,
     ungroup_tokens,
     unpack_bits,
+    water_fill,
 )
 from .runner import BlockKV
 
@@ -275,6 +279,129 @@ class SvdPreset:
         return BlockKV(k=k.to(torch.float16), v=v.to(torch.float16))
 
 
+WEIGHTS_DIR = Path(__file__).with_name("codec_weights")
+
+
+@dataclass(frozen=True)
+class CodecWeights:
+    """A model's measured error costs (``kvstore/codec_weights/*.json``, made by ``bench/codec_calibrate.py``).
+
+    ``keys: [L, H, D]``: KL per unit of squared key range times ``4**-bits`` for one channel (the query
+    energy of its RoPE pair over the questions times the head's measured sensitivity); ``values: [L, H]``:
+    KL of a head's values at ``4**-bits`` (rotated, symmetric). Only the encoder reads them.
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+
+
+@cache
+def codec_weights(layers: int, heads: int, dim: int) -> CodecWeights | None:
+    """The calibration whose shape is ``[layers, heads, dim]``, if one ships; else None (uniform costs)."""
+    for path in sorted(WEIGHTS_DIR.glob("*.json")):
+        raw = json.loads(path.read_text())
+        if raw["shape"] == [layers, heads, dim]:
+            return CodecWeights(keys=torch.tensor(raw["keys"]), values=torch.tensor(raw["values"]))
+    return None
+
+
+def _put_rows(sections: Sections, prefix: str, rows: torch.Tensor, widths: torch.Tensor, symmetric: bool) -> None:
+    """Quantize ``rows: [n, ..., group]`` with row i at ``widths[i]`` bits: one batched call per width into
+    ``<prefix><width>_*``; rows at 0 bits keep only their mean (``<prefix>0_low``)."""
+    for width in sorted({int(w) for w in widths.tolist()}):
+        part = rows[widths == width]
+        if width == 0:
+            sections[f"{prefix}0_low"] = part.mean(-1, keepdim=True).half().numpy()
+        else:
+            _put(sections, f"{prefix}{width}", part, width, symmetric)
+
+
+def _get_rows(sections: dict[str, torch.Tensor], prefix: str, widths: torch.Tensor, group: int,
+              symmetric: bool) -> torch.Tensor:
+    """Inverse of :func:`_put_rows`: ``[n, ..., group]`` float32, ``n = widths.numel()``."""
+    out: torch.Tensor | None = None
+    for width in sorted({int(w) for w in widths.tolist()}):
+        if width == 0:
+            low = sections[f"{prefix}0_low"].float()
+            part = low.expand(*low.shape[:-1], group)
+        elif 2 <= width <= 8:
+            part = _get(sections, f"{prefix}{width}", width, group, symmetric)
+        else:
+            raise ValueError(f"{prefix} width {width} out of range")
+        if out is None:
+            out = torch.empty(widths.numel(), *part.shape[1:])
+        mask = widths == width
+        if int(mask.sum()) != part.shape[0]:
+            raise ValueError(f"{prefix}{width} holds {part.shape[0]} rows, the widths say {int(mask.sum())}")
+        out[mask] = part
+    if out is None:
+        raise ValueError(f"{prefix} has no rows")
+    return out
+
+
+@dataclass(frozen=True)
+class WaterFillPreset:
+    """Bits where the answer is sensitive: per-channel key widths and per-head value widths by measured cost.
+
+    Keys stay unrotated and are quantized per channel (min-max over groups of tokens), each channel of
+    each head with its own width (0, 2..8), reverse water-filled over the whole block so the mean is
+    ``k_bits``: a channel's error costs its squared range (this block's) times its calibrated weight
+    (:class:`CodecWeights`; query energy and head sensitivity), so large channels the questions look at
+    get 6-8 bits and channels no query reads get 0 (their mean). Values are Hadamard-rotated,
+    symmetric per token like ``rot*``, each head at its own width (2..8) from its measured sensitivity.
+    The widths travel as ``uint8`` sections, so decoding needs neither the weights nor the budget.
+    """
+
+    name: str
+    k_bits: float
+    v_bits: float
+    k_group: int = 256  # tokens per key scale
+    v_group: int = 64  # channels per value scale
+
+    def encode(self, block: BlockKV) -> tuple[Sections, dict[str, Any]]:
+        k = block.k.float()  # [L, H, T, D], pre-RoPE
+        layers, heads, tokens, dim = k.shape
+        weights = codec_weights(layers, heads, dim)
+        group = token_group(tokens, self.k_group)
+        grouped = group_along_tokens(k, group)  # [L, H, D, G, group]
+        spread = grouped.amax(-1) - grouped.amin(-1)  # [L, H, D, G]
+        cost = (spread * spread).mean(-1)  # [L, H, D]
+        if weights is not None:
+            cost = cost * weights.keys
+        k_widths = water_fill(cost, self.k_bits).to(torch.uint8)  # [L, H, D]
+        sections: Sections = {"k_widths": k_widths.numpy()}
+        _put_rows(sections, "k", grouped.reshape(layers * heads * dim, -1, group), k_widths.reshape(-1), False)
+
+        v_cost = weights.values if weights is not None else torch.ones(layers, heads)
+        v_widths = water_fill(v_cost, self.v_bits, floor=2).to(torch.uint8)  # [L, H]
+        v_group = channel_group(dim, self.v_group)
+        h = _rotation(dim, True)
+        v = block.v.float() if h is None else block.v.float() @ h
+        rows = group_along_channels(v, v_group).reshape(layers * heads, tokens, dim // v_group, v_group)
+        sections["v_widths"] = v_widths.numpy()
+        _put_rows(sections, "v", rows, v_widths.reshape(-1), True)
+        params = {"k_group": group, "v_group": v_group, "v_rotate": "hadamard" if h is not None else "none",
+                  "k_mean_bits": self.k_bits, "v_mean_bits": self.v_bits}
+        return sections, params
+
+    def decode(self, sections: dict[str, torch.Tensor], params: dict[str, Any], shape: Shape) -> BlockKV:
+        layers, heads, tokens, dim = shape
+        k_widths = sections["k_widths"].long()
+        v_widths = sections["v_widths"].long()
+        if k_widths.shape != (layers, heads, dim) or v_widths.shape != (layers, heads):
+            raise ValueError("width sections do not fit the block shape")
+        group = int(params["k_group"])
+        k_rows = _get_rows(sections, "k", k_widths.reshape(-1), group, False)  # [L*H*D, G, group]
+        k = ungroup_tokens(k_rows.reshape(layers, heads, dim, -1, group), tokens)
+        v_group = int(params["v_group"])
+        v_rows = _get_rows(sections, "v", v_widths.reshape(-1), v_group, True)  # [L*H, T, D/g, g]
+        v = v_rows.reshape(shape)
+        h = _rotation_param(params, "v_rotate", dim)
+        if h is not None:
+            v = v @ h.T
+        return BlockKV(k=k.to(torch.float16), v=v.to(torch.float16))
+
+
 # Per-layer widths of the rotated presets, measured on SmolLM2-135M (30 layers) one layer at a time at
 # 2 bits (KL vs fp16 over 12 SQuAD questions): key layer 18 moves the output 0.053 nats, 23 0.012,
 # 17 0.005, 24/3/20/14/7/8 0.002-0.003, the rest <= 0.002; value layers 18 and 23 0.006 and 0.004,
@@ -282,7 +409,7 @@ class SvdPreset:
 _SENSITIVE_K = ((18, 6), (23, 4), (17, 4), (24, 4), (3, 4), (20, 4), (14, 4), (7, 4), (8, 4))
 _QUIET_V = tuple((layer, 2) for layer in (13, 25, 16, 12, 19, 27, 0, 11, 10, 20))
 
-LOSSY_PRESETS: tuple[QuantPreset | SvdPreset, ...] = (
+LOSSY_PRESETS: tuple[QuantPreset | SvdPreset | WaterFillPreset, ...] = (
     QuantPreset("int8", k_bits=8, v_bits=8, k_group=64, v_group=64),
     QuantPreset("int4", k_bits=4, v_bits=4, k_group=32, v_group=32),
     QuantPreset("k4v3", k_bits=4, v_bits=3, k_group=128, v_group=64, v_rotate=True),
@@ -302,6 +429,13 @@ LOSSY_PRESETS: tuple[QuantPreset | SvdPreset, ...] = (
     QuantPreset("mix2", k_bits=2, v_bits=2, k_group=256, v_group=64, v_rotate=True, k_rotate=True,
                 k_layers=((18, 4), (23, 3), (17, 3), (24, 3), (3, 3), (20, 3)), v_layers=((18, 3), (23, 3)),
                 v_symmetric=True),
+    # Widths by measured cost (codec_weights), mean code bits per key channel / value head; with scales
+    # the stored block is ~3.5x (wf45), ~5.2x (wf31), ~5.4x (wf3), ~6x (wf27) and ~8.4x (wf2) below fp16.
+    WaterFillPreset("wf45", k_bits=4.5, v_bits=4.5),
+    WaterFillPreset("wf31", k_bits=3.15, v_bits=3.05),
+    WaterFillPreset("wf3", k_bits=3.0, v_bits=3.0),
+    WaterFillPreset("wf27", k_bits=2.7, v_bits=2.7),
+    WaterFillPreset("wf2", k_bits=2.0, v_bits=2.0),
     SvdPreset("svd", energy=0.99, factor_bits=8, v_bits=4),
     SvdPreset("svd-layer", energy=0.95, factor_bits=4, v_bits=4, scope="layer"),
 )

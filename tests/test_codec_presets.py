@@ -11,13 +11,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import zstandard
 from sqlalchemy import select
 
 from kvstore.bank import BankStore
 from kvstore.catalog import BlockRow
 from kvstore.codec import FORMAT_VERSION, MAGIC, PRESETS, decode_block, encode_block, read_header
 from kvstore.errors import CorruptBlock
-from kvstore.quant import dequantize, pack_bits, quantize, unpack_bits
+from kvstore.quant import dequantize, pack_bits, quantize, unpack_bits, water_fill
+from kvstore.quant_presets import codec_weights
 from kvstore.runner import BlockKV, Runner
 
 from .conftest import build_tiny
@@ -40,6 +42,12 @@ REL_RMS_BOUND: dict[str, tuple[float, float]] = {
     "rot4": (0.12, 0.15),
     "mix3": (0.25, 0.50),
     "mix2": (0.50, 0.50),
+    # Water-filled: a mean width, but a key channel may get as few as 0 bits and a value head 2.
+    "wf45": (0.10, 0.20),
+    "wf31": (0.20, 0.40),
+    "wf3": (0.20, 0.40),
+    "wf27": (0.25, 0.50),
+    "wf2": (0.35, 0.60),
 }
 
 
@@ -176,6 +184,77 @@ def test_per_layer_widths_are_in_the_header_and_decode(name: str) -> None:
     base = [layer for layer, b in enumerate(k_bits) if b == min(k_bits)]
     assert float(k_err[18]) < float(k_err[base].min())
     _check_bounds(name, block)
+
+
+def test_water_fill_meets_the_budget_and_follows_the_cost() -> None:
+    cost = torch.logspace(-8, 2, 500)[torch.randperm(500)]
+    for mean in (0.5, 2.0, 3.0, 3.15, 6.0):
+        widths = water_fill(cost, mean)
+        assert float(widths.mean()) <= mean and float(widths.mean()) > mean - 0.1
+        assert not bool((widths == 1).any()) and int(widths.max()) <= 8
+        order = cost.argsort()
+        assert bool((widths[order].diff() >= 0).all())  # a costlier item never gets fewer bits
+    assert bool((water_fill(cost, 2.5, floor=2) >= 2).all())
+    assert torch.equal(water_fill(torch.zeros(7), 3.0), torch.zeros(7))
+
+
+def _smollm_shaped_block(tokens: int = 150) -> BlockKV:
+    """A block shaped like SmolLM2's (30 layers, 3 KV heads, head_dim 64): the shipped calibration applies."""
+    g = torch.Generator().manual_seed(3)
+    k = torch.randn(30, 3, tokens, 64, generator=g) + torch.linspace(-4, 4, 64)
+    return BlockKV(k=k, v=torch.randn(30, 3, tokens, 64, generator=g))
+
+
+@pytest.mark.parametrize("name", ["wf45", "wf31", "wf3", "wf27"])
+def test_water_filled_widths_are_sections_and_follow_the_calibration(name: str) -> None:
+    weights = codec_weights(30, 3, 64)
+    assert weights is not None
+    block = _smollm_shaped_block()
+    data = encode_block(block, FP, name)
+    header, raw, _ = read_header(data)
+    sections = {s["name"]: s for s in raw["sections"]}
+    assert sections["k_widths"]["shape"] == [30, 3, 64] and sections["v_widths"]["shape"] == [30, 3]
+    out = decode_block(data, FP)
+    k_widths = torch.from_numpy(_section(data, "k_widths")).float()
+    v_widths = torch.from_numpy(_section(data, "v_widths")).float()
+    assert float(k_widths.mean()) <= header.params["k_mean_bits"]
+    assert float(v_widths.mean()) <= header.params["v_mean_bits"] and float(v_widths.min()) >= 2
+    # The most sensitive value head (calibrated) gets more than the least; key channels too.
+    assert v_widths.view(-1)[weights.values.argmax()] > v_widths.view(-1)[weights.values.argmin()]
+    cost = weights.keys.view(-1)
+    assert k_widths.view(-1)[cost.argmax()] > k_widths.view(-1)[cost.argmin()]
+    # More bits, less error, per key channel.
+    k_err = (out.k.float() - block.k).pow(2).mean(2).view(-1)  # [L*H*D]
+    wide, narrow = k_widths.view(-1) >= 6, k_widths.view(-1) == 2
+    assert float(k_err[wide].mean()) < float(k_err[narrow].mean())
+    _check_bounds(name, block)
+
+
+def _section(data: bytes, name: str) -> np.ndarray:
+    """One section of a block, read back through the header's layout."""
+    _, raw, payload = read_header(data)
+    flat = zstandard.ZstdDecompressor().decompress(payload)
+    offset = 0
+    for spec in raw["sections"]:
+        dtype = np.dtype(spec["dtype"]).newbyteorder("<")
+        count = int(np.prod(spec["shape"]))
+        if spec["name"] == name:
+            return np.frombuffer(flat, dtype=dtype, count=count, offset=offset).reshape(spec["shape"]).copy()
+        offset += count * dtype.itemsize
+    raise KeyError(name)
+
+
+def test_water_filled_widths_that_disagree_with_the_sections_are_refused() -> None:
+    data = encode_block(_random_block(), FP, "wf3")
+    header, raw, payload = read_header(data)
+    flat = bytearray(zstandard.ZstdDecompressor().decompress(payload))
+    assert raw["sections"][0]["name"] == "k_widths"
+    flat[0] = 7 if flat[0] != 7 else 5  # one channel claims another width than its codes were stored at
+    head = json.dumps(raw, sort_keys=True, separators=(",", ":")).encode()
+    body = struct.pack("<4sHI", MAGIC, FORMAT_VERSION, len(head)) + head + zstandard.ZstdCompressor().compress(
+        bytes(flat))
+    with pytest.raises(CorruptBlock):
+        decode_block(body + hashlib.sha256(body).digest(), FP)
 
 
 GOLDEN = Path(__file__).parent / "data" / "codec_v1"

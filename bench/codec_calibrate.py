@@ -1,0 +1,145 @@
+"""Measure the error costs the water-filled codec presets (``wf*``) allocate bits by (issue 5).
+
+On calibration questions of the SQuAD excerpt that ``bench/codec.py``'s evaluation never asks (k = 3
+blocks each, as there) it measures
+
+- the sensitivity of every (layer, KV head, K or V): mean KL vs the exact KV over question + gold
+  answer when only that head's keys (values) are quantized at 3 bits (Hadamard-rotated, as ``rot*``),
+  on the first ``--sensitivity-questions`` questions;
+- the query energy of every key channel: mean squared pre-RoPE query of the question and answer tokens,
+  summed over the query heads sharing the KV head and over each RoPE pair (a pair turns together).
+
+Key weights are ``sensitivity / (sum of rotated squared channel ranges * 4**-3 / 12)`` times the
+channel's query energy over its head's mean, so ``weight * range**2 * 4**-bits`` is the channel's KL
+at ``bits``; value weights are ``sensitivity * 4**3``. Writes ``kvstore/codec_weights/<name>.json``.
+Run: ``python -m bench.codec_calibrate --threads 1`` (about 15 minutes for SmolLM2 on one thread).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+
+import torch
+from tqdm import tqdm
+
+from bench.codec import Case, build_cases, kl_per_token
+from bench.squad import add_data_args, load_or_exit, pick_questions
+from kvstore.config import Settings
+from kvstore.models import Embedder, load_llm
+from kvstore.quant import hadamard
+from kvstore.quant_presets import WEIGHTS_DIR, decode_keys, decode_values, encode_keys, encode_values
+from kvstore.runner import BlockKV, Runner, set_threads
+
+BITS = 3
+EVAL_QUESTIONS = 50  # bench/codec.py's run: calibration questions are taken from the others
+
+
+def calibration_questions(questions: Sequence, count: int) -> list:
+    """``count`` questions spread over those the 50-question evaluation does not ask."""
+    asked = {id(q) for q in pick_questions(questions, EVAL_QUESTIONS)}
+    pool = [q for q in questions if id(q) not in asked]
+    return [pool[i * len(pool) // count + 3] for i in range(count)]
+
+
+def rotated_3bit(block: BlockKV) -> BlockKV:
+    """The block with keys and values at 3 bits, rotated (what the sensitivities perturb one head with)."""
+    layers = block.k.shape[0]
+    sections: dict = {}
+    shape = tuple(block.k.shape)
+    params = encode_keys(block.k, sections, [BITS] * layers, 256, rotate=True)
+    params |= encode_values(block.v, sections, [BITS] * layers, 64, rotate=True, symmetric=True)
+    tensors = {n: torch.from_numpy(a) for n, a in sections.items()}
+    return BlockKV(k=decode_keys(tensors, params, shape), v=decode_values(tensors, params, shape))
+
+
+def reference(runner: Runner, kv: dict[int, BlockKV], cases: Sequence[Case]) -> list[torch.Tensor]:
+    return [torch.log_softmax(runner.logits(runner.assemble([kv[i] for i in c.blocks]),
+                                            c.question_ids + c.answer_ids), -1) for c in cases]
+
+
+def sensitivities(runner: Runner, kv: dict[int, BlockKV], cases: Sequence[Case]) -> torch.Tensor:
+    """``[L, H, 2]``: mean KL with one head's keys (0) or values (1) at 3 bits, the rest exact."""
+    refs = reference(runner, kv, cases)
+    coarse = {i: rotated_3bit(b) for i, b in kv.items()}
+    layers, heads = next(iter(kv.values())).k.shape[:2]
+    out = torch.zeros(layers, heads, 2)
+    for layer in tqdm(range(layers), desc="sensitivity", unit="layer"):
+        for head in range(heads):
+            for side in (0, 1):
+                mixed = {}
+                for i, block in kv.items():
+                    k, v = block.k.clone(), block.v.clone()
+                    target, source = (k, coarse[i].k) if side == 0 else (v, coarse[i].v)
+                    target[layer, head] = source[layer, head]
+                    mixed[i] = BlockKV(k=k, v=v)
+                kls = [kl_per_token(ref, torch.log_softmax(runner.logits(
+                    runner.assemble([mixed[i] for i in c.blocks]), c.question_ids + c.answer_ids), -1))
+                       for c, ref in zip(cases, refs, strict=True)]
+                out[layer, head, side] = sum(kls) / len(kls)
+    return out
+
+
+def query_energy(runner: Runner, kv: dict[int, BlockKV], cases: Sequence[Case]) -> torch.Tensor:
+    """``[L, H, D]``: mean squared pre-RoPE query per channel of the question + answer tokens, summed over
+    the query heads of each KV head and over each RoPE pair (channels c and c + D/2)."""
+    config = runner.model.config
+    layers = runner.model.model.layers
+    q_heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    dim = next(iter(kv.values())).k.shape[-1]
+    sums = [torch.zeros(q_heads * dim) for _ in layers]
+    count = 0
+
+    def hook(index: int):
+        def record(_module, _inputs, output: torch.Tensor) -> None:
+            sums[index].add_((output[0].float() ** 2).sum(0))
+        return record
+
+    handles = [layer.self_attn.q_proj.register_forward_hook(hook(i)) for i, layer in enumerate(layers)]
+    try:
+        for c in cases:
+            runner.logits(runner.assemble([kv[i] for i in c.blocks]), c.question_ids + c.answer_ids)
+            count += len(c.question_ids) + len(c.answer_ids)
+    finally:
+        for handle in handles:
+            handle.remove()
+    energy = torch.stack(sums).view(len(layers), kv_heads, q_heads // kv_heads, dim).sum(2) / count
+    pair = energy[..., :dim // 2] + energy[..., dim // 2:]
+    return torch.cat([pair, pair], -1)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.codec_calibrate", description=__doc__.split("\n")[0])
+    add_data_args(parser, default_questions=10)
+    parser.add_argument("--sensitivity-questions", type=int, default=6,
+                        help="questions of the per-head sensitivity sweep (default: 6)")
+    parser.add_argument("--name", default="smollm2-135m", help="output file stem under kvstore/codec_weights/")
+    args = parser.parse_args(argv)
+    squad = load_or_exit(args.data)
+    settings = Settings()
+    set_threads(args.threads)
+    runner = Runner(load_llm(settings), settings.system_prompt)
+    questions = calibration_questions(squad.questions, args.questions)
+    cases = build_cases(runner, Embedder(settings), squad.paragraphs, questions, 3)
+    used = sorted({i for c in cases for i in c.blocks})
+    kv = dict(zip(used, runner.encode([runner.tokenize(squad.paragraphs[i]) for i in used]), strict=True))
+    energy = query_energy(runner, kv, cases)  # [L, H, D]
+    sens = sensitivities(runner, kv, cases[:args.sensitivity_questions])  # [L, H, 2]
+    h = hadamard(energy.shape[-1])
+    spread = torch.stack([((b.k.float() @ h).amax(2) - (b.k.float() @ h).amin(2)) ** 2 for b in kv.values()])
+    rotated_mse = spread.mean(0).sum(-1) * 4.0 ** -BITS / 12  # [L, H]: sum over channels at 3 bits
+    keys = (sens[..., 0] / rotated_mse)[..., None] * energy / energy.mean(-1, keepdim=True) / 12
+    values = sens[..., 1] * 4.0 ** BITS
+
+    def rounded(x: torch.Tensor) -> list:
+        return json.loads(json.dumps(x.tolist(), default=float), parse_float=lambda s: float(f"{float(s):.3g}"))
+
+    path = WEIGHTS_DIR / f"{args.name}.json"
+    path.write_text(json.dumps({"model": runner.llm.name, "shape": list(keys.shape), "keys": rounded(keys),
+                                "values": rounded(values)}, separators=(",", ":")))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
