@@ -367,7 +367,7 @@ class WaterFillPreset:
         spread = grouped.amax(-1) - grouped.amin(-1)  # [L, H, D, G]
         cost = (spread * spread).mean(-1)  # [L, H, D]
         if weights is not None:
-            cost = cost * weights.keys
+            cost = cost * weights.keys.to(cost.device)
         k_widths = water_fill(cost, self.k_bits).to(torch.uint8)  # [L, H, D]
         sections: Sections = {"k_widths": k_widths.numpy()}
         _put_rows(sections, "k", grouped.reshape(layers * heads * dim, -1, group), k_widths.reshape(-1), False)
