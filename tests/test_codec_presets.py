@@ -137,9 +137,11 @@ def test_a_truncated_block_is_refused(name: str, keep: int) -> None:
         decode_block(data[:keep], FP)
 
 
-def test_blocks_keep_their_preset_after_the_bank_default_changes(make_store: Callable[..., BankStore]) -> None:
+@pytest.mark.parametrize("first", ["mix3", "wf3"])
+def test_blocks_keep_their_preset_after_the_bank_default_changes(make_store: Callable[..., BankStore],
+                                                                 first: str) -> None:
     store = make_store()
-    store.create_bank("mixed", codec="mix3")
+    store.create_bank("mixed", codec=first)
     store.put_document("mixed", "a", "The Normans gave their name to Normandy, a region in France.")
     store.update_bank("mixed", codec="fp16")
     store.put_document("mixed", "b", "Paris is the capital and most populous city of France.")
@@ -147,7 +149,7 @@ def test_blocks_keep_their_preset_after_the_bank_default_changes(make_store: Cal
     with store.sessions() as s:
         bank = store._bank(s, "mixed")
         rows = s.scalars(select(BlockRow).where(BlockRow.bank_id == bank.id).order_by(BlockRow.id)).all()
-        assert [r.codec for r in rows] == ["mix3", "fp16"]
+        assert [r.codec for r in rows] == [first, "fp16"]
         for row in rows:
             store.hot.discard(row.blob_id)
             header, _, _ = read_header(store.blobs.get(row.blob_id))
