@@ -11,8 +11,9 @@ transaction that acknowledges the append, so an acknowledged append survives a c
 are run over the session's KV, every trajectory position is scored by the attention the task pays it
 (one shared mask over layers and heads, :mod:`kvstore.compaction`), and ``budget_tokens`` (or as many as
 score above ``median + tau * MAD``) are kept, always with the first tokens and each segment's first
-token: by default whole segments in order of attention density, then the best chunks in what is left
-(``selection="tokens"``: the best positions one by one). Kept tokens stay at their original positions.
+token: by default whole segments in order of density of the peak attention any head pays them (layers
+2+, a second pass of the task), then the best chunks in what is left (``selection="tokens"``: the best
+positions by the mean attention, one by one). Kept tokens stay at their original positions.
 Each brief also records every segment's share of the attention relative to an even share (1 / live
 segments, the attention sinks left out), the signal of the ``attention`` prune.
 
@@ -59,7 +60,16 @@ from transformers import DynamicCache
 from .blobs import LocalBlobStore
 from .catalog import BankRow, Base, BigId, BlockRow, utcnow
 from .codec import decode_block, encode_block
-from .compaction import KEEP_FIRST, SELECTIONS, CompactionSpec, Selection, keep_mask, segment_keep_mask, token_scores
+from .compaction import (
+    COMPACTION_SKIP_LAYERS,
+    KEEP_FIRST,
+    SELECTIONS,
+    CompactionSpec,
+    Selection,
+    keep_mask,
+    segment_keep_mask,
+    token_scores,
+)
 from .errors import Conflict, CorruptBlock, IncompatibleModel, NotFound, PayloadTooLarge, ValidationFailed
 from .runner import BlockKV, Context, Runner
 
@@ -749,8 +759,11 @@ class SessionStore:
             boundaries = torch.tensor([a for a, t in state.spans if t], dtype=torch.long, device=scores.device)
             keep = keep_mask(scores, spec, KEEP_FIRST, always=boundaries)
             if selection == "segments":
-                # The token rule (tau and/or budget) says how many tokens to keep; segments spend them.
-                keep = segment_keep_mask(scores, state.spans, int(keep.sum()))
+                # The token rule (tau and/or budget) says how many tokens to keep; segments spend them, ranked
+                # by peak attention: on SQuAD trajectories the mean (kept for the prune's record) picked the
+                # wrong passages and lost 0.8 nats of gold-answer NLL, the peak none (docs/BENCHMARKS.md).
+                peak = token_scores(self.runner, ctx, task_ids, reduction="peak", skip_layers=COMPACTION_SKIP_LAYERS)
+                keep = segment_keep_mask(peak, state.spans, int(keep.sum()))
             kept = SessionKV(segment_ids=state.segment_ids, positions=state.positions[keep], spans=[],
                              kv=BlockKV(k=state.kv.k[:, :, keep], v=state.kv.v[:, :, keep]))
         if docs is None:

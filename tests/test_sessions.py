@@ -13,7 +13,7 @@ import torch
 from sqlalchemy import select
 
 from kvstore.bank import BankStore
-from kvstore.compaction import segment_keep_mask, token_scores
+from kvstore.compaction import COMPACTION_SKIP_LAYERS, segment_keep_mask, token_scores
 from kvstore.errors import Conflict, NotFound, ValidationFailed
 from kvstore.runner import BlockKV
 from kvstore.sessions import (
@@ -146,7 +146,8 @@ def test_a_brief_keeps_by_default_what_the_segment_selection_picks(sessions: Ses
         state, positions = sessions._state(s, bank, session), session.positions
     with sessions.store.model_lock:
         scores = token_scores(sessions.runner, sessions._context(state, positions),
-                              sessions.runner.question_ids(TASK))
+                              sessions.runner.question_ids(TASK), reduction="peak",
+                              skip_layers=COMPACTION_SKIP_LAYERS)
     keep = segment_keep_mask(scores, state.spans, budget)
     assert int(keep.sum()) == budget and any(bool(keep[a:a + t].all()) for a, t in state.spans[1:])
     want = sessions._context(SessionKV(segment_ids=state.segment_ids, positions=state.positions[keep], spans=[],
