@@ -8,11 +8,14 @@ the workers' subquestions, the others are distractor paragraphs of the same arti
 - ``text``: the whole trajectory replayed as text after the cached system prefix (the reference:
   TTFT is the measured prefill of the trajectory plus the question's);
 - ``kv``: the whole trajectory's stored KV (a brief with no compaction);
-- ``brief@...``: briefs compacted by the task's attention (``tau`` or a budget share of the tokens);
+- ``brief@...``: briefs compacted by the task's attention (``tau`` or a budget share of the tokens; whole
+  segments by attention density, then chunks, the default selection, or ``/tokens``: the best tokens);
 - ``retrieval``: plain kv retrieval of the top-2 paragraphs from a bank holding the whole excerpt.
 
-Reported: SQuAD F1, KL(text || variant) over question + gold answer tokens, the context tokens the
-worker got, compaction ms and TTFT.
+Reported: SQuAD F1 (and, for each variant against ``kv`` on the same subquestions, the mean F1 difference
+with a paired bootstrap 95% interval), KL(text || variant) over question + gold answer tokens, the mean
+NLL of the gold answer's tokens (steadier than F1 when a small model answers few subquestions), the
+context tokens the worker got, compaction ms and TTFT.
 
 Prune: the peak session tokens are the most live KV tokens the session ever holds, so pruning has to
 happen while the trajectory grows. Each episode is replayed step by step: the orchestrator appends a
@@ -73,12 +76,16 @@ from kvstore.sessions import SessionStore, render_segment, sessions_of
 
 GOAL = ("Goal: answer the team's questions about the Normans. Plan: search the archive, read each result, "
         "and note what matters for the questions.")
-BRIEFS: dict[str, dict[str, float]] = {  # name -> {"tau": ...} or {"share": budget as a share of the tokens}
+# name -> {"tau": ...} or {"share": budget as a share of the tokens}, and the selection when not the default
+BRIEFS: dict[str, dict[str, Any]] = {
     "brief@tau=0": {"tau": 0.0}, "brief@tau=1": {"tau": 1.0}, "brief@40%": {"share": 0.40},
     "brief@35%": {"share": 0.35}, "brief@30%": {"share": 0.30}, "brief@25%": {"share": 0.25},
+    "brief@40%/tokens": {"share": 0.40, "selection": "tokens"},
+    "brief@30%/tokens": {"share": 0.30, "selection": "tokens"},
 }
 VARIANTS = ("text", "kv", *BRIEFS, "retrieval")
 RETRIEVAL_K = 2
+BOOTSTRAP_RESAMPLES = 2000
 PRUNES: dict[str, dict[str, Any]] = {  # name -> SessionStore.prune keyword arguments
     "attention@0.25": {"policy": "attention", "threshold": 0.25},
     "attention@0.5": {"policy": "attention", "threshold": 0.5},
@@ -114,6 +121,8 @@ class Record:
     compaction_ms: float
     ttft_ms: float
     answer: str
+    nll: float | None = None  # mean NLL of the gold answer's tokens (None in results from before it was recorded)
+    trajectory_share: float | None = None  # trajectory tokens the worker got / the session's (None: retrieval)
 
 
 @dataclass
@@ -161,13 +170,23 @@ def _logprobs(store: BankStore, ctx: Context, ids: Sequence[int]) -> torch.Tenso
     return torch.log_softmax(store.runner.logits(ctx, ids), dim=-1)
 
 
+def gold_nll(logprobs: torch.Tensor, question_tokens: int, answer_ids: Sequence[int]) -> float:
+    """Mean NLL per gold-answer token from ``logprobs: [question + answer tokens, vocab]`` of the forced
+    question and answer: answer token i is predicted at input ``question_tokens - 1 + i``."""
+    targets = torch.tensor(list(answer_ids), device=logprobs.device)
+    start = question_tokens - 1
+    return float(-logprobs[start:start + len(targets)].gather(1, targets[:, None]).mean())
+
+
 def _copy(ctx: Context) -> Context:
     with torch.inference_mode():
         return Context(copy.deepcopy(ctx.cache), ctx.next_position, ctx.context_tokens)
 
 
-def compare(store: BankStore, ss: SessionStore, index: int, episode: Episode, max_new_tokens: int) -> list[Record]:
-    """Every variant on every subquestion of one episode, after the whole trajectory."""
+def compare(store: BankStore, ss: SessionStore, index: int, episode: Episode, max_new_tokens: int,
+            variants: Sequence[str] = VARIANTS) -> list[Record]:
+    """The variants (``text`` always: it is the KL reference) on every subquestion of one episode, after the
+    whole trajectory."""
     runner = store.runner
     sid = f"e{index}"
     ss.create(BANK, sid)
@@ -184,27 +203,36 @@ def compare(store: BankStore, ss: SessionStore, index: int, episode: Episode, ma
     records = []
     for question, _ in episode.questions:
         q_ids = runner.question_ids(question.text)
-        forced = q_ids + runner.tokenize(question.answers[0])
+        answer_ids = runner.tokenize(question.answers[0])
+        forced = q_ids + answer_ids
         reference = _logprobs(store, _copy(text_ctx), forced)
         gen = runner.generate(_copy(text_ctx), q_ids, max_new_tokens)
         records.append(Record("text", index, question.qid, squad_scores(gen.text, question.answers)[1], 0.0,
-                              len(trajectory) + len(q_ids), 0.0, trajectory_ms + gen.prefill_ms, gen.text))
+                              len(trajectory) + len(q_ids), 0.0, trajectory_ms + gen.prefill_ms, gen.text,
+                              gold_nll(reference, len(q_ids), answer_ids), 1.0))
         session_tokens = ss.get(BANK, sid, with_text=False).tokens
         for name, knobs in [("kv", {}), *BRIEFS.items()]:
-            tau = knobs.get("tau")
-            budget = round(knobs["share"] * session_tokens) if "share" in knobs else None
-            ctx, _, kept = ss.briefing_context(BANK, sid, question.text, tau=tau, budget_tokens=budget)
-            kl = kl_per_token(reference, _logprobs(store, ctx, forced))
-            result = ss.brief(BANK, sid, question.text, tau=tau, budget_tokens=budget, max_new_tokens=max_new_tokens)
-            records.append(Record(name, index, question.qid, squad_scores(result.answer, question.answers)[1], kl,
-                                  result.kept_tokens + len(q_ids), result.compaction_ms, result.timings.ttft_ms,
-                                  result.answer))
-        records.append(_retrieval(store, index, question, reference, forced, max_new_tokens))
+            if name not in variants:
+                continue
+            tau, selection = knobs.get("tau"), knobs.get("selection", "segments")
+            budget = int(knobs["share"] * session_tokens) if "share" in knobs else None  # floor: never over
+            ctx, _, kept = ss.briefing_context(BANK, sid, question.text, tau=tau, budget_tokens=budget,
+                                               selection=selection)
+            logprobs = _logprobs(store, ctx, forced)
+            result = ss.brief(BANK, sid, question.text, tau=tau, budget_tokens=budget, selection=selection,
+                              max_new_tokens=max_new_tokens)
+            records.append(Record(name, index, question.qid, squad_scores(result.answer, question.answers)[1],
+                                  kl_per_token(reference, logprobs), result.kept_tokens + len(q_ids),
+                                  result.compaction_ms, result.timings.ttft_ms, result.answer,
+                                  gold_nll(logprobs, len(q_ids), answer_ids),
+                                  result.kept_tokens / result.session_tokens))
+        if "retrieval" in variants:
+            records.append(_retrieval(store, index, question, reference, forced, len(q_ids), max_new_tokens))
     return records
 
 
 def _retrieval(store: BankStore, index: int, question: Question, reference: torch.Tensor, forced: list[int],
-               max_new_tokens: int) -> Record:
+               question_tokens: int, max_new_tokens: int) -> Record:
     """Plain kv retrieval of the top-k paragraphs (no trajectory at all)."""
     result = store.query(BANK, question.text, k=RETRIEVAL_K, mode="kv", max_new_tokens=max_new_tokens,
                          recompute=0.0)
@@ -212,10 +240,11 @@ def _retrieval(store: BankStore, index: int, question: Question, reference: torc
         bank = store._bank(s, BANK)
         rows = {r.id: r for r in s.query(BlockRow).filter(BlockRow.id.in_([h.block_id for h in result.sources]))}
         blocks = [store.load_block(s, bank, rows[h.block_id]) for h in result.sources]
-    kl = kl_per_token(reference, _logprobs(store, store.runner.assemble(blocks), forced))
-    return Record("retrieval", index, question.qid, squad_scores(result.answer, question.answers)[1], kl,
-                  result.usage.context_tokens + result.usage.question_tokens, 0.0, result.timings.ttft_ms,
-                  result.answer)
+    logprobs = _logprobs(store, store.runner.assemble(blocks), forced)
+    return Record("retrieval", index, question.qid, squad_scores(result.answer, question.answers)[1],
+                  kl_per_token(reference, logprobs), result.usage.context_tokens + result.usage.question_tokens,
+                  0.0, result.timings.ttft_ms, result.answer,
+                  gold_nll(logprobs, question_tokens, forced[question_tokens:]))
 
 
 def schedule(episode: Episode, lag: int) -> dict[int, list[Question]]:
@@ -299,30 +328,53 @@ def summarise_prune(runs: Sequence[PruneRun]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def paired_difference(records: Sequence[Record], variant: str, baseline: str = "kv",
+                      resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> tuple[float, float, float] | None:
+    """Mean F1 of ``variant`` minus ``baseline`` over the subquestions both answered, with a paired
+    bootstrap 95% interval (subquestions resampled with replacement): (mean, low, high), or None when
+    they share no subquestion."""
+    base = {(r.episode, r.qid): r.f1 for r in records if r.variant == baseline}
+    diffs = [r.f1 - base[(r.episode, r.qid)] for r in records if r.variant == variant and (r.episode, r.qid) in base]
+    if not diffs:
+        return None
+    rng = random.Random(seed)
+    means = sorted(statistics.fmean(rng.choices(diffs, k=len(diffs))) for _ in range(resamples))
+    return statistics.fmean(diffs), means[int(0.025 * resamples)], means[int(0.975 * resamples) - 1]
+
+
 def summarise(records: Sequence[Record], runs: Sequence[PruneRun]) -> dict[str, Any]:
-    by_variant = {v: [r for r in records if r.variant == v] for v in VARIANTS}
+    by_variant = {v: rs for v in VARIANTS if (rs := [r for r in records if r.variant == v])}
     text_tokens = statistics.mean(r.worker_tokens for r in by_variant["text"])
     text_ttft = statistics.median(r.ttft_ms for r in by_variant["text"])
     rows: list[dict[str, Any]] = []
     for variant, rs in by_variant.items():
+        nlls = [r.nll for r in rs if r.nll is not None]
+        shares = [r.trajectory_share for r in rs if r.trajectory_share is not None]
+        diff = paired_difference(records, variant) if variant != "kv" else None
         rows.append({
             "variant": variant, "f1": statistics.mean(r.f1 for r in rs), "kl_mean": statistics.mean(r.kl for r in rs),
+            "gold_nll": statistics.mean(nlls) if nlls else None,
+            "f1_minus_kv": list(diff) if diff is not None else None,
             "worker_tokens": statistics.mean(r.worker_tokens for r in rs),
             "token_share": statistics.mean(r.worker_tokens for r in rs) / text_tokens,
+            "trajectory_share": statistics.mean(shares) if shares else None,
             "compaction_ms": statistics.median(r.compaction_ms for r in rs),
             "ttft_ms_median": statistics.median(r.ttft_ms for r in rs),
             "speedup_vs_text": text_ttft / statistics.median(r.ttft_ms for r in rs),
         })
     prune = summarise_prune(runs)
-    kv = next(r for r in rows if r["variant"] == "kv")
+    kv_f1 = next((r["f1"] for r in rows if r["variant"] == "kv"), None)
     briefs = [r for r in rows if r["variant"].startswith("brief")]
-    ok = [r for r in briefs if r["f1"] >= 0.95 * kv["f1"] and r["token_share"] <= 0.40]
+    # The goal counts trajectory tokens: the task's own tokens, which every variant adds, are not handed over.
+    ok = [r for r in briefs if kv_f1 is not None and r["f1"] >= 0.95 * kv_f1
+          and (r.get("trajectory_share") or r["token_share"]) <= 0.40]
+    min_speedup = min((r["speedup_vs_text"] for r in briefs), default=None)
     goals = {
         "brief_f1_95pct_at_40pct_tokens": {"met": bool(ok), "variants": [r["variant"] for r in ok]},
         "prune_peak_cut_50pct_f1_loss_2pts": {"met": any(p["goal_met"] for p in prune.values()),
                                               "settings": [k for k, p in prune.items() if p["goal_met"]]},
-        "worker_ttft_5x_vs_text": {"met": min(r["speedup_vs_text"] for r in briefs) >= 5.0,
-                                   "min_speedup": min(r["speedup_vs_text"] for r in briefs)},
+        "worker_ttft_5x_vs_text": {"met": min_speedup is not None and min_speedup >= 5.0,
+                                   "min_speedup": min_speedup},
     }
     return {"rows": rows, "prune": prune, "goals": goals}
 
@@ -389,35 +441,53 @@ def run_prune_only(args: argparse.Namespace) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     squad = load_or_exit(args.data)
     episodes = _episodes(squad, args, args.episodes)
+    variants = ("text", *args.variants)
     with tempfile.TemporaryDirectory(prefix="kvrag-bench-sessions-") as tmp:
         store = open_store(Path(tmp), torch_threads=args.threads)
-        ingest(store, squad.paragraphs)
+        if "retrieval" in variants:
+            ingest(store, squad.paragraphs)
+        else:
+            store.create_bank(BANK)
         ss = sessions_of(store)
         records: list[Record] = []
         for i, episode in enumerate(tqdm(episodes, desc="episodes", unit="ep")):
-            records += compare(store, ss, i, episode, args.max_new_tokens)
+            records += compare(store, ss, i, episode, args.max_new_tokens, variants)
         runs = prune_runs(ss, _episodes(squad, args, args.prune_episodes), args.prune_settings, args.lag,
-                          args.max_new_tokens) if args.prune_episodes else []
+                          args.max_new_tokens) if args.prune_episodes and not args.keep_prune else []
         machine = machine_info(store.llm.name)
         store.close()
     trajectory_tokens = statistics.mean(r.worker_tokens for r in records if r.variant == "text")
+    prune: dict[str, Any] = _prune_result(args, runs)
+    if args.keep_prune:
+        previous = json.loads((RESULTS_DIR / "sessions.json").read_text())
+        runs = [PruneRun(**r) for r in previous["prune_runs"]]
+        prune = {k: previous[k] for k in ("prune_episodes", "lag", "prune_questions", "prune_runs")}
+        prune["prune_machine"] = previous.get("prune_machine", previous["machine"])
     return {
         "benchmark": "sessions", "data": str(args.data), "questions": sum(len(e.questions) for e in episodes),
         "episodes": len(episodes), "relevant_per_episode": args.relevant, "distractors_per_episode": args.distractors,
-        "max_new_tokens": args.max_new_tokens, "mean_text_worker_tokens": trajectory_tokens, "machine": machine,
-        **summarise(records, runs), **_prune_result(args, runs), "records": [r.__dict__ for r in records],
+        "per_paragraph": args.per_paragraph, "max_new_tokens": args.max_new_tokens,
+        "mean_text_worker_tokens": trajectory_tokens, "machine": machine,
+        **summarise(records, runs), **prune, "records": [r.__dict__ for r in records],
     }
 
 
-TABLE_HEADERS = ("variant", "F1", "KL mean", "worker tokens", "share of text", "compaction ms p50", "TTFT p50 ms",
-                 "text/variant")
+TABLE_HEADERS = ("variant", "F1", "F1 - kv [95% CI]", "gold NLL", "KL mean", "worker tokens", "share of text",
+                 "trajectory kept", "compaction ms p50", "TTFT p50 ms", "text/variant")
 PRUNE_HEADERS = ("prune setting", "peak tokens (unpruned)", "peak cut", "final tokens (unpruned)", "F1 (unpruned)",
                  "F1 loss, points", "segments pruned", "judge replies unusable", "judge ms p50", "goal met")
 
 
+def _difference_cell(diff: Sequence[float] | None) -> str:
+    return f"{diff[0]:+.3f} [{diff[1]:+.3f}, {diff[2]:+.3f}]" if diff else ""
+
+
 def table_rows(result: dict[str, Any]) -> list[list[Any]]:
-    return [[r["variant"], r["f1"], r["kl_mean"], int(r["worker_tokens"]), r["token_share"], r["compaction_ms"],
-             r["ttft_ms_median"], f"{r['speedup_vs_text']:.1f}x"] for r in result["rows"]]
+    return [[r["variant"], r["f1"], _difference_cell(r.get("f1_minus_kv")),
+             r["gold_nll"] if r.get("gold_nll") is not None else "", r["kl_mean"], int(r["worker_tokens"]),
+             r["token_share"], r["trajectory_share"] if r.get("trajectory_share") is not None else "",
+             r["compaction_ms"], r["ttft_ms_median"], f"{r['speedup_vs_text']:.1f}x"]
+            for r in result["rows"]]
 
 
 def prune_rows(result: dict[str, Any]) -> list[list[Any]]:
@@ -451,6 +521,12 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="steps between an answer paragraph's arrival and its later subquestions (default: 1)")
     parser.add_argument("--prune-settings", nargs="+", default=list(PRUNES), choices=list(PRUNES),
                         help=f"prune settings to replay (default: all of {', '.join(PRUNES)})")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS[1:]), choices=list(VARIANTS[1:]),
+                        help="worker-call variants besides text, the KL reference that always runs (default: all; "
+                             "the F1 differences need kv)")
+    parser.add_argument("--keep-prune", action="store_true",
+                        help="measure only the worker calls again, keeping the prune rows of "
+                             "bench/results/sessions.json (the converse of --prune-only)")
     parser.add_argument("--prune-only", action="store_true",
                         help="measure only the prune settings again, keeping the other rows of "
                              "bench/results/sessions.json")
