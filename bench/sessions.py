@@ -424,8 +424,9 @@ def _prune_result(args: argparse.Namespace, runs: Sequence[PruneRun]) -> dict[st
 
 
 def run_prune_only(args: argparse.Namespace) -> dict[str, Any]:
-    """Only the prune settings, measured again; the worker-call rows are kept from bench/results/sessions.json
-    (read once the prune is measured, so a full run with ``--prune-episodes 0`` may still be writing it)."""
+    """Only the given prune settings, measured again; the worker-call rows and the other settings' prune rows
+    are kept from bench/results/sessions.json (read once the prune is measured, so a full run with
+    ``--prune-episodes 0`` may still be writing it)."""
     episodes = _episodes(load_or_exit(args.data), args, args.prune_episodes)
     with tempfile.TemporaryDirectory(prefix="kvrag-bench-sessions-") as tmp:
         store = open_store(Path(tmp), torch_threads=args.threads)
@@ -435,6 +436,8 @@ def run_prune_only(args: argparse.Namespace) -> dict[str, Any]:
         store.close()
     previous = json.loads((RESULTS_DIR / "sessions.json").read_text())
     records = [Record(**r) for r in previous["records"]]
+    rerun = {*args.prune_settings, "keep"}
+    runs = [*(PruneRun(**r) for r in previous.get("prune_runs", []) if r["setting"] not in rerun), *runs]
     return {**previous, **summarise(records, runs), **_prune_result(args, runs), "prune_machine": machine}
 
 

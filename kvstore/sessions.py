@@ -55,7 +55,6 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, Session, mapped_column
-from transformers import DynamicCache
 
 from .blobs import LocalBlobStore
 from .catalog import BankRow, Base, BigId, BlockRow, utcnow
@@ -70,6 +69,7 @@ from .compaction import (
     segment_keep_mask,
     token_scores,
 )
+from .constrained import greedy_id_list, list_tokens
 from .errors import Conflict, CorruptBlock, IncompatibleModel, NotFound, PayloadTooLarge, ValidationFailed
 from .runner import BlockKV, Context, Runner
 
@@ -313,9 +313,10 @@ def low_attention(history: Sequence[float], window: int, threshold: float) -> bo
 
 
 class Judge(Protocol):
-    """An auxiliary model call: a prompt in, the model's reply text out. Its tokens never enter a session."""
+    """An auxiliary model call: a prompt and the live segment ids in, the model's reply text out. Its tokens
+    never enter a session."""
 
-    def __call__(self, prompt: str) -> str: ...
+    def __call__(self, prompt: str, live_ids: Sequence[int]) -> str: ...
 
 
 class JudgeError(ValueError):
@@ -357,12 +358,14 @@ def parse_needed(reply: str, live_ids: Sequence[int]) -> list[int]:
 
 
 class LocalJudge:
-    """The loaded model, over a fresh cache (nothing of any session), greedy."""
+    """The loaded model, over a fresh cache (nothing of any session), greedy and constrained to the reply's
+    JSON (:mod:`kvstore.constrained`): a small local model's prose would never parse."""
 
-    def __init__(self, runner: Runner, lock: threading.Lock, max_new_tokens: int = 96) -> None:
-        self.runner, self.lock, self.max_new_tokens = runner, lock, max_new_tokens
+    def __init__(self, runner: Runner, lock: threading.Lock) -> None:
+        self.runner, self.lock = runner, lock
+        self._pieces: dict[int, str] | None = None
 
-    def __call__(self, prompt: str) -> str:
+    def __call__(self, prompt: str, live_ids: Sequence[int]) -> str:
         tok = self.runner.tokenizer
         if getattr(tok, "chat_template", None):
             text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
@@ -371,7 +374,9 @@ class LocalJudge:
         else:
             ids = self.runner.tokenize(prompt + "\nAnswer: ", add_special=True)
         with self.lock:
-            return self.runner.generate(Context(DynamicCache(), 0, 0), ids, self.max_new_tokens).text
+            if self._pieces is None:
+                self._pieces = list_tokens(tok)
+            return greedy_id_list(self.runner, ids, '{"needed": [', live_ids, self._pieces)
 
 
 class HttpJudge:
@@ -382,7 +387,7 @@ class HttpJudge:
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model, self.api_key, self.timeout_s = model, api_key, timeout_s
 
-    def __call__(self, prompt: str) -> str:
+    def __call__(self, prompt: str, live_ids: Sequence[int]) -> str:
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         body = {"model": self.model, "temperature": 0, "response_format": {"type": "json_object"},
                 "messages": [{"role": "user", "content": prompt}]}
@@ -825,8 +830,10 @@ class SessionStore:
         if policy == "model":
             t0 = time.perf_counter()
             try:
-                reply = (judge or self.default_judge())(judge_prompt(goal, [(g.ordinal, g.role, g.text) for g in live]))
-                needed = parse_needed(reply, [g.ordinal for g in live])
+                live_ids = [g.ordinal for g in live]
+                reply = (judge or self.default_judge())(judge_prompt(goal, [(g.ordinal, g.role, g.text) for g in live]),
+                                                        live_ids)
+                needed = parse_needed(reply, live_ids)
             except JudgeError as exc:
                 needed, error = [g.ordinal for g in live], str(exc)
             judge_ms = _ms(time.perf_counter() - t0)

@@ -280,7 +280,8 @@ def test_model_prune_never_drops_what_any_judge_reply_names(sessions: SessionSto
     sessions.append("agents", "s", SEGMENTS)
     for named in ([4, 0, 2], [0, 2], [2], []):
         live = {g.id for g in sessions.get("agents", "s").segments if not g.pruned}
-        result = sessions.prune("agents", "s", policy="model", judge=lambda _prompt, n=named: json.dumps({"needed": n}))
+        result = sessions.prune("agents", "s", policy="model",
+                                judge=lambda _prompt, _ids, n=named: json.dumps({"needed": n}))
         assert result.error is None and set(result.needed) == set(named)
         assert set(result.pruned) == live - set(named)
         after = {g.id for g in sessions.get("agents", "s").segments if not g.pruned}
@@ -288,6 +289,17 @@ def test_model_prune_never_drops_what_any_judge_reply_names(sessions: SessionSto
         if named:
             assert sessions.brief("agents", "s", TASK, max_new_tokens=1).session_tokens == sum(
                 g.tokens for g in sessions.get("agents", "s").segments if g.id in named)
+
+
+def test_local_judge_replies_parse_even_from_a_random_model(sessions: SessionStore) -> None:
+    """The loaded model judges by default; its reply is decoded constrained to the JSON, so even random weights
+    give a usable answer that names only live segments (and the prune drops exactly the others)."""
+    sessions.create("agents", "s")
+    sessions.append("agents", "s", SEGMENTS)
+    live = {g.id for g in sessions.get("agents", "s").segments if not g.pruned}
+    result = sessions.prune("agents", "s", policy="model", goal="who were the Normans")
+    assert result.error is None
+    assert set(result.needed) <= live and set(result.pruned) == live - set(result.needed)
 
 
 def test_model_prune_uses_the_map_llm_endpoint_when_configured(make_store, judge_server) -> None:
