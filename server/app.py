@@ -71,7 +71,8 @@ def create_app(settings: Settings, store: BankStore | None = None) -> FastAPI:
     app.state.load_error = None
     app.state.tasks = set()
     app.state.metrics = metrics = Metrics(queue_depth=lambda: worker.depth,
-                                          hot=lambda: app.state.store.hot if app.state.store else None)
+                                          hot=lambda: app.state.store.hot if app.state.store else None,
+                                          batches=lambda: app.state.store.batcher.stats if app.state.store else None)
     install_error_handlers(app)
     app.add_middleware(RequestContextMiddleware, settings=settings, metrics=metrics)
     for module in (system, keys, banks, documents, retrieval, maintenance, context_map, sessions, openai_compat,

@@ -8,6 +8,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from kvstore.batching import BatchStats
 from kvstore.cache import HotCache
 
 
@@ -33,10 +34,31 @@ class _HotTierCollector(Collector):
         yield budget
 
 
-class Metrics:
-    """Request counts and latency per route, model queue depth, hot-tier hits, misses and bytes."""
+class _BatchCollector(Collector):
+    """Question batches run, the kv queries they answered and the largest batch, read at scrape time."""
 
-    def __init__(self, queue_depth: Callable[[], float], hot: Callable[[], HotCache | None]) -> None:
+    def __init__(self, stats: Callable[[], BatchStats | None]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        stats = self._stats() or BatchStats()
+        batches = CounterMetricFamily("kvrag_question_batches", "Model runs of kv questions (a lone one included).")
+        requests = CounterMetricFamily("kvrag_question_batch_requests", "kv queries answered by those runs.")
+        largest = GaugeMetricFamily("kvrag_question_batch_largest", "The most kv queries one run answered.")
+        batches.add_metric([], float(stats.batches))
+        requests.add_metric([], float(stats.requests))
+        largest.add_metric([], float(stats.largest))
+        yield batches
+        yield requests
+        yield largest
+
+
+class Metrics:
+    """Request counts and latency per route, model queue depth, hot-tier hits, misses and bytes, question
+    batches (their mean size is requests / batches)."""
+
+    def __init__(self, queue_depth: Callable[[], float], hot: Callable[[], HotCache | None],
+                 batches: Callable[[], BatchStats | None] = lambda: None) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter("kvrag_requests", "HTTP requests answered.", ["method", "route", "status"],
                                 registry=self.registry)
@@ -45,6 +67,7 @@ class Metrics:
         self.queue_depth = Gauge("kvrag_model_queue_depth", "Model work waiting or running.", registry=self.registry)
         self.queue_depth.set_function(queue_depth)
         self.registry.register(_HotTierCollector(hot))
+        self.registry.register(_BatchCollector(batches))
 
     def observe(self, method: str, route: str, status: int, seconds: float) -> None:
         """Count one answered request."""

@@ -198,6 +198,11 @@ def test_concurrent_http_queries_are_batched_and_answer_as_alone(tmp_path: Path,
         for t in threads:
             t.join(60)
         assert store.batcher.stats.largest == len(QUESTIONS)
+        with live.admin() as c:
+            metrics = c.get("/metrics").text
+        assert f"kvrag_question_batch_largest {float(len(QUESTIONS))}" in metrics
+        assert f"kvrag_question_batch_requests_total {float(2 * len(QUESTIONS))}" in metrics
+        assert f"kvrag_question_batches_total {float(len(QUESTIONS) + 1)}" in metrics
         for i, before in enumerate(alone):
             got = answers[i]
             assert got["answer"] == before["answer"]
