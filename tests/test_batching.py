@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -109,18 +110,26 @@ def test_batcher_runs_a_lone_request_at_once_and_batches_the_waiting(runner: Run
         got = batcher.answer(requests[i])
         results[i], sizes[i] = got.generation.token_ids, got.batch_size
 
-    with lock:  # the model is busy: all four queue up and run as one batch once it is free
-        threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(requests))]
-        for t in threads:
-            t.start()
-        deadline = time.monotonic() + 10
-        while len(batcher._pending) < len(requests) and time.monotonic() < deadline:
-            time.sleep(0.01)
-    for t in threads:
-        t.join(30)
+    # The model is busy: all four queue up and run as one batch once it is free.
+    _queue_behind_busy_model(batcher, lock, [lambda i=i: ask(i) for i in range(len(requests))])
     assert results == dict(enumerate(expected))
     assert set(sizes.values()) == {len(requests)}
     assert batcher.stats.largest == len(requests)
+
+
+def _queue_behind_busy_model(batcher: QuestionBatcher, lock: threading.Lock, asks: list[Callable[[], object]]
+                             ) -> None:
+    """Run ``asks`` on threads while ``lock`` (the model) is held until all of them wait in the batcher, then
+    let the model go and wait for every answer."""
+    with lock:
+        threads = [threading.Thread(target=ask) for ask in asks]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 10
+        while len(batcher._pending) < len(asks) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    for t in threads:
+        t.join(30)
 
 
 def test_batcher_respects_the_max_batch_size(runner: Runner) -> None:
@@ -128,15 +137,7 @@ def test_batcher_respects_the_max_batch_size(runner: Runner) -> None:
     batcher = QuestionBatcher(runner, lock, max_batch=2)
     requests = _requests(runner, seed=6)
     sizes: list[int] = []
-    with lock:
-        threads = [threading.Thread(target=lambda r=r: sizes.append(batcher.answer(r).batch_size)) for r in requests]
-        for t in threads:
-            t.start()
-        deadline = time.monotonic() + 10
-        while len(batcher._pending) < len(requests) and time.monotonic() < deadline:
-            time.sleep(0.01)
-    for t in threads:
-        t.join(30)
+    _queue_behind_busy_model(batcher, lock, [lambda r=r: sizes.append(batcher.answer(r).batch_size) for r in requests])
     assert sorted(sizes) == [2, 2, 2, 2]
 
 
