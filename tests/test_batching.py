@@ -117,19 +117,20 @@ def test_batcher_runs_a_lone_request_at_once_and_batches_the_waiting(runner: Run
     assert batcher.stats.largest == len(requests)
 
 
-def _queue_behind_busy_model(batcher: QuestionBatcher, lock: threading.Lock, asks: list[Callable[[], object]]
-                             ) -> None:
+def _queue_behind_busy_model(batcher: QuestionBatcher, lock: threading.Lock, asks: list[Callable[[], object]],
+                             wait_s: float = 10, join_s: float = 30) -> None:
     """Run ``asks`` on threads while ``lock`` (the model) is held until all of them wait in the batcher, then
     let the model go and wait for every answer."""
     with lock:
         threads = [threading.Thread(target=ask) for ask in asks]
         for t in threads:
             t.start()
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + wait_s
         while len(batcher._pending) < len(asks) and time.monotonic() < deadline:
             time.sleep(0.01)
+        assert len(batcher._pending) == len(asks)
     for t in threads:
-        t.join(30)
+        t.join(join_s)
 
 
 def test_batcher_respects_the_max_batch_size(runner: Runner) -> None:
@@ -176,28 +177,24 @@ def _ask(live: LiveServer, question: str, k: int, max_new: int, stream: bool) ->
     return done
 
 
+def _bank_of_passages(live: LiveServer) -> None:
+    with live.admin() as c:
+        c.post("/v1/banks", json={"name": "batch"}).raise_for_status()
+        for doc_id, text in PASSAGES.items():
+            c.put(f"/v1/banks/batch/documents/{doc_id}", json={"text": text}).raise_for_status()
+
+
 def test_concurrent_http_queries_are_batched_and_answer_as_alone(tmp_path: Path, tiny_llm: LoadedModel,
                                                                   embedder: Embedder) -> None:
     with live_server("sqlite", tmp_path, tiny_llm, embedder, batch_max_size=8) as live:
-        with live.admin() as c:
-            c.post("/v1/banks", json={"name": "batch"}).raise_for_status()
-            for doc_id, text in PASSAGES.items():
-                c.put(f"/v1/banks/batch/documents/{doc_id}", json={"text": text}).raise_for_status()
+        _bank_of_passages(live)
         alone = [_ask(live, *q) for q in QUESTIONS]  # one at a time: each runs alone
         store = live.store
         assert store.batcher.stats.largest == 1
         answers: dict[int, dict[str, Any]] = {}
-        with store.model_lock:  # the model is busy: the queries retrieve, load and queue for one batch
-            threads = [threading.Thread(target=lambda i=i, q=q: answers.__setitem__(i, _ask(live, *q)))
-                       for i, q in enumerate(QUESTIONS)]
-            for t in threads:
-                t.start()
-            deadline = time.monotonic() + 30
-            while len(store.batcher._pending) < len(QUESTIONS) and time.monotonic() < deadline:
-                time.sleep(0.01)
-            assert len(store.batcher._pending) == len(QUESTIONS)
-        for t in threads:
-            t.join(60)
+        # The model is busy: the queries retrieve, load and queue for one batch.
+        asks = [lambda i=i, q=q: answers.__setitem__(i, _ask(live, *q)) for i, q in enumerate(QUESTIONS)]
+        _queue_behind_busy_model(store.batcher, store.model_lock, asks, wait_s=30, join_s=60)
         assert store.batcher.stats.largest == len(QUESTIONS)
         with live.admin() as c:
             metrics = c.get("/metrics").text
@@ -216,22 +213,10 @@ def test_more_waiting_queries_than_catalog_connections_all_reach_the_batcher(tmp
                                                                              embedder: Embedder) -> None:
     """A query waiting for its batch holds no catalog connection: 16 of them outnumber SQLite's pool (5 + 10)."""
     with live_server("sqlite", tmp_path, tiny_llm, embedder, batch_max_size=8) as live:
-        with live.admin() as c:
-            c.post("/v1/banks", json={"name": "batch"}).raise_for_status()
-            for doc_id, text in PASSAGES.items():
-                c.put(f"/v1/banks/batch/documents/{doc_id}", json={"text": text}).raise_for_status()
+        _bank_of_passages(live)
         store, n = live.store, 16
         answers: list[dict[str, Any]] = []
-        with store.model_lock:
-            threads = [threading.Thread(target=lambda q=QUESTIONS[i % len(QUESTIONS)]: answers.append(_ask(live, *q)))
-                       for i in range(n)]
-            for t in threads:
-                t.start()
-            deadline = time.monotonic() + 60
-            while len(store.batcher._pending) < n and time.monotonic() < deadline:
-                time.sleep(0.01)
-            assert len(store.batcher._pending) == n
-        for t in threads:
-            t.join(60)
+        asks = [lambda q=QUESTIONS[i % len(QUESTIONS)]: answers.append(_ask(live, *q)) for i in range(n)]
+        _queue_behind_busy_model(store.batcher, store.model_lock, asks, wait_s=60, join_s=60)
         assert len(answers) == n
         assert store.batcher.stats.largest == 8
