@@ -61,9 +61,10 @@ class _Record:
     softcap: float | None
     reduction: Reduction
 
-    def reduce(self) -> torch.Tensor:
-        """Attention per key row of a batch of one: ``[keys]``."""
-        return _attention_mass(self.query, self.key, self.mask, self.scaling, self.softcap, self.reduction)
+    def reduce(self, reduction: Reduction | None = None) -> torch.Tensor:
+        """Attention per key row of a batch of one: ``[keys]`` (by ``reduction``, else the recorded one)."""
+        return _attention_mass(self.query, self.key, self.mask, self.scaling, self.softcap,
+                               reduction or self.reduction)
 
     def reduce_row(self, row: int, tokens: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         """Attention per key of one row of a padded batch, over its real ``tokens`` and ``keys`` (column
@@ -175,24 +176,38 @@ def _scoring(runner: Runner, reduction: Reduction = "mean", limit: int | None = 
 
 
 @torch.inference_mode()
-def token_scores(runner: Runner, ctx: Context, question_ids: Sequence[int], reduction: Reduction = "mean",
-                 skip_layers: int = 0) -> torch.Tensor:
-    """Attention the question pays each context token (``reduction`` over heads and question tokens), mean
-    over the layers after the first ``skip_layers`` (at least the last layer votes): ``[context_tokens]``.
+def question_votes(runner: Runner, ctx: Context, question_ids: Sequence[int]
+                   ) -> Callable[[Reduction, int], torch.Tensor]:
+    """One question pass over ``ctx``, its attention reduced on demand: ``votes(reduction, skip_layers)`` is
+    :func:`token_scores`'s result, and several reductions cost one forward.
 
-    The question's own KV, appended during scoring, is dropped again: ``ctx`` is left as it was.
+    The question's own KV, appended during the pass, is dropped again: ``ctx`` is left as it was.
     """
     rows = ctx.cache.get_seq_length()
     device = ctx.cache.layers[0].keys.device
     positions = torch.arange(ctx.next_position, ctx.next_position + len(question_ids), device=device)
     decoder: Callable[..., object] = runner.model.get_decoder()
-    with _scoring(runner, reduction) as collector:
+    with _scoring(runner) as collector:
         # The decoder alone: only the attention is wanted, the LM head over the vocabulary would be wasted.
         decoder(input_ids=torch.tensor([list(question_ids)], device=device), position_ids=positions[None],
                 past_key_values=ctx.cache, use_cache=True)
     for layer in ctx.cache.layers:
         layer.keys, layer.values = layer.keys[:, :, :rows], layer.values[:, :, :rows]
-    return _context_votes(collector.scores(), rows, ctx.context_tokens, skip_layers)
+
+    @torch.inference_mode()
+    def votes(reduction: Reduction, skip_layers: int) -> torch.Tensor:
+        return _context_votes([r.reduce(reduction) for r in collector.records], rows, ctx.context_tokens,
+                              skip_layers)
+
+    return votes
+
+
+def token_scores(runner: Runner, ctx: Context, question_ids: Sequence[int], reduction: Reduction = "mean",
+                 skip_layers: int = 0) -> torch.Tensor:
+    """Attention the question pays each context token (``reduction`` over heads and question tokens), mean
+    over the layers after the first ``skip_layers`` (at least the last layer votes): ``[context_tokens]``.
+    ``ctx`` is left as it was."""
+    return question_votes(runner, ctx, question_ids)(reduction, skip_layers)
 
 
 def _context_votes(per_layer: Sequence[torch.Tensor], rows: int, context_tokens: int,

@@ -12,7 +12,7 @@ are run over the session's KV, every trajectory position is scored by the attent
 (one shared mask over layers and heads, :mod:`kvstore.compaction`), and ``budget_tokens`` (or as many as
 score above ``median + tau * MAD``) are kept, always with the first tokens and each segment's first
 token: by default whole segments in order of density of the peak attention any head pays them (layers
-2+, a second pass of the task), then the best chunks in what is left (``selection="tokens"``: the best
+2+, from the same task pass), then the best chunks in what is left (``selection="tokens"``: the best
 positions by the mean attention, one by one). Kept tokens stay at their original positions.
 Each brief also records every segment's share of the attention relative to an even share (1 / live
 segments, the attention sinks left out), the signal of the ``attention`` prune.
@@ -66,8 +66,8 @@ from .compaction import (
     CompactionSpec,
     Selection,
     keep_mask,
+    question_votes,
     segment_keep_mask,
-    token_scores,
 )
 from .constrained import greedy_id_list, list_tokens
 from .errors import Conflict, CorruptBlock, IncompatibleModel, NotFound, PayloadTooLarge, ValidationFailed
@@ -756,18 +756,19 @@ class SessionStore:
         """
         ctx = self._context(state, next_offset)
         # The task's attention over the trajectory: the compaction signal and the attention prune's record.
-        scores = token_scores(self.runner, ctx, task_ids) if state.tokens else None
+        votes = question_votes(self.runner, ctx, task_ids) if state.tokens else None
+        scores = votes("mean", 0) if votes is not None else None
         if (spec is None or scores is None) and docs is None:
             return ctx, state.tokens, scores
         kept = state
-        if spec is not None and scores is not None:
+        if spec is not None and votes is not None and scores is not None:
             boundaries = torch.tensor([a for a, t in state.spans if t], dtype=torch.long, device=scores.device)
             keep = keep_mask(scores, spec, KEEP_FIRST, always=boundaries)
             if selection == "segments":
                 # The token rule (tau and/or budget) says how many tokens to keep; segments spend them, ranked
                 # by peak attention: on SQuAD trajectories the mean (kept for the prune's record) picked the
                 # wrong passages and lost 0.8 nats of gold-answer NLL, the peak none (docs/BENCHMARKS.md).
-                peak = token_scores(self.runner, ctx, task_ids, reduction="peak", skip_layers=COMPACTION_SKIP_LAYERS)
+                peak = votes("peak", COMPACTION_SKIP_LAYERS)
                 keep = segment_keep_mask(peak, state.spans, int(keep.sum()))
             kept = SessionKV(segment_ids=state.segment_ids, positions=state.positions[keep], spans=[],
                              kv=BlockKV(k=state.kv.k[:, :, keep], v=state.kv.v[:, :, keep]))

@@ -356,7 +356,7 @@ def test_attention_prune_drops_an_unattended_segment_and_keeps_an_attended_one(
     tokens = [g.tokens for g in sessions.get("agents", "s").segments]
     spans = [(sum(tokens[:i]), t) for i, t in enumerate(tokens)]  # rows in the live KV
 
-    def constructed(runner: object, ctx: object, task_ids: object) -> torch.Tensor:
+    def constructed(runner: object, ctx: object, task_ids: object) -> Callable[[str, int], torch.Tensor]:
         scores = torch.full((sum(tokens),), 0.01)
         a, t = spans[1]
         scores[a:a + t] = 1.0  # attended
@@ -364,9 +364,9 @@ def test_attention_prune_drops_an_unattended_segment_and_keeps_an_attended_one(
         scores[a:a + t] = 0.0  # ignored by every brief...
         scores[a] = 50.0  # ...but for its boundary token, a sink that must not count
         scores[:4] = 50.0  # the first tokens: sinks too
-        return scores
+        return lambda reduction, skip_layers: scores
 
-    monkeypatch.setattr(mod, "token_scores", constructed)
+    monkeypatch.setattr(mod, "question_votes", constructed)
     for _ in range(2):
         sessions.brief("agents", "s", TASK, max_new_tokens=1)
     before = sessions.get("agents", "s").tokens
