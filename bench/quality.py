@@ -276,9 +276,17 @@ def plot(rows: Sequence[dict[str, Any]]) -> Figure:
     return fig
 
 
+def held_out_questions(questions: Sequence[Question], published: int, count: int) -> list[Question]:
+    """``count`` questions spread over those a ``published``-question run does not ask: a dev set to tune on
+    that never overlaps the questions the published numbers come from."""
+    asked = {q.qid for q in pick_questions(questions, published)}
+    return pick_questions([q for q in questions if q.qid not in asked], count)
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     squad = load_or_exit(args.data)
-    questions = pick_questions(squad.questions, args.questions)
+    questions = (held_out_questions(squad.questions, args.held_out, args.questions) if args.held_out
+                 else pick_questions(squad.questions, args.questions))
     ks = sorted(args.k)
     unknown = set(args.variants) - VARIANTS.keys()
     if unknown:
@@ -299,6 +307,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "benchmark": "quality",
         "data": str(args.data),
         "questions": len(questions),
+        "held_out_from": args.held_out,
         "ks": ks,
         "max_new_tokens": args.max_new_tokens,
         "reference": REFERENCE,
@@ -336,8 +345,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=24, help="greedy answer length cap (default: 24)")
     parser.add_argument("--variants", nargs="+", default=[n for n in VARIANTS if n != REFERENCE],
                         help=f"variants besides the text reference (known: {', '.join(VARIANTS)})".replace("%", "%%"))
-    result = run(parser.parse_args(argv))
+    parser.add_argument("--held-out", type=int, default=0, metavar="N",
+                        help="dev run: ask --questions questions spread over those an N-question run does not ask "
+                             "(tuning never sees the published questions); prints the table, writes nothing")
+    args = parser.parse_args(argv)
+    result = run(args)
     print_table(f"quality vs text mode, {result['questions']} questions", TABLE_HEADERS, table_rows(result["rows"]))
+    if args.held_out:
+        return
     print(f"wrote {write_json('quality', result)} and {save_figure(plot(result['rows']), 'quality')}")
     markdown = doc_markdown(result, TABLE_HEADERS, table_rows(result["rows"]))
     publish_doc_table("quality", markdown)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import statistics
 
-from bench.quality import summarise
-from bench.squad import bootstrap_ci
+from bench.quality import held_out_questions, summarise
+from bench.squad import Question, bootstrap_ci, pick_questions
 
 
 def test_bootstrap_interval_holds_the_mean_and_is_reproducible() -> None:
@@ -28,3 +28,11 @@ def test_summary_pairs_each_variant_with_text_by_question() -> None:
     assert rows["kv"]["f1_vs_text"] == 0.0  # -0.5 on a, +0.5 on b: paired by question, not by order
     low, high = rows["kv"]["f1_vs_text_ci95"]
     assert low == -0.5 and high == 0.5
+
+
+def test_held_out_questions_never_overlap_the_published_spread() -> None:
+    questions = [Question(qid=f"q{i}", text="?", answers=("a",), paragraph=0) for i in range(96)]
+    dev = held_out_questions(questions, 60, 20)
+    published = {q.qid for q in pick_questions(questions, 60)}
+    assert len(dev) == 20 and len({q.qid for q in dev}) == 20
+    assert not published & {q.qid for q in dev}
