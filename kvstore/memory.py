@@ -145,12 +145,13 @@ def policy_scores(policy: str, cands: Sequence[Candidate], cfg: MemoryConfig) ->
         # Recency only breaks ties (e.g. blocks no query has attended to yet).
         return np.asarray([c.importance for c in cands]) + prior + 1e-9 * recency
     if policy == "hybrid":
-        # Recency lives in the heat's decay; the rank only orders equals (e.g. blocks never used yet,
-        # oldest first, as under LRU).
+        # Value per byte kept (GreedyDual-Size-Frequency): the budget is bytes and a hit is a block, so of two
+        # equally valued blocks the larger one goes first and the bytes it frees keep more hits. Recency lives
+        # in the heat's decay; the rank only orders equals (e.g. blocks never used yet, oldest first).
         w_heat, w_imp = cfg.hybrid_weights
-        heat = _norm01([c.heat for c in cands])
-        imp = _norm01([c.importance for c in cands])
-        return w_heat * heat + w_imp * imp + prior + 1e-9 * recency
+        value = w_heat * _norm01([c.heat for c in cands]) + w_imp * _norm01([c.importance for c in cands])
+        nbytes = np.maximum(np.asarray([c.stored_bytes for c in cands], dtype=np.float64), 1.0)
+        return value * (nbytes.mean() / nbytes) + prior + 1e-9 * recency
     raise ValueError(f"unknown eviction policy {policy!r}; one of {POLICIES}")
 
 

@@ -193,6 +193,21 @@ def test_hybrid_heat_decays_so_recency_still_counts() -> None:
     assert policy_scores("hybrid", [hot_a, hot_b], cfg).argmin() == 0
 
 
+def test_hybrid_evicts_the_larger_of_equally_valued_blocks_first() -> None:
+    """Value per byte: freeing one large block keeps more blocks (hits) warm than freeing a small one."""
+    now, cfg = 1e6, MemoryConfig()
+    small, large = (Candidate(1, "s", 1_000, now, 3, 0.5, 0.0, False, heat=3.0),
+                    Candidate(2, "l", 4_000, now, 3, 0.5, 0.0, False, heat=3.0))
+    assert policy_scores("hybrid", [small, large], cfg).argmin() == 1
+    # A four-times-larger block used five times as often still outweighs the small one per byte.
+    small.heat, small.importance = 0.6, 0.1
+    assert policy_scores("hybrid", [small, large], cfg).argmin() == 0
+    plan = plan_eviction([Candidate(3, "a", 1_000, now, 1, 0.2, 0.0, False, heat=1.0),
+                          Candidate(4, "b", 1_000, now, 1, 0.2, 0.0, False, heat=1.0), large], "hybrid",
+                         budget_bytes=2_500, max_blocks=None, cfg=cfg)
+    assert plan.block_ids == [2] and plan.bytes_after == 2_000
+
+
 # -- importance ------------------------------------------------------------------------------------
 
 LONG = ("The Normans were the people who in the 10th and 11th centuries gave their name to Normandy, a region "
