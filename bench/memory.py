@@ -227,11 +227,48 @@ def retrieval_trace(store: BankStore, stream: Sequence[tuple[str, bool]], k: int
         return [[b.id for b, _, _ in store._retrieve(s, bank, text, k, None)] for text, _ in stream]
 
 
+def attention_trace(store: BankStore, stream: Sequence[tuple[str, bool]], k: int,
+                    cache: Path | None) -> list[list[float]]:
+    """The share of each query's attention on each block it retrieves, as a real kv query records it (the
+    model answers one token on an unbudgeted clone of the reference). Policy-independent like the retrieval
+    trace, since a cold block's prefilled KV is the warm one's; kept in ``cache`` for the same stream."""
+    texts = [text for text, _ in stream]
+    if cache is not None and cache.exists():
+        saved = json.loads(cache.read_text())
+        if saved["texts"] == texts and saved["k"] == k:
+            return [list(shares) for shares in saved["shares"]]
+    captured: list[list[float] | None] = []
+    memory = store.memory
+    single, batched = memory.attention_shares, memory.block_shares
+
+    def spy_single(*args: Any, **kwargs: Any) -> list[float] | None:
+        captured.append(single(*args, **kwargs))
+        return captured[-1]
+
+    def spy_batched(*args: Any, **kwargs: Any) -> list[float] | None:
+        captured.append(batched(*args, **kwargs))
+        return captured[-1]
+
+    clone_bank(store, REFERENCE, "attention-trace", "lru")
+    memory.attention_shares, memory.block_shares = spy_single, spy_batched  # type: ignore[method-assign]
+    try:
+        for text in tqdm(texts, desc="attention trace", unit="q", mininterval=10):
+            store.query("attention-trace", text, k=k, max_new_tokens=1)
+    finally:
+        memory.attention_shares, memory.block_shares = single, batched  # type: ignore[method-assign]
+        store.delete_bank("attention-trace")
+    shares = [list(s) if s is not None else [] for s in captured]
+    if cache is not None:
+        cache.write_text(json.dumps({"texts": texts, "k": k, "shares": shares}) + "\n")
+    return shares
+
+
 def replay(store: BankStore, trace: Sequence[Sequence[int]], policy: str, budget_bytes: int,
-           warmup: int) -> dict[str, Any]:
+           warmup: int, shares: Sequence[Sequence[float]] | None = None) -> dict[str, Any]:
     """Replay the trace through ``plan_eviction`` as ``BankStore.query`` drives it, without a model or a hot
-    tier: the query's blocks are accessed (count, heat, an equal attention share each), cold ones re-warmed,
-    then the budget enforced. One query per simulated second (heat and importance barely decay)."""
+    tier: the query's blocks are accessed (count, heat, and their attention shares: ``shares`` as the model
+    recorded them, else an equal share each), cold ones re-warmed, then the budget enforced. One query per
+    simulated second (heat and importance barely decay)."""
     cfg = store.memory.config
     with store.sessions() as s:
         rows = s.execute(select(BlockRow.id, BlockRow.blob_id, BlockRow.stored_bytes, BlockRow.created_at).where(
@@ -249,13 +286,14 @@ def replay(store: BankStore, trace: Sequence[Sequence[int]], policy: str, budget
     hits = misses = 0
     for i, ids in enumerate(trace):
         now = start + i
-        for b in ids:
+        share = shares[i] if shares is not None and shares[i] else [1.0 / len(ids)] * len(ids)
+        for b, attention in zip(ids, share, strict=True):
             c = cands[b]
             if i >= warmup:
                 hits, misses = (hits + 1, misses) if b in warm else (hits, misses + 1)
             age = now - c.touched
             c.heat = c.heat * 0.5 ** (age / cfg.heat_half_life_s) + 1.0
-            c.importance = c.importance * 0.5 ** (age / cfg.importance_half_life_s) + 1.0 / len(ids)
+            c.importance = c.importance * 0.5 ** (age / cfg.importance_half_life_s) + attention
             c.access_count, c.touched = c.access_count + 1, now
         if not warm.issuperset(ids):
             warm.update(ids)
@@ -311,7 +349,9 @@ def publish_replay(store: BankStore, args: argparse.Namespace, stream: Sequence[
                    raw_bytes: int, stored_bytes: int) -> None:
     """``--replay``: every policy and budget on the stream's retrieval trace; json, table, BENCHMARKS span."""
     trace = retrieval_trace(store, stream, args.k)
-    runs = [replay(store, trace, policy, int(fraction * raw_bytes), warmup) | {"budget_fraction": fraction}
+    shares = (attention_trace(store, stream, args.k, args.data_dir / "attention_trace.json" if args.data_dir else None)
+              if args.replay_attention else None)
+    runs = [replay(store, trace, policy, int(fraction * raw_bytes), warmup, shares) | {"budget_fraction": fraction}
             for fraction in args.budgets for policy in POLICIES]
     name = ("memory" if args.model == "packaged" else "memory_tiny") + "_replay"
     command = " ".join(["python -m bench.memory", *sys.argv[1:]])
@@ -388,6 +428,9 @@ def main() -> None:
     parser.add_argument("--replay", action="store_true",
                         help="replay the stream's retrieval trace through the eviction planner only (no answers, "
                              "no hot tier; seconds): warm hit rate per policy and budget")
+    parser.add_argument("--replay-attention", action="store_true",
+                        help="with --replay: importance from the attention the model really pays each retrieved "
+                             "block (one answer token per query, kept under --data-dir), not equal shares")
     args = parser.parse_args()
     runs_dir = args.runs_dir or (args.data_dir / "runs" if args.data_dir else None)
     if args.only and runs_dir is None:
