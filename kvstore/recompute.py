@@ -8,22 +8,26 @@ deviation and that an early layer already tells which ones:
 0. **Question attention** (when the question is given): the question is run once over the stored KV and
    the attention it pays each context token is recorded (:func:`kvstore.compaction.token_scores`, mean over
    heads, question tokens and every layer: stopping at half depth left 60% more KL). A token's stale
-   value moves the answer by about its attention times its error, so only the ``CANDIDATES`` x count most
-   attended tokens are candidates; the first block (encoded right after the prefix, ``exact_tokens``) never is.
-1. **Probe**: the candidates run through the first layers, up to ``PROBE_DEPTH`` of the depth, attending to
-   the whole assembled context; their fresh values at that layer are compared with the stored ones. The
-   forward stops there, the candidates' KV of those layers is kept, and so are their hidden states.
-2. **Recompute**: the ``ratio`` candidates with the largest deviation x attention resume from those hidden
-   states through the remaining layers, at their true positions, each attending to every context token
-   before it. At each layer their new K/V replace the stored rows before attention, so later selected
-   tokens see them; the other tokens keep stored KV.
+   value moves the answer by about its attention times its error, so only the most attended tokens (the
+   first ``PROBE_STAGES`` multiple x count) are candidates; the first block (encoded right after the prefix,
+   ``exact_tokens``) never is.
+1. **Probe**, in stages (``PROBE_STAGES``): the candidates run through the first layers, up to the stage's
+   share of the depth, attending to the whole assembled context; their fresh values at that layer are
+   compared with the stored ones, the forward stops there and their KV of those layers is kept. The best of
+   them by deviation x attention go on from their hidden states to the next stage's deeper check layer: 2 x
+   count to layer 2 of 30, then 1.5 x count to layer 9. Every probed token's first layers become exact, and
+   the deeper check ranks better; narrowing keeps the cost of one 2 x count probe to layer 5.
+2. **Recompute**: the ``ratio`` candidates with the largest deviation x attention at the last check layer
+   resume from their hidden states through the remaining layers, at their true positions, each attending to
+   every context token before it. At each layer their new K/V replace the stored rows before attention, so
+   later selected tokens see them; the other tokens keep stored KV.
 
 Measured on SmolLM2 at k = 5 (docs/BENCHMARKS.md): a probe of every token at layer 1 then a full recompute
 from layer 0 (the first version) left KL 0.057 at 15%; probing deeper is what lowers KL, and probing only
-the candidates pays for it. Without a question, every token not known exact is probed and ranked by
-deviation alone.
+the candidates, narrowing as the probe goes deeper, pays for it. Without a question, every token not known
+exact enters the first stage and deviation alone ranks.
 
-Both passes are the model's own forward: the cache handed to it (:class:`_ScatterCache`) writes the new
+Every pass is the model's own forward: the cache handed to it (:class:`_ScatterCache`) writes the new
 K/V rows at the selected indices and returns the whole layer, and an explicit 4D mask (one per layer
 type, for models with sliding-window layers) gives each selected token the causal view of its position.
 So every RoPE decoder transformers implements works without re-implementing its layers.
@@ -51,10 +55,21 @@ from .runner import Context, Runner
 # so recompute is opt-in there. CUDA is not measured yet: same default until it is.
 DEFAULT_RATIO_CPU = 0.0
 DEFAULT_RATIO_CUDA = 0.0
-# docs/BENCHMARKS.md, "How the selection and the scoring were chosen": the probe runs the question's most
-# attended ``CANDIDATES`` x count tokens through the first ``PROBE_DEPTH`` of the layers (layer 5 of 30).
-PROBE_DEPTH = 0.17
-CANDIDATES = 2.0
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One probe pass: ``multiple`` x count candidates run up to ``depth`` of the layers (the check layer is
+    ``round(depth * (layers - 1))``); the next stage, or the recompute, keeps the best of them."""
+
+    depth: float
+    multiple: float
+
+
+# docs/BENCHMARKS.md, "How the selection and the scoring were chosen": the question's most attended 2 x count
+# tokens are probed through layers 0-2 of 30, the best 1.5 x count of them go on to layer 9, and the best count
+# of those resume through the rest (one probe of 2 x count to layer 5 cost the same and left more KL).
+PROBE_STAGES = (Stage(0.07, 2.0), Stage(0.31, 1.5))
 
 
 def default_ratio(device: torch.device | str) -> float:
@@ -167,74 +182,86 @@ def _forward(runner: Runner, cache: _ScatterCache, positions: torch.Tensor, inpu
 
 @dataclass
 class _Probe:
-    """What the probe pass learned about the tokens it ran: their deviation at the check layer and, when layers
-    follow it, their hidden states entering the next layer (where a recompute of them resumes)."""
+    """What a probe pass learned about the tokens it ran: their deviation at the check layer and, when layers
+    follow it, their hidden states entering the next layer (where a later pass over them resumes)."""
 
     deviation: torch.Tensor  # [probed] squared value deviation at the check layer
     hidden: torch.Tensor | None  # [probed, hidden_size] entering layer check_layer + 1
 
 
-def _probe(runner: Runner, ctx: Context, ids: torch.Tensor, index: torch.Tensor, check_layer: int) -> _Probe:
-    """Run the context tokens at ``index: [probed]`` (ascending; ``ids: [context_tokens]``) through layers
-    ``0..check_layer``, attending to the whole assembled context, write their new KV for those layers into
-    ``ctx`` and stop."""
+def _probe(runner: Runner, ctx: Context, index: torch.Tensor, inputs: torch.Tensor, check_layer: int,
+           start: int = 0) -> _Probe:
+    """Run the context tokens at ``index: [probed]`` (ascending) through layers ``start..check_layer``, attending to
+    the whole assembled context, write their new KV for those layers into ``ctx`` and stop. ``inputs`` are their
+    token ids ``[probed]`` when ``start`` is 0, else their hidden states entering layer ``start``."""
     rows = index + ctx.next_position - ctx.context_tokens
     cache = _ScatterCache(ctx, rows, probe_layer=check_layer)
     with stop_before(runner, check_layer + 1) as entered:
-        _forward(runner, cache, rows, ids[index])
+        _forward(runner, cache, rows, inputs, start=start)
     assert cache.deviation is not None
     return _Probe(cache.deviation, entered[0][0] if entered else None)
 
 
-def probe_layer(runner: Runner) -> int:
-    """The default check layer: ``PROBE_DEPTH`` of the model's depth."""
-    return round(PROBE_DEPTH * (runner.num_layers - 1))
+def probe_stages(runner: Runner, stages: Sequence[Stage] = PROBE_STAGES) -> list[tuple[int, float]]:
+    """``stages`` as ``(check layer, candidate multiple)`` on ``runner``'s depth, check layers strictly rising (a
+    stage that would not go deeper than the one before it is dropped, as on a model of a few layers)."""
+    last = runner.num_layers - 1
+    out: list[tuple[int, float]] = []
+    for stage in stages:
+        layer = min(round(stage.depth * last), last)
+        if not out or layer > out[-1][0]:
+            out.append((layer, stage.multiple))
+    return out
 
 
-def _select(runner: Runner, ctx: Context, ids: torch.Tensor, count: int, check_layer: int,
+def _select(runner: Runner, ctx: Context, ids: torch.Tensor, count: int, stages: Sequence[tuple[int, float]],
             question_ids: Sequence[int] | None, exact_tokens: int) -> tuple[torch.Tensor, _Probe]:
-    """The ``count`` chosen context indices (ascending) and the probe of just those tokens."""
+    """The ``count`` chosen context indices (ascending) and the last probe stage's view of just those tokens."""
     n = ctx.context_tokens
     if question_ids:
         # Scored on the stored KV, before the probe rewrites any row: [context_tokens].
         attention = token_scores(runner, ctx, question_ids)
         attention[:exact_tokens] = 0.0  # already what a text prefill gives: recomputing them changes nothing
-        candidates = attention.topk(min(n, max(count, round(CANDIDATES * count)))).indices.sort().values
-        weight = attention[candidates]
+        first = min(n, max(count, round(stages[0][1] * count)))
+        candidates = attention.topk(first).indices.sort().values
+        weight: torch.Tensor | None = attention[candidates]
     else:
         candidates = torch.arange(exact_tokens if n - exact_tokens >= count else 0, n, device=ids.device)
         weight = None
-    probe = _probe(runner, ctx, ids, candidates, check_layer)
-    # A stale value moves the question's attention output by about (its attention) x (its error), so the
-    # product ranks the tokens whose recompute changes the answer most; deviation alone also picks tokens
-    # the question never reads.
-    score = probe.deviation if weight is None else probe.deviation * weight.to(probe.deviation)
-    pick = score.topk(count).indices.sort().values
-    hidden = probe.hidden[pick] if probe.hidden is not None else None
-    return candidates[pick], _Probe(probe.deviation[pick], hidden)
-
-
-def _check_layer(runner: Runner, check_layer: int | None) -> int:
-    return probe_layer(runner) if check_layer is None else min(check_layer, runner.num_layers - 1)
+    inputs, start = ids[candidates], 0
+    for i, (layer, _) in enumerate(stages):
+        probe = _probe(runner, ctx, candidates, inputs, layer, start)
+        # A stale value moves the question's attention output by about (its attention) x (its error), so the
+        # product ranks the tokens whose recompute changes the answer most; deviation alone also picks tokens
+        # the question never reads. Each stage measures it deeper, on fewer tokens.
+        score = probe.deviation if weight is None else probe.deviation * weight.to(probe.deviation)
+        keep = count if i + 1 == len(stages) else min(len(candidates), max(count, round(stages[i + 1][1] * count)))
+        pick = score.topk(keep).indices.sort().values
+        candidates, weight = candidates[pick], None if weight is None else weight[pick]
+        if probe.hidden is None:  # the stage reached the last layer: nothing is left to run
+            return candidates, _Probe(probe.deviation[pick], None)
+        inputs, start = probe.hidden[pick], layer + 1
+    return candidates, _Probe(probe.deviation[pick], inputs)
 
 
 @torch.inference_mode()
 def select_tokens(runner: Runner, ctx: Context, context_ids: Sequence[int], count: int,
-                  check_layer: int | None = None, question_ids: Sequence[int] | None = None,
+                  stages: Sequence[Stage] = PROBE_STAGES, question_ids: Sequence[int] | None = None,
                   exact_tokens: int = 0) -> torch.Tensor:
     """Indices (into the context, ascending) of the ``count`` tokens that matter most (see the module doc):
-    among the question's most attended tokens, those whose values at ``check_layer`` (None: the default probe
-    layer) deviate most, weighted by that attention; without ``question_ids``, by deviation alone over every
-    token. The first ``exact_tokens`` context tokens are known exact and not candidates. The probed tokens'
-    KV for layers ``<= check_layer`` is rewritten in ``ctx``."""
+    among the question's most attended tokens, those whose values deviate most at each probe stage's check
+    layer, weighted by that attention; without ``question_ids``, by deviation alone, every token entering the
+    first stage. The first ``exact_tokens`` context tokens are known exact and not candidates. Each probed
+    token's KV is rewritten in ``ctx`` for the layers its stages ran."""
     device = ctx.cache.layers[0].keys.device
     ids = torch.tensor(list(context_ids), device=device)
-    return _select(runner, ctx, ids, count, _check_layer(runner, check_layer), question_ids, exact_tokens)[0]
+    return _select(runner, ctx, ids, count, probe_stages(runner, stages), question_ids, exact_tokens)[0]
 
 
 @torch.inference_mode()
-def blend(runner: Runner, ctx: Context, context_ids: Sequence[int], ratio: float, check_layer: int | None = None,
-          question_ids: Sequence[int] | None = None, exact_tokens: int = 0) -> int:
+def blend(runner: Runner, ctx: Context, context_ids: Sequence[int], ratio: float,
+          stages: Sequence[Stage] = PROBE_STAGES, question_ids: Sequence[int] | None = None,
+          exact_tokens: int = 0) -> int:
     """Recompute the KV of the ``ratio`` context tokens that matter most in ``ctx`` (in place).
 
     ``context_ids`` are the context's token ids (the assembled blocks', in order); ``exact_tokens``, how many of
@@ -258,11 +285,11 @@ def blend(runner: Runner, ctx: Context, context_ids: Sequence[int], ratio: float
         chosen = torch.arange(n, device=device)  # everything: the probe would only cost time
         _forward(runner, _ScatterCache(ctx, chosen + p), chosen + p, ids)
         return count
-    layer = _check_layer(runner, check_layer)
-    chosen, probe = _select(runner, ctx, ids, count, layer, question_ids, exact_tokens)
+    layers = probe_stages(runner, stages)
+    chosen, probe = _select(runner, ctx, ids, count, layers, question_ids, exact_tokens)
     if probe.hidden is not None:
-        # The probe already wrote the chosen tokens' KV up to the check layer, and their hidden states entering
-        # the next layer are what a run from their embeddings would reach there: resume from those.
+        # The probes already wrote the chosen tokens' KV up to the last check layer, and their hidden states
+        # entering the next layer are what a run from their embeddings would reach there: resume from those.
         rows = chosen + p
-        _forward(runner, _ScatterCache(ctx, rows), rows, probe.hidden, start=layer + 1)
+        _forward(runner, _ScatterCache(ctx, rows), rows, probe.hidden, start=layers[-1][0] + 1)
     return count

@@ -127,10 +127,10 @@ def test_recompute_resumes_from_the_probe_hidden_states(runner: Runner) -> None:
     built = []
     for resume in (True, False):
         ctx = runner.assemble(kvs)
-        layer = recompute.probe_layer(runner)
-        assert 0 < layer < runner.num_layers - 1
+        layer = recompute.probe_stages(runner)[0][0]
+        assert layer < runner.num_layers - 1
         with torch.inference_mode():
-            probe = recompute._probe(runner, ctx, token_ids, torch.arange(len(ids)), layer)
+            probe = recompute._probe(runner, ctx, torch.arange(len(ids)), token_ids, layer)
             chosen = probe.deviation.topk(len(ids) // 3).indices.sort().values
             rows = chosen + ctx.next_position - ctx.context_tokens
             assert probe.hidden is not None and probe.hidden.shape[0] == len(ids)
@@ -156,8 +156,8 @@ def test_exact_leading_tokens_are_not_chosen(runner: Runner, weighted: bool) -> 
 
 
 def test_partial_ratios_recompute_only_the_candidates_rows(runner: Runner) -> None:
-    """A question-weighted recompute rewrites the rows of the probed candidates (at most CANDIDATES x count)
-    and nothing else, and ratio 1 with the question is still the text path."""
+    """A question-weighted recompute rewrites the rows of the probed candidates (at most the first stage's multiple
+    x count) and nothing else, and ratio 1 with the question is still the text path."""
     blocks, ids, question, _ = _case(runner)
     kvs = runner.encode(blocks)
     before = runner.assemble(kvs)
@@ -169,4 +169,33 @@ def test_partial_ratios_recompute_only_the_candidates_rows(runner: Runner) -> No
             changed |= (old - new).abs().amax(dim=(0, 1, 3)) > 0
     p = ctx.next_position - ctx.context_tokens
     assert not bool(changed[:p].any())
-    assert count <= int(changed.sum()) <= round(recompute.CANDIDATES * count)
+    assert count <= int(changed.sum()) <= round(recompute.PROBE_STAGES[0].multiple * count)
+
+
+def test_probe_stages_narrow_as_they_go_deeper(runner: Runner) -> None:
+    """Each probe stage rewrites the rows of fewer tokens than the stage before: 2 x count up to the first check
+    layer, 1.5 x count up to the second, exactly the chosen count in the layers after it. (Layer 0's KV is the
+    same at any context, so stages check layers 1 and 2 of the 4 here.)"""
+    blocks, ids, question, _ = _case(runner)
+    stages = (recompute.Stage(0.34, 2.0), recompute.Stage(0.67, 1.5))
+    assert [layer for layer, _ in recompute.probe_stages(runner, stages)] == [1, 2]
+    kvs = runner.encode(blocks)
+    before, ctx = runner.assemble(kvs), runner.assemble(kvs)
+    count = blend(runner, ctx, ids, 0.2, stages, question_ids=question)
+    changed = [int(((a.values - b.values).abs().amax(dim=(0, 1, 3)) > 0).sum())
+               for a, b in zip(before.cache.layers, ctx.cache.layers, strict=True)]
+    first, second = (round(stage.multiple * count) for stage in stages)
+    assert count < changed[1] <= first and count <= changed[2] <= second < first
+    assert changed[3] == count
+
+
+def test_probe_stages_keep_rising_check_layers() -> None:
+    """A stage that would not check a deeper layer than the one before it is dropped (models of few layers)."""
+    class Depth:
+        def __init__(self, num_layers: int) -> None:
+            self.num_layers = num_layers
+
+    stages = (recompute.Stage(0.07, 2.0), recompute.Stage(0.31, 1.5))
+    assert recompute.probe_stages(Depth(30), stages) == [(2, 2.0), (9, 1.5)]  # type: ignore[arg-type]
+    assert recompute.probe_stages(Depth(2), stages) == [(0, 2.0)]  # type: ignore[arg-type]
+    assert recompute.probe_stages(Depth(1), (recompute.Stage(1.0, 2.0),)) == [(0, 2.0)]  # type: ignore[arg-type]
