@@ -7,7 +7,9 @@ blocks each, as there) it measures
   answer when only that head's keys (values) are quantized at 3 bits (Hadamard-rotated, as ``rot*``),
   on the first ``--sensitivity-questions`` questions;
 - the query energy of every key channel: mean squared pre-RoPE query of the question and answer tokens,
-  summed over the query heads sharing the KV head and over each RoPE pair (a pair turns together).
+  summed over the query heads sharing the KV head and over each RoPE pair (a pair turns together);
+- the mean pre-RoPE query of every query head, placed 40-620 tokens after a key and averaged
+  (``queries``): the ``tier*`` presets rank a block's tokens by the attention it predicts.
 
 Key weights are ``sensitivity / (sum of rotated squared channel ranges * 4**-3 / 12)`` times the
 channel's query energy over its head's mean, so ``weight * range**2 * 4**-bits`` is the channel's KL
@@ -81,19 +83,22 @@ def sensitivities(runner: Runner, kv: dict[int, BlockKV], cases: Sequence[Case])
     return out
 
 
-def query_energy(runner: Runner, kv: dict[int, BlockKV], cases: Sequence[Case]) -> torch.Tensor:
-    """``[L, H, D]``: mean squared pre-RoPE query per channel of the question + answer tokens, summed over
-    the query heads of each KV head and over each RoPE pair (channels c and c + D/2)."""
+def query_stats(runner: Runner, kv: dict[int, BlockKV], cases: Sequence[Case]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pre-RoPE queries of the question + answer tokens: ``energy: [L, H, D]``, the mean squared query per
+    channel summed over the query heads of each KV head and over each RoPE pair (channels c and c + D/2),
+    and ``mean: [L, QH, D]``, the mean query of every query head."""
     config = runner.model.config
     layers = runner.model.model.layers
     q_heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     dim = next(iter(kv.values())).k.shape[-1]
     sums = [torch.zeros(q_heads * dim) for _ in layers]
+    linear = [torch.zeros(q_heads * dim) for _ in layers]
     count = 0
 
     def hook(index: int):
         def record(_module, _inputs, output: torch.Tensor) -> None:
             sums[index].add_((output[0].float() ** 2).sum(0))
+            linear[index].add_(output[0].float().sum(0))
         return record
 
     handles = [layer.self_attn.q_proj.register_forward_hook(hook(i)) for i, layer in enumerate(layers)]
@@ -106,7 +111,23 @@ def query_energy(runner: Runner, kv: dict[int, BlockKV], cases: Sequence[Case]) 
             handle.remove()
     energy = torch.stack(sums).view(len(layers), kv_heads, q_heads // kv_heads, dim).sum(2) / count
     pair = energy[..., :dim // 2] + energy[..., dim // 2:]
-    return torch.cat([pair, pair], -1)
+    return torch.cat([pair, pair], -1), torch.stack(linear).view(len(layers), q_heads, dim) / count
+
+
+DISTANCES = torch.arange(40, 640, 20)  # question-to-token distances the tier score averages over
+
+
+def tier_queries(runner: Runner, mean: torch.Tensor) -> torch.Tensor:
+    """``[L, QH, D]``: the mean query placed at each of :data:`DISTANCES` from a pre-RoPE key at position 0,
+    averaged and times the attention scaling, so ``query @ key`` is a token's mean attention logit.
+
+    A pre-RoPE key dotted with it ranks the block's tokens as a typical later question would attend to
+    them (the ``tier*`` presets' token importance); the encoder needs neither the model nor its RoPE.
+    """
+    layers, q_heads, dim = mean.shape
+    placed = runner.rope.rotate(mean[:, :, None, :].expand(layers, q_heads, len(DISTANCES), dim).contiguous(),
+                                DISTANCES)  # [L, QH, distances, D]
+    return placed.mean(2) * runner.model.model.layers[0].self_attn.scaling
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -124,7 +145,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     cases = build_cases(runner, Embedder(settings), squad.paragraphs, questions, 3)
     used = sorted({i for c in cases for i in c.blocks})
     kv = dict(zip(used, runner.encode([runner.tokenize(squad.paragraphs[i]) for i in used]), strict=True))
-    energy = query_energy(runner, kv, cases)  # [L, H, D]
+    energy, mean_query = query_stats(runner, kv, cases)  # [L, H, D], [L, QH, D]
     sens = sensitivities(runner, kv, cases[:args.sensitivity_questions])  # [L, H, 2]
     h = hadamard(energy.shape[-1])
     spread = torch.stack([((b.k.float() @ h).amax(2) - (b.k.float() @ h).amin(2)) ** 2 for b in kv.values()])
@@ -137,7 +158,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     path = WEIGHTS_DIR / f"{args.name}.json"
     path.write_text(json.dumps({"model": runner.llm.name, "shape": list(keys.shape), "keys": rounded(keys),
-                                "values": rounded(values)}, separators=(",", ":")))
+                                "values": rounded(values),
+                                "queries": rounded(tier_queries(runner, mean_query))}, separators=(",", ":")))
     print(f"wrote {path}")
 
 

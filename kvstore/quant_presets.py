@@ -293,6 +293,7 @@ class CodecWeights:
 
     keys: torch.Tensor
     values: torch.Tensor
+    queries: torch.Tensor | None = None  # [L, QH, D]: the mean question query, placed and scaled (tier presets)
 
 
 @cache
@@ -301,7 +302,8 @@ def codec_weights(layers: int, heads: int, dim: int) -> CodecWeights | None:
     for path in sorted(WEIGHTS_DIR.glob("*.json")):
         raw = json.loads(path.read_text())
         if raw["shape"] == [layers, heads, dim]:
-            return CodecWeights(keys=torch.tensor(raw["keys"]), values=torch.tensor(raw["values"]))
+            queries = torch.tensor(raw["queries"]) if "queries" in raw else None
+            return CodecWeights(keys=torch.tensor(raw["keys"]), values=torch.tensor(raw["values"]), queries=queries)
     return None
 
 
@@ -385,22 +387,144 @@ class WaterFillPreset:
         return sections, params
 
     def decode(self, sections: dict[str, torch.Tensor], params: dict[str, Any], shape: Shape) -> BlockKV:
-        layers, heads, tokens, dim = shape
-        k_widths = sections["k_widths"].long()
-        v_widths = sections["v_widths"].long()
-        if k_widths.shape != (layers, heads, dim) or v_widths.shape != (layers, heads):
-            raise ValueError("width sections do not fit the block shape")
-        group = int(params["k_group"])
-        k_rows = _get_rows(sections, "k", k_widths.reshape(-1), group, False)  # [L*H*D, G, group]
-        k = ungroup_tokens(k_rows.reshape(layers, heads, dim, -1, group), tokens)
-        v_group = int(params["v_group"])
-        v_rows = _get_rows(sections, "v", v_widths.reshape(-1), v_group, True)  # [L*H, T, D/g, g]
-        v = v_rows.reshape(shape)
-        h = _rotation_param(params, "v_rotate", dim)
-        if h is not None:
-            v = v @ h.T
-        return BlockKV(k=k.to(torch.float16), v=v.to(torch.float16))
+        return decode_water_filled(sections, params, shape)
 
+
+def decode_water_filled(sections: dict[str, torch.Tensor], params: dict[str, Any], shape: Shape) -> BlockKV:
+    """Decode what :meth:`WaterFillPreset.encode` wrote, from its sections and params alone."""
+    layers, heads, tokens, dim = shape
+    k_widths = sections["k_widths"].long()
+    v_widths = sections["v_widths"].long()
+    if k_widths.shape != (layers, heads, dim) or v_widths.shape != (layers, heads):
+        raise ValueError("width sections do not fit the block shape")
+    group = int(params["k_group"])
+    k_rows = _get_rows(sections, "k", k_widths.reshape(-1), group, False)  # [L*H*D, G, group]
+    k = ungroup_tokens(k_rows.reshape(layers, heads, dim, -1, group), tokens)
+    v_group = int(params["v_group"])
+    v_rows = _get_rows(sections, "v", v_widths.reshape(-1), v_group, True)  # [L*H, T, D/g, g]
+    v = v_rows.reshape(shape)
+    h = _rotation_param(params, "v_rotate", dim)
+    if h is not None:
+        v = v @ h.T
+    return BlockKV(k=k.to(torch.float16), v=v.to(torch.float16))
+
+
+@dataclass(frozen=True)
+class Tier:
+    """A share of every (layer, KV head)'s tokens and the water-filled widths they are stored at."""
+
+    fraction: float
+    widths: WaterFillPreset
+
+
+TIER_BITS = 2  # a block holds at most 2**TIER_BITS tiers
+
+
+def token_importance(k: torch.Tensor, queries: torch.Tensor | None) -> torch.Tensor:
+    """``[L, H, T]``: how much attention a later question is expected to pay each token of ``k: [L, H, T, D]``.
+
+    With calibrated ``queries: [L, QH, D]`` (the mean question query placed 40-620 tokens after the key,
+    :class:`CodecWeights`), a token's score is the softmax over the block of its logit, summed over the
+    query heads sharing the KV head. Without a calibration, the key's norm: a weak stand-in (it ranks
+    the tokens questions attend to no better than chance on SmolLM2), but it keeps such models encoding.
+    """
+    layers, heads, tokens, dim = k.shape
+    if queries is None:
+        return k.float().norm(dim=-1)
+    q = queries.to(k.device, torch.float32).view(layers, heads, -1, dim)  # [L, H, G, D]
+    return torch.einsum("lhgd,lhtd->lhgt", q, k.float()).softmax(-1).sum(2)
+
+
+def tier_sizes(tokens: int, fractions: list[float]) -> list[int]:
+    """Tokens per tier for a block of ``tokens``: each but the last its fraction, the last the rest."""
+    sizes = [min(round(f * tokens), tokens) for f in fractions[:-1]]
+    for i in range(1, len(sizes)):
+        sizes[i] = min(sizes[i], tokens - sum(sizes[:i]))
+    return [*sizes, tokens - sum(sizes)]
+
+
+def assign_tiers(score: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """``score: [L, H, T]`` -> ``[L, H, T]`` tier indices: the ``sizes[0]`` best-scored tokens of each
+    (layer, head) tier 0, the next ``sizes[1]`` tier 1, and so on."""
+    ranking = score.argsort(-1, descending=True)  # [L, H, T]: token indices, best first
+    by_rank = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes)).to(ranking)  # [T]
+    return torch.empty_like(ranking).scatter_(-1, ranking, by_rank.expand_as(ranking))
+
+
+def _tier_order(tier: torch.Tensor) -> torch.Tensor:
+    """``[L, H, T]`` token indices grouped by tier, in token order within a tier (encode and decode agree)."""
+    return tier.argsort(dim=-1, stable=True)
+
+
+def _tokens_at(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x: [L, H, T, D]`` at ``index: [L, H, n]`` -> ``[L, H, n, D]``.
+
+    Whole rows of D picked from the flattened tokens: several times faster than ``gather`` along T.
+    """
+    layers, heads, tokens, dim = x.shape
+    rows = index + torch.arange(layers * heads, device=index.device).view(layers, heads, 1) * tokens
+    return x.reshape(-1, dim).index_select(0, rows.reshape(-1)).view(layers, heads, -1, dim)
+
+
+@dataclass(frozen=True)
+class TieredPreset:
+    """Token-importance precision: each (layer, KV head)'s tokens in tiers, the ones questions are expected
+    to attend to most at high water-filled widths, the rest at low ones.
+
+    A question reads a block through its attention, which a few tokens per head dominate; the
+    calibrated mean question query (:func:`token_importance`) finds most of them from the block's own
+    keys, so encoding needs only the block. Every (layer, head) puts the same number of tokens in each
+    tier, so a tier is a ``[L, H, n, D]`` sub-block coded by :class:`WaterFillPreset` in sections
+    prefixed ``t<i>_``. The tier of every token is a packed section: decoding needs no calibration.
+    (An fp16 top tier was measured and dropped: 1% exact + 15% at ``wf45`` widths lost to 20% at
+    ``wf45`` widths on ratio and KL, docs/BENCHMARKS.md.)
+    """
+
+    name: str
+    tiers: tuple[Tier, ...]  # best first; the last takes the tokens the others leave
+
+    def encode(self, block: BlockKV) -> tuple[Sections, dict[str, Any]]:
+        layers, heads, tokens, dim = block.k.shape
+        weights = codec_weights(layers, heads, dim)
+        queries = weights.queries if weights is not None else None
+        sizes = tier_sizes(tokens, [t.fraction for t in self.tiers])
+        tier = assign_tiers(token_importance(block.k, queries), sizes)  # [L, H, T]
+        order = _tier_order(tier)
+        sections: Sections = {"tier": pack_bits(tier.to(torch.uint8), TIER_BITS).numpy()}
+        specs: list[dict[str, Any]] = []
+        start = 0
+        for i, (spec, size) in enumerate(zip(self.tiers, sizes, strict=True)):
+            index = order[..., start:start + size]
+            start += size
+            part = BlockKV(k=_tokens_at(block.k, index), v=_tokens_at(block.v, index))
+            params: dict[str, Any] = {"tokens": size}
+            if size:
+                sub, wf_params = spec.widths.encode(part)
+                params |= wf_params
+                sections |= {f"t{i}_{name}": array for name, array in sub.items()}
+            specs.append(params)
+        return sections, {"tiers": specs, "importance": "query" if queries is not None else "key_norm"}
+
+    def decode(self, sections: dict[str, torch.Tensor], params: dict[str, Any], shape: Shape) -> BlockKV:
+        layers, heads, tokens, dim = shape
+        specs = params["tiers"]
+        sizes = [int(spec["tokens"]) for spec in specs]
+        if not 0 < len(sizes) <= 1 << TIER_BITS or min(sizes) < 0 or sum(sizes) != tokens:
+            raise ValueError("tier sizes do not fit the block")
+        tier = unpack_bits(sections["tier"], TIER_BITS, layers * heads * tokens).view(layers, heads, tokens).long()
+        per_head = torch.nn.functional.one_hot(tier, 1 << TIER_BITS).sum(2)  # [L, H, tiers]: tokens of each
+        if not bool((per_head == torch.tensor(sizes + [0] * ((1 << TIER_BITS) - len(sizes)))).all()):
+            raise ValueError("the tier section disagrees with the tier sizes")
+        parts = []
+        for i, (spec, size) in enumerate(zip(specs, sizes, strict=True)):
+            if not size:
+                continue
+            sub = {name.removeprefix(f"t{i}_"): t for name, t in sections.items() if name.startswith(f"t{i}_")}
+            parts.append(decode_water_filled(sub, spec, (layers, heads, size, dim)))
+        back = _tier_order(tier).argsort(dim=-1)  # [L, H, T]: where each token sits in the tier-sorted parts
+        k = _tokens_at(torch.cat([p.k for p in parts], 2), back)
+        v = _tokens_at(torch.cat([p.v for p in parts], 2), back)
+        return BlockKV(k=k, v=v)
 
 # Per-layer widths of the rotated presets, measured on SmolLM2-135M (30 layers) one layer at a time at
 # 2 bits (KL vs fp16 over 12 SQuAD questions): key layer 18 moves the output 0.053 nats, 23 0.012,
@@ -409,7 +533,11 @@ class WaterFillPreset:
 _SENSITIVE_K = ((18, 6), (23, 4), (17, 4), (24, 4), (3, 4), (20, 4), (14, 4), (7, 4), (8, 4))
 _QUIET_V = tuple((layer, 2) for layer in (13, 25, 16, 12, 19, 27, 0, 11, 10, 20))
 
-LOSSY_PRESETS: tuple[QuantPreset | SvdPreset | WaterFillPreset, ...] = (
+_WF45 = WaterFillPreset("wf45", k_bits=4.5, v_bits=4.5)
+_WF3 = WaterFillPreset("wf3", k_bits=3.0, v_bits=3.0)
+_WF27 = WaterFillPreset("wf27", k_bits=2.7, v_bits=2.7)
+
+LOSSY_PRESETS: tuple[QuantPreset | SvdPreset | WaterFillPreset | TieredPreset, ...] = (
     QuantPreset("int8", k_bits=8, v_bits=8, k_group=64, v_group=64),
     QuantPreset("int4", k_bits=4, v_bits=4, k_group=32, v_group=32),
     QuantPreset("k4v3", k_bits=4, v_bits=3, k_group=128, v_group=64, v_rotate=True),
@@ -431,11 +559,16 @@ LOSSY_PRESETS: tuple[QuantPreset | SvdPreset | WaterFillPreset, ...] = (
                 v_symmetric=True),
     # Widths by measured cost (codec_weights), mean code bits per key channel / value head; with scales
     # the stored block is ~3.5x (wf45), ~5.2x (wf31), ~5.4x (wf3), ~6x (wf27) and ~8.4x (wf2) below fp16.
-    WaterFillPreset("wf45", k_bits=4.5, v_bits=4.5),
+    _WF45,
     WaterFillPreset("wf31", k_bits=3.15, v_bits=3.05),
-    WaterFillPreset("wf3", k_bits=3.0, v_bits=3.0),
-    WaterFillPreset("wf27", k_bits=2.7, v_bits=2.7),
+    _WF3,
+    _WF27,
     WaterFillPreset("wf2", k_bits=2.0, v_bits=2.0),
+    # Per (layer, KV head): the share of tokens a question is expected to attend to most at wf45's widths,
+    # the rest at wf3's, wf27's or 2.5 bits: ~4.5x, ~5.1x and ~5.6x below fp16.
+    TieredPreset("tier45", (Tier(0.30, _WF45), Tier(1.0, _WF3))),
+    TieredPreset("tier5", (Tier(0.20, _WF45), Tier(1.0, _WF27))),
+    TieredPreset("tier55", (Tier(0.15, _WF45), Tier(1.0, WaterFillPreset("wf25", k_bits=2.5, v_bits=2.5)))),
     SvdPreset("svd", energy=0.99, factor_bits=8, v_bits=4),
     SvdPreset("svd-layer", energy=0.95, factor_bits=4, v_bits=4, scope="layer"),
 )

@@ -14,12 +14,13 @@ import torch
 import zstandard
 from sqlalchemy import select
 
+from kvstore import quant_presets
 from kvstore.bank import BankStore
 from kvstore.catalog import BlockRow
 from kvstore.codec import FORMAT_VERSION, MAGIC, PRESETS, decode_block, encode_block, read_header
 from kvstore.errors import CorruptBlock
 from kvstore.quant import dequantize, pack_bits, quantize, unpack_bits, water_fill
-from kvstore.quant_presets import codec_weights
+from kvstore.quant_presets import TIER_BITS, codec_weights, tier_sizes, token_importance
 from kvstore.runner import BlockKV, Runner
 
 from .conftest import build_tiny
@@ -48,6 +49,10 @@ REL_RMS_BOUND: dict[str, tuple[float, float]] = {
     "wf3": (0.20, 0.40),
     "wf27": (0.25, 0.50),
     "wf2": (0.35, 0.60),
+    # Tiered: the best-scored tokens at wf45's widths, the rest at wf3's, wf27's or 2.5 bits.
+    "tier45": (0.20, 0.40),
+    "tier5": (0.25, 0.50),
+    "tier55": (0.30, 0.55),
 }
 
 
@@ -137,7 +142,7 @@ def test_a_truncated_block_is_refused(name: str, keep: int) -> None:
         decode_block(data[:keep], FP)
 
 
-@pytest.mark.parametrize("first", ["mix3", "wf3"])
+@pytest.mark.parametrize("first", ["mix3", "wf3", "tier5"])
 def test_blocks_keep_their_preset_after_the_bank_default_changes(make_store: Callable[..., BankStore],
                                                                  first: str) -> None:
     store = make_store()
@@ -284,3 +289,94 @@ def test_params_missing_from_older_blocks_take_their_old_meaning() -> None:
     same = decode_block(older, FP)
     new = decode_block(data, FP)
     assert torch.equal(same.k, new.k) and torch.equal(same.v, new.v)
+
+
+def _tiers(data: bytes) -> torch.Tensor:
+    """``[L, H, T]``: the tier of every token, read back from the block's ``tier`` section."""
+    header, _, _ = read_header(data)
+    layers, heads, tokens, _ = header.shape
+    packed = torch.from_numpy(_section(data, "tier"))
+    return unpack_bits(packed, TIER_BITS, layers * heads * tokens).view(layers, heads, tokens).long()
+
+
+def _rewritten(data: bytes, name: str, edit: Callable[[np.ndarray], None]) -> bytes:
+    """The block with one section edited and a fresh checksum: what only the decoder's checks can catch."""
+    _, raw, payload = read_header(data)
+    flat = bytearray(zstandard.ZstdDecompressor().decompress(payload))
+    offset = 0
+    for spec in raw["sections"]:
+        dtype = np.dtype(spec["dtype"]).newbyteorder("<")
+        size = int(np.prod(spec["shape"])) * dtype.itemsize
+        if spec["name"] == name:
+            part = np.frombuffer(bytes(flat[offset:offset + size]), dtype=dtype).copy()
+            edit(part)
+            flat[offset:offset + size] = part.tobytes()
+        offset += size
+    head = json.dumps(raw, sort_keys=True, separators=(",", ":")).encode()
+    body = struct.pack("<4sHI", MAGIC, FORMAT_VERSION, len(head)) + head + zstandard.ZstdCompressor().compress(
+        bytes(flat))
+    return body + hashlib.sha256(body).digest()
+
+
+def test_tiers_follow_the_calibrated_importance() -> None:
+    weights = codec_weights(30, 3, 64)
+    assert weights is not None and weights.queries is not None and weights.queries.shape == (30, 9, 64)
+    block = _smollm_shaped_block()
+    data = encode_block(block, FP, "tier5")
+    header, _, _ = read_header(data)
+    sizes = [t["tokens"] for t in header.params["tiers"]]
+    assert sizes == tier_sizes(150, [0.2, 1.0]) == [30, 120]
+    assert header.params["importance"] == "query"
+    assert [t["k_mean_bits"] for t in header.params["tiers"]] == [4.5, 2.7]
+    tier = _tiers(data)
+    for i, size in enumerate(sizes):
+        assert bool(((tier == i).sum(-1) == size).all())  # every (layer, head) the same split
+    # Tier 0 holds each head's best-scored tokens, and they are stored at more bits.
+    score = token_importance(block.k, weights.queries)  # [L, H, T]
+    top = score.topk(30, dim=-1).indices
+    assert bool((tier.gather(-1, top) == 0).all())
+    out = decode_block(data, FP)
+    for side, x in (("k", block.k), ("v", block.v)):
+        err = (getattr(out, side).float() - x).pow(2).mean(-1)  # [L, H, T]
+        assert float(err[tier == 0].mean()) < float(err[tier == 1].mean()) / 2, side
+    _check_bounds("tier5", block)
+
+
+def test_tiered_blocks_decode_without_the_calibration(monkeypatch: pytest.MonkeyPatch) -> None:
+    block = _smollm_shaped_block(tokens=70)
+    data = encode_block(block, FP, "tier5")
+
+    def unavailable(*_args: object) -> None:
+        raise AssertionError("decode read the calibration")
+
+    monkeypatch.setattr(quant_presets, "codec_weights", unavailable)
+    out = decode_block(data, FP)
+    assert _rel_rms(block.k, out.k) <= REL_RMS_BOUND["tier5"][0]
+
+
+def test_a_model_without_calibration_ranks_tokens_by_key_norm() -> None:
+    block = _random_block(tokens=100)
+    data = encode_block(block, FP, "tier5")
+    header, _, _ = read_header(data)
+    assert header.params["importance"] == "key_norm"
+    tier = _tiers(data)
+    norm = block.k.norm(dim=-1)
+    assert bool((tier.gather(-1, norm.topk(2, dim=-1).indices) == 0).all())
+
+
+@pytest.mark.parametrize("edit", ["move_a_token", "tier_out_of_range"])
+def test_tampered_tiers_are_refused(edit: str) -> None:
+    data = encode_block(_smollm_shaped_block(tokens=70), FP, "tier5")
+
+    def change(codes: np.ndarray) -> None:
+        # Byte 0 holds tokens 0-3 of (layer 0, head 0): moving one token to another tier breaks the split.
+        codes[0] = codes[0] ^ 0x01 if edit == "move_a_token" else codes[0] | 0x03
+
+    with pytest.raises(CorruptBlock):
+        decode_block(_rewritten(data, "tier", change), FP)
+    header, raw, payload = read_header(data)
+    raw["params"]["tiers"][0]["tokens"] += 1  # sizes that no longer add up to the block
+    head = json.dumps(raw, sort_keys=True, separators=(",", ":")).encode()
+    body = struct.pack("<4sHI", MAGIC, FORMAT_VERSION, len(head)) + head + payload
+    with pytest.raises(CorruptBlock):
+        decode_block(body + hashlib.sha256(body).digest(), FP)
