@@ -163,6 +163,12 @@ def test_sync_lifecycle(live_server: Callable[..., LiveServer]) -> None:
                 reader.banks.list()
 
         assert admin.banks.update("notes", eviction="importance").eviction == "importance"
+        admin.banks.update("notes", max_blocks=1)
+        report = admin.banks.maintain("notes", merge=False)
+        assert report.bank == "notes" and not report.over_budget and report.merged == 0
+        stats = admin.banks.get("notes")
+        assert stats.tiers is not None and stats.blocks is not None
+        assert (stats.tiers["warm"]["blocks"], stats.tiers["cold"]["blocks"]) == (1, stats.blocks - 1)
         admin.banks.delete("notes")
         with pytest.raises(NotFound):
             admin.banks.get("notes")
@@ -193,6 +199,8 @@ def test_async_lifecycle(live_server: Callable[..., LiveServer]) -> None:
             with pytest.raises(NotFound):
                 await kv.documents.get("memory", "normans")
             assert [b.name for b in await kv.banks.list()] == ["memory"]
+            report = await kv.banks.maintain("memory", rebuild=True)
+            assert report.bank == "memory" and report.verify is not None and report.evicted == 0
             await kv.banks.delete("memory")
 
     asyncio.run(scenario())

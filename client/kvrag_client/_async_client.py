@@ -25,6 +25,7 @@ from .types import (
     Health,
     Hit,
     Job,
+    MaintenanceReport,
     PutResult,
     QueryKnobs,
     QueryResult,
@@ -118,6 +119,13 @@ class AsyncBanks(_Resource):
     async def delete(self, name: str) -> None:
         """Delete a bank with everything in it."""
         await self._client._call(ops.delete_bank(name))
+
+    async def maintain(self, name: str, **steps: bool) -> MaintenanceReport:
+        """Run maintenance now and return its report. Steps (each on unless set False): ``evict`` to the budget,
+        ``merge`` near-duplicates, ``gc`` orphan blobs, ``expire`` documents past ``expires_at``, ``reencode``
+        after a model change (and re-warm cold blocks the budget has room for); ``rebuild=True`` also checks
+        every block's checksum and rebuilds damaged ones from their text."""
+        return await self._client._call(ops.maintain_bank(name, steps))
 
 
 class AsyncJobs(_Resource):

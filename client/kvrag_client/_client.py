@@ -24,6 +24,7 @@ from .types import (
     Health,
     Hit,
     Job,
+    MaintenanceReport,
     PutResult,
     QueryKnobs,
     QueryResult,
@@ -117,6 +118,13 @@ class Banks(_Resource):
     def delete(self, name: str) -> None:
         """Delete a bank with everything in it."""
         self._client._call(ops.delete_bank(name))
+
+    def maintain(self, name: str, **steps: bool) -> MaintenanceReport:
+        """Run maintenance now and return its report. Steps (each on unless set False): ``evict`` to the budget,
+        ``merge`` near-duplicates, ``gc`` orphan blobs, ``expire`` documents past ``expires_at``, ``reencode``
+        after a model change (and re-warm cold blocks the budget has room for); ``rebuild=True`` also checks
+        every block's checksum and rebuilds damaged ones from their text."""
+        return self._client._call(ops.maintain_bank(name, steps))
 
 
 class Jobs(_Resource):

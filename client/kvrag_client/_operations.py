@@ -22,6 +22,7 @@ from .types import (
     Health,
     Hit,
     Job,
+    MaintenanceReport,
     PutResult,
     QueryKnobs,
     QueryResult,
@@ -118,6 +119,12 @@ def update_bank(name: str, changes: Mapping[str, Any]) -> Call[Bank]:
 
 def delete_bank(name: str) -> Call[None]:
     return Call("DELETE", _bank_path(name), _none)
+
+
+def maintain_bank(name: str, steps: Mapping[str, bool | None]) -> Call[MaintenanceReport]:
+    # Running maintenance twice leaves the bank as once, so a lost reply may be retried.
+    return Call("POST", f"{_bank_path(name)}/maintenance", MaintenanceReport.model_validate, json=_drop_none(steps),
+                idempotent=True)
 
 
 # -- documents --------------------------------------------------------------------------------------

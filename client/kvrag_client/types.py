@@ -24,6 +24,21 @@ class Model(BaseModel):
     model_config = ConfigDict(extra="allow", coerce_numbers_to_str=True)
 
 
+class MaintenanceReport(Model):
+    """What one ``banks.maintain`` run did."""
+
+    bank: str
+    expired_documents: list[str] = []
+    rebound_model: bool = False
+    reencoded: int = 0
+    merged: int = 0
+    evicted: int = 0
+    over_budget: bool = False  # pinned documents alone exceed the budget
+    orphan_blobs_removed: int = 0
+    session_orphan_blobs_removed: int = 0
+    verify: dict[str, int] | None = None  # with ``rebuild=True``: the integrity check's counts
+
+
 class ApiKey(Model):
     """An API key. ``key`` (the secret) is set only in the answer to ``keys.create``."""
 
@@ -57,6 +72,8 @@ class Bank(Model):
     compression_ratio: float | None = None
     evictions: int | None = None
     merges: int | None = None
+    reencodes: int | None = None
+    tiers: dict[str, dict[str, int]] | None = None  # hot / warm / cold: {"blocks": n, "bytes": n}
     quarantined_blocks: int | None = None
     index_entries: int | None = None
     context_map_budget_tokens: int | None = None
