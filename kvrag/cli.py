@@ -336,6 +336,36 @@ def banks_get(name: Annotated[str, typer.Argument(help="The bank.", show_default
     _print_json(bank.model_dump(mode="json"))
 
 
+@banks_app.command("update")
+def banks_update(name: Annotated[str, typer.Argument(help="The bank.", show_default=False)],
+                 codec: Annotated[str | None, typer.Option(help="Codec preset of blocks written from now on.")] = None,
+                 budget_bytes: Annotated[int | None, typer.Option(min=1, help="Stored-bytes budget.")] = None,
+                 max_blocks: Annotated[int | None, typer.Option(min=1, help="Block-count budget.")] = None,
+                 eviction: Annotated[str | None, typer.Option(help="lru | importance | hybrid.")] = None,
+                 url: Url = DEFAULT_URL, api_key: ApiKey = None) -> None:
+    """Change a bank's codec, budgets or eviction policy; a smaller budget evicts at once. Prints the bank."""
+    with _connect(url, api_key) as kv:
+        bank = kv.banks.update(name, codec=codec, budget_bytes=budget_bytes, max_blocks=max_blocks,
+                               eviction=eviction)
+    _print_json(bank.model_dump(mode="json"))
+
+
+@banks_app.command("maintain")
+def banks_maintain(name: Annotated[str, typer.Argument(help="The bank.", show_default=False)],
+                   evict: Annotated[bool, typer.Option(help="Evict down the tiers to the budget.")] = True,
+                   merge: Annotated[bool, typer.Option(help="Merge near-duplicate blocks.")] = True,
+                   gc: Annotated[bool, typer.Option(help="Delete blob files no block references.")] = True,
+                   expire: Annotated[bool, typer.Option(help="Delete documents past their expires_at.")] = True,
+                   reencode: Annotated[bool, typer.Option(help="Re-encode after a model change; re-warm.")] = True,
+                   rebuild: Annotated[bool, typer.Option(help="Check every checksum; rebuild damaged blocks.")] = False,
+                   url: Url = DEFAULT_URL, api_key: ApiKey = None) -> None:
+    """Run a bank's maintenance now (it queues behind queries) and print its report as JSON."""
+    with _connect(url, api_key) as kv:
+        report = kv.banks.maintain(name, evict=evict, merge=merge, gc=gc, expire=expire, reencode=reencode,
+                                   rebuild=rebuild)
+    _print_json(report.model_dump(mode="json"))
+
+
 @banks_app.command("delete")
 def banks_delete(name: Annotated[str, typer.Argument(help="The bank.", show_default=False)],
                  yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,

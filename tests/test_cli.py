@@ -16,7 +16,8 @@ from tests.test_sdk_e2e import ADMIN, LiveServer, live_server  # noqa: F401 - th
 runner = CliRunner()
 
 COMMANDS = [[], ["serve"], ["db"], ["db", "upgrade"], ["ingest"], ["query"], ["search"], ["banks"],
-            ["banks", "list"], ["banks", "create"], ["banks", "get"], ["banks", "delete"], ["keys"],
+            ["banks", "list"], ["banks", "create"], ["banks", "get"], ["banks", "update"],
+            ["banks", "maintain"], ["banks", "delete"], ["keys"],
             ["keys", "create"], ["keys", "list"], ["keys", "revoke"]]
 
 
@@ -100,6 +101,10 @@ def test_ingest_search_query_and_banks(live_server: Callable[..., LiveServer], t
     assert [line.split("\t")[0] for line in listed.stdout.splitlines()] == ["notes", "other"]
     stats = json.loads(runner.invoke(app, ["banks", "get", "notes"], env=env).stdout)
     assert stats["documents"] == 4 and stats["blocks"] >= 4
+    updated = json.loads(runner.invoke(app, ["banks", "update", "notes", "--max-blocks", "1"], env=env).stdout)
+    assert updated["max_blocks"] == 1 and updated["tiers"]["warm"]["blocks"] == 1
+    report = json.loads(runner.invoke(app, ["banks", "maintain", "notes", "--no-merge", "--rebuild"], env=env).stdout)
+    assert report["bank"] == "notes" and report["merged"] == 0 and report["verify"] is not None
     assert runner.invoke(app, ["banks", "delete", "other"], input="n\n", env=env).exit_code == 1  # aborted
     assert runner.invoke(app, ["banks", "delete", "other", "--yes"], env=env).exit_code == 0
 
