@@ -42,6 +42,9 @@ ApiKey = Annotated[str | None, typer.Option("--api-key", envvar="KVRAG_API_KEY",
                                             help="API key (Authorization: Bearer).")]
 Bank = Annotated[str, typer.Option("--bank", "-b", help="The bank to use.")]
 JsonOut = Annotated[bool, typer.Option("--json", help="Print the server's answer as JSON.")]
+BudgetBytes = Annotated[int | None, typer.Option(min=1, help="Stored-bytes budget.")]
+MaxBlocks = Annotated[int | None, typer.Option(min=1, help="Block-count budget.")]
+Eviction = Annotated[str | None, typer.Option(help="lru | importance | hybrid.")]
 RetrievalOpt = Annotated[str | None, typer.Option(show_default=False, help="How blocks are ranked: "
                                                   f"{' | '.join(get_args(Retrieval))} (default: the server's).")]
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -316,9 +319,7 @@ def banks_list(url: Url = DEFAULT_URL, api_key: ApiKey = None, json_out: JsonOut
 @banks_app.command("create")
 def banks_create(name: Annotated[str, typer.Argument(help="[a-z0-9][a-z0-9_-]{0,62}", show_default=False)],
                  codec: Annotated[str | None, typer.Option(help="KV codec preset (default: the server's).")] = None,
-                 budget_bytes: Annotated[int | None, typer.Option(min=1, help="Stored-bytes budget.")] = None,
-                 max_blocks: Annotated[int | None, typer.Option(min=1, help="Block-count budget.")] = None,
-                 eviction: Annotated[str | None, typer.Option(help="lru | importance | hybrid.")] = None,
+                 budget_bytes: BudgetBytes = None, max_blocks: MaxBlocks = None, eviction: Eviction = None,
                  url: Url = DEFAULT_URL, api_key: ApiKey = None) -> None:
     """Create a bank bound to the server's model."""
     with _connect(url, api_key) as kv:
@@ -339,9 +340,7 @@ def banks_get(name: Annotated[str, typer.Argument(help="The bank.", show_default
 @banks_app.command("update")
 def banks_update(name: Annotated[str, typer.Argument(help="The bank.", show_default=False)],
                  codec: Annotated[str | None, typer.Option(help="Codec preset of blocks written from now on.")] = None,
-                 budget_bytes: Annotated[int | None, typer.Option(min=1, help="Stored-bytes budget.")] = None,
-                 max_blocks: Annotated[int | None, typer.Option(min=1, help="Block-count budget.")] = None,
-                 eviction: Annotated[str | None, typer.Option(help="lru | importance | hybrid.")] = None,
+                 budget_bytes: BudgetBytes = None, max_blocks: MaxBlocks = None, eviction: Eviction = None,
                  url: Url = DEFAULT_URL, api_key: ApiKey = None) -> None:
     """Change a bank's codec, budgets or eviction policy; a smaller budget evicts at once. Prints the bank."""
     with _connect(url, api_key) as kv:
