@@ -48,7 +48,7 @@ from .index import BankIndex
 from .keysummary import KeySummaries
 from .memory import MemoryManager, as_utc, expired_block_ids, record_access, tier_stats
 from .models import Embedder, LoadedModel, load_llm
-from .recompute import blend, default_ratio
+from .recompute import blend, blend_and_ask, default_ratio
 from .rerank import KV_MODES, RETRIEVAL_MODES, rerank_scores
 from .runner import BlockKV, Runner, set_threads
 from .sessions import sessions_of
@@ -845,17 +845,26 @@ class BankStore:
                         context_tokens = ctx.context_tokens
                         # A lone block after the prefix already holds what a text prefill gives (it was encoded
                         # there): recomputing it would only add time. Of several, the first one is still exact.
-                        recomputed = (blend(self.runner, ctx, context_ids, ratio, question_ids=q_ids,
-                                            exact_tokens=(lead + blocks)[0].tokens)
-                                      if len(lead) + len(blocks) > 1 else 0)
-                        if spec is not None:
-                            ctx = compact(self.runner, ctx, q_ids, spec)
-                        # The answer's prefill records the attention the importance policies need, so no second
-                        # question pass runs after the answer.
-                        recorder = (prefill_attention(self.runner, ctx) if self.memory.config.track_importance
-                                    else nullcontext(lambda: None))
-                        with recorder as recorded:
-                            gen = self.runner.generate(ctx, q_ids, max_new_tokens, on_token)
+                        blended = ratio > 0 and len(lead) + len(blocks) > 1
+                        exact = (lead + blocks)[0].tokens
+                        if blended and spec is None and max_new_tokens > 0:
+                            # The question rides along the recompute's passes instead of a prefill of its own;
+                            # the attention that chose the tokens is the importance the policies record.
+                            asked = blend_and_ask(self.runner, ctx, context_ids, q_ids, ratio, exact_tokens=exact)
+                            recomputed, recorded = asked.recomputed, lambda: asked.attention
+                            gen = self.runner.decode(ctx, asked.logits, ctx.next_position + len(q_ids),
+                                                     max_new_tokens, on_token, started=t_loaded)
+                        else:
+                            recomputed = (blend(self.runner, ctx, context_ids, ratio, question_ids=q_ids,
+                                                exact_tokens=exact) if blended else 0)
+                            if spec is not None:
+                                ctx = compact(self.runner, ctx, q_ids, spec)
+                            # The answer's prefill records the attention the importance policies need, so no
+                            # second question pass runs after the answer.
+                            recorder = (prefill_attention(self.runner, ctx) if self.memory.config.track_importance
+                                        else nullcontext(lambda: None))
+                            with recorder as recorded:
+                                gen = self.runner.generate(ctx, q_ids, max_new_tokens, on_token)
                     kept = ctx.context_tokens
                     shares = self.memory.attention_shares(ctx, q_ids, lead + blocks, recorded)
             else:

@@ -165,41 +165,45 @@ def _masks(runner: Runner, positions: torch.Tensor, kv_length: int) -> torch.Ten
 
 
 def _forward(runner: Runner, cache: _ScatterCache, positions: torch.Tensor, inputs: torch.Tensor,
-             start: int = 0) -> None:
-    """Run the decoder (no LM head) over ``cache`` at ``positions: [tokens]``: from token ids ``inputs: [tokens]``
-    through every layer, or, with ``start > 0``, from ``inputs: [tokens, hidden_size]``, the hidden states
-    entering layer ``start``."""
+             start: int = 0, logits: bool = False) -> torch.Tensor | None:
+    """Run the model over ``cache`` at ``positions: [tokens]``: from token ids ``inputs: [tokens]`` through every
+    layer, or, with ``start > 0``, from ``inputs: [tokens, hidden_size]``, the hidden states entering layer
+    ``start``. With ``logits``, the next-token logits ``[vocab]`` after the last of the tokens once the forward
+    reaches the end (None when it was stopped); without, the LM head never runs."""
     kv_length = cache.layers[0].get_seq_length()
-    decoder: Callable[..., object] = runner.model.get_decoder()
     given = {"input_ids": inputs[None]} if start == 0 else {"inputs_embeds": inputs[None]}
+    run: Callable[..., object] = runner.model if logits else runner.model.get_decoder()
+    extra = {"logits_to_keep": 1} if logits else {}
     with start_at(runner, start):
         try:
-            decoder(**given, position_ids=positions[None], past_key_values=cache, use_cache=True,
-                    attention_mask=_masks(runner, positions, kv_length))
+            out = run(**given, position_ids=positions[None], past_key_values=cache, use_cache=True,
+                      attention_mask=_masks(runner, positions, kv_length), **extra)
         except StopForward:
-            pass
+            return None
+    return out.logits[0, -1].float() if logits else None  # type: ignore[attr-defined]
 
 
 @dataclass
 class _Probe:
     """What a probe pass learned about the tokens it ran: their deviation at the check layer and, when layers
-    follow it, their hidden states entering the next layer (where a later pass over them resumes)."""
+    follow it, their hidden states entering the next layer (where a later pass over them resumes); when the pass
+    ran every layer with a question riding along, the logits after the question."""
 
     deviation: torch.Tensor  # [probed] squared value deviation at the check layer
     hidden: torch.Tensor | None  # [probed, hidden_size] entering layer check_layer + 1
+    logits: torch.Tensor | None = None  # [vocab]
 
 
-def _probe(runner: Runner, ctx: Context, index: torch.Tensor, inputs: torch.Tensor, check_layer: int,
-           start: int = 0) -> _Probe:
-    """Run the context tokens at ``index: [probed]`` (ascending) through layers ``start..check_layer``, attending to
+def _probe(runner: Runner, ctx: Context, rows: torch.Tensor, inputs: torch.Tensor, check_layer: int,
+           start: int = 0, logits: bool = False) -> _Probe:
+    """Run the tokens at cache ``rows: [probed]`` (ascending) through layers ``start..check_layer``, attending to
     the whole assembled context, write their new KV for those layers into ``ctx`` and stop. ``inputs`` are their
     token ids ``[probed]`` when ``start`` is 0, else their hidden states entering layer ``start``."""
-    rows = index + ctx.next_position - ctx.context_tokens
     cache = _ScatterCache(ctx, rows, probe_layer=check_layer)
     with stop_before(runner, check_layer + 1) as entered:
-        _forward(runner, cache, rows, inputs, start=start)
+        out = _forward(runner, cache, rows, inputs, start=start, logits=logits)
     assert cache.deviation is not None
-    return _Probe(cache.deviation, entered[0][0] if entered else None)
+    return _Probe(cache.deviation, entered[0][0] if entered else None, out)
 
 
 def probe_stages(runner: Runner, stages: Sequence[Stage] = PROBE_STAGES) -> list[tuple[int, float]]:
@@ -214,13 +218,52 @@ def probe_stages(runner: Runner, stages: Sequence[Stage] = PROBE_STAGES) -> list
     return out
 
 
+@dataclass
+class _Question:
+    """The question riding along the probe and recompute passes (:func:`blend_and_ask`): its cache rows, right
+    after the context, and what the next pass starts it from (token ids, then hidden states)."""
+
+    rows: torch.Tensor  # [question_tokens]
+    inputs: torch.Tensor  # [question_tokens] ids, or [question_tokens, hidden_size] entering the next pass
+
+    @classmethod
+    def after(cls, ctx: Context, question_ids: Sequence[int]) -> _Question:
+        """The question placed after ``ctx``, whose cache gains a row per question token (zero until a pass writes
+        it: each pass writes a layer's rows before attending, so no token reads a row not yet written)."""
+        rows = ctx.cache.get_seq_length()
+        n = len(question_ids)
+        for layer in ctx.cache.layers:
+            keys, values = layer.keys, layer.values  # [1, kv_heads, rows, head_dim]
+            layer.keys = torch.cat((keys, keys.new_zeros(*keys.shape[:2], n, keys.shape[3])), dim=2)
+            layer.values = torch.cat((values, values.new_zeros(*values.shape[:2], n, values.shape[3])), dim=2)
+        device = ctx.cache.layers[0].keys.device
+        return cls(torch.arange(rows, rows + n, device=device), torch.tensor(list(question_ids), device=device))
+
+
+def _none_asked(device: torch.device) -> _Question:
+    return _Question(torch.empty(0, dtype=torch.long, device=device), torch.empty(0, dtype=torch.long, device=device))
+
+
+@dataclass
+class _Selection:
+    """The ``count`` chosen context indices (ascending), where the recompute resumes them (and the question),
+    and the logits after the question if a probe stage already ran every layer."""
+
+    chosen: torch.Tensor  # [count]
+    hidden: torch.Tensor | None  # [count, hidden_size] entering layer ``resume``; None: nothing is left to run
+    question: _Question
+    logits: torch.Tensor | None = None  # [vocab]
+
+
 def _select(runner: Runner, ctx: Context, ids: torch.Tensor, count: int, stages: Sequence[tuple[int, float]],
-            question_ids: Sequence[int] | None, exact_tokens: int) -> tuple[torch.Tensor, _Probe]:
-    """The ``count`` chosen context indices (ascending) and the last probe stage's view of just those tokens."""
+            attention: torch.Tensor | None, exact_tokens: int, question: _Question) -> _Selection:
+    """Choose ``count`` context tokens by the probe stages (see :func:`select_tokens`); ``attention: [context]`` is
+    the question's, or None to rank by deviation alone. ``question`` rides along every pass (none: no rows)."""
     n = ctx.context_tokens
-    if question_ids:
-        # Scored on the stored KV, before the probe rewrites any row: [context_tokens].
-        attention = token_scores(runner, ctx, question_ids)
+    p = ctx.next_position - n
+    asked = question.rows.numel() > 0
+    if attention is not None:
+        attention = attention.clone()
         attention[:exact_tokens] = 0.0  # already what a text prefill gives: recomputing them changes nothing
         first = min(n, max(count, round(stages[0][1] * count)))
         candidates = attention.topk(first).indices.sort().values
@@ -230,18 +273,22 @@ def _select(runner: Runner, ctx: Context, ids: torch.Tensor, count: int, stages:
         weight = None
     inputs, start = ids[candidates], 0
     for i, (layer, _) in enumerate(stages):
-        probe = _probe(runner, ctx, candidates, inputs, layer, start)
+        c = len(candidates)
+        probe = _probe(runner, ctx, torch.cat((candidates + p, question.rows)), torch.cat((inputs, question.inputs)),
+                       layer, start, logits=asked)
+        deviation = probe.deviation[:c]
         # A stale value moves the question's attention output by about (its attention) x (its error), so the
         # product ranks the tokens whose recompute changes the answer most; deviation alone also picks tokens
         # the question never reads. Each stage measures it deeper, on fewer tokens.
-        score = probe.deviation if weight is None else probe.deviation * weight.to(probe.deviation)
-        keep = count if i + 1 == len(stages) else min(len(candidates), max(count, round(stages[i + 1][1] * count)))
+        score = deviation if weight is None else deviation * weight.to(deviation)
+        keep = count if i + 1 == len(stages) else min(c, max(count, round(stages[i + 1][1] * count)))
         pick = score.topk(keep).indices.sort().values
         candidates, weight = candidates[pick], None if weight is None else weight[pick]
         if probe.hidden is None:  # the stage reached the last layer: nothing is left to run
-            return candidates, _Probe(probe.deviation[pick], None)
-        inputs, start = probe.hidden[pick], layer + 1
-    return candidates, _Probe(probe.deviation[pick], inputs)
+            return _Selection(candidates, None, question, probe.logits)
+        inputs, start = probe.hidden[:c][pick], layer + 1
+        question = _Question(question.rows, probe.hidden[c:])
+    return _Selection(candidates, inputs, question)
 
 
 @torch.inference_mode()
@@ -255,7 +302,55 @@ def select_tokens(runner: Runner, ctx: Context, context_ids: Sequence[int], coun
     token's KV is rewritten in ``ctx`` for the layers its stages ran."""
     device = ctx.cache.layers[0].keys.device
     ids = torch.tensor(list(context_ids), device=device)
-    return _select(runner, ctx, ids, count, probe_stages(runner, stages), question_ids, exact_tokens)[0]
+    attention = token_scores(runner, ctx, question_ids) if question_ids else None
+    return _select(runner, ctx, ids, count, probe_stages(runner, stages), attention, exact_tokens,
+                   _none_asked(device)).chosen
+
+
+@dataclass
+class Asked:
+    """What :func:`blend_and_ask` leaves besides the blended ``ctx``, whose cache now ends with the question's
+    rows (``ctx.next_position`` still counts prefix + context: decoding goes on at ``+ len(question_ids)``)."""
+
+    recomputed: int  # context tokens recomputed through every layer
+    logits: torch.Tensor  # [vocab] next-token logits after the question's last token
+    attention: torch.Tensor | None  # [context_tokens] the question's attention over the stored KV, when scored
+
+
+def _count(ctx: Context, context_ids: Sequence[int], ratio: float) -> int:
+    if not 0.0 <= ratio <= 1.0:
+        raise ValueError("recompute ratio must be between 0 and 1")
+    n = ctx.context_tokens
+    if len(context_ids) != n:
+        raise ValueError(f"context has {n} tokens but {len(context_ids)} ids were given")
+    return min(n, max(1, int(ratio * n))) if ratio > 0 and n > 0 else 0
+
+
+def _blend(runner: Runner, ctx: Context, context_ids: Sequence[int], count: int, stages: Sequence[Stage],
+           question_ids: Sequence[int] | None, exact_tokens: int, ask: bool) -> Asked | None:
+    """:func:`blend` of ``count`` > 0 tokens; with ``ask`` the question rides along and its logits come back."""
+    n = ctx.context_tokens
+    p = ctx.next_position - n
+    device = ctx.cache.layers[0].keys.device
+    ids = torch.tensor(list(context_ids), device=device)
+    if count == n:  # everything: the probe would only cost time
+        question = _Question.after(ctx, question_ids or []) if ask else _none_asked(device)
+        rows = torch.cat((torch.arange(n, device=device) + p, question.rows))
+        logits = _forward(runner, _ScatterCache(ctx, rows), rows, torch.cat((ids, question.inputs)), logits=ask)
+        return Asked(count, logits, None) if logits is not None else None
+    layers = probe_stages(runner, stages)
+    # Scored on the stored KV, before the probe rewrites any row (and before the question's rows are added).
+    attention = token_scores(runner, ctx, question_ids) if question_ids else None
+    question = _Question.after(ctx, question_ids or []) if ask else _none_asked(device)
+    picked = _select(runner, ctx, ids, count, layers, attention, exact_tokens, question)
+    logits = picked.logits
+    if picked.hidden is not None:
+        # The probes already wrote the chosen tokens' KV up to the last check layer, and their hidden states
+        # entering the next layer are what a run from their embeddings would reach there: resume from those.
+        rows = torch.cat((picked.chosen + p, picked.question.rows))
+        logits = _forward(runner, _ScatterCache(ctx, rows), rows, torch.cat((picked.hidden, picked.question.inputs)),
+                          start=layers[-1][0] + 1, logits=ask)
+    return Asked(count, logits, attention) if logits is not None else None
 
 
 @torch.inference_mode()
@@ -270,26 +365,23 @@ def blend(runner: Runner, ctx: Context, context_ids: Sequence[int], ratio: float
     leaves ``ctx`` untouched; ratio 1 makes it equal to a text prefill of the same tokens. Returns how many
     tokens were recomputed through every layer (a selected token's first layers come from the probe).
     """
-    if not 0.0 <= ratio <= 1.0:
-        raise ValueError("recompute ratio must be between 0 and 1")
-    n = ctx.context_tokens
-    if len(context_ids) != n:
-        raise ValueError(f"context has {n} tokens but {len(context_ids)} ids were given")
-    count = min(n, max(1, int(ratio * n))) if ratio > 0 and n > 0 else 0
-    if count == 0:
-        return 0
-    p = ctx.next_position - n
-    device = ctx.cache.layers[0].keys.device
-    ids = torch.tensor(list(context_ids), device=device)
-    if count == n:
-        chosen = torch.arange(n, device=device)  # everything: the probe would only cost time
-        _forward(runner, _ScatterCache(ctx, chosen + p), chosen + p, ids)
-        return count
-    layers = probe_stages(runner, stages)
-    chosen, probe = _select(runner, ctx, ids, count, layers, question_ids, exact_tokens)
-    if probe.hidden is not None:
-        # The probes already wrote the chosen tokens' KV up to the last check layer, and their hidden states
-        # entering the next layer are what a run from their embeddings would reach there: resume from those.
-        rows = chosen + p
-        _forward(runner, _ScatterCache(ctx, rows), rows, probe.hidden, start=layers[-1][0] + 1)
+    count = _count(ctx, context_ids, ratio)
+    if count:
+        _blend(runner, ctx, context_ids, count, stages, question_ids, exact_tokens, ask=False)
     return count
+
+
+@torch.inference_mode()
+def blend_and_ask(runner: Runner, ctx: Context, context_ids: Sequence[int], question_ids: Sequence[int],
+                  ratio: float, stages: Sequence[Stage] = PROBE_STAGES, exact_tokens: int = 0) -> Asked:
+    """:func:`blend` with the question prefilled in the same passes: it rides along each probe stage and the
+    recompute, where every layer's new context rows are written before it attends, so it sees exactly the
+    blended context (as a prefill after :func:`blend` would) without a question pass of its own (on SmolLM2,
+    that pass is ~20% of a 15% recompute's time to first token). ``ctx``'s cache gains the question's rows;
+    the answer's first token is ``logits.argmax()`` and decoding continues from there.
+    """
+    count = _count(ctx, context_ids, ratio)
+    asked = _blend(runner, ctx, context_ids, count, stages, question_ids, exact_tokens, ask=True) if count else None
+    if asked is None:  # nothing to recompute: a plain prefill of the question
+        return Asked(0, runner.prefill(ctx, question_ids), None)
+    return asked

@@ -335,6 +335,17 @@ class Runner:
         return out.logits[0].float()
 
     @torch.inference_mode()
+    def prefill(self, ctx: Context, input_ids: Sequence[int]) -> torch.Tensor:
+        """Prefill ``input_ids`` after ``ctx`` (its cache grows by their rows; ``next_position`` stays): the
+        next-token logits ``[vocab]`` after the last of them."""
+        device = self.llm.device
+        ids = torch.tensor([list(input_ids)], device=device)
+        positions = torch.arange(ctx.next_position, ctx.next_position + len(input_ids), device=device)[None]
+        out = self.model(input_ids=ids, position_ids=positions, past_key_values=ctx.cache, use_cache=True,
+                         logits_to_keep=1)
+        return out.logits[0, -1]
+
+    @torch.inference_mode()
     def generate(
         self,
         ctx: Context,
@@ -343,28 +354,42 @@ class Runner:
         on_token: Callable[[str], None] | None = None,
     ) -> Generation:
         """Greedy decoding after ``ctx``: prefill ``input_ids``, then one token at a time until EOS."""
-        device = self.llm.device
         t0 = time.perf_counter()
-        ids = torch.tensor([list(input_ids)], device=device)
-        pos = ctx.next_position
+        if max_new_tokens <= 0:
+            return Generation(token_ids=[], text="", prefill_ms=0.0, ttft_s=t0, finished_s=time.perf_counter())
+        logits = self.prefill(ctx, input_ids)
+        return self.decode(ctx, logits, ctx.next_position + len(input_ids), max_new_tokens, on_token, started=t0)
+
+    @torch.inference_mode()
+    def decode(
+        self,
+        ctx: Context,
+        logits: torch.Tensor,
+        position: int,
+        max_new_tokens: int,
+        on_token: Callable[[str], None] | None = None,
+        started: float | None = None,
+    ) -> Generation:
+        """Greedy decoding from the prefilled ``ctx``: ``logits: [vocab]`` predict the first token, which goes in at
+        ``position``, and so on, one token at a time, until EOS or ``max_new_tokens``. The first token's time
+        is the time to first token; ``started`` (default: now) is when its prefill began."""
+        device = self.llm.device
+        t0 = time.perf_counter() if started is None else started
+        ttft = time.perf_counter()
         tokens: list[int] = []
-        ttft = t0
-        prefill_ms = 0.0
         stream = TokenStream(self.tokenizer, on_token)
         for step in range(max(0, max_new_tokens)):
-            positions = torch.arange(pos, pos + ids.shape[1], device=device)[None]
-            out = self.model(input_ids=ids, position_ids=positions, past_key_values=ctx.cache, use_cache=True,
-                             logits_to_keep=1)
-            pos += ids.shape[1]
-            nxt = int(out.logits[0, -1].argmax())
-            if step == 0:
-                ttft = time.perf_counter()
-                prefill_ms = (ttft - t0) * 1000
+            if step > 0:
+                out = self.model(input_ids=torch.tensor([[tokens[-1]]], device=device),
+                                 position_ids=torch.tensor([[position]], device=device), past_key_values=ctx.cache,
+                                 use_cache=True, logits_to_keep=1)
+                logits = out.logits[0, -1]
+                position += 1
+            nxt = int(logits.argmax())
             if nxt in self.stop_ids:
                 break
             tokens.append(nxt)
             stream.push(tokens)
-            ids = torch.tensor([[nxt]], device=device)
         text = stream.finish(tokens)
-        return Generation(token_ids=tokens, text=text, prefill_ms=prefill_ms, ttft_s=ttft,
+        return Generation(token_ids=tokens, text=text, prefill_ms=(ttft - t0) * 1000, ttft_s=ttft,
                           finished_s=time.perf_counter())

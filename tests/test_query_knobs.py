@@ -30,6 +30,12 @@ def test_bank_query_reports_recomputed_and_kept_tokens(make_store: Callable[...,
     small = store.query("kb", QUESTION, k=3, max_new_tokens=2, recompute=0.25, compaction={"budget_tokens": 12})
     assert 0 < small.usage.recomputed_tokens < small.usage.context_tokens
     assert small.usage.kept_tokens == 12 and small.usage.context_tokens == plain.usage.context_tokens
+    # The question rides along a partial recompute's passes; a compaction that keeps every token takes the path
+    # that blends first and prefills the question after: the same context, so the same answer.
+    fused = store.query("kb", QUESTION, k=3, max_new_tokens=6, recompute=0.4)
+    after = store.query("kb", QUESTION, k=3, max_new_tokens=6, recompute=0.4, compaction={"budget_tokens": 10_000})
+    assert fused.answer == after.answer and fused.usage.generated_tokens == after.usage.generated_tokens
+    assert fused.usage.recomputed_tokens == after.usage.recomputed_tokens > 0
     lone = store.query("kb", QUESTION, k=1, max_new_tokens=2, recompute=1.0)
     alone = store.query("kb", QUESTION, k=1, max_new_tokens=2)
     assert lone.usage.recomputed_tokens == 0 and lone.answer == alone.answer  # one block is exact already

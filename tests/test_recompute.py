@@ -129,10 +129,11 @@ def test_recompute_resumes_from_the_probe_hidden_states(runner: Runner) -> None:
         ctx = runner.assemble(kvs)
         layer = recompute.probe_stages(runner)[0][0]
         assert layer < runner.num_layers - 1
+        p = ctx.next_position - ctx.context_tokens
         with torch.inference_mode():
-            probe = recompute._probe(runner, ctx, torch.arange(len(ids)), token_ids, layer)
+            probe = recompute._probe(runner, ctx, torch.arange(len(ids)) + p, token_ids, layer)
             chosen = probe.deviation.topk(len(ids) // 3).indices.sort().values
-            rows = chosen + ctx.next_position - ctx.context_tokens
+            rows = chosen + p
             assert probe.hidden is not None and probe.hidden.shape[0] == len(ids)
             if resume:
                 recompute._forward(runner, recompute._ScatterCache(ctx, rows), rows, probe.hidden[chosen],
@@ -199,3 +200,28 @@ def test_probe_stages_keep_rising_check_layers() -> None:
     assert recompute.probe_stages(Depth(30), stages) == [(2, 2.0), (9, 1.5)]  # type: ignore[arg-type]
     assert recompute.probe_stages(Depth(2), stages) == [(0, 2.0)]  # type: ignore[arg-type]
     assert recompute.probe_stages(Depth(1), (recompute.Stage(1.0, 2.0),)) == [(0, 2.0)]  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.3, 1.0])
+def test_asking_along_equals_blending_then_prefilling(runner: Runner, ratio: float) -> None:
+    """The question riding along the probe and recompute passes sees exactly the blended context: its logits
+    and the answer decoded from them are those of a prefill after :func:`blend`."""
+    blocks, ids, question, _ = _case(runner)
+    kvs = runner.encode(blocks)
+    ctx = runner.assemble(kvs)
+    count = blend(runner, ctx, ids, ratio, question_ids=question, exact_tokens=len(blocks[0]))
+    want = runner.generate(ctx, question, 6)
+    ctx = runner.assemble(kvs)
+    rows = ctx.cache.get_seq_length()
+    asked = recompute.blend_and_ask(runner, ctx, ids, question, ratio, exact_tokens=len(blocks[0]))
+    assert asked.recomputed == count
+    assert ctx.cache.get_seq_length() == rows + len(question) and ctx.next_position == rows
+    plain = runner.assemble(kvs)
+    blend(runner, plain, ids, ratio, question_ids=question, exact_tokens=len(blocks[0]))
+    torch.testing.assert_close(asked.logits, runner.prefill(plain, question), rtol=1e-4, atol=1e-4)
+    for layer, other in zip(ctx.cache.layers, plain.cache.layers, strict=True):
+        torch.testing.assert_close(layer.keys, other.keys, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(layer.values, other.values, rtol=1e-4, atol=1e-4)
+    got = runner.decode(ctx, asked.logits, ctx.next_position + len(question), 6)
+    assert got.token_ids == want.token_ids
+    assert (asked.attention is not None) == (0.0 < ratio < 1.0)
