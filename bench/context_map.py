@@ -28,7 +28,17 @@ from typing import Any
 from matplotlib.figure import Figure
 from tqdm import tqdm
 
-from bench.quality import Case, Env, Outcome, answer_nll, kl_per_token, kv_variant, retrieve_cases, run_variant
+from bench.quality import (
+    Case,
+    Env,
+    Outcome,
+    Prefilled,
+    answer_nll,
+    kl_per_token,
+    kv_variant,
+    retrieve_cases,
+    run_variant,
+)
 from bench.quality import text_variant as plain_text_variant
 from bench.squad import (
     BANK,
@@ -52,16 +62,17 @@ VARIANTS = ("text", "kv", "text+map", "kv+map")
 REFERENCE_OF = {"text": "text", "kv": "text", "text+map": "text+map", "kv+map": "text+map"}
 
 
-def with_map(env: Env, case: Case, shown: BlockKV, kv: bool) -> Context:
-    """The map's cached KV after the prefix, then the blocks: stored KV (kv) or prefilled text."""
+def with_map(env: Env, case: Case, shown: BlockKV, kv: bool) -> Context | Prefilled:
+    """The map's cached KV after the prefix, then the blocks: stored KV (kv), or the blocks' text prefilled with
+    the question in one pass (text mode)."""
     runner = env.store.runner
     if kv:
         blocks = [env.store.load_block(env.session, env.bank, row) for row in case.blocks]
         return runner.assemble([shown, *blocks])
     ctx = runner.assemble([shown])
     flat = [tok for ids in case.block_ids for tok in ids]
-    runner.generate(ctx, flat, max_new_tokens=1)  # the runner's public prefill (see quality.text_variant)
-    return Context(ctx.cache, ctx.next_position + len(flat), ctx.context_tokens + len(flat))
+    logits = runner.prefill(ctx, flat + case.question_ids)
+    return Prefilled(Context(ctx.cache, ctx.next_position + len(flat), ctx.context_tokens + len(flat)), logits)
 
 
 def evaluate(env: Env, cases: Sequence[Case], shown: BlockKV, max_new_tokens: int) -> list[dict[str, Any]]:

@@ -55,7 +55,7 @@ from bench.squad import (
 from kvstore.bank import BankStore, _bytes_ids
 from kvstore.catalog import BankRow, BlockRow
 from kvstore.compaction import CompactionSpec, compact
-from kvstore.recompute import blend
+from kvstore.recompute import blend, blend_and_ask
 from kvstore.runner import Context
 
 REFERENCE = "text"
@@ -84,19 +84,28 @@ class Case:
     gold_retrieved: bool
 
 
-# A variant returns the context (prefix + whatever stands for the k blocks) the question follows.
-Variant = Callable[[Env, Case], Context]
+@dataclass
+class Prefilled:
+    """A context whose variant prefilled the question itself, as a server answering would (text mode with the
+    blocks, recompute with its passes): ``ctx``'s cache ends with the question's rows, ``logits: [vocab]`` predict
+    the first answer token."""
+
+    ctx: Context
+    logits: torch.Tensor
 
 
-def text_variant(env: Env, case: Case) -> Context:
-    """The baseline: prefill the blocks' tokens after the cached prefix KV."""
+# A variant returns the context (prefix + whatever stands for the k blocks) the question follows, or that context
+# with the question already prefilled.
+Variant = Callable[[Env, Case], Context | Prefilled]
+
+
+def text_variant(env: Env, case: Case) -> Prefilled:
+    """The baseline: the blocks' tokens and the question prefilled in one pass after the cached prefix (text mode)."""
     runner = env.store.runner
     ctx = runner.text_context()
     flat = [tok for ids in case.block_ids for tok in ids]
-    # generate() with one new token is the runner's public prefill: it fills ctx.cache with
-    # ``flat`` and computes logits for the last position only (the token itself is not fed back).
-    runner.generate(ctx, flat, max_new_tokens=1)
-    return Context(ctx.cache, ctx.next_position + len(flat), len(flat))
+    logits = runner.prefill(ctx, flat + case.question_ids)
+    return Prefilled(Context(ctx.cache, ctx.next_position + len(flat), len(flat)), logits)
 
 
 def kv_variant(env: Env, case: Case) -> Context:
@@ -110,14 +119,19 @@ VARIANTS: dict[str, Variant] = {REFERENCE: text_variant, "kv": kv_variant}
 
 def recompute_variant(ratio: float, weighted: bool = True) -> Variant:
     """kv, then the KV of the ``ratio`` context tokens that matter most recomputed (CacheBlend): the question's
-    most attended tokens ranked by probe-layer value deviation times that attention, or every token by
-    deviation alone (``weighted=False``)."""
-    def variant(env: Env, case: Case) -> Context:
+    most attended tokens ranked by probe-layer value deviation times that attention, the question prefilled along
+    the recompute's passes as BankStore.query does; or every token by deviation alone (``weighted=False``), the
+    question prefilled after."""
+    def variant(env: Env, case: Case) -> Context | Prefilled:
         ctx = kv_variant(env, case)
+        ids = [tok for ids in case.block_ids for tok in ids]
         # The first block was encoded right after the prefix, as BankStore.query tells blend too.
-        blend(env.store.runner, ctx, [tok for ids in case.block_ids for tok in ids], ratio,
-              question_ids=case.question_ids if weighted else None, exact_tokens=len(case.block_ids[0]))
-        return ctx
+        exact = len(case.block_ids[0])
+        if not weighted:
+            blend(env.store.runner, ctx, ids, ratio, exact_tokens=exact)
+            return ctx
+        asked = blend_and_ask(env.store.runner, ctx, ids, case.question_ids, ratio, exact_tokens=exact)
+        return Prefilled(ctx, asked.logits)
     return variant
 
 
@@ -151,13 +165,21 @@ def run_variant(env: Env, case: Case, variant: Variant, max_new_tokens: int) -> 
     """Build the variant's context, answer greedily on a copy, and teacher-force on the original."""
     runner = env.store.runner
     t0 = time.perf_counter()
-    ctx = variant(env, case)
+    built = variant(env, case)
+    t_built = time.perf_counter()
+    ctx = built.ctx if isinstance(built, Prefilled) else built
     with torch.inference_mode():
         gen_ctx = Context(copy.deepcopy(ctx.cache), ctx.next_position, ctx.context_tokens)
-    t_copied = time.perf_counter()
-    gen = runner.generate(gen_ctx, case.question_ids, max_new_tokens)
     # The cache copy is harness overhead, not part of answering: leave it out of TTFT.
-    ttft_ms = case.retrieve_ms + (t_copied - t0 + gen.prefill_ms / 1000) * 1000
+    if isinstance(built, Prefilled):
+        gen = runner.decode(gen_ctx, built.logits, ctx.next_position + len(case.question_ids), max_new_tokens)
+        ttft_ms = case.retrieve_ms + (t_built - t0) * 1000
+        rows = ctx.next_position  # prefix + context: the question's rows go, teacher forcing puts them back
+        for layer in ctx.cache.layers:
+            layer.keys, layer.values = layer.keys[:, :, :rows], layer.values[:, :, :rows]
+    else:
+        gen = runner.generate(gen_ctx, case.question_ids, max_new_tokens)
+        ttft_ms = case.retrieve_ms + (t_built - t0 + gen.prefill_ms / 1000) * 1000
     logits = runner.logits(ctx, case.question_ids + case.answer_ids)
     return Outcome(gen.text, ttft_ms, ctx.context_tokens, torch.log_softmax(logits, dim=-1))
 
