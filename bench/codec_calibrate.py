@@ -9,17 +9,23 @@ blocks each, as there) it measures
 - the query energy of every key channel: mean squared pre-RoPE query of the question and answer tokens,
   summed over the query heads sharing the KV head and over each RoPE pair (a pair turns together);
 - the mean pre-RoPE query of every query head, placed 40-620 tokens after a key and averaged
-  (``queries``): the ``tier*`` presets rank a block's tokens by the attention it predicts.
+  (``queries``): the ``tier*`` presets rank a block's tokens by the attention it predicts;
+- the key basis of the ``klt*`` presets (``key_basis``): per (layer, KV head) the Fisher information of
+  the next-token distribution over question + answer w.r.t. the block's pre-RoPE keys (sampled tokens,
+  random-sign probes, ``--fisher-samples`` backward passes per question), and the KLT of the
+  block-centred keys in that metric, stored as fp16 matrices scaled to max |entry| 1 and a weight per head.
 
 Key weights are ``sensitivity / (sum of rotated squared channel ranges * 4**-3 / 12)`` times the
 channel's query energy over its head's mean, so ``weight * range**2 * 4**-bits`` is the channel's KL
 at ``bits``; value weights are ``sensitivity * 4**3``. Writes ``kvstore/codec_weights/<name>.json``.
-Run: ``python -m bench.codec_calibrate --threads 1`` (about 15 minutes for SmolLM2 on one thread).
+Run: ``python -m bench.codec_calibrate --threads 1`` (about 15 minutes for SmolLM2 on one thread);
+``--key-basis-only`` measures only the key basis and adds it to the existing file, leaving the rest as it is.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 from collections.abc import Sequence
 
@@ -130,12 +136,82 @@ def tier_queries(runner: Runner, mean: torch.Tensor) -> torch.Tensor:
     return placed.mean(2) * runner.model.model.layers[0].self_attn.scaling
 
 
+def key_fisher(runner: Runner, kv: dict[int, BlockKV], cases: Sequence[Case], samples: int,
+               seed: int = 0) -> torch.Tensor:
+    """``[L, H, D, D]``: mean over questions of ``sum_t E[g_t g_t^T] / n``, ``g_t`` the gradient of the log-probability
+    of a sampled next token w.r.t. block token t's pre-RoPE key, over the question's n question + answer
+    positions. Half a key error's quadratic form in it is the KL it causes (errors independent per token).
+
+    Each backward pass probes every position at once: a random sign per position keeps the cross terms'
+    expectation zero, so ``samples`` passes per question estimate the sum of per-position outer products.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    pk, pv = runner.prefix_kv  # [L, H, P, D] post-RoPE
+    p = pk.shape[2]
+    total = torch.zeros(())
+    for case in tqdm(cases, desc="key fisher", unit="q"):
+        blocks = [kv[i] for i in case.blocks]
+        n = sum(b.tokens for b in blocks)
+        positions = torch.arange(p, p + n)
+        k_pre = torch.cat([b.k.float() for b in blocks], 2)  # [L, H, n, D]
+        v = torch.cat([pv.float(), *[b.v.float() for b in blocks]], 2)[:, None]
+        ids = case.question_ids + case.answer_ids
+        for _ in range(samples):
+            leaf = k_pre.clone().requires_grad_(True)
+            k = torch.cat([pk.float(), runner.rope.rotate(leaf, positions)], 2)[:, None]
+            out = runner.model(input_ids=torch.tensor([ids]), position_ids=torch.arange(p + n, p + n + len(ids))[None],
+                               past_key_values=runner._cache_from(k, v), use_cache=True)
+            logprobs = torch.log_softmax(out.logits[0].float(), -1)  # [n_ids, vocab]
+            picked = torch.multinomial(logprobs.detach().exp(), 1, generator=generator)  # [n_ids, 1]
+            signs = torch.randint(0, 2, (len(ids),), generator=generator).float() * 2 - 1
+            (grad,) = torch.autograd.grad((signs * logprobs.gather(1, picked)[:, 0]).sum(), [leaf])  # [L, H, n, D]
+            outer = torch.einsum("lhtd,lhte->lhde", grad, grad) / (len(ids) * samples * len(cases))
+            total = total + outer
+    return total
+
+
+def key_basis(fisher: torch.Tensor, kv: dict[int, BlockKV], ridge: float = 1e-4) -> tuple[torch.Tensor, str]:
+    """The ``key_basis`` entry, ``(weight [L, H], base64 fp16 matrices)``: the KLT of the block-centred keys
+    whitened by ``fisher: [L, H, D, D]``.
+
+    With ``F = S S`` (S symmetric), the coefficients ``x = k S U`` (U the eigenvectors of the whitened
+    key covariance) have uncorrelated errors priced alike: squared error in x is 2 x KL. The matrix
+    ``S U`` is stored per head scaled to max |entry| 1, in fp16 (the encoder and decoder use the same
+    rounded matrix), and the square of the scale taken out as the head's weight.
+    """
+    dim = fisher.shape[-1]
+    fisher = fisher + ridge * fisher.diagonal(dim1=-2, dim2=-1).mean(-1)[..., None, None] * torch.eye(dim)
+    eig, vec = torch.linalg.eigh(fisher.double())
+    root = (vec * eig.clamp_min(0).sqrt()[..., None, :]) @ vec.transpose(-1, -2)  # [L, H, D, D]
+    centred = torch.cat([(b.k.double() - b.k.double().mean(2, keepdim=True)) for b in kv.values()], 2) @ root
+    _, basis = torch.linalg.eigh(centred.transpose(-1, -2) @ centred)
+    forward = root @ basis.flip(-1)  # coefficients by falling variance
+    scale = forward.abs().amax((-1, -2))  # [L, H]
+    data = (forward / scale[..., None, None]).half().numpy().astype("<f2").tobytes()
+    return (scale * scale).float(), base64.b64encode(data).decode()
+
+
+def rounded(x: torch.Tensor) -> list:
+    """``x`` as nested lists of floats with 3 significant digits (the calibration file's precision)."""
+    return json.loads(json.dumps(x.tolist(), default=float), parse_float=lambda s: float(f"{float(s):.3g}"))
+
+
+def key_basis_json(entry: tuple[torch.Tensor, str]) -> str:
+    """The ``key_basis`` entry as the calibration file stores it (:func:`kvstore.quant_presets.key_basis_from_json`)."""
+    weight, data = entry
+    return json.dumps({"weight": rounded(weight), "data": data}, separators=(",", ":"))
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.codec_calibrate", description=__doc__.split("\n")[0])
     add_data_args(parser, default_questions=10)
     parser.add_argument("--sensitivity-questions", type=int, default=6,
                         help="questions of the per-head sensitivity sweep (default: 6)")
     parser.add_argument("--name", default="smollm2-135m", help="output file stem under kvstore/codec_weights/")
+    parser.add_argument("--fisher-samples", type=int, default=12,
+                        help="backward passes per question for the key basis' Fisher (default: 12)")
+    parser.add_argument("--key-basis-only", action="store_true",
+                        help="measure only the key basis and add it to the existing file (other entries unchanged)")
     args = parser.parse_args(argv)
     squad = load_or_exit(args.data)
     settings = Settings()
@@ -145,6 +221,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     cases = build_cases(runner, Embedder(settings), squad.paragraphs, questions, 3)
     used = sorted({i for c in cases for i in c.blocks})
     kv = dict(zip(used, runner.encode([runner.tokenize(squad.paragraphs[i]) for i in used]), strict=True))
+    path = WEIGHTS_DIR / f"{args.name}.json"
+    basis = key_basis(key_fisher(runner, kv, cases, args.fisher_samples), kv)
+    if args.key_basis_only:
+        text = path.read_text()
+        if '"key_basis"' in text:
+            text = text[:text.index(',"key_basis":')] + "}"
+        # Appended as text, so every existing entry keeps its bytes.
+        path.write_text(text[:-1] + ',"key_basis":' + key_basis_json(basis) + "}")
+        print(f"added the key basis to {path}")
+        return
     energy, mean_query = query_stats(runner, kv, cases)  # [L, H, D], [L, QH, D]
     sens = sensitivities(runner, kv, cases[:args.sensitivity_questions])  # [L, H, 2]
     h = hadamard(energy.shape[-1])
@@ -153,13 +239,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     keys = (sens[..., 0] / rotated_mse)[..., None] * energy / energy.mean(-1, keepdim=True) / 12
     values = sens[..., 1] * 4.0 ** BITS
 
-    def rounded(x: torch.Tensor) -> list:
-        return json.loads(json.dumps(x.tolist(), default=float), parse_float=lambda s: float(f"{float(s):.3g}"))
-
-    path = WEIGHTS_DIR / f"{args.name}.json"
     path.write_text(json.dumps({"model": runner.llm.name, "shape": list(keys.shape), "keys": rounded(keys),
                                 "values": rounded(values),
-                                "queries": rounded(tier_queries(runner, mean_query))}, separators=(",", ":")))
+                                "queries": rounded(tier_queries(runner, mean_query))}, separators=(",", ":"))[:-1]
+                    + ',"key_basis":' + key_basis_json(basis) + "}")
     print(f"wrote {path}")
 
 

@@ -2,12 +2,17 @@
 
 Every preset writes all it needs to decode into the block header ``params`` (bit widths, group
 sizes, rotation, energy) and decodes from those params alone, never from its own attributes: a
-block keeps decoding after a preset's defaults change. Packed low-bit codes travel in ``uint8``
-sections, scales and minima in ``float16`` sections; ``kvstore.codec`` registers the instances.
+block keeps decoding after a preset's defaults change. One exception: keys coded in a calibrated
+basis (``klt*``) need that basis (64x64 per head, too large to carry per block); the block names it by
+digest and decoding refuses it where this install's calibration holds another. Packed low-bit codes
+travel in ``uint8`` sections, scales and minima in ``float16`` sections; ``kvstore.codec`` registers
+the instances.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 from dataclasses import dataclass
 from functools import cache
@@ -294,6 +299,34 @@ class CodecWeights:
     keys: torch.Tensor
     values: torch.Tensor
     queries: torch.Tensor | None = None  # [L, QH, D]: the mean question query, placed and scaled (tier presets)
+    key_basis: KeyBasis | None = None  # the calibrated key transform (``klt*`` presets)
+
+
+@dataclass(frozen=True)
+class KeyBasis:
+    """A calibrated transform of pre-RoPE keys per (layer, KV head): ``x = k @ forward``, ``k = x @ inverse``.
+
+    ``forward: [L, H, D, D]`` is the KLT of the block-centred keys in the metric of the Fisher information
+    of the next-token distribution w.r.t. the keys (``bench/codec_calibrate.py``), scaled to max |entry| 1
+    per head, so a coefficient's squared error times ``weight: [L, H]`` is its KL cost: every coefficient
+    of every head is priced in the same unit and water-filling needs no other weight. ``digest`` names
+    the exact matrices; a block records it, because decoding needs the same basis it was encoded with.
+    """
+
+    forward: torch.Tensor
+    inverse: torch.Tensor
+    weight: torch.Tensor
+    digest: str
+
+
+def key_basis_from_json(raw: dict[str, Any], shape: list[int]) -> KeyBasis:
+    """The ``key_basis`` entry of a calibration file: fp16 matrices (base64, little-endian) and head weights."""
+    data = base64.b64decode(raw["data"])
+    layers, heads, dim = shape
+    forward = torch.from_numpy(np.frombuffer(data, dtype="<f2").astype(np.float32).reshape(layers, heads, dim, dim))
+    inverse = torch.linalg.inv(forward.double()).float()
+    return KeyBasis(forward=forward, inverse=inverse, weight=torch.tensor(raw["weight"]),
+                    digest=hashlib.sha256(data).hexdigest()[:16])
 
 
 @cache
@@ -303,8 +336,23 @@ def codec_weights(layers: int, heads: int, dim: int) -> CodecWeights | None:
         raw = json.loads(path.read_text())
         if raw["shape"] == [layers, heads, dim]:
             queries = torch.tensor(raw["queries"]) if "queries" in raw else None
-            return CodecWeights(keys=torch.tensor(raw["keys"]), values=torch.tensor(raw["values"]), queries=queries)
+            basis = key_basis_from_json(raw["key_basis"], raw["shape"]) if "key_basis" in raw else None
+            return CodecWeights(keys=torch.tensor(raw["keys"]), values=torch.tensor(raw["values"]), queries=queries,
+                                key_basis=basis)
     return None
+
+
+def _block_key_basis(params: dict[str, Any], shape: Shape) -> KeyBasis | None:
+    """The key basis a block was encoded in (None: plain channels); refuses a basis this install lacks."""
+    digest = params.get("k_basis")
+    if digest is None:
+        return None
+    weights = codec_weights(shape[0], shape[1], shape[3])
+    basis = weights.key_basis if weights is not None else None
+    if basis is None or basis.digest != digest:
+        raise ValueError(f"block keys are in calibrated basis {digest!r}, which this install's "
+                         "kvstore/codec_weights does not hold (recalibrated or another model)")
+    return basis
 
 
 def _put_rows(sections: Sections, prefix: str, rows: torch.Tensor, widths: torch.Tensor, symmetric: bool) -> None:
@@ -352,6 +400,9 @@ class WaterFillPreset:
     get 6-8 bits and channels no query reads get 0 (their mean). Values are Hadamard-rotated,
     symmetric per token like ``rot*``, each head at its own width (2..8) from its measured sensitivity.
     The widths travel as ``uint8`` sections, so decoding needs neither the weights nor the budget.
+    With ``k_basis`` the keys are first turned into the model's calibrated :class:`KeyBasis` and its
+    coefficients take the channels' place (priced by the basis' own weight); decoding then needs that
+    same basis, which the block names by digest.
     """
 
     name: str
@@ -359,16 +410,22 @@ class WaterFillPreset:
     v_bits: float
     k_group: int = 256  # tokens per key scale
     v_group: int = 64  # channels per value scale
+    k_basis: bool = False  # keys in the calibrated basis (KeyBasis) where the model has one
 
     def encode(self, block: BlockKV) -> tuple[Sections, dict[str, Any]]:
         k = block.k.float()  # [L, H, T, D], pre-RoPE
         layers, heads, tokens, dim = k.shape
         weights = codec_weights(layers, heads, dim)
+        basis = weights.key_basis if weights is not None and self.k_basis else None
+        if basis is not None:
+            k = k @ basis.forward.to(k.device)  # [L, H, T, D] coefficients
         group = token_group(tokens, self.k_group)
         grouped = group_along_tokens(k, group)  # [L, H, D, G, group]
         spread = grouped.amax(-1) - grouped.amin(-1)  # [L, H, D, G]
         cost = (spread * spread).mean(-1)  # [L, H, D]
-        if weights is not None:
+        if basis is not None:
+            cost = cost * basis.weight.to(cost.device)[..., None]
+        elif weights is not None:
             cost = cost * weights.keys.to(cost.device)
         k_widths = water_fill(cost, self.k_bits).to(torch.uint8)  # [L, H, D]
         sections: Sections = {"k_widths": k_widths.numpy()}
@@ -382,8 +439,11 @@ class WaterFillPreset:
         rows = group_along_channels(v, v_group).reshape(layers * heads, tokens, dim // v_group, v_group)
         sections["v_widths"] = v_widths.numpy()
         _put_rows(sections, "v", rows, v_widths.reshape(-1), True)
-        params = {"k_group": group, "v_group": v_group, "v_rotate": "hadamard" if h is not None else "none",
-                  "k_mean_bits": self.k_bits, "v_mean_bits": self.v_bits}
+        params: dict[str, Any] = {"k_group": group, "v_group": v_group,
+                                  "v_rotate": "hadamard" if h is not None else "none",
+                                  "k_mean_bits": self.k_bits, "v_mean_bits": self.v_bits}
+        if basis is not None:
+            params["k_basis"] = basis.digest
         return sections, params
 
     def decode(self, sections: dict[str, torch.Tensor], params: dict[str, Any], shape: Shape) -> BlockKV:
@@ -400,6 +460,9 @@ def decode_water_filled(sections: dict[str, torch.Tensor], params: dict[str, Any
     group = int(params["k_group"])
     k_rows = _get_rows(sections, "k", k_widths.reshape(-1), group, False)  # [L*H*D, G, group]
     k = ungroup_tokens(k_rows.reshape(layers, heads, dim, -1, group), tokens)
+    basis = _block_key_basis(params, shape)
+    if basis is not None:
+        k = k @ basis.inverse.to(k.device)
     v_group = int(params["v_group"])
     v_rows = _get_rows(sections, "v", v_widths.reshape(-1), v_group, True)  # [L*H, T, D/g, g]
     v = v_rows.reshape(shape)
@@ -570,6 +633,12 @@ LOSSY_PRESETS: tuple[QuantPreset | SvdPreset | WaterFillPreset | TieredPreset, .
     TieredPreset("tier5", (Tier(0.20, _WF45), Tier(1.0, _WF27))),
     TieredPreset("tier55", (Tier(0.40, WaterFillPreset("wf35", k_bits=3.5, v_bits=3.5)),
                             Tier(1.0, WaterFillPreset("wf23", k_bits=2.3, v_bits=2.3)))),
+    # Keys in the calibrated Fisher-metric KLT basis (KeyBasis): at 2.7 bits they cost ~5x less KL than wf31's
+    # unrotated keys at 3.15, so the bits saved go to the values: ~5.2x (13 questions: KL 1.5e-3, wf31 4.9e-3).
+    # Tiered as tier5 (the expected-attention tokens at more bits): ~5.1x (KL 6.3e-4, tier5 2.0e-3).
+    WaterFillPreset("klt5", k_bits=2.7, v_bits=3.5, k_basis=True),
+    TieredPreset("tklt5", (Tier(0.25, WaterFillPreset("klt-hi", k_bits=3.5, v_bits=5.0, k_basis=True)),
+                           Tier(1.0, WaterFillPreset("klt-lo", k_bits=2.2, v_bits=3.0, k_basis=True)))),
     SvdPreset("svd", energy=0.99, factor_bits=8, v_bits=4),
     SvdPreset("svd-layer", energy=0.95, factor_bits=4, v_bits=4, scope="layer"),
 )

@@ -20,7 +20,7 @@ from kvstore.catalog import BlockRow
 from kvstore.codec import FORMAT_VERSION, MAGIC, PRESETS, decode_block, encode_block, read_header
 from kvstore.errors import CorruptBlock
 from kvstore.quant import dequantize, pack_bits, quantize, unpack_bits, water_fill
-from kvstore.quant_presets import TIER_BITS, codec_weights, tier_sizes, token_importance
+from kvstore.quant_presets import TIER_BITS, CodecWeights, codec_weights, tier_sizes, token_importance
 from kvstore.runner import BlockKV, Runner
 
 from .conftest import build_tiny
@@ -53,6 +53,10 @@ REL_RMS_BOUND: dict[str, tuple[float, float]] = {
     "tier45": (0.20, 0.40),
     "tier5": (0.25, 0.50),
     "tier55": (0.30, 0.55),
+    # Keys in the calibrated basis: its widths follow the Fisher metric, not the keys' own error, so raw key
+    # error runs higher than wf's at the same bits (without a calibration the keys are wf's channels).
+    "klt5": (0.30, 0.40),
+    "tklt5": (0.30, 0.50),
 }
 
 
@@ -380,3 +384,84 @@ def test_tampered_tiers_are_refused(edit: str) -> None:
     body = struct.pack("<4sHI", MAGIC, FORMAT_VERSION, len(head)) + head + payload
     with pytest.raises(CorruptBlock):
         decode_block(body + hashlib.sha256(body).digest(), FP)
+
+
+def _rewritten_params(data: bytes, edit: Callable[[dict], None]) -> bytes:
+    """The block with its header params edited and a fresh checksum."""
+    _, raw, payload = read_header(data)
+    edit(raw["params"])
+    head = json.dumps(raw, sort_keys=True, separators=(",", ":")).encode()
+    body = struct.pack("<4sHI", MAGIC, FORMAT_VERSION, len(head)) + head + payload
+    return body + hashlib.sha256(body).digest()
+
+
+@pytest.mark.parametrize("name", ["klt5", "tklt5"])
+def test_key_basis_blocks_name_the_shipped_basis(name: str) -> None:
+    weights = codec_weights(30, 3, 64)
+    assert weights is not None and weights.key_basis is not None
+    basis = weights.key_basis
+    assert basis.forward.shape == (30, 3, 64, 64) and basis.weight.shape == (30, 3)
+    assert torch.allclose(basis.forward @ basis.inverse, torch.eye(64).expand(30, 3, 64, 64), atol=1e-3)
+    block = _smollm_shaped_block()
+    header, _, _ = read_header(encode_block(block, FP, name))
+    specs = header.params["tiers"] if name == "tklt5" else [header.params]
+    assert all(spec["k_basis"] == basis.digest for spec in specs)
+    _check_bounds(name, block)
+
+
+def test_key_basis_coefficients_are_coded_not_channels() -> None:
+    """The widths section belongs to the basis' coefficients: the error of each is within its width's step."""
+    basis = codec_weights(30, 3, 64).key_basis  # type: ignore[union-attr]
+    assert basis is not None
+    block = _smollm_shaped_block()
+    data = encode_block(block, FP, "klt5")
+    out = decode_block(data, FP)
+    widths = torch.from_numpy(_section(data, "k_widths")).long()  # [L, H, D] per coefficient
+    x, x_out = block.k @ basis.forward, out.k.float() @ basis.forward  # [L, H, T, D] coefficients
+    spread = x.amax(2) - x.amin(2)  # [L, H, D]
+    err = (x_out - x).abs().amax(2)
+    coded = widths > 0
+    step = spread / (2.0 ** widths - 1).clamp_min(1)
+    # Half a step plus fp16 rounding of the decoded keys, seen through the basis.
+    assert bool((err[coded] <= step[coded] / 2 + 0.05 * spread[coded] + 0.05).all())
+
+
+def test_a_block_in_a_basis_this_install_lacks_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    data = encode_block(_smollm_shaped_block(tokens=70), FP, "klt5")
+
+    def other(params: dict) -> None:
+        params["k_basis"] = "0" * 16  # another calibration's basis
+
+    with pytest.raises(CorruptBlock, match="basis"):
+        decode_block(_rewritten_params(data, other), FP)
+    weights = codec_weights(30, 3, 64)
+    assert weights is not None
+    without = CodecWeights(keys=weights.keys, values=weights.values, queries=weights.queries)
+    monkeypatch.setattr(quant_presets, "codec_weights", lambda *_args: without)
+    with pytest.raises(CorruptBlock, match="basis"):
+        decode_block(data, FP)
+    monkeypatch.setattr(quant_presets, "codec_weights", lambda *_args: None)
+    with pytest.raises(CorruptBlock, match="basis"):
+        decode_block(data, FP)
+
+
+def test_a_model_without_a_key_basis_codes_plain_channels() -> None:
+    data = encode_block(_random_block(), FP, "klt5")
+    header, _, _ = read_header(data)
+    assert "k_basis" not in header.params
+    out = decode_block(data, FP)
+    assert _rel_rms(_random_block().k, out.k) <= REL_RMS_BOUND["klt5"][0]
+
+
+def test_a_tampered_key_basis_block_is_refused() -> None:
+    data = encode_block(_smollm_shaped_block(tokens=70), FP, "klt5")
+
+    def change(codes: np.ndarray) -> None:
+        codes[0] = 9  # a coefficient width out of range
+
+    with pytest.raises(CorruptBlock):
+        decode_block(_rewritten(data, "k_widths", change), FP)
+    flipped = bytearray(data)
+    flipped[len(flipped) // 2] ^= 0x01
+    with pytest.raises(CorruptBlock):
+        decode_block(bytes(flipped), FP)
