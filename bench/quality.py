@@ -169,7 +169,7 @@ def run_variant(env: Env, case: Case, variant: Variant, max_new_tokens: int) -> 
     t_built = time.perf_counter()
     ctx = built.ctx if isinstance(built, Prefilled) else built
     with torch.inference_mode():
-        gen_ctx = Context(copy.deepcopy(ctx.cache), ctx.next_position, ctx.context_tokens)
+        gen_ctx = Context(copy.deepcopy(ctx.cache), ctx.next_position, ctx.context_tokens, ctx.bias)
     # The cache copy is harness overhead, not part of answering: leave it out of TTFT.
     if isinstance(built, Prefilled):
         gen = runner.decode(gen_ctx, built.logits, ctx.next_position + len(case.question_ids), max_new_tokens)

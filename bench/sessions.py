@@ -180,7 +180,7 @@ def gold_nll(logprobs: torch.Tensor, question_tokens: int, answer_ids: Sequence[
 
 def _copy(ctx: Context) -> Context:
     with torch.inference_mode():
-        return Context(copy.deepcopy(ctx.cache), ctx.next_position, ctx.context_tokens)
+        return Context(copy.deepcopy(ctx.cache), ctx.next_position, ctx.context_tokens, ctx.bias)
 
 
 def compare(store: BankStore, ss: SessionStore, index: int, episode: Episode, max_new_tokens: int,

@@ -24,6 +24,7 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
+from .attention_bias import measured_block_bias
 from .batching import BatchRequest, QuestionBatcher
 from .blobs import LocalBlobStore
 from .cache import HotCache
@@ -228,7 +229,9 @@ class BankStore:
         self.context_map = ContextMaps(self)
         self.embedder = embedder or Embedder(self.settings)
         self.llm = llm or load_llm(self.settings)
-        self.runner = Runner(self.llm, self.settings.system_prompt, self.settings.device_cache_bytes)
+        bias = self.settings.block_bias
+        self.runner = Runner(self.llm, self.settings.system_prompt, self.settings.device_cache_bytes,
+                             measured_block_bias(self.llm.name) if bias is None else bias)
         self.model_lock = threading.Lock()
         self.batcher = QuestionBatcher(self.runner, self.model_lock, self.settings.batch_max_size)
         self.summaries = KeySummaries(self)

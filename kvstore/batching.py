@@ -25,6 +25,7 @@ from functools import partial
 import torch
 from transformers import DynamicCache
 
+from .attention_bias import KEY_BIAS
 from .compaction import batch_prefill_attention, prefill_attention
 from .runner import BlockKV, Generation, Runner, TokenStream
 
@@ -94,6 +95,7 @@ class BatchPrefill:
     context_tokens: list[int]
     votes: list[Callable[[], torch.Tensor | None]]  # per row: BatchAnswer.votes
     seconds: float
+    bias: dict[str, torch.Tensor]  # the forward keyword of the rows' logit bias (kvstore.attention_bias), or none
 
 
 @torch.inference_mode()
@@ -116,9 +118,10 @@ def prefill_batch(runner: Runner, requests: Sequence[BatchRequest]) -> BatchPref
         q_mask[row, q_width - q:] = 1
     mask = torch.cat((batch.mask, q_mask), dim=1)  # [rows, width + q_width]
     recorder = batch_prefill_attention(runner) if any(r.record for r in requests) else nullcontext(None)
+    bias = {KEY_BIAS: batch.bias} if batch.bias is not None else {}
     with recorder as votes_of:
         out = runner.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                           past_key_values=batch.cache, use_cache=True, logits_to_keep=1)
+                           past_key_values=batch.cache, use_cache=True, logits_to_keep=1, **bias)
     seconds = time.perf_counter() - t0
     votes: list[Callable[[], torch.Tensor | None]] = []
     for row, r in enumerate(requests):
@@ -130,7 +133,7 @@ def prefill_batch(runner: Runner, requests: Sequence[BatchRequest]) -> BatchPref
         votes.append(partial(votes_of, row, tokens, keys, batch.next_positions[row], batch.context_tokens[row]))
     return BatchPrefill(out.logits[:, -1], mask, batch.cache,
                         [p + len(r.question_ids) for p, r in zip(batch.next_positions, requests, strict=True)],
-                        batch.context_tokens, votes, seconds)
+                        batch.context_tokens, votes, seconds, bias)
 
 
 @torch.inference_mode()
@@ -173,7 +176,7 @@ def _decode(runner: Runner, requests: Sequence[BatchRequest], prefill: BatchPref
         mask = torch.cat((mask, mask.new_ones(rows, 1)), dim=1)
         out = runner.model(input_ids=torch.tensor(step_ids, device=device)[:, None], attention_mask=mask,
                            position_ids=positions, past_key_values=prefill.cache, use_cache=True,
-                           logits_to_keep=1)
+                           logits_to_keep=1, **prefill.bias)
         logits = out.logits[:, -1]
         positions = positions + 1
     prefill_ms = prefill.seconds * 1000

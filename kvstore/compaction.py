@@ -26,6 +26,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from .attention_bias import biased_mask
 from .forward import attention_implementation
 from .runner import Context, Runner
 
@@ -129,8 +130,8 @@ def _attention_mass(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor |
     """Attention each key row gets, ``[keys]``: averaged over query heads and tokens (sums to 1), or the
     largest over them (``reduction="peak"``).
 
-    query ``[1, q_heads, tokens, dim]``, key ``[1, kv_heads, keys, dim]``, mask bool ``[1, 1, tokens, keys]``
-    or None (then causal, aligned to the end).
+    query ``[1, q_heads, tokens, dim]``, key ``[1, kv_heads, keys, dim]``, mask ``[1, 1, tokens, keys]``, bool or
+    additive float (a :mod:`kvstore.attention_bias` bias in it), or None (then causal, aligned to the end).
     """
     _, q_heads, tokens, dim = query.shape
     kv_heads, keys = key.shape[1], key.shape[2]
@@ -141,15 +142,21 @@ def _attention_mass(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor |
     if mask is None:
         rows = torch.arange(tokens, device=query.device)[:, None] + (keys - tokens)
         mask = torch.arange(keys, device=query.device)[None, :] <= rows
-    logits = logits.masked_fill(~mask.reshape(1, 1, 1, tokens, keys).bool(), float("-inf"))
+    if mask.dtype == torch.bool:
+        logits = logits.masked_fill(~mask.reshape(1, 1, 1, tokens, keys), float("-inf"))
+    else:
+        logits = logits + mask.reshape(1, 1, 1, tokens, keys).float()
     probs = logits.softmax(-1)  # [1, kv_heads, group, tokens, keys]
     return probs.amax(dim=(0, 1, 2, 3)) if reduction == "peak" else probs.mean(dim=(0, 1, 2, 3))
 
 
 def _scoring_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                        attention_mask: torch.Tensor | None, scaling: float | None = None,
-                       **kwargs: object) -> tuple[torch.Tensor, None]:
-    """sdpa attention that also records the attention mass per key row into the active collector."""
+                       key_bias: torch.Tensor | None = None, **kwargs: object) -> tuple[torch.Tensor, None]:
+    """sdpa attention (with a :mod:`kvstore.attention_bias` bias, when given) that also records the attention
+    mass per key row into the active collector."""
+    if key_bias is not None:
+        attention_mask = biased_mask(attention_mask, query, key, key_bias)
     collector = _active.get()
     if collector is not None:
         softcap = kwargs.get("softcap")
@@ -345,4 +352,5 @@ def compact(runner: Runner, ctx: Context, question_ids: Sequence[int], spec: Com
     rows = torch.cat((torch.arange(first, device=device), keep.nonzero().flatten() + first))
     for layer in ctx.cache.layers:
         layer.keys, layer.values = layer.keys.index_select(2, rows), layer.values.index_select(2, rows)
-    return Context(ctx.cache, ctx.next_position, int(keep.sum()))
+    bias = ctx.bias.index_select(0, rows) if ctx.bias is not None else None
+    return Context(ctx.cache, ctx.next_position, int(keep.sum()), bias)

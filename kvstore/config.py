@@ -37,6 +37,11 @@ class Settings(BaseSettings):
         default="int8", description="Codec of a new bank's blocks (docs/BENCHMARKS.md, codec presets): int8 keeps "
                                     "every greedy answer of the fp16 path at 1.9x; no preset >= 5x reached 90%.")
     block_tokens: int = Field(default=256, ge=16, le=4096, description="Token budget of one KV block.")
+    block_bias: float | None = Field(
+        default=None, ge=-5.0, le=5.0,
+        description="kv mode: logit bias of the question and answer on the keys of every assembled block but the "
+                    "first (blocks are encoded apart; docs/BENCHMARKS.md, parallel-encoding bias). Default: the "
+                    "value measured for the model (SmolLM2: -0.5), 0 for a model not measured; 0 turns it off.")
     encode_batch_size: int = Field(default=8, ge=1)
     max_document_chars: int = Field(default=200_000, ge=1)
     hot_tier_bytes: int = Field(default=1 << 30, ge=0, description="Byte budget of decoded blocks in RAM.")

@@ -46,6 +46,7 @@ from transformers.masking_utils import (
     sliding_window_causal_mask_function,
 )
 
+from .attention_bias import BIASED_SDPA, KEY_BIAS
 from .compaction import token_scores
 from .forward import StopForward, start_at, stop_before
 from .runner import Context, Runner
@@ -130,7 +131,7 @@ def _mask_for(runner: Runner, window: int | None, positions: torch.Tensor, kv_le
     ``<= positions[i]`` (within ``window`` of it for sliding-window layers). Cache row j holds position j."""
     config = runner.model.config.get_text_config(decoder=True)
     impl = config._attn_implementation
-    if impl not in ("sdpa", "eager"):
+    if impl not in ("sdpa", "eager", BIASED_SDPA):
         raise ValueError(f"selective recompute needs an sdpa or eager model, not {impl!r}")
     base = causal_mask_function if window is None else sliding_window_causal_mask_function(window)
 
@@ -165,15 +166,18 @@ def _masks(runner: Runner, positions: torch.Tensor, kv_length: int) -> torch.Ten
 
 
 def _forward(runner: Runner, cache: _ScatterCache, positions: torch.Tensor, inputs: torch.Tensor,
-             start: int = 0, logits: bool = False) -> torch.Tensor | None:
+             start: int = 0, logits: bool = False, key_bias: torch.Tensor | None = None) -> torch.Tensor | None:
     """Run the model over ``cache`` at ``positions: [tokens]``: from token ids ``inputs: [tokens]`` through every
     layer, or, with ``start > 0``, from ``inputs: [tokens, hidden_size]``, the hidden states entering layer
     ``start``. With ``logits``, the next-token logits ``[vocab]`` after the last of the tokens once the forward
-    reaches the end (None when it was stopped); without, the LM head never runs."""
+    reaches the end (None when it was stopped); without, the LM head never runs. ``key_bias: [1, tokens, rows]``
+    is a per-query logit bias on the first cache rows (:mod:`kvstore.attention_bias`)."""
     kv_length = cache.layers[0].get_seq_length()
     given = {"input_ids": inputs[None]} if start == 0 else {"inputs_embeds": inputs[None]}
     run: Callable[..., object] = runner.model if logits else runner.model.get_decoder()
-    extra = {"logits_to_keep": 1} if logits else {}
+    extra: dict[str, object] = {"logits_to_keep": 1} if logits else {}
+    if key_bias is not None:
+        extra[KEY_BIAS] = key_bias
     with start_at(runner, start):
         try:
             out = run(**given, position_ids=positions[None], past_key_values=cache, use_cache=True,
@@ -195,13 +199,13 @@ class _Probe:
 
 
 def _probe(runner: Runner, ctx: Context, rows: torch.Tensor, inputs: torch.Tensor, check_layer: int,
-           start: int = 0, logits: bool = False) -> _Probe:
+           start: int = 0, logits: bool = False, key_bias: torch.Tensor | None = None) -> _Probe:
     """Run the tokens at cache ``rows: [probed]`` (ascending) through layers ``start..check_layer``, attending to
     the whole assembled context, write their new KV for those layers into ``ctx`` and stop. ``inputs`` are their
     token ids ``[probed]`` when ``start`` is 0, else their hidden states entering layer ``start``."""
     cache = _ScatterCache(ctx, rows, probe_layer=check_layer)
     with stop_before(runner, check_layer + 1) as entered:
-        out = _forward(runner, cache, rows, inputs, start=start, logits=logits)
+        out = _forward(runner, cache, rows, inputs, start=start, logits=logits, key_bias=key_bias)
     assert cache.deviation is not None
     return _Probe(cache.deviation, entered[0][0] if entered else None, out)
 
@@ -240,6 +244,17 @@ class _Question:
         return cls(torch.arange(rows, rows + n, device=device), torch.tensor(list(question_ids), device=device))
 
 
+def _question_bias(ctx: Context, queries: int, question: _Question) -> torch.Tensor | None:
+    """``[1, queries, rows]``: ``ctx``'s logit bias for the question's queries (the last ones of a pass), none for
+    the context tokens run with it (a text prefill's context tokens see the blocks before them unbiased)."""
+    asked = question.rows.numel()
+    if ctx.bias is None or asked == 0:
+        return None
+    bias = ctx.bias.new_zeros(queries, ctx.bias.shape[0])
+    bias[queries - asked:] = ctx.bias
+    return bias[None]
+
+
 def _none_asked(device: torch.device) -> _Question:
     return _Question(torch.empty(0, dtype=torch.long, device=device), torch.empty(0, dtype=torch.long, device=device))
 
@@ -274,8 +289,9 @@ def _select(runner: Runner, ctx: Context, ids: torch.Tensor, count: int, stages:
     inputs, start = ids[candidates], 0
     for i, (layer, _) in enumerate(stages):
         c = len(candidates)
-        probe = _probe(runner, ctx, torch.cat((candidates + p, question.rows)), torch.cat((inputs, question.inputs)),
-                       layer, start, logits=asked)
+        rows = torch.cat((candidates + p, question.rows))
+        probe = _probe(runner, ctx, rows, torch.cat((inputs, question.inputs)), layer, start, logits=asked,
+                       key_bias=_question_bias(ctx, len(rows), question))
         deviation = probe.deviation[:c]
         # A stale value moves the question's attention output by about (its attention) x (its error), so the
         # product ranks the tokens whose recompute changes the answer most; deviation alone also picks tokens
@@ -336,7 +352,8 @@ def _blend(runner: Runner, ctx: Context, context_ids: Sequence[int], count: int,
     if count == n:  # everything: the probe would only cost time
         question = _Question.after(ctx, question_ids or []) if ask else _none_asked(device)
         rows = torch.cat((torch.arange(n, device=device) + p, question.rows))
-        logits = _forward(runner, _ScatterCache(ctx, rows), rows, torch.cat((ids, question.inputs)), logits=ask)
+        logits = _forward(runner, _ScatterCache(ctx, rows), rows, torch.cat((ids, question.inputs)), logits=ask,
+                          key_bias=_question_bias(ctx, len(rows), question))
         return Asked(count, logits, None) if logits is not None else None
     layers = probe_stages(runner, stages)
     # Scored on the stored KV, before the probe rewrites any row (and before the question's rows are added).
@@ -349,7 +366,7 @@ def _blend(runner: Runner, ctx: Context, context_ids: Sequence[int], count: int,
         # entering the next layer are what a run from their embeddings would reach there: resume from those.
         rows = torch.cat((picked.chosen + p, picked.question.rows))
         logits = _forward(runner, _ScatterCache(ctx, rows), rows, torch.cat((picked.hidden, picked.question.inputs)),
-                          start=layers[-1][0] + 1, logits=ask)
+                          start=layers[-1][0] + 1, logits=ask, key_bias=_question_bias(ctx, len(rows), picked.question))
     return Asked(count, logits, attention) if logits is not None else None
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
+from . import attention_bias
 from .device import Assembled, PendingLayer, ResidentBlocks, assemble_layers
 from .models import LoadedModel
 from .rope import ModelRope
@@ -46,6 +47,7 @@ class Context:
     cache: DynamicCache
     next_position: int
     context_tokens: int
+    bias: torch.Tensor | None = None  # [rows] logit bias of the first cache rows for later queries (attention_bias)
 
 
 @dataclass
@@ -56,6 +58,7 @@ class BatchContext:
     mask: torch.Tensor  # [rows, width] long: 1 for a real token, 0 for padding
     next_positions: list[int]  # per row: the position of its next token
     context_tokens: list[int]
+    bias: torch.Tensor | None = None  # [rows, width] logit bias per cache column for later queries (attention_bias)
 
 
 class TokenStream:
@@ -124,7 +127,8 @@ def set_threads(threads: int) -> None:
 class Runner:
     """Model-side operations of kvrag. Not thread-safe: callers serialize model work."""
 
-    def __init__(self, llm: LoadedModel, system_prompt: str, device_cache_bytes: int = 0) -> None:
+    def __init__(self, llm: LoadedModel, system_prompt: str, device_cache_bytes: int = 0,
+                 block_bias: float = 0.0) -> None:
         self.llm = llm
         self.model = llm.model
         self.tokenizer = llm.tokenizer
@@ -150,6 +154,9 @@ class Runner:
         self.resident = ResidentBlocks(device_cache_bytes)  # filled by assemble_layered only
         self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._group_of = {layer: g for g, group in enumerate(self.rope.groups) for layer in group.layers}
+        # The questions' logit bias on the keys of every assembled block but the first (kvstore.attention_bias);
+        # the model must attend with the biased sdpa for it, else it stays off.
+        self.block_bias = block_bias if block_bias and attention_bias.enable(self.model) else 0.0
 
     # -- tokens -----------------------------------------------------------------------------------
 
@@ -248,7 +255,7 @@ class Runner:
             v[:, 0, :, offset:offset + b.tokens] = b.v
             offset += b.tokens
         self.rope.place_inplace(k[:, 0, :, p:], torch.arange(p, p + n, device=pk.device))
-        return Context(self._cache_from(k, v, owned=True), p + n, n)
+        return Context(self._cache_from(k, v, owned=True), p + n, n, self._bias(p, blocks))
 
     def assemble_layered(self, blocks: Sequence[BlockKV]) -> Context:
         """:meth:`assemble` layer by layer (the CUDA path; callable on CPU, where it runs in order): blocks
@@ -266,7 +273,8 @@ class Runner:
 
         built: Assembled = assemble_layers(pk, pv, [(b.key, b.k, b.v) for b in blocks], rotate, self.resident,
                                            self._copy_stream)
-        return Context(self._cache_from(built.k, built.v, owned=True, ready=built.ready), p + n, n)
+        return Context(self._cache_from(built.k, built.v, owned=True, ready=built.ready), p + n, n,
+                       self._bias(p, blocks))
 
     def assemble_batch(self, rows: Sequence[Sequence[BlockKV]]) -> BatchContext:
         """:meth:`assemble` for several contexts at once, in one cache padded on the left (a shorter context's
@@ -280,6 +288,7 @@ class Runner:
         k = pk.new_zeros(layers, len(rows), heads, width, dim)
         v = torch.zeros_like(k)
         mask = torch.zeros(len(rows), width, dtype=torch.long, device=pk.device)
+        bias: torch.Tensor | None = None
         for row, (blocks, n) in enumerate(zip(rows, lengths, strict=True)):
             start = width - p - n
             k[:, row, :, start:start + p], v[:, row, :, start:start + p] = pk, pv
@@ -290,7 +299,22 @@ class Runner:
                 offset += b.tokens
             self.rope.place_inplace(k[:, row, :, start + p:], torch.arange(p, p + n, device=pk.device))
             mask[row, start:] = 1
-        return BatchContext(self._cache_from(k, v, owned=True), mask, [p + n for n in lengths], lengths)
+            row_bias = self._bias(p, blocks)
+            if row_bias is not None:
+                bias = bias if bias is not None else torch.zeros(len(rows), width, device=pk.device)
+                bias[row, start:] = row_bias
+        return BatchContext(self._cache_from(k, v, owned=True), mask, [p + n for n in lengths], lengths, bias)
+
+    def _bias(self, prefix: int, blocks: Sequence[BlockKV]) -> torch.Tensor | None:
+        """``[prefix + tokens]`` logit bias of an assembly of ``blocks``: the runner's on every block but the first."""
+        rows = prefix + sum(b.tokens for b in blocks)
+        exact = prefix + (blocks[0].tokens if blocks else 0)
+        return attention_bias.row_bias(rows, exact, self.block_bias, self.prefix_kv[0].device)
+
+    @staticmethod
+    def bias_kwargs(ctx: Context) -> dict[str, torch.Tensor]:
+        """The forward keywords that give queries after ``ctx`` its bias: ``{"key_bias": [1, rows]}``, or none."""
+        return {attention_bias.KEY_BIAS: ctx.bias[None]} if ctx.bias is not None else {}
 
     def context_at(self, kv: BlockKV, positions: torch.Tensor, next_position: int) -> Context:
         """The prefix, then ``kv`` with its pre-RoPE keys rotated to ``positions: [tokens]``.
@@ -312,7 +336,7 @@ class Runner:
         rows = ctx.cache.get_seq_length()
         positions = torch.arange(ctx.next_position, ctx.next_position + n, device=device)
         self.model(input_ids=torch.tensor([list(input_ids)], device=device), position_ids=positions[None],
-                   past_key_values=ctx.cache, use_cache=True, logits_to_keep=1)
+                   past_key_values=ctx.cache, use_cache=True, logits_to_keep=1, **self.bias_kwargs(ctx))
         k = torch.stack([ctx.cache.layers[i].keys[0, :, rows:] for i in range(self.num_layers)])
         v = torch.stack([ctx.cache.layers[i].values[0, :, rows:] for i in range(self.num_layers)])
         ctx.next_position += n
@@ -331,7 +355,8 @@ class Runner:
         device = self.llm.device
         ids = torch.tensor([list(input_ids)], device=device)
         pos = torch.arange(ctx.next_position, ctx.next_position + len(input_ids), device=device)[None]
-        out = self.model(input_ids=ids, position_ids=pos, past_key_values=ctx.cache, use_cache=True)
+        out = self.model(input_ids=ids, position_ids=pos, past_key_values=ctx.cache, use_cache=True,
+                         **self.bias_kwargs(ctx))
         return out.logits[0].float()
 
     @torch.inference_mode()
@@ -342,7 +367,7 @@ class Runner:
         ids = torch.tensor([list(input_ids)], device=device)
         positions = torch.arange(ctx.next_position, ctx.next_position + len(input_ids), device=device)[None]
         out = self.model(input_ids=ids, position_ids=positions, past_key_values=ctx.cache, use_cache=True,
-                         logits_to_keep=1)
+                         logits_to_keep=1, **self.bias_kwargs(ctx))
         return out.logits[0, -1]
 
     @torch.inference_mode()
@@ -382,7 +407,7 @@ class Runner:
             if step > 0:
                 out = self.model(input_ids=torch.tensor([[tokens[-1]]], device=device),
                                  position_ids=torch.tensor([[position]], device=device), past_key_values=ctx.cache,
-                                 use_cache=True, logits_to_keep=1)
+                                 use_cache=True, logits_to_keep=1, **self.bias_kwargs(ctx))
                 logits = out.logits[0, -1]
                 position += 1
             nxt = int(logits.argmax())

@@ -1,0 +1,96 @@
+"""A logit bias on the keys of blocks encoded apart from what precedes them (APE-style, training free).
+
+Every stored block was prefilled alone, right after the shared prefix. Assembled behind other blocks, its keys
+still look as they did there, and a question over the assembled context attends to them differently from a
+question over a text prefill of the same passages; on SmolLM2 it attends to them too much. As in Adaptive
+Parallel Encoding (Yang et al., ICLR 2025), a constant added to the attention logits of those keys, for the
+queries after the context (the question and the answer), corrects most of it: measured at k = 5 on SmolLM2,
+-0.5 takes KL vs text from 0.231 to 0.163 for kv mode and from 0.048 to 0.032 after a 15% recompute
+(docs/BENCHMARKS.md, "Parallel-encoding bias"). The prefix and the first block (encoded where it sits) get none.
+
+The bias is a ``[batch, rows]`` (or per query, ``[batch, queries, rows]``) tensor over the first cache rows
+(rows after it get 0) handed to the model's forward as the ``key_bias`` keyword; transformers passes keywords
+through to the attention function, and the model attends with :data:`BIASED_SDPA`, sdpa that adds it to the
+mask. Without ``key_bias`` that function is sdpa itself.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AttentionInterface, PreTrainedModel
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+BIASED_SDPA = "kvrag_sdpa"
+KEY_BIAS = "key_bias"  # the forward keyword that carries the bias to the attention function
+
+# Measured per model (docs/BENCHMARKS.md, "Parallel-encoding bias": tuned on 20 held-out SQuAD questions, k = 5;
+# -0.4 to -0.6 are within 4% of each other). A model not listed gets none until it is measured.
+MEASURED_BLOCK_BIAS: dict[str, float] = {"SmolLM2-135M-Instruct": -0.5}
+
+
+def measured_block_bias(model_name: str) -> float:
+    """The bias measured for ``model_name``, else 0 (off)."""
+    return MEASURED_BLOCK_BIAS.get(model_name, 0.0)
+
+
+def row_bias(rows: int, exact_rows: int, bias: float, device: torch.device) -> torch.Tensor | None:
+    """``[rows]``: 0 on the first ``exact_rows`` cache rows (prefix and first block), ``bias`` on the rest; None when
+    nothing would be biased."""
+    if bias == 0.0 or exact_rows >= rows:
+        return None
+    out = torch.zeros(rows, device=device)
+    out[exact_rows:] = bias
+    return out
+
+
+def biased_mask(attention_mask: torch.Tensor | None, query: torch.Tensor, key: torch.Tensor,
+                key_bias: torch.Tensor) -> torch.Tensor:
+    """``attention_mask`` as an additive float mask ``[batch, 1, queries, keys]`` with ``key_bias`` added.
+
+    ``attention_mask``: bool (True attends), additive float, or None (causal, the queries being the last rows);
+    ``key_bias``: ``[batch, rows]`` or ``[batch, queries, rows]``, cut or zero-padded to the keys.
+    """
+    queries, keys = query.shape[2], key.shape[2]
+    dtype, device = query.dtype, query.device
+    low = torch.finfo(dtype).min  # not -inf: a padded query row that sees nothing must not turn into NaN
+    if attention_mask is None:
+        last = torch.arange(queries, device=device)[:, None] + keys - queries  # the last key each query sees
+        seen = torch.arange(keys, device=device)[None, :] <= last
+        base = torch.zeros(queries, keys, dtype=dtype, device=device).masked_fill(~seen, low)[None, None]
+    elif attention_mask.dtype == torch.bool:
+        mask = attention_mask[..., :keys]
+        base = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(~mask, low)
+    else:
+        base = attention_mask[..., :keys].to(dtype)
+    bias = key_bias.to(dtype)[..., :keys]
+    bias = torch.nn.functional.pad(bias, (0, keys - bias.shape[-1]))
+    bias = bias[:, None, None, :] if bias.dim() == 2 else bias[:, None, :, :]
+    return base + bias
+
+
+def _biased_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                 attention_mask: torch.Tensor | None, key_bias: torch.Tensor | None = None,
+                 **kwargs: object) -> tuple[torch.Tensor, None]:
+    """sdpa, with ``key_bias`` (when given) added to the mask."""
+    if key_bias is not None:
+        attention_mask = biased_mask(attention_mask, query, key, key_bias)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)  # type: ignore[arg-type]
+
+
+AttentionInterface.register(BIASED_SDPA, _biased_sdpa)
+AttentionMaskInterface.register(BIASED_SDPA, sdpa_mask)
+
+
+def enable(model: PreTrainedModel) -> bool:
+    """Make ``model`` attend with :data:`BIASED_SDPA` if it attends with sdpa (same results without a bias); True
+    when it does now. Other implementations are left alone, and the bias cannot be applied to them."""
+    configs = {id(c): c for c in (model.config, model.get_decoder().config)}.values()
+    impls = {c._attn_implementation for c in configs}
+    if impls <= {BIASED_SDPA}:
+        return True
+    if impls != {"sdpa"}:
+        return False
+    for config in configs:
+        config._attn_implementation_internal = BIASED_SDPA
+    return True

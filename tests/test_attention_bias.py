@@ -1,0 +1,168 @@
+"""The parallel-encoding logit bias: on every assembled block but the first, for the queries after the context, on
+every path a question takes (prefill, decode, teacher forcing, a batch, a recompute's passes, a compaction)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+
+from kvstore import attention_bias
+from kvstore.attention_bias import biased_mask
+from kvstore.bank import BankStore
+from kvstore.batching import BatchRequest, answer_alone, answer_batch
+from kvstore.compaction import CompactionSpec, compact, prefill_attention
+from kvstore.models import LoadedModel
+from kvstore.recompute import blend, blend_and_ask
+from kvstore.runner import Runner
+
+from .conftest import TINY_FAMILIES, build_tiny
+
+BLOCKS = (
+    "The Normans were the people who gave their name to Normandy, a region in France.",
+    "Paris is the capital and most populous city of France. The Seine flows through it.",
+    "Photosynthesis converts light energy into chemical energy stored in glucose.",
+)
+QUESTION = "Who were the Normans?"
+PROMPT = "You are a helpful assistant."
+
+
+@pytest.fixture(scope="module", params=list(TINY_FAMILIES))
+def family(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture(scope="module")
+def pair(family: str) -> tuple[Runner, Runner]:
+    """Two runners on two copies of one tiny model (the bias switches its model's attention): unbiased, biased."""
+    plain, biased = build_tiny(family), build_tiny(family)
+    return Runner(plain, PROMPT), Runner(biased, PROMPT, block_bias=-0.7)
+
+
+def _blocks(runner: Runner) -> tuple[list[list[int]], list[int]]:
+    return [runner.tokenize(b) for b in BLOCKS], runner.question_ids(QUESTION)
+
+
+def test_mask_adds_the_bias_to_every_kind_of_mask() -> None:
+    query, key = torch.zeros(1, 2, 3, 4), torch.zeros(1, 1, 6, 4)
+    bias = torch.tensor([[0.0, 0.0, -1.0, -1.0]])  # four rows; the two after them get none
+    causal = biased_mask(None, query, key, bias)
+    assert causal.shape == (1, 1, 3, 6)
+    assert causal[0, 0, 0, 3] == -1.0 and causal[0, 0, 0, 1] == 0.0 and causal[0, 0, 2, 4] == 0.0
+    assert causal[0, 0, 0, 5] < -1e30 and causal[0, 0, 2, 5] == 0.0  # the first query does not see the last key
+    allowed = torch.ones(1, 1, 3, 6, dtype=torch.bool)
+    allowed[..., 1] = False
+    from_bool = biased_mask(allowed, query, key, bias)
+    assert from_bool[0, 0, 0, 1] < -1e30 and from_bool[0, 0, 0, 2] == -1.0
+    additive = torch.full((1, 1, 3, 6), 0.5)
+    assert torch.equal(biased_mask(additive, query, key, bias)[0, 0, 0], torch.tensor([0.5, 0.5, -0.5, -0.5, 0.5, 0.5]))
+    per_query = torch.stack((torch.zeros(4), torch.full((4,), -2.0), torch.zeros(4)))[None]  # [1, 3, 4]
+    rows = biased_mask(additive, query, key, per_query)
+    assert rows[0, 0, 1, 0] == -1.5 and rows[0, 0, 0, 0] == 0.5 and rows[0, 0, 1, 5] == 0.5
+
+
+def test_only_the_blocks_after_the_first_are_biased(pair: tuple[Runner, Runner]) -> None:
+    plain, biased = pair
+    blocks, question = _blocks(biased)
+    assert biased.block_bias == -0.7 and plain.block_bias == 0.0
+    alone = biased.assemble(biased.encode(blocks[:1]))
+    assert alone.bias is None  # one block sits where it was encoded: exact, nothing to correct
+    torch.testing.assert_close(biased.logits(alone, question), plain.logits(plain.assemble(plain.encode(blocks[:1])),
+                                                                            question))
+    ctx = biased.assemble(biased.encode(blocks))
+    p, first = len(biased.prefix_ids), len(blocks[0])
+    assert ctx.bias is not None and ctx.bias.shape == (ctx.cache.get_seq_length(),)
+    assert bool((ctx.bias[:p + first] == 0).all()) and bool((ctx.bias[p + first:] == -0.7).all())
+    unbiased = plain.logits(plain.assemble(plain.encode(blocks)), question)
+    assert not torch.allclose(biased.logits(ctx, question), unbiased, atol=1e-4)
+
+
+def test_a_large_bias_hides_the_later_blocks(family: str) -> None:
+    """At -50 the question sees, in effect, the prefix and the first block alone at the same positions."""
+    runner = Runner(build_tiny(family), PROMPT, block_bias=-50.0)
+    blocks, question = _blocks(runner)
+    kvs = runner.encode(blocks)
+    ctx = runner.assemble(kvs)
+    p = len(runner.prefix_ids)
+    first_only = runner.context_at(kvs[0], torch.arange(p, p + len(blocks[0])), ctx.next_position)
+    torch.testing.assert_close(runner.logits(ctx, question), runner.logits(first_only, question), atol=1e-4, rtol=1e-4)
+
+
+def test_decoding_keeps_the_bias(pair: tuple[Runner, Runner]) -> None:
+    """Each decoded token attends with the bias: the answer's logits, teacher forced, are what decoding saw."""
+    _, biased = pair
+    blocks, question = _blocks(biased)
+    kvs = biased.encode(blocks)
+    gen = biased.generate(biased.assemble(kvs), question, 5)
+    forced = biased.logits(biased.assemble(kvs), question + gen.token_ids)
+    assert forced[len(question) - 1:].argmax(-1).tolist()[:len(gen.token_ids)] == gen.token_ids
+
+
+def test_batched_rows_equal_their_queries_alone(pair: tuple[Runner, Runner]) -> None:
+    _, biased = pair
+    blocks, question = _blocks(biased)
+    kvs = biased.encode(blocks)
+    requests = [BatchRequest(kvs, question, 5, record=True), BatchRequest(kvs[1:], question, 5),
+                BatchRequest(kvs[:1], question, 5)]
+    batched = answer_batch(biased, requests)
+    for request, got in zip(requests, batched, strict=True):
+        alone = answer_alone(biased, request)
+        assert got.generation.token_ids == alone.generation.token_ids
+    votes, alone_votes = batched[0].votes(), answer_alone(biased, requests[0]).votes()
+    assert votes is not None and alone_votes is not None
+    torch.testing.assert_close(votes, alone_votes, atol=1e-5, rtol=1e-4)
+
+
+def test_recording_the_attention_keeps_the_bias(pair: tuple[Runner, Runner]) -> None:
+    _, biased = pair
+    blocks, question = _blocks(biased)
+    kvs = biased.encode(blocks)
+    want = biased.generate(biased.assemble(kvs), question, 5).token_ids
+    ctx = biased.assemble(kvs)
+    with prefill_attention(biased, ctx) as recorded:
+        assert biased.generate(ctx, question, 5).token_ids == want
+    scores = recorded()
+    assert scores is not None and scores.shape == (ctx.context_tokens,)
+
+
+@pytest.mark.parametrize("ratio", [0.3, 1.0])
+def test_the_question_riding_a_recompute_is_biased_as_a_prefill_after_it(pair: tuple[Runner, Runner],
+                                                                         ratio: float) -> None:
+    _, biased = pair
+    blocks, question = _blocks(biased)
+    kvs = biased.encode(blocks)
+    ids = [t for b in blocks for t in b]
+    after = biased.assemble(kvs)
+    blend(biased, after, ids, ratio, question_ids=question, exact_tokens=len(blocks[0]))
+    want = biased.prefill(after, question)
+    ctx = biased.assemble(kvs)
+    asked = blend_and_ask(biased, ctx, ids, question, ratio, exact_tokens=len(blocks[0]))
+    torch.testing.assert_close(asked.logits, want, rtol=1e-4, atol=1e-4)
+
+
+def test_compaction_keeps_each_row_its_bias(pair: tuple[Runner, Runner]) -> None:
+    _, biased = pair
+    blocks, question = _blocks(biased)
+    ctx = biased.assemble(biased.encode(blocks))
+    assert ctx.bias is not None
+    full = ctx.bias.clone()
+    kept = compact(biased, ctx, question, CompactionSpec(budget_tokens=10))
+    assert kept.bias is not None and kept.bias.shape == (kept.cache.get_seq_length(),)
+    assert int((kept.bias == -0.7).sum()) <= int((full == -0.7).sum()) and int((kept.bias == 0).sum()) >= len(
+        biased.prefix_ids)
+
+
+def test_a_model_without_sdpa_runs_unbiased(family: str) -> None:
+    llm = build_tiny(family)
+    llm.model.set_attn_implementation("eager")
+    runner = Runner(llm, PROMPT, block_bias=-0.5)
+    assert runner.block_bias == 0.0 and runner.assemble(runner.encode(_blocks(runner)[0])).bias is None
+
+
+def test_the_store_takes_the_measured_bias_unless_told(make_store: Callable[..., BankStore], family: str) -> None:
+    assert attention_bias.measured_block_bias("SmolLM2-135M-Instruct") == -0.5
+    assert make_store().runner.block_bias == attention_bias.measured_block_bias("tiny-llama") == 0.0
+    tiny: LoadedModel = build_tiny(family)
+    store = make_store(llm=tiny, block_bias=-0.25)
+    assert store.runner.block_bias == -0.25
