@@ -21,6 +21,10 @@ deviation and that an early layer already tells which ones:
    resume from their hidden states through the remaining layers, at their true positions, each attending to
    every context token before it. At each layer their new K/V replace the stored rows before attention, so
    later selected tokens see them; the other tokens keep stored KV.
+3. **The question rides along** (:func:`blend_and_ask`): its tokens join every probe stage and the recompute as
+   the last rows of each pass. A pass writes a layer's new rows before anything attends, so the question
+   sees exactly the blended context, and its logits come out of the recompute's last layer: no question
+   prefill of its own after the recompute (one pass over the weights less).
 
 Measured on SmolLM2 at k = 5 (docs/BENCHMARKS.md): a probe of every token at layer 1 then a full recompute
 from layer 0 (the first version) left KL 0.057 at 15%; probing deeper is what lowers KL, and probing only
