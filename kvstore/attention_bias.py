@@ -44,6 +44,13 @@ def row_bias(rows: int, exact_rows: int, bias: float, device: torch.device) -> t
     return out
 
 
+def causal_seen(queries: int, keys: int, device: torch.device) -> torch.Tensor:
+    """Bool ``[queries, keys]``: what each query sees when the queries are the last ``queries`` of ``keys`` rows
+    (the causal mask a model skips building when it can attend with ``is_causal``)."""
+    last = torch.arange(queries, device=device)[:, None] + keys - queries  # the last key each query sees
+    return torch.arange(keys, device=device)[None, :] <= last
+
+
 def biased_mask(attention_mask: torch.Tensor | None, query: torch.Tensor, key: torch.Tensor,
                 key_bias: torch.Tensor) -> torch.Tensor:
     """``attention_mask`` as an additive float mask ``[batch, 1, queries, keys]`` with ``key_bias`` added.
@@ -55,8 +62,7 @@ def biased_mask(attention_mask: torch.Tensor | None, query: torch.Tensor, key: t
     dtype, device = query.dtype, query.device
     low = torch.finfo(dtype).min  # not -inf: a padded query row that sees nothing must not turn into NaN
     if attention_mask is None:
-        last = torch.arange(queries, device=device)[:, None] + keys - queries  # the last key each query sees
-        seen = torch.arange(keys, device=device)[None, :] <= last
+        seen = causal_seen(queries, keys, device)
         base = torch.zeros(queries, keys, dtype=dtype, device=device).masked_fill(~seen, low)[None, None]
     elif attention_mask.dtype == torch.bool:
         mask = attention_mask[..., :keys]

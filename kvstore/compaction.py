@@ -26,7 +26,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from .attention_bias import biased_mask
+from .attention_bias import biased_mask, causal_seen
 from .forward import attention_implementation
 from .runner import Context, Runner
 
@@ -140,8 +140,7 @@ def _attention_mass(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor |
     if softcap is not None:
         logits = torch.tanh(logits / softcap) * softcap
     if mask is None:
-        rows = torch.arange(tokens, device=query.device)[:, None] + (keys - tokens)
-        mask = torch.arange(keys, device=query.device)[None, :] <= rows
+        mask = causal_seen(tokens, keys, query.device)
     if mask.dtype == torch.bool:
         logits = logits.masked_fill(~mask.reshape(1, 1, 1, tokens, keys), float("-inf"))
     else:
