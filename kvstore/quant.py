@@ -27,19 +27,21 @@ def _word_dtype(bits: int) -> torch.dtype:
     return torch.int32 if 8 * bits < 32 else torch.int64
 
 
-def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack ``codes`` (uint8, each < 2**bits, any shape) into ``[ceil(n * bits / 8)]`` uint8, LSB first.
+def pack_bits(codes: torch.Tensor, bits: int, aligned: bool = False) -> torch.Tensor:
+    """Pack ``codes`` (uint8, each < 2**bits, any shape) into uint8, LSB first.
 
-    Every 8 codes make one ``8 * bits``-bit word (code i at bit ``bits * i``), written as ``bits``
-    little-endian bytes: 8 + ``bits`` whole-tensor shifts for any width (3 bits: 8 codes in 3
-    bytes), and the same byte stream as packing the codes bit by bit.
+    Tight (default): ``[ceil(n * bits / 8)]`` bytes; every 8 codes make one ``8 * bits``-bit word (code i
+    at bit ``bits * i``), written as ``bits`` little-endian bytes: 8 + ``bits`` whole-tensor shifts for
+    any width (3 bits: 8 codes in 3 bytes), and the same byte stream as packing the codes bit by bit.
+    ``aligned``: whole codes per byte, ``8 // bits`` of them (3 bits: 2 per byte, 5-7 bits: 1), so no code
+    straddles a byte and a byte-wise entropy coder (zstd's Huffman stage) sees the codes' own skewed
+    distribution; the same bytes as tight packing for widths dividing 8.
     """
     flat = codes.reshape(-1).to(torch.uint8)
     if bits == 8:
         return flat
     count = flat.numel()
-    if 8 % bits == 0:
-        # 1, 2, 4 bits: whole codes per byte, shifted in place in uint8.
+    if 8 % bits == 0 or aligned:
         per_byte = 8 // bits
         lanes8 = F.pad(flat, (0, (-count) % per_byte)).view(-1, per_byte)  # [bytes, per_byte]
         out = lanes8[:, 0].clone()
@@ -56,16 +58,23 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return packed.reshape(-1)[:math.ceil(count * bits / 8)]
 
 
-def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+def packed_size(count: int, bits: int, aligned: bool = False) -> int:
+    """Bytes :func:`pack_bits` makes of ``count`` codes."""
+    if aligned or 8 % bits == 0:
+        return math.ceil(count / (8 // bits))
+    return math.ceil(count * bits / 8)
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, count: int, aligned: bool = False) -> torch.Tensor:
     """Inverse of :func:`pack_bits`: the first ``count`` codes as ``[count]`` uint8."""
     flat = packed.reshape(-1)
-    used = math.ceil(count * bits / 8)
+    used = packed_size(count, bits, aligned)
     if used > flat.numel():
         raise ValueError(f"{flat.numel()} packed bytes hold fewer than {count} codes of {bits} bits")
     if bits == 8:
         return flat[:count].to(torch.uint8)
     mask = (1 << bits) - 1
-    if 8 % bits == 0:
+    if 8 % bits == 0 or aligned:
         per_byte = 8 // bits
         spread = torch.empty(used, per_byte, dtype=torch.uint8)  # [bytes, per_byte]
         for i in range(per_byte):

@@ -44,13 +44,21 @@ Shape = tuple[int, int, int, int]
 
 
 def _put(sections: Sections, prefix: str, grouped: torch.Tensor, bits: int, symmetric: bool = False) -> None:
-    """Quantize ``grouped: [..., group]`` into ``<prefix>_codes`` (packed), ``_scale`` and (min-max) ``_low``."""
+    """Quantize ``grouped: [..., group]`` into the packed codes, ``_scale`` and (min-max) ``_low``.
+
+    Codes of widths that divide 8 go tightly packed in ``<prefix>_codes``; the others whole per byte in
+    ``<prefix>_bytes`` (:func:`pack_bits` ``aligned``): min-max codes crowd the middle levels, and zstd
+    codes aligned bytes near that skewed distribution's entropy but cannot see it through tight packing
+    (SmolLM2 ``tklt5`` blocks: 3-bit codes 0.85 of their tight size after zstd instead of 0.95, 5-7 bits
+    0.94-0.97 instead of 0.98-1.0, the block 4% smaller). Blocks from before hold ``_codes`` at any width.
+    """
     if symmetric:
         codes, scale = quantize_symmetric(grouped, bits)
     else:
         codes, scale, low = quantize(grouped, bits)
         sections[f"{prefix}_low"] = low.numpy()
-    sections[f"{prefix}_codes"] = pack_bits(codes, bits).numpy()
+    aligned = 8 % bits != 0
+    sections[f"{prefix}_bytes" if aligned else f"{prefix}_codes"] = pack_bits(codes, bits, aligned).numpy()
     sections[f"{prefix}_scale"] = scale.numpy()
 
 
@@ -62,7 +70,9 @@ def _get(sections: dict[str, torch.Tensor], prefix: str, bits: int, group: int, 
     if scale.shape != low.shape or scale.shape[-1] != 1:
         raise ValueError(f"{prefix} scale and low sections disagree")
     shape = (*scale.shape[:-1], group)
-    codes = unpack_bits(sections[f"{prefix}_codes"], bits, int(np.prod(shape))).view(shape)
+    aligned = f"{prefix}_bytes" in sections
+    packed = sections[f"{prefix}_bytes" if aligned else f"{prefix}_codes"]
+    codes = unpack_bits(packed, bits, int(np.prod(shape)), aligned).view(shape)
     return dequantize(codes, scale, low)
 
 

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import struct
+
 import pytest
 import torch
+import zstandard
 
-from kvstore.codec import PRESETS, decode_block, encode_block, read_header
+from kvstore.codec import FORMAT_VERSION, MAGIC, PRESETS, decode_block, encode_block, payload_bytes, read_header
 from kvstore.errors import CorruptBlock, IncompatibleModel, ValidationFailed
 from kvstore.runner import BlockKV
 
@@ -73,3 +78,46 @@ def test_out_of_memory_while_decoding_is_not_called_corruption(monkeypatch: pyte
     monkeypatch.setattr(PRESETS["fp16"], "decode", exhausted)
     with pytest.raises(torch.OutOfMemoryError):
         decode_block(data, FP)
+
+
+def _rewrap(raw: dict, payload: bytes, version: int = FORMAT_VERSION) -> bytes:
+    """A block from a raw header and payload, with a fresh checksum (so only the layout checks can refuse it)."""
+    head = json.dumps(raw, sort_keys=True, separators=(",", ":")).encode()
+    body = struct.pack("<4sHI", MAGIC, version, len(head)) + head + payload
+    return body + hashlib.sha256(body).digest()
+
+
+def test_each_section_is_its_own_zstd_frame() -> None:
+    data = encode_block(_block(), FP, "int4")
+    _, raw, payload = read_header(data)
+    assert raw["compression"] == "zstd-sections"
+    assert sum(spec["stored"] for spec in raw["sections"]) == len(payload)
+
+
+def test_a_version_1_block_with_one_frame_still_decodes() -> None:
+    """Blocks written before per-section frames hold every section in one zstd frame."""
+    data = encode_block(_block(), FP, "int4")
+    _, raw, payload = read_header(data)
+    one = {**raw, "compression": "zstd",
+           "sections": [{k: v for k, v in spec.items() if k != "stored"} for spec in raw["sections"]]}
+    older = _rewrap(one, zstandard.ZstdCompressor().compress(payload_bytes(raw, payload)), version=1)
+    old, new = decode_block(older, FP), decode_block(data, FP)
+    assert torch.equal(old.k, new.k) and torch.equal(old.v, new.v)
+
+
+@pytest.mark.parametrize("edit", ["stored_short", "stored_long", "stored_missing", "compression", "version"])
+def test_a_payload_that_disagrees_with_its_header_is_refused(edit: str) -> None:
+    _, raw, payload = read_header(encode_block(_block(), FP, "int4"))
+    version = FORMAT_VERSION
+    if edit == "stored_short":
+        raw["sections"][0]["stored"] -= 1
+    elif edit == "stored_long":
+        raw["sections"][-1]["stored"] += 5
+    elif edit == "stored_missing":
+        del raw["sections"][1]["stored"]
+    elif edit == "compression":
+        raw["compression"] = "lz4"
+    else:
+        version = FORMAT_VERSION + 1
+    with pytest.raises(CorruptBlock):
+        decode_block(_rewrap(raw, payload, version), FP)

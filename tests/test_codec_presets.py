@@ -17,7 +17,7 @@ from sqlalchemy import select
 from kvstore import quant_presets
 from kvstore.bank import BankStore
 from kvstore.catalog import BlockRow
-from kvstore.codec import FORMAT_VERSION, MAGIC, PRESETS, decode_block, encode_block, read_header
+from kvstore.codec import FORMAT_VERSION, MAGIC, PRESETS, decode_block, encode_block, payload_bytes, read_header
 from kvstore.errors import CorruptBlock
 from kvstore.quant import dequantize, pack_bits, quantize, unpack_bits, water_fill
 from kvstore.quant_presets import TIER_BITS, CodecWeights, codec_weights, tier_sizes, token_importance
@@ -58,6 +58,22 @@ REL_RMS_BOUND: dict[str, tuple[float, float]] = {
     "klt5": (0.30, 0.40),
     "tklt5": (0.30, 0.50),
 }
+
+
+def _one_frame(raw: dict, flat: bytes, version: int = FORMAT_VERSION) -> bytes:
+    """A block from a header and its sections' raw bytes, as one zstd frame (``zstd``), with a fresh checksum:
+    how tests write what only the decoder's own checks can catch."""
+    raw = {**raw, "compression": "zstd", "sections": [{k: v for k, v in spec.items() if k != "stored"}
+                                                      for spec in raw["sections"]]}
+    head = json.dumps(raw, sort_keys=True, separators=(",", ":")).encode()
+    body = struct.pack("<4sHI", MAGIC, version, len(head)) + head + zstandard.ZstdCompressor().compress(flat)
+    return body + hashlib.sha256(body).digest()
+
+
+def _flat(data: bytes) -> tuple[dict, bytes]:
+    """A block's raw header and its sections' raw bytes."""
+    _, raw, payload = read_header(data)
+    return raw, payload_bytes(raw, payload)
 
 
 def _random_block(tokens: int = 37, dim: int = 16, seed: int = 1) -> BlockKV:
@@ -113,12 +129,55 @@ def test_quantize_error_is_at_most_half_a_step() -> None:
         assert bool((err <= scale.float() / 2 + slack).all()), bits
 
 
-@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 8])
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 6, 7, 8])
 def test_bit_packing_round_trips(bits: int) -> None:
     codes = torch.randint(0, 1 << bits, (1001,), dtype=torch.uint8)
     packed = pack_bits(codes, bits)
     assert packed.dtype == torch.uint8 and packed.numel() == -(-1001 * bits // 8)
     assert torch.equal(unpack_bits(packed, bits, 1001), codes)
+    aligned = pack_bits(codes, bits, aligned=True)
+    assert aligned.numel() == -(-1001 // (8 // bits))
+    assert torch.equal(unpack_bits(aligned, bits, 1001, aligned=True), codes)
+    if 8 % bits == 0:
+        assert torch.equal(aligned, packed)
+
+
+@pytest.mark.parametrize("name", ["int4", "k3v3", "rot5", "wf3", "tklt5"])
+def test_codes_that_straddle_bytes_are_stored_byte_aligned(name: str) -> None:
+    """Widths that do not divide 8 go whole per byte (``_bytes``), so zstd codes their skewed levels."""
+    data = encode_block(_smollm_shaped_block(), FP, name)
+    names = {s["name"] for s in read_header(data)[1]["sections"]}
+    for section in names:
+        width = section.removesuffix("_codes").removesuffix("_bytes")[-1:]
+        if section.endswith(("_codes", "_bytes")) and width.isdigit() and width != "0":
+            assert section.endswith("_bytes") == (8 % int(width) != 0), section
+
+
+def test_blocks_with_tightly_packed_odd_widths_still_decode() -> None:
+    """Blocks written before byte-aligned codes hold every width tightly packed in ``_codes``."""
+    block = _smollm_shaped_block(tokens=60)
+    data = encode_block(block, FP, "wf3")
+    raw, flat = _flat(data)
+    parts, offset, rewritten = [], 0, 0
+    for spec in raw["sections"]:
+        dtype = np.dtype(spec["dtype"]).newbyteorder("<")
+        count = int(np.prod(spec["shape"]))
+        part = np.frombuffer(flat, dtype=dtype, count=count, offset=offset)
+        offset += count * dtype.itemsize
+        if spec["name"].endswith("_bytes"):
+            bits = int(spec["name"].removesuffix("_bytes")[1:])
+            scale = np.prod(next(s["shape"] for s in raw["sections"] if s["name"] == f"{spec['name'][:-6]}_scale"))
+            codes = unpack_bits(torch.from_numpy(part.copy()), bits, count * (8 // bits), aligned=True)
+            codes = codes[:int(scale) * raw["params"]["k_group" if spec["name"][0] == "k" else "v_group"]]
+            part = pack_bits(codes, bits).numpy()
+            spec["name"] = spec["name"].replace("_bytes", "_codes")
+            spec["shape"] = list(part.shape)
+            rewritten += 1
+        parts.append(part.tobytes())
+    assert rewritten
+    older = decode_block(_one_frame(raw, b"".join(parts), version=1), FP)
+    new = decode_block(data, FP)
+    assert torch.equal(older.k, new.k) and torch.equal(older.v, new.v)
 
 
 @pytest.mark.parametrize("name", LOSSY)
@@ -187,7 +246,7 @@ def test_per_layer_widths_are_in_the_header_and_decode(name: str) -> None:
     assert k_bits[18] > k_bits[0] and v_bits[18] > v_bits[13]
     assert header.params["k_rotate"] == header.params["v_rotate"] == "hadamard" and header.params["v_symmetric"]
     # One section group per width, every layer in exactly one.
-    assert {s["name"] for s in raw["sections"]} >= {f"k{w}_codes" for w in set(k_bits)} | {f"v{w}_scale" for w in
+    assert {s["name"] for s in raw["sections"]} >= {f"k{w}_scale" for w in set(k_bits)} | {f"v{w}_scale" for w in
                                                                                            set(v_bits)}
     out = decode_block(data, FP)
     k_err = (out.k.float() - block.k).pow(2).mean(dim=(1, 2, 3)).sqrt()  # [layers]
@@ -243,8 +302,7 @@ def test_water_filled_widths_are_sections_and_follow_the_calibration(name: str) 
 
 def _section(data: bytes, name: str) -> np.ndarray:
     """One section of a block, read back through the header's layout."""
-    _, raw, payload = read_header(data)
-    flat = zstandard.ZstdDecompressor().decompress(payload)
+    raw, flat = _flat(data)
     offset = 0
     for spec in raw["sections"]:
         dtype = np.dtype(spec["dtype"]).newbyteorder("<")
@@ -257,15 +315,12 @@ def _section(data: bytes, name: str) -> np.ndarray:
 
 def test_water_filled_widths_that_disagree_with_the_sections_are_refused() -> None:
     data = encode_block(_random_block(), FP, "wf3")
-    header, raw, payload = read_header(data)
-    flat = bytearray(zstandard.ZstdDecompressor().decompress(payload))
+    raw, payload = _flat(data)
+    flat = bytearray(payload)
     assert raw["sections"][0]["name"] == "k_widths"
     flat[0] = 7 if flat[0] != 7 else 5  # one channel claims another width than its codes were stored at
-    head = json.dumps(raw, sort_keys=True, separators=(",", ":")).encode()
-    body = struct.pack("<4sHI", MAGIC, FORMAT_VERSION, len(head)) + head + zstandard.ZstdCompressor().compress(
-        bytes(flat))
     with pytest.raises(CorruptBlock):
-        decode_block(body + hashlib.sha256(body).digest(), FP)
+        decode_block(_one_frame(raw, bytes(flat)), FP)
 
 
 GOLDEN = Path(__file__).parent / "data" / "codec_v1"
@@ -305,8 +360,8 @@ def _tiers(data: bytes) -> torch.Tensor:
 
 def _rewritten(data: bytes, name: str, edit: Callable[[np.ndarray], None]) -> bytes:
     """The block with one section edited and a fresh checksum: what only the decoder's checks can catch."""
-    _, raw, payload = read_header(data)
-    flat = bytearray(zstandard.ZstdDecompressor().decompress(payload))
+    raw, payload = _flat(data)
+    flat = bytearray(payload)
     offset = 0
     for spec in raw["sections"]:
         dtype = np.dtype(spec["dtype"]).newbyteorder("<")
@@ -316,10 +371,7 @@ def _rewritten(data: bytes, name: str, edit: Callable[[np.ndarray], None]) -> by
             edit(part)
             flat[offset:offset + size] = part.tobytes()
         offset += size
-    head = json.dumps(raw, sort_keys=True, separators=(",", ":")).encode()
-    body = struct.pack("<4sHI", MAGIC, FORMAT_VERSION, len(head)) + head + zstandard.ZstdCompressor().compress(
-        bytes(flat))
-    return body + hashlib.sha256(body).digest()
+    return _one_frame(raw, bytes(flat))
 
 
 def test_tiers_follow_the_calibrated_importance() -> None:
