@@ -10,6 +10,8 @@ blocks each, as there) it measures
   summed over the query heads sharing the KV head and over each RoPE pair (a pair turns together);
 - the mean pre-RoPE query of every query head, placed 40-620 tokens after a key and averaged
   (``queries``): the ``tier*`` presets rank a block's tokens by the attention it predicts;
+- the covariance of those question queries, placed the same way (``query_spread``): the ``tier*`` score
+  adds ``k @ cov @ k / 2`` to the mean query's logit, the expected attention of Gaussian queries;
 - the key basis of the ``klt*`` presets (``key_basis``): per (layer, KV head) the Fisher information of
   the next-token distribution over question + answer w.r.t. the block's pre-RoPE keys (sampled tokens,
   random-sign probes, ``--fisher-samples`` backward passes per question), and the KLT of the
@@ -19,7 +21,8 @@ Key weights are ``sensitivity / (sum of rotated squared channel ranges * 4**-3 /
 channel's query energy over its head's mean, so ``weight * range**2 * 4**-bits`` is the channel's KL
 at ``bits``; value weights are ``sensitivity * 4**3``. Writes ``kvstore/codec_weights/<name>.json``.
 Run: ``python -m bench.codec_calibrate --threads 1`` (about 15 minutes for SmolLM2 on one thread);
-``--key-basis-only`` measures only the key basis and adds it to the existing file, leaving the rest as it is.
+``--key-basis-only`` (``--query-spread-only``) measures only the key basis (the query spread) and sets it in
+the existing file, leaving the rest as it is.
 """
 
 from __future__ import annotations
@@ -89,38 +92,50 @@ def sensitivities(runner: Runner, kv: dict[int, BlockKV], cases: Sequence[Case])
     return out
 
 
-def query_stats(runner: Runner, kv: dict[int, BlockKV], cases: Sequence[Case]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pre-RoPE queries of the question + answer tokens: ``energy: [L, H, D]``, the mean squared query per
-    channel summed over the query heads of each KV head and over each RoPE pair (channels c and c + D/2),
-    and ``mean: [L, QH, D]``, the mean query of every query head."""
+def question_queries(runner: Runner, kv: dict[int, BlockKV], cases: Sequence[Case]) -> torch.Tensor:
+    """``[L, QH, N, D]``: the pre-RoPE query of every question + answer token of the cases, per query head."""
     config = runner.model.config
     layers = runner.model.model.layers
-    q_heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    q_heads = config.num_attention_heads
     dim = next(iter(kv.values())).k.shape[-1]
-    sums = [torch.zeros(q_heads * dim) for _ in layers]
-    linear = [torch.zeros(q_heads * dim) for _ in layers]
-    count = 0
+    seen: list[list[torch.Tensor]] = [[] for _ in layers]
 
     def hook(index: int):
         def record(_module, _inputs, output: torch.Tensor) -> None:
-            sums[index].add_((output[0].float() ** 2).sum(0))
-            linear[index].add_(output[0].float().sum(0))
+            seen[index].append(output[0].detach().float())
         return record
 
     handles = [layer.self_attn.q_proj.register_forward_hook(hook(i)) for i, layer in enumerate(layers)]
     try:
         for c in cases:
             runner.logits(runner.assemble([kv[i] for i in c.blocks]), c.question_ids + c.answer_ids)
-            count += len(c.question_ids) + len(c.answer_ids)
     finally:
         for handle in handles:
             handle.remove()
-    energy = torch.stack(sums).view(len(layers), kv_heads, q_heads // kv_heads, dim).sum(2) / count
+    queries = torch.stack([torch.cat(rows) for rows in seen])  # [L, N, QH * D]
+    return queries.view(len(layers), -1, q_heads, dim).transpose(1, 2)
+
+
+def query_stats(queries: torch.Tensor, kv_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """From ``queries: [L, QH, N, D]``: ``energy: [L, H, D]``, the mean squared query per channel summed over
+    the query heads of each KV head and over each RoPE pair (channels c and c + D/2), and ``mean: [L, QH, D]``,
+    the mean query of every query head."""
+    layers, q_heads, _, dim = queries.shape
+    energy = (queries ** 2).mean(2).view(layers, kv_heads, q_heads // kv_heads, dim).sum(2)
     pair = energy[..., :dim // 2] + energy[..., dim // 2:]
-    return torch.cat([pair, pair], -1), torch.stack(linear).view(len(layers), q_heads, dim) / count
+    return torch.cat([pair, pair], -1), queries.mean(2)
 
 
 DISTANCES = torch.arange(40, 640, 20)  # question-to-token distances the tier score averages over
+
+
+def _placed(runner: Runner, queries: torch.Tensor) -> torch.Tensor:
+    """``[L, QH, N, D]`` pre-RoPE queries -> ``[L, QH, N * len(DISTANCES), D]``: each placed at every distance
+    from a pre-RoPE key at position 0, times the attention scaling (``placed @ key`` is the logit)."""
+    layers, q_heads, count, dim = queries.shape
+    spread = queries[:, :, :, None, :].expand(layers, q_heads, count, len(DISTANCES), dim)
+    placed = runner.rope.rotate(spread.reshape(layers, q_heads, -1, dim).contiguous(), DISTANCES.repeat(count))
+    return placed * runner.model.model.layers[0].self_attn.scaling
 
 
 def tier_queries(runner: Runner, mean: torch.Tensor) -> torch.Tensor:
@@ -130,10 +145,21 @@ def tier_queries(runner: Runner, mean: torch.Tensor) -> torch.Tensor:
     A pre-RoPE key dotted with it ranks the block's tokens as a typical later question would attend to
     them (the ``tier*`` presets' token importance); the encoder needs neither the model nor its RoPE.
     """
-    layers, q_heads, dim = mean.shape
-    placed = runner.rope.rotate(mean[:, :, None, :].expand(layers, q_heads, len(DISTANCES), dim).contiguous(),
-                                DISTANCES)  # [L, QH, distances, D]
-    return placed.mean(2) * runner.model.model.layers[0].self_attn.scaling
+    return _placed(runner, mean[:, :, None, :]).mean(2)
+
+
+def query_spread(runner: Runner, queries: torch.Tensor) -> str:
+    """The ``query_spread`` entry: the covariance ``[L, QH, D, D]`` of the question queries placed at every
+    distance (as :func:`tier_queries` places their mean), its upper triangle row by row as base64 fp16.
+
+    For Gaussian queries ``E[exp(q @ k)] = exp(mean @ k + k @ cov @ k / 2)``: the ``tier*`` score then
+    also counts tokens that some questions attend to and the mean question does not.
+    """
+    placed = _placed(runner, queries)
+    centred = placed - placed.mean(2, keepdim=True)
+    cov = centred.transpose(-1, -2) @ centred / placed.shape[2]  # [L, QH, D, D]
+    rows, cols = torch.triu_indices(cov.shape[-1], cov.shape[-1])
+    return base64.b64encode(cov[..., rows, cols].half().numpy().astype("<f2").tobytes()).decode()
 
 
 def key_fisher(runner: Runner, kv: dict[int, BlockKV], cases: Sequence[Case], samples: int,
@@ -202,6 +228,18 @@ def key_basis_json(entry: tuple[torch.Tensor, str]) -> str:
     return json.dumps({"weight": rounded(weight), "data": data}, separators=(",", ":"))
 
 
+def with_entry(text: str, name: str, entry: str) -> str:
+    """The calibration file ``text`` with its top-level ``name`` set to the JSON ``entry``, edited as text so
+    every other entry keeps its bytes (the file is written compact, so an entry re-serializes to its text)."""
+    raw = json.loads(text)
+    if name in raw:
+        old = f',"{name}":' + json.dumps(raw[name], separators=(",", ":"))
+        if old not in text:
+            raise SystemExit(f"cannot find the {name} entry's text in the calibration file; rewrite it whole")
+        text = text.replace(old, "")
+    return text[:-1] + f',"{name}":' + entry + "}"
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.codec_calibrate", description=__doc__.split("\n")[0])
     add_data_args(parser, default_questions=10)
@@ -212,6 +250,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="backward passes per question for the key basis' Fisher (default: 12)")
     parser.add_argument("--key-basis-only", action="store_true",
                         help="measure only the key basis and add it to the existing file (other entries unchanged)")
+    parser.add_argument("--query-spread-only", action="store_true",
+                        help="measure only the question queries' covariance (query_spread) and add it to the "
+                             "existing file (other entries unchanged)")
     args = parser.parse_args(argv)
     squad = load_or_exit(args.data)
     settings = Settings()
@@ -222,16 +263,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     used = sorted({i for c in cases for i in c.blocks})
     kv = dict(zip(used, runner.encode([runner.tokenize(squad.paragraphs[i]) for i in used]), strict=True))
     path = WEIGHTS_DIR / f"{args.name}.json"
+    queries = question_queries(runner, kv, cases)  # [L, QH, N, D]
+    if args.query_spread_only:
+        spread_json = json.dumps({"data": query_spread(runner, queries)}, separators=(",", ":"))
+        path.write_text(with_entry(path.read_text(), "query_spread", spread_json))
+        print(f"added the query spread to {path}")
+        return
     basis = key_basis(key_fisher(runner, kv, cases, args.fisher_samples), kv)
     if args.key_basis_only:
-        text = path.read_text()
-        if '"key_basis"' in text:
-            text = text[:text.index(',"key_basis":')] + "}"
-        # Appended as text, so every existing entry keeps its bytes.
-        path.write_text(text[:-1] + ',"key_basis":' + key_basis_json(basis) + "}")
+        path.write_text(with_entry(path.read_text(), "key_basis", key_basis_json(basis)))
         print(f"added the key basis to {path}")
         return
-    energy, mean_query = query_stats(runner, kv, cases)  # [L, H, D], [L, QH, D]
+    energy, mean_query = query_stats(queries, runner.model.config.num_key_value_heads)  # [L, H, D], [L, QH, D]
     sens = sensitivities(runner, kv, cases[:args.sensitivity_questions])  # [L, H, 2]
     h = hadamard(energy.shape[-1])
     spread = torch.stack([((b.k.float() @ h).amax(2) - (b.k.float() @ h).amin(2)) ** 2 for b in kv.values()])
@@ -241,7 +284,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     path.write_text(json.dumps({"model": runner.llm.name, "shape": list(keys.shape), "keys": rounded(keys),
                                 "values": rounded(values),
-                                "queries": rounded(tier_queries(runner, mean_query))}, separators=(",", ":"))[:-1]
+                                "queries": rounded(tier_queries(runner, mean_query)),
+                                "query_spread": {"data": query_spread(runner, queries)}}, separators=(",", ":"))[:-1]
                     + ',"key_basis":' + key_basis_json(basis) + "}")
     print(f"wrote {path}")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import struct
@@ -20,7 +21,14 @@ from kvstore.catalog import BlockRow
 from kvstore.codec import FORMAT_VERSION, MAGIC, PRESETS, decode_block, encode_block, payload_bytes, read_header
 from kvstore.errors import CorruptBlock
 from kvstore.quant import dequantize, pack_bits, quantize, unpack_bits, water_fill
-from kvstore.quant_presets import TIER_BITS, CodecWeights, codec_weights, tier_sizes, token_importance
+from kvstore.quant_presets import (
+    TIER_BITS,
+    CodecWeights,
+    codec_weights,
+    query_spread_from_json,
+    tier_sizes,
+    token_importance,
+)
 from kvstore.runner import BlockKV, Runner
 
 from .conftest import build_tiny
@@ -382,13 +390,13 @@ def test_tiers_follow_the_calibrated_importance() -> None:
     header, _, _ = read_header(data)
     sizes = [t["tokens"] for t in header.params["tiers"]]
     assert sizes == tier_sizes(150, [0.2, 1.0]) == [30, 120]
-    assert header.params["importance"] == "query"
+    assert header.params["importance"] == "query_spread"
     assert [t["k_mean_bits"] for t in header.params["tiers"]] == [4.5, 2.7]
     tier = _tiers(data)
     for i, size in enumerate(sizes):
         assert bool(((tier == i).sum(-1) == size).all())  # every (layer, head) the same split
     # Tier 0 holds each head's best-scored tokens, and they are stored at more bits.
-    score = token_importance(block.k, weights.queries)  # [L, H, T]
+    score = token_importance(block.k, weights.queries, weights.query_spread)  # [L, H, T]
     top = score.topk(30, dim=-1).indices
     assert bool((tier.gather(-1, top) == 0).all())
     out = decode_block(data, FP)
@@ -517,3 +525,37 @@ def test_a_tampered_key_basis_block_is_refused() -> None:
     flipped[len(flipped) // 2] ^= 0x01
     with pytest.raises(CorruptBlock):
         decode_block(bytes(flipped), FP)
+
+
+def test_the_query_spread_raises_keys_along_directions_questions_vary_in() -> None:
+    dim = 8
+    queries = torch.zeros(1, 1, dim)
+    queries[0, 0, 0] = 1.0  # the mean question looks along channel 0
+    k = torch.zeros(1, 1, 3, dim)
+    k[0, 0, 0, 0] = 2.0  # what the mean question attends to
+    k[0, 0, 1, 1] = 2.0  # orthogonal to it, along the direction questions vary in
+    k[0, 0, 2, 2] = 2.0  # orthogonal, along a direction no question takes
+    spread = torch.zeros(1, 1, dim, dim)
+    assert torch.equal(token_importance(k, queries, spread), token_importance(k, queries))
+    spread[0, 0, 1, 1] = 3.0
+    plain, spread_score = token_importance(k, queries)[0, 0], token_importance(k, queries, spread)[0, 0]
+    assert float(plain[1]) == pytest.approx(float(plain[2]))
+    assert float(spread_score[1]) > float(spread_score[0]) > float(spread_score[2])
+
+
+def test_the_shipped_query_spread_is_a_covariance_per_query_head() -> None:
+    weights = codec_weights(30, 3, 64)
+    assert weights is not None and weights.query_spread is not None
+    cov = weights.query_spread
+    assert cov.shape == (30, 9, 64, 64) and torch.equal(cov, cov.transpose(-1, -2))
+    assert float(torch.linalg.eigvalsh(cov.double()).min()) > -1e-3  # positive semi-definite up to fp16 rounding
+
+
+def test_query_spread_entries_round_trip() -> None:
+    g = torch.Generator().manual_seed(5)
+    a = torch.randn(2, 3, 6, 6, generator=g)
+    cov = a @ a.transpose(-1, -2) / 6
+    rows, cols = torch.triu_indices(6, 6)
+    data = base64.b64encode(cov[..., rows, cols].half().numpy().astype("<f2").tobytes()).decode()
+    back = query_spread_from_json({"data": data}, 2, 3, 6)
+    assert torch.allclose(back, cov, atol=2e-3) and torch.equal(back, back.transpose(-1, -2))
