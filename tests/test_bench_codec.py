@@ -1,0 +1,23 @@
+"""bench/codec's report: where a preset's disagreements with fp16 sit."""
+
+from __future__ import annotations
+
+from bench.codec import near_ties
+
+
+def _rows(margins: list[float], agree: list[bool]) -> list[dict]:
+    return [{"preset": "fp16", "margin": margins, "agree_each": [True] * len(margins)},
+            {"preset": "x", "agree_each": agree}]
+
+
+def test_disagreements_are_placed_against_the_reference_margins() -> None:
+    rows = _rows([0.01, 0.5, 0.02, 2.0, 0.03], [False, True, True, True, False])
+    text = near_ties(rows, rows[1])
+    assert "2 disagreements" in text and "0.010, 0.030" in text and "3 of 5 questions" in text
+    assert "median question's 0.030" in text
+
+
+def test_nothing_to_say_without_disagreements_or_margins() -> None:
+    rows = _rows([0.1, 0.2], [True, True])
+    assert near_ties(rows, rows[1]) == ""
+    assert near_ties([{"preset": "fp16"}, {"preset": "x", "agree_each": [False]}], {"agree_each": [False]}) == ""
