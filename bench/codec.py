@@ -139,28 +139,33 @@ class Answer:
     text: str
 
 
-def follows_reference(runner: Runner, blocks: Sequence[BlockKV], case: Case, reference: Answer,
-                      max_new_tokens: int) -> bool:
-    """Whether greedy decoding after ``blocks`` would produce exactly ``reference``'s tokens.
+def logits_along(runner: Runner, blocks: Sequence[BlockKV], case: Case, answer: Answer) -> torch.Tensor:
+    """``[answer tokens + 1, vocab]``: the next-token logits at each of ``answer``'s picks, teacher-forced after
+    ``blocks`` and the question, and the pick after its last token."""
+    logits = runner.logits(runner.assemble(blocks), case.question_ids + answer.token_ids)
+    return logits[len(case.question_ids) - 1:]
 
-    Greedy decoding repeats the reference iff, teacher-forced along it, every next-token argmax is
-    the reference's token and, where the reference stopped early, a stop token comes next: one
-    forward pass instead of one per token.
-    """
-    q = len(case.question_ids)
-    logits = runner.logits(runner.assemble(blocks), case.question_ids + reference.token_ids)
-    picks = logits[q - 1:].argmax(-1).tolist()  # [answer tokens + 1]: the pick after each prefix
+
+def repeats(runner: Runner, along: torch.Tensor, reference: Answer, max_new_tokens: int) -> bool:
+    """Whether greedy decoding with the logits ``along`` the reference (:func:`logits_along`) would produce
+    exactly its tokens: every argmax is the reference's token and, where it stopped early, a stop comes next."""
+    picks = along.argmax(-1).tolist()
     if picks[:len(reference.token_ids)] != reference.token_ids:
         return False
     return len(reference.token_ids) >= max_new_tokens or picks[len(reference.token_ids)] in runner.stop_ids
 
 
-def answer_margin(runner: Runner, blocks: Sequence[BlockKV], case: Case, answer: Answer) -> float:
-    """The smallest gap, in log-probability, between the first and second choice at any of ``answer``'s greedy
-    picks (and the stop after it): how far the reference is from flipping on a near-tie."""
-    q = len(case.question_ids)
-    logits = runner.logits(runner.assemble(blocks), case.question_ids + answer.token_ids)
-    top = torch.log_softmax(logits[q - 1:].float(), -1).topk(2, dim=-1).values  # [answer tokens + 1, 2]
+def follows_reference(runner: Runner, blocks: Sequence[BlockKV], case: Case, reference: Answer,
+                      max_new_tokens: int) -> bool:
+    """Whether greedy decoding after ``blocks`` would produce exactly ``reference``'s tokens: one teacher-forced
+    forward pass along it instead of one per token."""
+    return repeats(runner, logits_along(runner, blocks, case, reference), reference, max_new_tokens)
+
+
+def answer_margin(along: torch.Tensor) -> float:
+    """The smallest gap, in log-probability, between the first and second choice at any pick ``along`` an
+    answer (:func:`logits_along`): how far the answer is from flipping on a near-tie."""
+    top = torch.log_softmax(along.float(), -1).topk(2, dim=-1).values  # [answer tokens + 1, 2]
     return float((top[:, 0] - top[:, 1]).min())
 
 
@@ -200,8 +205,9 @@ def evaluate(runner: Runner, kv: dict[int, BlockKV], cases: Sequence[Case], pres
                 reference.append((answer, logprobs))
                 # The shortcut of ask() holds only if fp16 teacher-forced along its own answer repeats it.
                 blocks = [coded.blocks[i] for i in case.blocks]
-                self_check.append(follows_reference(runner, blocks, case, answer, max_new_tokens))
-                margins.append(answer_margin(runner, blocks, case, answer))
+                along = logits_along(runner, blocks, case, answer)
+                self_check.append(repeats(runner, along, answer, max_new_tokens))
+                margins.append(answer_margin(along))
             ref_answer, ref_logprobs = reference[j]
             kls.append(kl_per_token(ref_logprobs, logprobs))
             nll_delta.append(answer_nll(logprobs, case) - answer_nll(ref_logprobs, case))
