@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -23,7 +25,12 @@ from sqlalchemy import (
     event,
 )
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+
+from .errors import Unavailable
+
+log = logging.getLogger(__name__)
 
 # SQLite only auto-increments INTEGER PRIMARY KEY; PostgreSQL gets a real BIGINT identity.
 BigId = BigInteger().with_variant(Integer(), "sqlite")
@@ -232,8 +239,20 @@ def make_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True)
 
 
-def upgrade(url: str) -> None:
-    """Bring the catalog at ``url`` to the newest schema with Alembic."""
+# A server restarted right after a SIGKILL can find the dead server's backend still holding a lock the
+# migration needs until PostgreSQL notices it gone; waiting on it unbounded hung startup. Each attempt waits
+# at most this long for a lock, and the upgrade is retried (about a minute in all) before giving up.
+MIGRATION_LOCK_TIMEOUT_MS = 5000
+MIGRATION_ATTEMPTS = 10
+MIGRATION_BACKOFF_S = 1.0
+
+
+def upgrade(url: str, attempts: int = MIGRATION_ATTEMPTS, lock_timeout_ms: int = MIGRATION_LOCK_TIMEOUT_MS) -> None:
+    """Bring the catalog at ``url`` to the newest schema with Alembic.
+
+    On PostgreSQL every attempt runs with ``lock_timeout``, and one that times out on a lock is retried after
+    a growing pause; if none gets through, :class:`Unavailable`. SQLite has its own busy timeout.
+    """
     from alembic import command
     from alembic.config import Config
 
@@ -241,7 +260,23 @@ def upgrade(url: str) -> None:
     cfg = Config()
     cfg.set_main_option("script_location", str(migrations))
     cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
-    command.upgrade(cfg, "head")
+    cfg.attributes["lock_timeout_ms"] = lock_timeout_ms
+    for attempt in range(1, attempts + 1):
+        try:
+            command.upgrade(cfg, "head")
+            return
+        except OperationalError as exc:
+            if getattr(exc.orig, "sqlstate", None) != _LOCK_NOT_AVAILABLE:
+                raise
+            log.warning("catalog migration waited %d ms for a lock (attempt %d of %d)", lock_timeout_ms, attempt,
+                        attempts)
+            if attempt < attempts:
+                time.sleep(MIGRATION_BACKOFF_S * attempt)
+    raise Unavailable(f"catalog migration could not take its locks in {attempts} attempts; another "
+                      "connection holds them")
+
+
+_LOCK_NOT_AVAILABLE = "55P03"  # PostgreSQL: lock_timeout expired
 
 
 def open_catalog(url: str, migrate: bool = True) -> sessionmaker:

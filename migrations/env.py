@@ -18,6 +18,11 @@ def run_migrations_offline() -> None:
 def run_migrations_online() -> None:
     engine = make_engine(url)
     with engine.connect() as connection:
+        lock_timeout_ms = config.attributes.get("lock_timeout_ms")
+        if lock_timeout_ms and connection.dialect.name == "postgresql":
+            # Session-wide on this connection: a lock the migration cannot get fails it instead of hanging.
+            connection.exec_driver_sql(f"SET lock_timeout = {int(lock_timeout_ms)}")
+            connection.commit()
         context.configure(connection=connection, target_metadata=Base.metadata, render_as_batch=True)
         with context.begin_transaction():
             context.run_migrations()
