@@ -105,7 +105,7 @@ def db_upgrade(data_dir: Annotated[Path | None, typer.Option(help="Data director
 
     settings = Settings(data_dir=data_dir) if data_dir is not None else Settings()
     url = settings.resolved_database_url()
-    upgrade(url)
+    upgrade(url, settings)
     typer.echo(f"catalog up to date: {make_url(url).render_as_string(hide_password=True)}")
 
 

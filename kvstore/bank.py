@@ -222,7 +222,8 @@ class BankStore:
         self.settings = settings or Settings()
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
         set_threads(self.settings.torch_threads)
-        self.sessions: sessionmaker[Session] = open_catalog(self.settings.resolved_database_url(), migrate=migrate)
+        self.sessions: sessionmaker[Session] = open_catalog(self.settings.resolved_database_url(), migrate=migrate,
+                                                              settings=self.settings)
         self.blobs = LocalBlobStore(self.settings.data_dir / "blobs")
         self.hot = HotCache(self.settings.hot_tier_bytes)
         self.memory = MemoryManager(self)

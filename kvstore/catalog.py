@@ -6,7 +6,7 @@ import logging
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import (
     JSON,
@@ -24,11 +24,15 @@ from sqlalchemy import (
     create_engine,
     event,
 )
-from sqlalchemy.engine import Engine
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
-from .errors import Unavailable
+from .config import Settings
+from .errors import CatalogLocked
+
+if TYPE_CHECKING:
+    from alembic.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -239,48 +243,78 @@ def make_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True)
 
 
-# A server restarted right after a SIGKILL can find the dead server's backend still holding a lock the
-# migration needs until PostgreSQL notices it gone; waiting on it unbounded hung startup. Each attempt waits
-# at most this long for a lock, and the upgrade is retried (about a minute in all) before giving up.
-MIGRATION_LOCK_TIMEOUT_MS = 5000
-MIGRATION_ATTEMPTS = 10
-MIGRATION_BACKOFF_S = 1.0
+# PostgreSQL SQLSTATEs of a migration that lost a race for a lock: lock_timeout expired, or a deadlock broken.
+_LOCK_SQLSTATES = frozenset({"55P03", "40P01"})
+_FIRST_PAUSE_S = 0.25
+_MAX_PAUSE_S = 4.0
 
 
-def upgrade(url: str, attempts: int = MIGRATION_ATTEMPTS, lock_timeout_ms: int = MIGRATION_LOCK_TIMEOUT_MS) -> None:
+def upgrade(url: str, settings: Settings | None = None) -> None:
     """Bring the catalog at ``url`` to the newest schema with Alembic.
 
-    On PostgreSQL every attempt runs with ``lock_timeout``, and one that times out on a lock is retried after
-    a growing pause; if none gets through, :class:`Unavailable`. SQLite has its own busy timeout.
+    On PostgreSQL an attempt waits at most ``migration_lock_timeout_s`` for a lock and one that times out is
+    retried after a growing pause until ``migration_timeout_s`` has passed, then :class:`CatalogLocked`.
+    SQLite runs once under its own busy timeout.
     """
     from alembic import command
     from alembic.config import Config
 
+    settings = settings or Settings()
     migrations = Path(__file__).resolve().parent.parent / "migrations"
     cfg = Config()
     cfg.set_main_option("script_location", str(migrations))
     cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
-    cfg.attributes["lock_timeout_ms"] = lock_timeout_ms
-    for attempt in range(1, attempts + 1):
-        try:
-            command.upgrade(cfg, "head")
-            return
-        except OperationalError as exc:
-            if getattr(exc.orig, "sqlstate", None) != _LOCK_NOT_AVAILABLE:
-                raise
-            log.warning("catalog migration waited %d ms for a lock (attempt %d of %d)", lock_timeout_ms, attempt,
-                        attempts)
-            if attempt < attempts:
-                time.sleep(MIGRATION_BACKOFF_S * attempt)
-    raise Unavailable(f"catalog migration could not take its locks in {attempts} attempts; another "
-                      "connection holds them")
+    if make_url(url).get_backend_name() != "postgresql":
+        command.upgrade(cfg, "head")
+        return
+    _upgrade_postgres(cfg, url, settings.migration_lock_timeout_s, settings.migration_timeout_s)
 
 
-_LOCK_NOT_AVAILABLE = "55P03"  # PostgreSQL: lock_timeout expired
+def _upgrade_postgres(cfg: Config, url: str, lock_timeout_s: float, budget_s: float) -> None:
+    """Upgrade with a bounded wait per lock, retrying attempts that time out until ``budget_s`` is spent.
+
+    A server restarted right after a SIGKILL can find the dead server's backend still holding a lock the
+    migration needs until PostgreSQL notices it gone; an unbounded wait on it hung startup.
+    """
+    from alembic import command
+
+    engine = make_engine(url)
+    deadline = time.monotonic() + budget_s
+    pause = _FIRST_PAUSE_S
+    attempt = 0
+    try:
+        while True:
+            attempt += 1
+            # Never wait on one lock past the budget, so the whole start stays bounded by it.
+            wait_ms = max(1, int(min(lock_timeout_s, deadline - time.monotonic()) * 1000))
+            try:
+                with engine.begin() as connection:
+                    # LOCAL: the setting ends with this transaction, so no pooled connection keeps it.
+                    connection.exec_driver_sql(f"SET LOCAL lock_timeout = {wait_ms}")
+                    cfg.attributes["connection"] = connection
+                    command.upgrade(cfg, "head")
+                return
+            except DBAPIError as exc:
+                if getattr(exc.orig, "sqlstate", None) not in _LOCK_SQLSTATES:
+                    raise
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise CatalogLocked(f"catalog migration could not take its locks in {budget_s:g} s "
+                                        f"({attempt} attempts): another connection holds them") from exc
+                sleep_s = min(pause, left)
+                log.warning("catalog migration lock wait timed out; retrying attempt=%d lock_timeout_ms=%d "
+                            "retry_in_s=%.2f budget_left_s=%.1f", attempt, wait_ms, sleep_s, left,
+                            extra={"event": "migration_lock_timeout", "attempt": attempt,
+                                   "lock_timeout_ms": wait_ms, "retry_in_s": sleep_s, "budget_left_s": left})
+                time.sleep(sleep_s)
+                pause = min(pause * 2, _MAX_PAUSE_S)
+    finally:
+        cfg.attributes.pop("connection", None)
+        engine.dispose()
 
 
-def open_catalog(url: str, migrate: bool = True) -> sessionmaker:
+def open_catalog(url: str, migrate: bool = True, settings: Settings | None = None) -> sessionmaker:
     """Migrate (unless told not to) and return a session factory."""
     if migrate:
-        upgrade(url)
+        upgrade(url, settings)
     return sessionmaker(make_engine(url), expire_on_commit=False)

@@ -24,6 +24,12 @@ class Settings(BaseSettings):
     database_url: str | None = Field(
         default=None, description="SQLAlchemy URL of the catalog; default: SQLite in the data dir."
     )
+    migration_lock_timeout_s: float = Field(
+        default=5.0, gt=0, description="PostgreSQL: longest one startup migration attempt waits for a lock another "
+                                       "connection holds (e.g. a killed server's backend) before it is retried.")
+    migration_timeout_s: float = Field(
+        default=60.0, gt=0, description="PostgreSQL: how long startup migrations keep retrying lock timeouts "
+                                        "before the start fails with `unavailable`.")
     model: str = Field(default=PACKAGED_LLM, description="LLM: the packaged SmolLM2 or a local HF model dir.")
     embedder: str = Field(default=PACKAGED_EMBEDDER, description="sentence-transformers model dir.")
     model_cache_dir: Path | None = Field(

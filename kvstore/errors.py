@@ -63,3 +63,7 @@ class RateLimited(KVRagError):
 
 class Unavailable(KVRagError):
     code = "unavailable"
+
+
+class CatalogLocked(Unavailable):
+    """Startup migrations could not take the catalog locks they need within their time budget."""

@@ -1,6 +1,7 @@
 """Alembic environment: the URL comes from the caller (kvstore.catalog.upgrade) or KVRAG settings."""
 
 from alembic import context
+from sqlalchemy.engine import Connection
 
 from kvstore.catalog import Base, make_engine
 from kvstore.config import Settings
@@ -15,17 +16,22 @@ def run_migrations_offline() -> None:
         context.run_migrations()
 
 
+def _run_on(connection: Connection) -> None:
+    context.configure(connection=connection, target_metadata=Base.metadata, render_as_batch=True)
+    with context.begin_transaction():
+        context.run_migrations()
+
+
 def run_migrations_online() -> None:
+    connection = config.attributes.get("connection")
+    if connection is not None:
+        # The caller's connection, already in a transaction it commits (kvstore.catalog: PostgreSQL with
+        # a bounded lock wait).
+        _run_on(connection)
+        return
     engine = make_engine(url)
     with engine.connect() as connection:
-        lock_timeout_ms = config.attributes.get("lock_timeout_ms")
-        if lock_timeout_ms and connection.dialect.name == "postgresql":
-            # Session-wide on this connection: a lock the migration cannot get fails it instead of hanging.
-            connection.exec_driver_sql(f"SET lock_timeout = {int(lock_timeout_ms)}")
-            connection.commit()
-        context.configure(connection=connection, target_metadata=Base.metadata, render_as_batch=True)
-        with context.begin_transaction():
-            context.run_migrations()
+        _run_on(connection)
     engine.dispose()
 
 
