@@ -44,7 +44,8 @@ class ServerLife:
         return True
 
     def wait_ready(self, timeout: float = 60.0) -> None:
-        """Until ``/readyz`` answers 200; raises with the server log when it does not."""
+        """Until ``/readyz`` answers 200; kills the server and raises with its log when it does not (a server
+        left running would hold its port and its database locks, and slow every later test)."""
         deadline = time.monotonic() + timeout
         with httpx.Client(base_url=self.url, timeout=2.0) as c:
             while time.monotonic() < deadline:
@@ -56,6 +57,8 @@ class ServerLife:
                 except httpx.TransportError:
                     pass
                 time.sleep(0.05)
+        if self.alive():
+            self.kill()
         raise RuntimeError(f"server {self.pid} did not become ready:\n{self.log_text()[-4000:]}")
 
     def signal(self, sig: signal.Signals) -> None:
