@@ -102,10 +102,14 @@ def db_upgrade(data_dir: Annotated[Path | None, typer.Option(help="Data director
 
     from kvstore.catalog import upgrade
     from kvstore.config import Settings
+    from kvstore.errors import KVRagError as EngineError
 
     settings = Settings(data_dir=data_dir) if data_dir is not None else Settings()
     url = settings.resolved_database_url()
-    upgrade(url, settings)
+    try:
+        upgrade(url, settings)
+    except EngineError as exc:  # CatalogLocked: another process holds the schema; one line, not a traceback
+        raise _fail(str(exc)) from None
     typer.echo(f"catalog up to date: {make_url(url).render_as_string(hide_password=True)}")
 
 

@@ -142,3 +142,24 @@ def test_the_migration_budget_is_read_from_the_environment(monkeypatch: pytest.M
     monkeypatch.setenv("KVRAG_MIGRATION_TIMEOUT_S", "12")
     settings = Settings()
     assert (settings.migration_lock_timeout_s, settings.migration_timeout_s) == (0.5, 12.0)
+
+
+@pytest.mark.postgres
+def test_kvrag_db_upgrade_behind_a_held_lock_exits_with_one_line_not_a_traceback(
+        postgres_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from kvrag.cli import app
+
+    catalog.upgrade(postgres_url)
+    monkeypatch.setenv("KVRAG_DATABASE_URL", postgres_url)
+    monkeypatch.setenv("KVRAG_MIGRATION_LOCK_TIMEOUT_S", "0.2")
+    monkeypatch.setenv("KVRAG_MIGRATION_TIMEOUT_S", "1")
+    holder = _Holder(postgres_url, "LOCK TABLE alembic_version IN ACCESS EXCLUSIVE MODE")
+    try:
+        result = CliRunner().invoke(app, ["db", "upgrade"])
+    finally:
+        holder.close()
+    assert result.exit_code == 1
+    assert "error:" in result.output and "could not take its locks" in result.output
+    assert "Traceback" not in result.output
