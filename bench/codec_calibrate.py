@@ -51,7 +51,9 @@ def calibration_questions(questions: Sequence, count: int) -> list:
     """``count`` questions spread over those the 50-question evaluation does not ask."""
     asked = {id(q) for q in pick_questions(questions, EVAL_QUESTIONS)}
     pool = [q for q in questions if id(q) not in asked]
-    return [pool[i * len(pool) // count + 3] for i in range(count)]
+    if count > len(pool):
+        raise SystemExit(f"--questions {count}: only {len(pool)} questions are left out of the evaluation")
+    return [pool[(i * len(pool) // count + 3) % len(pool)] for i in range(count)]
 
 
 def rotated_3bit(block: BlockKV) -> BlockKV:
