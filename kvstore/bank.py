@@ -30,7 +30,7 @@ from .blobs import LocalBlobStore
 from .cache import HotCache
 from .catalog import BankRow, BlockRow, DocumentRow, OpLogRow, open_catalog, utcnow
 from .chunking import chunk_text
-from .codec import decode_block, encode_block, get_preset
+from .codec import decode_block, default_codec, encode_block, get_preset
 from .compaction import CompactionSpec, compact, prefill_attention
 from .config import Settings
 from .contextmap import ContextMaps
@@ -352,7 +352,8 @@ class BankStore:
         validate_bank_name(name)
         if context_map_budget_tokens is not None:
             self.context_map.check_budget(context_map_budget_tokens)
-        codec = codec or self.settings.default_codec
+        codec = codec or default_codec(self.settings.default_codec, self.runner.num_layers, self.runner.kv_heads,
+                                       self.runner.head_dim)
         get_preset(codec)
         if eviction not in EVICTION_POLICIES:
             raise ValidationFailed(f"eviction must be one of {EVICTION_POLICIES}")

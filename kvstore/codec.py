@@ -29,7 +29,7 @@ import torch
 import zstandard
 
 from .errors import CorruptBlock, IncompatibleModel, ValidationFailed
-from .quant_presets import LOSSY_PRESETS
+from .quant_presets import LOSSY_PRESETS, codec_weights
 from .runner import BlockKV
 
 MAGIC = b"KVRB"
@@ -75,6 +75,21 @@ PRESETS: dict[str, Preset] = {"fp16": Fp16Preset()}
 # The lossy presets and what they cost are measured by bench/codec.py (docs/BENCHMARKS.md).
 for _preset in LOSSY_PRESETS:
     PRESETS[_preset.name] = _preset
+
+
+CALIBRATED_DEFAULT = "tklt5"  # 5.04x, 90% exact greedy agreement with fp16 on SmolLM2 (docs/BENCHMARKS.md)
+UNCALIBRATED_DEFAULT = "int8"  # 1.9x, every greedy answer kept, for any model
+
+
+def default_codec(setting: str, layers: int, kv_heads: int, head_dim: int) -> str:
+    """The codec a new bank gets: ``setting`` itself, or for ``auto`` :data:`CALIBRATED_DEFAULT` where
+    ``kvstore/codec_weights`` holds this model shape's key basis and question statistics (without them its
+    tiers and key basis fall back to guesses no benchmark has measured), else :data:`UNCALIBRATED_DEFAULT`."""
+    if setting != "auto":
+        return setting
+    weights = codec_weights(layers, kv_heads, head_dim)
+    calibrated = weights is not None and weights.key_basis is not None and weights.query_spread is not None
+    return CALIBRATED_DEFAULT if calibrated else UNCALIBRATED_DEFAULT
 
 
 def get_preset(name: str) -> Preset:

@@ -40,8 +40,9 @@ class Settings(BaseSettings):
 
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     default_codec: str = Field(
-        default="int8", description="Codec of a new bank's blocks (docs/BENCHMARKS.md, codec presets): int8 keeps "
-                                    "every greedy answer of the fp16 path at 1.9x; no preset >= 5x reached 90%.")
+        default="auto", description="Codec of a new bank's blocks (docs/BENCHMARKS.md, codec presets). auto: tklt5 "
+                                    "for a model kvstore/codec_weights calibrates (SmolLM2: 5.0x smaller than fp16, "
+                                    "90% of greedy answers identical), else int8 (1.9x, every answer kept).")
     block_tokens: int = Field(default=256, ge=16, le=4096, description="Token budget of one KV block.")
     block_bias: float | None = Field(
         default=None, ge=-5.0, le=5.0,

@@ -559,3 +559,11 @@ def test_query_spread_entries_round_trip() -> None:
     data = base64.b64encode(cov[..., rows, cols].half().numpy().astype("<f2").tobytes()).decode()
     back = query_spread_from_json({"data": data}, 2, 3, 6)
     assert torch.allclose(back, cov, atol=2e-3) and torch.equal(back, back.transpose(-1, -2))
+
+
+def test_the_auto_default_is_the_calibrated_tiered_preset_only_where_a_calibration_ships() -> None:
+    from kvstore.codec import CALIBRATED_DEFAULT, UNCALIBRATED_DEFAULT, default_codec
+
+    assert default_codec("auto", 30, 3, 64) == CALIBRATED_DEFAULT == "tklt5"  # SmolLM2-135M's shape
+    assert default_codec("auto", 2, 2, 16) == UNCALIBRATED_DEFAULT == "int8"  # a tiny test model
+    assert default_codec("fp16", 30, 3, 64) == "fp16"
