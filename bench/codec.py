@@ -47,7 +47,7 @@ from bench.squad import (
     save_figure,
     write_json,
 )
-from kvstore.codec import PRESETS, decode_block, encode_block
+from kvstore.codec import PRESETS, decode_block, default_codec, encode_block
 from kvstore.config import Settings
 from kvstore.models import Embedder, load_llm
 from kvstore.runner import BlockKV, Runner, set_threads
@@ -378,6 +378,17 @@ def merge_rows(rows: list[dict[str, Any]], questions: int, args: argparse.Namesp
     return sorted(rows + kept, key=lambda r: order.index(r["preset"]))
 
 
+def resolved_default(setting: str, kv: dict[int, BlockKV] | None, measured: str = "") -> str:
+    """``Settings.default_codec`` as a new bank of the measured model gets it (``auto`` resolved by its shape;
+    without blocks at hand, the earlier run's resolution of ``auto`` is kept)."""
+    if setting != "auto":
+        return setting
+    if kv is None:
+        return measured if measured.startswith("auto") else setting
+    layers, heads, _, dim = next(iter(kv.values())).k.shape
+    return f"auto ({default_codec(setting, layers, heads, dim)} for this model)"
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     squad = load_or_exit(args.data)
     unknown = set(args.presets) - PRESETS.keys()
@@ -397,7 +408,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {"chosen_default": choose_default(rows),
         "benchmark": "codec", "data": str(args.data), "questions": len(cases), "k": args.k,
         "blocks": len(kv), "tokens": sum(b.tokens for b in kv.values()), "max_new_tokens": args.max_new_tokens,
-        "reference": REFERENCE, "default_codec": settings.default_codec, "machine": machine_info(runner.llm.name),
+        "reference": REFERENCE, "default_codec": resolved_default(settings.default_codec, kv),
+        "machine": machine_info(runner.llm.name),
         "rows": rows,
     }
 
@@ -421,7 +433,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.docs_only:
         result = json.loads((RESULTS_DIR / "codec.json").read_text())
-        result["default_codec"] = Settings().default_codec
+        result["default_codec"] = resolved_default(Settings().default_codec, None, result["default_codec"])
         write_json("codec", result)
         write_docs(result)
         print(f"updated {DOCS}")
