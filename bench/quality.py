@@ -322,6 +322,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             cases = retrieve_cases(env, questions, ks)
             records = evaluate(env, cases, variants, args.max_new_tokens)
         stats = store.stats(BANK)
+        codec = store.get_bank(BANK).codec  # the default codec as the bank resolved it (auto: by model)
         machine = machine_info(store.llm.name)
         machine["embedder"] = store.embedder.name
         store.close()
@@ -334,7 +335,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "max_new_tokens": args.max_new_tokens,
         "reference": REFERENCE,
         "bank": {"documents": stats.documents, "blocks": stats.blocks, "tokens": stats.tokens,
-                 "codec": store.settings.default_codec, "block_tokens": store.settings.block_tokens},
+                 "codec": codec, "block_tokens": store.settings.block_tokens},
         "machine": machine,
         "rows": summarise(records, list(variants), ks),
         "records": records,

@@ -169,6 +169,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         warm_up(variants, questions, max(ks))
         samples = measure(variants, questions, ks)
         stats = store.stats(BANK)
+        codec = store.get_bank(BANK).codec  # the default codec as the bank resolved it (auto: by model)
         machine = machine_info(store.llm.name)
         machine["embedder"] = store.embedder.name
         cold.close()
@@ -182,7 +183,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "ks": ks,
         "max_new_tokens": 1,
         "bank": {"documents": stats.documents, "blocks": stats.blocks, "tokens": stats.tokens,
-                 "codec": store.settings.default_codec, "block_tokens": store.settings.block_tokens},
+                 "codec": codec, "block_tokens": store.settings.block_tokens},
         "machine": machine,
         "goal": {"k": GOAL_K, "speedup": GOAL_SPEEDUP,
                  "measured": goal_row["speedup_vs_text"] if goal_row else None,
