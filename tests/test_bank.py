@@ -224,3 +224,10 @@ def test_delete_bank_removes_everything(store: BankStore) -> None:
     assert _counts(store) == (0, 0, 0)
     with pytest.raises(NotFound):
         store.stats("kb")
+
+
+def test_a_bank_created_without_a_codec_records_what_auto_resolved_to(make_store: Callable[..., BankStore]) -> None:
+    store = make_store()
+    assert store.settings.default_codec == "auto"
+    store.create_bank("plain")
+    assert store.get_bank("plain").codec == "int8"  # the tiny model has no calibration: no tklt5

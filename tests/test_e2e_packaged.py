@@ -37,5 +37,8 @@ def test_packaged_models_answer_in_both_modes(tmp_path: Path, smollm2: LoadedMod
     single_text = store.query("demo", "Who were the Normans descended from?", k=1, mode="text", max_new_tokens=12)
     assert single_kv.answer == single_text.answer
     stats = store.stats("demo")
-    assert stats.documents == 3 and stats.compression_ratio > 1.0
+    # The auto default codec for the calibrated packaged model: tklt5, about 5x below fp16 (short
+    # paragraphs carry more per-block ranges and tier sections than the benchmark's).
+    assert store.get_bank("demo").codec == "tklt5"
+    assert stats.documents == 3 and stats.compression_ratio > 4.0
     store.close()
