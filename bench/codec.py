@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import statistics
 import time
@@ -253,13 +254,28 @@ def verdict(rows: Sequence[dict[str, Any]]) -> str:
         parts.append("No preset reaches 5x.")
     else:
         met = "Met" if five["agreement"] >= MUST_AGREEMENT else "**Not met**"
+        same = sum(five.get("agree_each", []))
+        asked = len(five.get("agree_each", []))
+        interval = ""
+        if asked:
+            low, high = wilson_interval(same, asked)
+            interval = f" ({same}/{asked}; 95% interval {low:.0%}-{high:.0%})"
         parts.append(f"{met}: the best-agreeing preset >= 5x is `{five['preset']}` ({five['ratio']:.2f}x, "
-                     f"{five['agreement']:.0%} exact agreement, KL {five['kl_mean']:.3g}).")
+                     f"{five['agreement']:.0%} exact agreement{interval}, KL {five['kl_mean']:.3g}).")
         parts.append(near_ties(rows, five))
     if low_kl is not None:
         met = "met" if low_kl["kl_mean"] <= 0.05 else "not met"
         parts.append(f"8x goal {met}: `{low_kl['preset']}` at {low_kl['ratio']:.2f}x has KL {low_kl['kl_mean']:.3g}.")
     return " ".join(parts)
+
+
+def wilson_interval(successes: int, trials: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval of a proportion (95% at the default ``z``): how far an agreement measured
+    on ``trials`` questions could move on other questions like them."""
+    share = successes / trials
+    centre = (share + z * z / (2 * trials)) / (1 + z * z / trials)
+    half = z * math.sqrt(share * (1 - share) / trials + z * z / (4 * trials * trials)) / (1 + z * z / trials)
+    return centre - half, centre + half
 
 
 NEAR_TIE = 0.05  # a top-2 log-probability gap this small along an answer is a near-tie

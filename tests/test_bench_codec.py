@@ -1,6 +1,8 @@
-"""bench/codec's report: where a preset's disagreements with fp16 sit."""
+"""bench/codec's report: where a preset's disagreements with fp16 sit, and how sure its agreement is."""
 
 from __future__ import annotations
+
+import pytest
 
 from bench.codec import near_ties
 
@@ -21,3 +23,12 @@ def test_nothing_to_say_without_disagreements_or_margins() -> None:
     rows = _rows([0.1, 0.2], [True, True])
     assert near_ties(rows, rows[1]) == ""
     assert near_ties([{"preset": "fp16"}, {"preset": "x", "agree_each": [False]}], {"agree_each": [False]}) == ""
+
+
+def test_the_wilson_interval_brackets_the_measured_share() -> None:
+    from bench.codec import wilson_interval
+
+    low, high = wilson_interval(45, 50)
+    assert abs(low - 0.786) < 0.005 and abs(high - 0.957) < 0.005  # published values for 45 of 50
+    low, high = wilson_interval(50, 50)
+    assert high == pytest.approx(1.0) and 0.92 < low < 0.94
