@@ -352,8 +352,7 @@ class BankStore:
         validate_bank_name(name)
         if context_map_budget_tokens is not None:
             self.context_map.check_budget(context_map_budget_tokens)
-        codec = codec or default_codec(self.settings.default_codec, self.runner.num_layers, self.runner.kv_heads,
-                                       self.runner.head_dim)
+        codec = self._resolve_codec(codec or self.settings.default_codec)
         get_preset(codec)
         if eviction not in EVICTION_POLICIES:
             raise ValidationFailed(f"eviction must be one of {EVICTION_POLICIES}")
@@ -384,6 +383,10 @@ class BankStore:
         with self.sessions() as s:
             return _bank_info(self._bank(s, name))
 
+    def _resolve_codec(self, codec: str) -> str:
+        """``auto`` as this store's model gets it (:func:`kvstore.codec.default_codec`); other names as given."""
+        return default_codec(codec, self.runner.num_layers, self.runner.kv_heads, self.runner.head_dim)
+
     def update_bank(self, name: str, *, codec: str | None = None, budget_bytes: int | None = None,
                     max_blocks: int | None = None, eviction: str | None = None,
                     context_map_budget_tokens: int | None = None) -> BankInfo:
@@ -393,6 +396,7 @@ class BankStore:
         with self.sessions() as s:
             row = self._bank(s, name)
             if codec is not None:
+                codec = self._resolve_codec(codec)
                 get_preset(codec)
                 row.codec = codec
             if budget_bytes is not None:

@@ -52,7 +52,10 @@ class BankCreate(Request):
                                                                 "eviction": "lru"}]})
 
     name: str = Field(max_length=63, description="[a-z0-9][a-z0-9_-]{0,62}")
-    codec: str | None = None
+    codec: str | None = Field(default=None, description="Codec preset of the bank's new blocks (README: "
+                                                        "KVRAG_DEFAULT_CODEC lists them); auto or omitted: the "
+                                                        "server's default for its model (auto: tklt5 where "
+                                                        "calibrated, else int8).")
     budget_bytes: int | None = Field(default=None, gt=0)
     max_blocks: int | None = Field(default=None, gt=0)
     eviction: Literal["lru", "importance", "hybrid"] | None = None

@@ -231,3 +231,12 @@ def test_a_bank_created_without_a_codec_records_what_auto_resolved_to(make_store
     assert store.settings.default_codec == "auto"
     store.create_bank("plain")
     assert store.get_bank("plain").codec == "int8"  # the tiny model has no calibration: no tklt5
+
+
+def test_auto_named_on_create_or_update_resolves_like_the_default(make_store: Callable[..., BankStore]) -> None:
+    store = make_store()
+    assert store.create_bank("named", codec="auto").codec == "int8"
+    store.update_bank("named", codec="fp16")
+    assert store.update_bank("named", codec="auto").codec == "int8"
+    with pytest.raises(ValidationFailed, match="unknown codec"):
+        store.create_bank("bad", codec="zip")
