@@ -394,14 +394,12 @@ def merge_rows(rows: list[dict[str, Any]], questions: int, args: argparse.Namesp
     return sorted(rows + kept, key=lambda r: order.index(r["preset"]))
 
 
-def resolved_default(setting: str, kv: dict[int, BlockKV] | None, measured: str = "") -> str:
-    """``Settings.default_codec`` as a new bank of the measured model gets it (``auto`` resolved by its shape;
-    without blocks at hand, the earlier run's resolution of ``auto`` is kept)."""
-    if setting != "auto":
+def resolved_default(setting: str, shape: Sequence[int] | None) -> str:
+    """``Settings.default_codec`` as a new bank of the measured model (``shape``: layers, KV heads, head dim)
+    gets it; ``auto`` stays unresolved for a result that does not record the shape."""
+    if setting != "auto" or shape is None:
         return setting
-    if kv is None:
-        return measured if measured.startswith("auto") else setting
-    layers, heads, _, dim = next(iter(kv.values())).k.shape
+    layers, heads, dim = shape
     return f"auto ({default_codec(setting, layers, heads, dim)} for this model)"
 
 
@@ -419,12 +417,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     encoded = runner.encode([runner.tokenize(squad.paragraphs[i]) for i in used])
     kv = dict(zip(used, encoded, strict=True))
     rows = evaluate(runner, kv, cases, args.presets, args.max_new_tokens)
+    shape = [runner.num_layers, runner.kv_heads, runner.head_dim]
     if args.merge:
         rows = merge_rows(rows, len(cases), args)
     return {"chosen_default": choose_default(rows),
         "benchmark": "codec", "data": str(args.data), "questions": len(cases), "k": args.k,
         "blocks": len(kv), "tokens": sum(b.tokens for b in kv.values()), "max_new_tokens": args.max_new_tokens,
-        "reference": REFERENCE, "default_codec": resolved_default(settings.default_codec, kv),
+        "reference": REFERENCE, "model_shape": shape,
+        "default_codec": resolved_default(settings.default_codec, shape),
         "machine": machine_info(runner.llm.name),
         "rows": rows,
     }
@@ -449,7 +449,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.docs_only:
         result = json.loads((RESULTS_DIR / "codec.json").read_text())
-        result["default_codec"] = resolved_default(Settings().default_codec, None, result["default_codec"])
+        result["default_codec"] = resolved_default(Settings().default_codec, result.get("model_shape"))
         write_json("codec", result)
         write_docs(result)
         print(f"updated {DOCS}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.codec import near_ties
+from bench.codec import near_ties, resolved_default, wilson_interval
 
 
 def _rows(margins: list[float], agree: list[bool]) -> list[dict]:
@@ -26,9 +26,14 @@ def test_nothing_to_say_without_disagreements_or_margins() -> None:
 
 
 def test_the_wilson_interval_brackets_the_measured_share() -> None:
-    from bench.codec import wilson_interval
-
     low, high = wilson_interval(45, 50)
     assert abs(low - 0.786) < 0.005 and abs(high - 0.957) < 0.005  # published values for 45 of 50
     low, high = wilson_interval(50, 50)
     assert high == pytest.approx(1.0) and 0.92 < low < 0.94
+
+
+def test_the_reported_default_resolves_auto_by_the_recorded_model_shape() -> None:
+    assert resolved_default("auto", [30, 3, 64]) == "auto (tklt5 for this model)"
+    assert resolved_default("auto", [2, 2, 16]) == "auto (int8 for this model)"
+    assert resolved_default("auto", None) == "auto"
+    assert resolved_default("fp16", [30, 3, 64]) == "fp16"
