@@ -7,14 +7,18 @@ Parallel Encoding (Yang et al., ICLR 2025), a constant added to the attention lo
 queries after the context (the question and the answer), corrects most of it: measured at k = 5 on SmolLM2,
 -0.5 takes KL vs text from 0.231 to 0.163 for kv mode and from 0.048 to 0.032 after a 15% recompute
 (docs/BENCHMARKS.md, "Parallel-encoding bias"). The prefix and the first block (encoded where it sits) get none.
+Deeper layers over-attend more: a bias that grows with depth (a :class:`BlockBias` profile) corrects more.
 
 The bias is a ``[batch, rows]`` (or per query, ``[batch, queries, rows]``) tensor over the first cache rows
-(rows after it get 0) handed to the model's forward as the ``key_bias`` keyword; transformers passes keywords
-through to the attention function, and the model attends with :data:`BIASED_SDPA`, sdpa that adds it to the
-mask. Without ``key_bias`` that function is sdpa itself.
+(rows after it get 0) handed to the model's forward as the ``key_bias`` keyword, with an optional ``[layers]``
+factor per layer as ``key_bias_scale``; transformers passes keywords through to the attention function, and the
+model attends with :data:`BIASED_SDPA`, sdpa that adds the layer's bias to the mask. Without ``key_bias`` that
+function is sdpa itself.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from transformers import AttentionInterface, PreTrainedModel
@@ -23,15 +27,34 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 BIASED_SDPA = "kvrag_sdpa"
 KEY_BIAS = "key_bias"  # the forward keyword that carries the bias to the attention function
+KEY_BIAS_SCALE = "key_bias_scale"  # the forward keyword of its factor per layer, ``[layers]``
+
+
+@dataclass(frozen=True)
+class BlockBias:
+    """A block bias profile: ``base`` on the first layers, ``base * factor`` from each ``deeper`` step's first layer
+    on (steps ``(first_layer, factor)`` in ascending order; none: the same bias on every layer)."""
+
+    base: float
+    deeper: tuple[tuple[int, float], ...] = ()
+
+    def layer_factors(self, layers: int) -> list[float]:
+        """The factor on ``base`` at each of ``layers`` layers."""
+        factors = [1.0] * layers
+        for first, factor in self.deeper:
+            factors[first:] = [factor] * max(0, layers - first)
+        return factors
+
 
 # Measured per model (docs/BENCHMARKS.md, "Parallel-encoding bias": tuned on 20 held-out SQuAD questions, k = 5;
-# -0.4 to -0.6 are within 4% of each other). A model not listed gets none until it is measured.
-MEASURED_BLOCK_BIAS: dict[str, float] = {"SmolLM2-135M-Instruct": -0.5}
+# flat -0.4 to -0.6 are within 4% of each other, and growing to twice that from the middle layers on takes kv
+# mode's KL a fifth lower again). A model not listed gets none until it is measured.
+MEASURED_BLOCK_BIAS: dict[str, BlockBias] = {"SmolLM2-135M-Instruct": BlockBias(-0.5, ((6, 1.5), (12, 2.0)))}
 
 
-def measured_block_bias(model_name: str) -> float:
-    """The bias measured for ``model_name``, else 0 (off)."""
-    return MEASURED_BLOCK_BIAS.get(model_name, 0.0)
+def measured_block_bias(model_name: str) -> BlockBias:
+    """The bias profile measured for ``model_name``, else a bias of 0 (off)."""
+    return MEASURED_BLOCK_BIAS.get(model_name, BlockBias(0.0))
 
 
 def row_bias(rows: int, exact_rows: int, bias: float, device: torch.device) -> torch.Tensor | None:
@@ -75,12 +98,24 @@ def biased_mask(attention_mask: torch.Tensor | None, query: torch.Tensor, key: t
     return base + bias
 
 
+def layer_mask(module: torch.nn.Module, attention_mask: torch.Tensor | None, query: torch.Tensor,
+               key: torch.Tensor, key_bias: torch.Tensor | None, key_bias_scale: torch.Tensor | None
+               ) -> torch.Tensor | None:
+    """``attention_mask`` for the attention ``module``: with ``key_bias`` times the module's layer factor of
+    ``key_bias_scale: [layers]`` (1 without) added (:func:`biased_mask`), unchanged without ``key_bias``."""
+    if key_bias is None:
+        return attention_mask
+    if key_bias_scale is not None:
+        layer: int = module.layer_idx  # type: ignore[assignment]
+        key_bias = key_bias * key_bias_scale[layer]
+    return biased_mask(attention_mask, query, key, key_bias)
+
+
 def _biased_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                  attention_mask: torch.Tensor | None, key_bias: torch.Tensor | None = None,
-                 **kwargs: object) -> tuple[torch.Tensor, None]:
-    """sdpa, with ``key_bias`` (when given) added to the mask."""
-    if key_bias is not None:
-        attention_mask = biased_mask(attention_mask, query, key, key_bias)
+                 key_bias_scale: torch.Tensor | None = None, **kwargs: object) -> tuple[torch.Tensor, None]:
+    """sdpa, with the layer's ``key_bias`` (when given) added to the mask."""
+    attention_mask = layer_mask(module, attention_mask, query, key, key_bias, key_bias_scale)
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)  # type: ignore[arg-type]
 
 

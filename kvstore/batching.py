@@ -25,7 +25,6 @@ from functools import partial
 import torch
 from transformers import DynamicCache
 
-from .attention_bias import KEY_BIAS
 from .compaction import batch_prefill_attention, prefill_attention
 from .runner import BlockKV, Generation, Runner, TokenStream
 
@@ -118,7 +117,7 @@ def prefill_batch(runner: Runner, requests: Sequence[BatchRequest]) -> BatchPref
         q_mask[row, q_width - q:] = 1
     mask = torch.cat((batch.mask, q_mask), dim=1)  # [rows, width + q_width]
     recorder = batch_prefill_attention(runner) if any(r.record for r in requests) else nullcontext(None)
-    bias = {KEY_BIAS: batch.bias} if batch.bias is not None else {}
+    bias = runner.key_bias_kwargs(batch.bias)
     with recorder as votes_of:
         out = runner.model(input_ids=ids, attention_mask=mask, position_ids=positions,
                            past_key_values=batch.cache, use_cache=True, logits_to_keep=1, **bias)

@@ -26,7 +26,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from .attention_bias import biased_mask, causal_seen
+from .attention_bias import causal_seen, layer_mask
 from .forward import attention_implementation
 from .runner import Context, Runner
 
@@ -151,11 +151,11 @@ def _attention_mass(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor |
 
 def _scoring_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                        attention_mask: torch.Tensor | None, scaling: float | None = None,
-                       key_bias: torch.Tensor | None = None, **kwargs: object) -> tuple[torch.Tensor, None]:
+                       key_bias: torch.Tensor | None = None, key_bias_scale: torch.Tensor | None = None,
+                       **kwargs: object) -> tuple[torch.Tensor, None]:
     """sdpa attention (with a :mod:`kvstore.attention_bias` bias, when given) that also records the attention
     mass per key row into the active collector."""
-    if key_bias is not None:
-        attention_mask = biased_mask(attention_mask, query, key, key_bias)
+    attention_mask = layer_mask(module, attention_mask, query, key, key_bias, key_bias_scale)
     collector = _active.get()
     if collector is not None:
         softcap = kwargs.get("softcap")

@@ -48,7 +48,8 @@ class Settings(BaseSettings):
         default=None, ge=-5.0, le=5.0,
         description="kv mode: logit bias of the question and answer on the keys of every assembled block but the "
                     "first (blocks are encoded apart; docs/BENCHMARKS.md, parallel-encoding bias). Default: the "
-                    "value measured for the model (SmolLM2: -0.5), 0 for a model not measured; 0 turns it off.")
+                    "profile measured for the model (SmolLM2: -0.5 on layers 0-5, -0.75 on 6-11, -1.0 from 12 on), "
+                    "none for a model not measured. A value given here applies on every layer; 0 turns it off.")
     encode_batch_size: int = Field(default=8, ge=1)
     max_document_chars: int = Field(default=200_000, ge=1)
     hot_tier_bytes: int = Field(default=1 << 30, ge=0, description="Byte budget of decoded blocks in RAM.")

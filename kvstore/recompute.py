@@ -50,7 +50,7 @@ from transformers.masking_utils import (
     sliding_window_causal_mask_function,
 )
 
-from .attention_bias import BIASED_SDPA, KEY_BIAS
+from .attention_bias import BIASED_SDPA
 from .compaction import token_scores
 from .forward import StopForward, start_at, stop_before
 from .runner import Context, Runner
@@ -180,8 +180,7 @@ def _forward(runner: Runner, cache: _ScatterCache, positions: torch.Tensor, inpu
     given = {"input_ids": inputs[None]} if start == 0 else {"inputs_embeds": inputs[None]}
     run: Callable[..., object] = runner.model if logits else runner.model.get_decoder()
     extra: dict[str, object] = {"logits_to_keep": 1} if logits else {}
-    if key_bias is not None:
-        extra[KEY_BIAS] = key_bias
+    extra.update(runner.key_bias_kwargs(key_bias))
     with start_at(runner, start):
         try:
             out = run(**given, position_ids=positions[None], past_key_values=cache, use_cache=True,

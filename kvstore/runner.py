@@ -128,7 +128,7 @@ class Runner:
     """Model-side operations of kvrag. Not thread-safe: callers serialize model work."""
 
     def __init__(self, llm: LoadedModel, system_prompt: str, device_cache_bytes: int = 0,
-                 block_bias: float = 0.0) -> None:
+                 block_bias: float | attention_bias.BlockBias = 0.0) -> None:
         self.llm = llm
         self.model = llm.model
         self.tokenizer = llm.tokenizer
@@ -155,8 +155,14 @@ class Runner:
         self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._group_of = {layer: g for g, group in enumerate(self.rope.groups) for layer in group.layers}
         # The questions' logit bias on the keys of every assembled block but the first (kvstore.attention_bias);
-        # the model must attend with the biased sdpa for it, else it stays off.
-        self.block_bias = block_bias if block_bias and attention_bias.enable(self.model) else 0.0
+        # the model must attend with the biased sdpa for it, else it stays off. A context's rows carry the base
+        # bias; the profile's factor per layer rides along every forward that applies it.
+        profile = block_bias if isinstance(block_bias, attention_bias.BlockBias) else attention_bias.BlockBias(
+            block_bias)
+        self.block_bias = profile.base if profile.base and attention_bias.enable(self.model) else 0.0
+        self.bias_scale: torch.Tensor | None = (  # [layers]
+            torch.tensor(profile.layer_factors(self.num_layers), device=self.llm.device)
+            if self.block_bias and profile.deeper else None)
 
     # -- tokens -----------------------------------------------------------------------------------
 
@@ -311,10 +317,19 @@ class Runner:
         exact = prefix + (blocks[0].tokens if blocks else 0)
         return attention_bias.row_bias(rows, exact, self.block_bias, self.prefix_kv[0].device)
 
-    @staticmethod
-    def bias_kwargs(ctx: Context) -> dict[str, torch.Tensor]:
-        """The forward keywords that give queries after ``ctx`` its bias: ``{"key_bias": [1, rows]}``, or none."""
-        return {attention_bias.KEY_BIAS: ctx.bias[None]} if ctx.bias is not None else {}
+    def bias_kwargs(self, ctx: Context) -> dict[str, torch.Tensor]:
+        """The forward keywords that give queries after ``ctx`` its bias (``key_bias: [1, rows]``), or none."""
+        return self.key_bias_kwargs(ctx.bias[None] if ctx.bias is not None else None)
+
+    def key_bias_kwargs(self, key_bias: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """The forward keywords that apply ``key_bias`` (any shape :func:`attention_bias.biased_mask` takes) with
+        this runner's factor per layer; none without a bias."""
+        if key_bias is None:
+            return {}
+        kwargs = {attention_bias.KEY_BIAS: key_bias}
+        if self.bias_scale is not None:
+            kwargs[attention_bias.KEY_BIAS_SCALE] = self.bias_scale
+        return kwargs
 
     def context_at(self, kv: BlockKV, positions: torch.Tensor, next_position: int) -> Context:
         """The prefix, then ``kv`` with its pre-RoPE keys rotated to ``positions: [tokens]``.

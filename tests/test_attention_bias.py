@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from kvstore import attention_bias
-from kvstore.attention_bias import biased_mask
+from kvstore.attention_bias import BlockBias, biased_mask, layer_mask
 from kvstore.bank import BankStore
 from kvstore.batching import BatchRequest, answer_alone, answer_batch
 from kvstore.compaction import CompactionSpec, compact, prefill_attention
@@ -33,11 +33,16 @@ def family(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
-@pytest.fixture(scope="module")
-def pair(family: str) -> tuple[Runner, Runner]:
+# The same bias on every layer, and one that is three times as strong from the second layer on: each path a
+# question takes must hand the per-layer factor to every attention it runs.
+PROFILES = {"flat": BlockBias(-0.7), "deeper": BlockBias(-0.7, ((1, 3.0),))}
+
+
+@pytest.fixture(scope="module", params=list(PROFILES))
+def pair(family: str, request: pytest.FixtureRequest) -> tuple[Runner, Runner]:
     """Two runners on two copies of one tiny model (the bias switches its model's attention): unbiased, biased."""
     plain, biased = build_tiny(family), build_tiny(family)
-    return Runner(plain, PROMPT), Runner(biased, PROMPT, block_bias=-0.7)
+    return Runner(plain, PROMPT), Runner(biased, PROMPT, block_bias=PROFILES[request.param])
 
 
 def _blocks(runner: Runner) -> tuple[list[list[int]], list[int]]:
@@ -60,6 +65,33 @@ def test_mask_adds_the_bias_to_every_kind_of_mask() -> None:
     per_query = torch.stack((torch.zeros(4), torch.full((4,), -2.0), torch.zeros(4)))[None]  # [1, 3, 4]
     rows = biased_mask(additive, query, key, per_query)
     assert rows[0, 0, 1, 0] == -1.5 and rows[0, 0, 0, 0] == 0.5 and rows[0, 0, 1, 5] == 0.5
+
+
+def test_each_layer_adds_its_factor_of_the_bias() -> None:
+    query, key = torch.zeros(1, 2, 3, 4), torch.zeros(1, 1, 4, 4)
+    bias, scale = torch.tensor([[0.0, -1.0, -1.0, 0.0]]), torch.tensor([1.0, 1.0, 2.5])
+    deep, shallow = torch.nn.Module(), torch.nn.Module()
+    deep.layer_idx, shallow.layer_idx = 2, 0
+    additive = torch.zeros(1, 1, 3, 4)
+    assert torch.equal(layer_mask(deep, additive, query, key, bias, scale)[0, 0, 0], torch.tensor([0, -2.5, -2.5, 0]))
+    assert torch.equal(layer_mask(shallow, additive, query, key, bias, scale), biased_mask(additive, query, key, bias))
+    assert torch.equal(layer_mask(deep, additive, query, key, bias, None), biased_mask(additive, query, key, bias))
+    assert layer_mask(deep, additive, query, key, None, scale) is additive
+
+
+def test_a_profile_gives_its_factor_per_layer() -> None:
+    assert BlockBias(-0.5, ((1, 1.5), (3, 2.0))).layer_factors(5) == [1.0, 1.5, 1.5, 2.0, 2.0]
+    assert BlockBias(-0.5).layer_factors(3) == [1.0, 1.0, 1.0]
+    assert BlockBias(-0.5, ((8, 2.0),)).layer_factors(4) == [1.0] * 4
+
+
+def test_a_uniform_factor_equals_that_bias_on_every_layer(family: str) -> None:
+    scaled = Runner(build_tiny(family), PROMPT, block_bias=BlockBias(-0.35, ((0, 2.0),)))
+    flat = Runner(build_tiny(family), PROMPT, block_bias=-0.7)
+    blocks, question = _blocks(flat)
+    assert scaled.bias_scale is not None and flat.bias_scale is None
+    torch.testing.assert_close(scaled.logits(scaled.assemble(scaled.encode(blocks)), question),
+                               flat.logits(flat.assemble(flat.encode(blocks)), question))
 
 
 def test_only_the_blocks_after_the_first_are_biased(pair: tuple[Runner, Runner]) -> None:
@@ -161,8 +193,9 @@ def test_a_model_without_sdpa_runs_unbiased(family: str) -> None:
 
 
 def test_the_store_takes_the_measured_bias_unless_told(make_store: Callable[..., BankStore], family: str) -> None:
-    assert attention_bias.measured_block_bias("SmolLM2-135M-Instruct") == -0.5
-    assert make_store().runner.block_bias == attention_bias.measured_block_bias("tiny-llama") == 0.0
+    assert attention_bias.measured_block_bias("SmolLM2-135M-Instruct") == BlockBias(-0.5, ((6, 1.5), (12, 2.0)))
+    assert attention_bias.measured_block_bias("tiny-llama") == BlockBias(0.0)
+    assert make_store().runner.block_bias == 0.0 and make_store().runner.bias_scale is None
     tiny: LoadedModel = build_tiny(family)
     store = make_store(llm=tiny, block_bias=-0.25)
-    assert store.runner.block_bias == -0.25
+    assert store.runner.block_bias == -0.25 and store.runner.bias_scale is None  # a value given: every layer
