@@ -172,18 +172,25 @@ def machine_info(model: str) -> dict[str, Any]:
         "python": platform.python_version(),
         "model": model,
         "load_average": os.getloadavg(),
-        "git_commit": _git_commit(),
+        "git_commit": git_commit(),
         "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
 
 
-def _git_commit() -> str | None:
+# The code a measurement depends on; bench/results and docs change with every run, so they do not count.
+CODE_PATHS = ("kvstore", "bench/*.py", "server", "pyproject.toml")
+
+
+def git_commit(root: Path = REPO_ROOT) -> str | None:
+    """HEAD's short hash, with "+uncommitted" when the code differs from it (a run of work in progress)."""
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
                              text=True, check=True)
+        changed = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", *CODE_PATHS], cwd=root,
+                                 capture_output=True, check=False)
     except (OSError, subprocess.CalledProcessError):
         return None
-    return out.stdout.strip()
+    return out.stdout.strip() + ("+uncommitted" if changed.returncode == 1 else "")
 
 
 # -- results --------------------------------------------------------------------------------------

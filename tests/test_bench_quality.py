@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import statistics
+import subprocess
+from pathlib import Path
 
 from bench.quality import held_out_questions, summarise
-from bench.squad import Question, bootstrap_ci, pick_questions
+from bench.squad import Question, bootstrap_ci, git_commit, pick_questions
 
 
 def test_bootstrap_interval_holds_the_mean_and_is_reproducible() -> None:
@@ -36,3 +38,23 @@ def test_held_out_questions_never_overlap_the_published_spread() -> None:
     published = {q.qid for q in pick_questions(questions, 60)}
     assert len(dev) == 20 and len({q.qid for q in dev}) == 20
     assert not published & {q.qid for q in dev}
+
+
+def test_a_run_of_uncommitted_code_says_so(tmp_path: Path) -> None:
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                              capture_output=True, text=True).stdout.strip()
+    git("init", "-q")
+    (tmp_path / "kvstore").mkdir()
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "kvstore" / "runner.py").write_text("x = 1\n")
+    (tmp_path / "docs" / "BENCHMARKS.md").write_text("results\n")
+    git("add", ".")
+    git("commit", "-q", "-m", "first")
+    head = git("rev-parse", "--short", "HEAD")
+    assert git_commit(tmp_path) == head
+    (tmp_path / "docs" / "BENCHMARKS.md").write_text("new results\n")  # a run's own output is not code
+    assert git_commit(tmp_path) == head
+    (tmp_path / "kvstore" / "runner.py").write_text("x = 2\n")
+    assert git_commit(tmp_path) == f"{head}+uncommitted"
+    assert git_commit(tmp_path / "kvstore" / "missing") is None
