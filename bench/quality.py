@@ -25,7 +25,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -145,7 +145,7 @@ def compact_variant(tau: float | None = None, share: float | None = None) -> Var
     return variant
 
 
-VARIANTS.update({f"kv+recompute@{r:.2f}": recompute_variant(r) for r in (0.05, 0.10, 0.15, 0.25)})
+VARIANTS.update({f"kv+recompute@{r:.2f}": recompute_variant(r) for r in (0.05, 0.10, 0.15, 0.25, 0.50)})
 VARIANTS["kv+recompute@0.15/dev-only"] = recompute_variant(0.15, weighted=False)
 VARIANTS.update({"kv+compact@tau=0": compact_variant(tau=0.0), "kv+compact@tau=1": compact_variant(tau=1.0),
                  "kv+compact@50%": compact_variant(share=0.5)})
@@ -169,7 +169,7 @@ def run_variant(env: Env, case: Case, variant: Variant, max_new_tokens: int) -> 
     t_built = time.perf_counter()
     ctx = built.ctx if isinstance(built, Prefilled) else built
     with torch.inference_mode():
-        gen_ctx = Context(copy.deepcopy(ctx.cache), ctx.next_position, ctx.context_tokens, ctx.bias)
+        gen_ctx = replace(ctx, cache=copy.deepcopy(ctx.cache))
     # The cache copy is harness overhead, not part of answering: leave it out of TTFT.
     if isinstance(built, Prefilled):
         gen = runner.decode(gen_ctx, built.logits, ctx.next_position + len(case.question_ids), max_new_tokens)

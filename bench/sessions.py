@@ -42,7 +42,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -180,7 +180,7 @@ def gold_nll(logprobs: torch.Tensor, question_tokens: int, answer_ids: Sequence[
 
 def _copy(ctx: Context) -> Context:
     with torch.inference_mode():
-        return Context(copy.deepcopy(ctx.cache), ctx.next_position, ctx.context_tokens, ctx.bias)
+        return replace(ctx, cache=copy.deepcopy(ctx.cache))
 
 
 def compare(store: BankStore, ss: SessionStore, index: int, episode: Episode, max_new_tokens: int,

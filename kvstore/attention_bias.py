@@ -10,8 +10,9 @@ queries after the context (the question and the answer), corrects most of it: me
 Deeper layers over-attend more: a bias that grows with depth (a :class:`BlockBias` profile) corrects more.
 
 The bias is a ``[batch, rows]`` (or per query, ``[batch, queries, rows]``) tensor over the first cache rows
-(rows after it get 0) handed to the model's forward as the ``key_bias`` keyword, with an optional ``[layers]``
-factor per layer as ``key_bias_scale``; transformers passes keywords through to the attention function, and the
+(rows after it get 0) handed to the model's forward as the ``key_bias`` keyword, with an optional factor per layer
+(``[layers]``) or per layer and row (``[layers, rows]``: a recompute leaves some rows exact at some layers) as
+``key_bias_scale``; transformers passes keywords through to the attention function, and the
 model attends with :data:`BIASED_SDPA`, sdpa that adds the layer's bias to the mask. Without ``key_bias`` that
 function is sdpa itself.
 """
@@ -27,7 +28,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 BIASED_SDPA = "kvrag_sdpa"
 KEY_BIAS = "key_bias"  # the forward keyword that carries the bias to the attention function
-KEY_BIAS_SCALE = "key_bias_scale"  # the forward keyword of its factor per layer, ``[layers]``
+KEY_BIAS_SCALE = "key_bias_scale"  # the forward keyword of its factor per layer, ``[layers]`` or ``[layers, rows]``
 
 
 @dataclass(frozen=True)
@@ -102,7 +103,8 @@ def layer_mask(module: torch.nn.Module, attention_mask: torch.Tensor | None, que
                key: torch.Tensor, key_bias: torch.Tensor | None, key_bias_scale: torch.Tensor | None
                ) -> torch.Tensor | None:
     """``attention_mask`` for the attention ``module``: with ``key_bias`` times the module's layer factor of
-    ``key_bias_scale: [layers]`` (1 without) added (:func:`biased_mask`), unchanged without ``key_bias``."""
+    ``key_bias_scale: [layers]`` or ``[layers, rows]`` (1 without) added (:func:`biased_mask`), unchanged without
+    ``key_bias``."""
     if key_bias is None:
         return attention_mask
     if key_bias_scale is not None:

@@ -352,4 +352,5 @@ def compact(runner: Runner, ctx: Context, question_ids: Sequence[int], spec: Com
     for layer in ctx.cache.layers:
         layer.keys, layer.values = layer.keys.index_select(2, rows), layer.values.index_select(2, rows)
     bias = ctx.bias.index_select(0, rows) if ctx.bias is not None else None
-    return Context(ctx.cache, ctx.next_position, int(keep.sum()), bias)
+    exact = ctx.exact.index_select(1, rows) if ctx.exact is not None else None
+    return Context(ctx.cache, ctx.next_position, int(keep.sum()), bias, exact)

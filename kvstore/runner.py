@@ -48,6 +48,9 @@ class Context:
     next_position: int
     context_tokens: int
     bias: torch.Tensor | None = None  # [rows] logit bias of the first cache rows for later queries (attention_bias)
+    # [layers, rows] bool, True where a recompute made a row's KV at a layer what a text prefill gives: the bias
+    # corrects KV that never saw the blocks before it, so such a row gets none at that layer (kvstore.recompute).
+    exact: torch.Tensor | None = None
 
 
 @dataclass
@@ -319,16 +322,22 @@ class Runner:
 
     def bias_kwargs(self, ctx: Context) -> dict[str, torch.Tensor]:
         """The forward keywords that give queries after ``ctx`` its bias (``key_bias: [1, rows]``), or none."""
-        return self.key_bias_kwargs(ctx.bias[None] if ctx.bias is not None else None)
+        return self.key_bias_kwargs(ctx.bias[None] if ctx.bias is not None else None, ctx.exact)
 
-    def key_bias_kwargs(self, key_bias: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    def key_bias_kwargs(self, key_bias: torch.Tensor | None, exact: torch.Tensor | None = None
+                        ) -> dict[str, torch.Tensor]:
         """The forward keywords that apply ``key_bias`` (any shape :func:`attention_bias.biased_mask` takes) with
-        this runner's factor per layer; none without a bias."""
+        this runner's factor per layer, and none on the rows ``exact: [layers, rows]`` marks at a layer (the factor
+        then goes per layer and row); none at all without a bias."""
         if key_bias is None:
             return {}
         kwargs = {attention_bias.KEY_BIAS: key_bias}
-        if self.bias_scale is not None:
-            kwargs[attention_bias.KEY_BIAS_SCALE] = self.bias_scale
+        scale = self.bias_scale  # [layers]
+        if exact is not None:
+            per_layer = scale if scale is not None else torch.ones(self.num_layers, device=exact.device)
+            scale = per_layer[:, None] * (~exact).to(per_layer.dtype)  # [layers, rows]
+        if scale is not None:
+            kwargs[attention_bias.KEY_BIAS_SCALE] = scale
         return kwargs
 
     def context_at(self, kv: BlockKV, positions: torch.Tensor, next_position: int) -> Context:

@@ -15,7 +15,7 @@ from kvstore.batching import BatchRequest, answer_alone, answer_batch
 from kvstore.compaction import CompactionSpec, compact, prefill_attention
 from kvstore.models import LoadedModel
 from kvstore.recompute import blend, blend_and_ask
-from kvstore.runner import Runner
+from kvstore.runner import Context, Runner
 
 from .conftest import TINY_FAMILIES, build_tiny
 
@@ -77,6 +77,19 @@ def test_each_layer_adds_its_factor_of_the_bias() -> None:
     assert torch.equal(layer_mask(shallow, additive, query, key, bias, scale), biased_mask(additive, query, key, bias))
     assert torch.equal(layer_mask(deep, additive, query, key, bias, None), biased_mask(additive, query, key, bias))
     assert layer_mask(deep, additive, query, key, None, scale) is additive
+
+
+def test_a_factor_per_layer_and_row_scales_each_row_on_its_own() -> None:
+    query, key = torch.zeros(1, 2, 3, 4), torch.zeros(1, 1, 4, 4)
+    bias = torch.tensor([[0.0, -1.0, -1.0, 0.0]])
+    scale = torch.tensor([[1.0, 1.0, 1.0, 1.0], [1.0, 2.0, 0.0, 1.0]])  # [layers, rows]: row 2 off on layer 1
+    second = torch.nn.Module()
+    second.layer_idx = 1
+    additive = torch.zeros(1, 1, 3, 4)
+    assert torch.equal(layer_mask(second, additive, query, key, bias, scale)[0, 0, 0], torch.tensor([0, -2.0, 0, 0]))
+    per_query = torch.tensor([[[0.0, -1.0, -1.0, 0.0], [0.0] * 4, [0.0, -1.0, -1.0, 0.0]]])  # [1, 3, 4]
+    column = layer_mask(second, additive, query, key, per_query, scale)[0, 0, :, 1]
+    assert torch.equal(column, torch.tensor([-2.0, 0, -2.0]))
 
 
 def test_a_profile_gives_its_factor_per_layer() -> None:
@@ -173,6 +186,39 @@ def test_the_question_riding_a_recompute_is_biased_as_a_prefill_after_it(pair: t
     torch.testing.assert_close(asked.logits, want, rtol=1e-4, atol=1e-4)
 
 
+def test_ratio_one_under_the_bias_is_the_text_path(pair: tuple[Runner, Runner]) -> None:
+    _, biased = pair
+    blocks, question = _blocks(biased)
+    ids = [t for b in blocks for t in b]
+    text = biased.logits(biased.text_context(), ids + question)[-1]
+    ctx = biased.assemble(biased.encode(blocks))
+    assert blend(biased, ctx, ids, 1.0, question_ids=question, exact_tokens=len(blocks[0])) == len(ids)
+    assert ctx.bias is None
+    torch.testing.assert_close(biased.logits(ctx, question)[-1], text, rtol=1e-4, atol=1e-4)
+    asked = blend_and_ask(biased, biased.assemble(biased.encode(blocks)), ids, question, 1.0)
+    torch.testing.assert_close(asked.logits, text, rtol=1e-4, atol=1e-4)
+
+
+def test_recomputed_rows_lose_the_bias_where_their_kv_is_exact(pair: tuple[Runner, Runner]) -> None:
+    _, biased = pair
+    blocks, question = _blocks(biased)
+    ids = [t for b in blocks for t in b]
+    kvs = biased.encode(blocks)
+    ctx = biased.assemble(kvs)
+    count = blend(biased, ctx, ids, 0.3, question_ids=question, exact_tokens=len(blocks[0]))
+    assert ctx.exact is not None and ctx.bias is not None
+    assert ctx.exact.shape == (biased.num_layers, ctx.bias.shape[0])
+    prefix = len(biased.prefix_ids)
+    # Only probed context tokens are marked; the chosen ones at every layer, the others at their probes' layers.
+    assert not ctx.exact[:, :prefix + len(blocks[0])].any()
+    assert int(ctx.exact.all(dim=0).sum()) == count
+    assert bool((ctx.exact.any(dim=0) & ~ctx.exact.all(dim=0)).any())
+    assert bool(ctx.exact[0].sum() >= ctx.exact[-1].sum())
+    # The marks decide what later queries see: the same KV with every row biased answers differently.
+    still_biased = Context(ctx.cache, ctx.next_position, ctx.context_tokens, ctx.bias)
+    assert not torch.allclose(biased.logits(ctx, question), biased.logits(still_biased, question))
+
+
 def test_compaction_keeps_each_row_its_bias(pair: tuple[Runner, Runner]) -> None:
     _, biased = pair
     blocks, question = _blocks(biased)
@@ -183,6 +229,20 @@ def test_compaction_keeps_each_row_its_bias(pair: tuple[Runner, Runner]) -> None
     assert kept.bias is not None and kept.bias.shape == (kept.cache.get_seq_length(),)
     assert int((kept.bias == -0.7).sum()) <= int((full == -0.7).sum()) and int((kept.bias == 0).sum()) >= len(
         biased.prefix_ids)
+
+
+def test_compaction_keeps_each_row_its_exact_layers(pair: tuple[Runner, Runner]) -> None:
+    _, biased = pair
+    blocks, question = _blocks(biased)
+    ids = [t for b in blocks for t in b]
+    ctx = biased.assemble(biased.encode(blocks))
+    blend(biased, ctx, ids, 0.5, question_ids=question, exact_tokens=len(blocks[0]))
+    assert ctx.exact is not None and ctx.bias is not None
+    before = ctx.exact.clone()
+    kept = compact(biased, ctx, question, CompactionSpec(budget_tokens=10))
+    assert kept.exact is not None and kept.bias is not None
+    assert kept.exact.shape == (biased.num_layers, kept.cache.get_seq_length())
+    assert int(kept.exact.sum()) <= int(before.sum()) and not kept.exact[:, :len(biased.prefix_ids)].any()
 
 
 def test_a_model_without_sdpa_runs_unbiased(family: str) -> None:
