@@ -3,7 +3,9 @@ every path a question takes (prefill, decode, teacher forcing, a batch, a recomp
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
+from dataclasses import replace
 
 import pytest
 import torch
@@ -15,7 +17,7 @@ from kvstore.batching import BatchRequest, answer_alone, answer_batch
 from kvstore.compaction import CompactionSpec, compact, prefill_attention
 from kvstore.models import LoadedModel
 from kvstore.recompute import blend, blend_and_ask
-from kvstore.runner import Context, Runner
+from kvstore.runner import Runner
 
 from .conftest import TINY_FAMILIES, build_tiny
 
@@ -214,9 +216,11 @@ def test_recomputed_rows_lose_the_bias_where_their_kv_is_exact(pair: tuple[Runne
     assert int(ctx.exact.all(dim=0).sum()) == count
     assert bool((ctx.exact.any(dim=0) & ~ctx.exact.all(dim=0)).any())
     assert bool(ctx.exact[0].sum() >= ctx.exact[-1].sum())
-    # The marks decide what later queries see: the same KV with every row biased answers differently.
-    still_biased = Context(ctx.cache, ctx.next_position, ctx.context_tokens, ctx.bias)
-    assert not torch.allclose(biased.logits(ctx, question), biased.logits(still_biased, question))
+    # The marks decide what later queries see: the same KV with every row biased answers differently (each on its
+    # own copy of the cache, which a forward extends).
+    marked = replace(ctx, cache=copy.deepcopy(ctx.cache))
+    still_biased = replace(ctx, cache=copy.deepcopy(ctx.cache), exact=None)
+    assert not torch.allclose(biased.logits(marked, question), biased.logits(still_biased, question))
 
 
 def test_compaction_keeps_each_row_its_bias(pair: tuple[Runner, Runner]) -> None:
