@@ -34,8 +34,9 @@ exact enters the first stage and deviation alone ranks.
 **The block bias** (:mod:`kvstore.attention_bias`) corrects what the question reads from KV that never saw the
 blocks before it. A pass makes its rows' KV at its layers exactly what a text prefill gives, so from then on those
 rows get no bias at those layers (``Context.exact``); with every token recomputed the context is a text prefill's
-and keeps no bias at all. Keeping the bias on recomputed rows took KL *up* again past a quarter of the tokens (20 held-out
-questions, k = 5: 0.023 at 25%, 0.026 at 50%, 0.031 at 75%, 0.032 at 100%; without it 0.016, 0.004, 0.0003, 0).
+and keeps no bias at all. Keeping the bias on recomputed rows took KL *up* again past a quarter of the tokens (20
+held-out questions, k = 5: 0.023 at 25%, 0.026 at 50%, 0.031 at 75%, 0.032 at 100%; without it 0.016, 0.004,
+0.0003, 0).
 Each layer is run by one pass only, and a pass marks its rows before anything attends, so the question riding it
 sees the bias a prefill after the recompute would.
 
