@@ -31,11 +31,14 @@ from layer 0 (the first version) left KL 0.057 at 15%; probing deeper is what lo
 the candidates, narrowing as the probe goes deeper, pays for it. Without a question, every token not known
 exact enters the first stage and deviation alone ranks.
 
-**The block bias** (:mod:`kvstore.attention_bias`) corrects what the question reads from KV that never saw the
-blocks before it. A pass makes its rows' KV at its layers exactly what a text prefill gives, so from then on those
-rows get no bias at those layers (``Context.exact``); with every token recomputed the context is a text prefill's
-and keeps no bias at all. Keeping the bias on recomputed rows took KL *up* again past a quarter of the tokens (20
-held-out questions, k = 5: 0.023 at 25%, 0.026 at 50%, 0.031 at 75%, 0.032 at 100%; without it 0.016, 0.004,
+**The block bias** (:mod:`kvstore.attention_bias`) corrects what a query reads from KV that never saw the blocks
+before it. A recomputed token reads the stored KV of the tokens before it just as the question does, so every query
+of a pass gets the bias, not only the question's: its new KV come closer to a text prefill's (20 held-out questions,
+k = 5: KL 0.035 / 0.026 / 0.016 / 0.0041 -> 0.032 / 0.023 / 0.013 / 0.0034 at 10 / 15 / 25 / 50%, gold NLL lower
+at each). A pass makes its rows' KV at its layers exactly what a text prefill gives, so from then on those rows get
+no bias at those layers (``Context.exact``); with every token recomputed the context is a text prefill's and keeps
+no bias at all. Keeping the bias on recomputed rows took KL *up* again past a quarter of the tokens (measured with
+only the question biased: 0.023 at 25%, 0.026 at 50%, 0.031 at 75%, 0.032 at 100%; without it 0.016, 0.004,
 0.0003, 0).
 Each layer is run by one pass only, and a pass marks its rows before anything attends, so the question riding it
 sees the bias a prefill after the recompute would.
@@ -179,19 +182,18 @@ def _masks(runner: Runner, positions: torch.Tensor, kv_length: int) -> torch.Ten
 
 
 def _forward(runner: Runner, cache: _ScatterCache, positions: torch.Tensor, inputs: torch.Tensor,
-             start: int = 0, logits: bool = False, key_bias: torch.Tensor | None = None,
-             exact: torch.Tensor | None = None) -> torch.Tensor | None:
+             start: int = 0, logits: bool = False, biased: Context | None = None) -> torch.Tensor | None:
     """Run the model over ``cache`` at ``positions: [tokens]``: from token ids ``inputs: [tokens]`` through every
     layer, or, with ``start > 0``, from ``inputs: [tokens, hidden_size]``, the hidden states entering layer
     ``start``. With ``logits``, the next-token logits ``[vocab]`` after the last of the tokens once the forward
-    reaches the end (None when it was stopped); without, the LM head never runs. ``key_bias: [1, tokens, rows]``
-    is a per-query logit bias on the first cache rows (:mod:`kvstore.attention_bias`), off where ``exact: [layers,
-    rows]`` says."""
+    reaches the end (None when it was stopped); without, the LM head never runs. With ``biased``, every query reads
+    the cache through that context's block bias (:meth:`Runner.bias_kwargs`: none on the rows it marks exact)."""
     kv_length = cache.layers[0].get_seq_length()
     given = {"input_ids": inputs[None]} if start == 0 else {"inputs_embeds": inputs[None]}
     run: Callable[..., object] = runner.model if logits else runner.model.get_decoder()
     extra: dict[str, object] = {"logits_to_keep": 1} if logits else {}
-    extra.update(runner.key_bias_kwargs(key_bias, exact))
+    if biased is not None:
+        extra.update(runner.bias_kwargs(biased))
     with start_at(runner, start):
         try:
             out = run(**given, position_ids=positions[None], past_key_values=cache, use_cache=True,
@@ -223,14 +225,14 @@ def _mark_exact(runner: Runner, ctx: Context, rows: torch.Tensor, first: int, la
 
 
 def _probe(runner: Runner, ctx: Context, rows: torch.Tensor, inputs: torch.Tensor, check_layer: int,
-           start: int = 0, logits: bool = False, key_bias: torch.Tensor | None = None) -> _Probe:
+           start: int = 0, logits: bool = False) -> _Probe:
     """Run the tokens at cache ``rows: [probed]`` (ascending) through layers ``start..check_layer``, attending to
     the whole assembled context, write their new KV for those layers into ``ctx`` and stop. ``inputs`` are their
     token ids ``[probed]`` when ``start`` is 0, else their hidden states entering layer ``start``."""
     cache = _ScatterCache(ctx, rows, probe_layer=check_layer)
     _mark_exact(runner, ctx, rows, start, check_layer)
     with stop_before(runner, check_layer + 1) as entered:
-        out = _forward(runner, cache, rows, inputs, start=start, logits=logits, key_bias=key_bias, exact=ctx.exact)
+        out = _forward(runner, cache, rows, inputs, start=start, logits=logits, biased=ctx)
     assert cache.deviation is not None
     return _Probe(cache.deviation, entered[0][0] if entered else None, out)
 
@@ -269,17 +271,6 @@ class _Question:
         return cls(torch.arange(rows, rows + n, device=device), torch.tensor(list(question_ids), device=device))
 
 
-def _question_bias(ctx: Context, queries: int, question: _Question) -> torch.Tensor | None:
-    """``[1, queries, rows]``: ``ctx``'s logit bias for the question's queries (the last ones of a pass), none for
-    the context tokens run with it (a text prefill's context tokens see the blocks before them unbiased)."""
-    asked = question.rows.numel()
-    if ctx.bias is None or asked == 0:
-        return None
-    bias = ctx.bias.new_zeros(queries, ctx.bias.shape[0])
-    bias[queries - asked:] = ctx.bias
-    return bias[None]
-
-
 def _none_asked(device: torch.device) -> _Question:
     return _Question(torch.empty(0, dtype=torch.long, device=device), torch.empty(0, dtype=torch.long, device=device))
 
@@ -315,8 +306,7 @@ def _select(runner: Runner, ctx: Context, ids: torch.Tensor, count: int, stages:
     for i, (layer, _) in enumerate(stages):
         c = len(candidates)
         rows = torch.cat((candidates + p, question.rows))
-        probe = _probe(runner, ctx, rows, torch.cat((inputs, question.inputs)), layer, start, logits=asked,
-                       key_bias=_question_bias(ctx, len(rows), question))
+        probe = _probe(runner, ctx, rows, torch.cat((inputs, question.inputs)), layer, start, logits=asked)
         deviation = probe.deviation[:c]
         # A stale value moves the question's attention output by about (its attention) x (its error), so the
         # product ranks the tokens whose recompute changes the answer most; deviation alone also picks tokens
@@ -378,8 +368,7 @@ def _blend(runner: Runner, ctx: Context, context_ids: Sequence[int], count: int,
         ctx.bias, ctx.exact = None, None
         question = _Question.after(ctx, question_ids or []) if ask else _none_asked(device)
         rows = torch.cat((torch.arange(n, device=device) + p, question.rows))
-        logits = _forward(runner, _ScatterCache(ctx, rows), rows, torch.cat((ids, question.inputs)), logits=ask,
-                          key_bias=_question_bias(ctx, len(rows), question))
+        logits = _forward(runner, _ScatterCache(ctx, rows), rows, torch.cat((ids, question.inputs)), logits=ask)
         return Asked(count, logits, None) if logits is not None else None
     layers = probe_stages(runner, stages)
     # Scored on the stored KV, before the probe rewrites any row (and before the question's rows are added).
@@ -394,8 +383,7 @@ def _blend(runner: Runner, ctx: Context, context_ids: Sequence[int], count: int,
         resume = layers[-1][0] + 1
         _mark_exact(runner, ctx, rows, resume, runner.num_layers - 1)
         logits = _forward(runner, _ScatterCache(ctx, rows), rows, torch.cat((picked.hidden, picked.question.inputs)),
-                          start=resume, logits=ask, key_bias=_question_bias(ctx, len(rows), picked.question),
-                          exact=ctx.exact)
+                          start=resume, logits=ask, biased=ctx)
     return Asked(count, logits, attention) if logits is not None else None
 
 

@@ -1,5 +1,6 @@
 """The parallel-encoding logit bias: on every assembled block but the first, for the queries after the context, on
-every path a question takes (prefill, decode, teacher forcing, a batch, a recompute's passes, a compaction)."""
+every path a question takes (prefill, decode, teacher forcing, a batch, a recompute's passes, a compaction), and for
+the context tokens a recompute runs again."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from kvstore import attention_bias
+from kvstore import attention_bias, recompute
 from kvstore.attention_bias import BlockBias, biased_mask, layer_mask
 from kvstore.bank import BankStore
 from kvstore.batching import BatchRequest, answer_alone, answer_batch
@@ -221,6 +222,31 @@ def test_recomputed_rows_lose_the_bias_where_their_kv_is_exact(pair: tuple[Runne
     marked = replace(ctx, cache=copy.deepcopy(ctx.cache))
     still_biased = replace(ctx, cache=copy.deepcopy(ctx.cache), exact=None)
     assert not torch.allclose(biased.logits(marked, question), biased.logits(still_biased, question))
+
+
+def test_recomputed_tokens_read_the_stale_rows_through_the_bias(pair: tuple[Runner, Runner],
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A recomputed token reads stored KV that never saw the blocks before it, as the question does, and gets the
+    same bias: the same model recomputing the same tokens writes other KV with the bias than without, and only
+    there (the other rows keep what both runners stored)."""
+    blocks, question = _blocks(pair[1])
+    ids = [t for b in blocks for t in b]
+    wanted = torch.tensor([len(ids) - 9, len(ids) - 5, len(ids) - 2])  # in the last block: stale rows before them
+    attention = torch.zeros(len(ids))
+    attention[wanted] = 1.0  # every other candidate scores 0: both runners choose exactly these
+    monkeypatch.setattr(recompute, "token_scores", lambda *args, **kwargs: attention)
+    caches = []
+    for runner in pair:
+        ctx = runner.assemble(runner.encode(blocks))
+        assert blend(runner, ctx, ids, 3.5 / len(ids), question_ids=question, exact_tokens=len(blocks[0])) == 3
+        caches.append(ctx.cache)
+    rows = wanted + len(pair[1].prefix_ids)
+    others = torch.ones(caches[0].get_seq_length(), dtype=torch.bool)
+    others[rows] = False
+    plain, biased = caches[0].layers[-1], caches[1].layers[-1]
+    assert not torch.allclose(plain.values[:, :, rows], biased.values[:, :, rows], atol=1e-5)
+    torch.testing.assert_close(plain.values[:, :, others], biased.values[:, :, others])
+    torch.testing.assert_close(plain.keys[:, :, others], biased.keys[:, :, others])
 
 
 def test_compaction_keeps_each_row_its_bias(pair: tuple[Runner, Runner]) -> None:
