@@ -68,7 +68,7 @@ from .forward import StopForward, start_at, stop_before
 from .runner import Context, Runner
 
 # docs/BENCHMARKS.md, "Multi-document quality" (k = 5, 96 questions): on CPU recompute at 10 / 15 / 25% cuts
-# kv's TTFT lead over text from 15.5x to 4.1x / 3.4x / 2.5x (KL 0.122 -> 0.033 / 0.025 / 0.015); the CPU goal is
+# kv's TTFT lead over text from 12.8x to 3.9x / 3.1x / 2.3x (KL 0.122 -> 0.030 / 0.021 / 0.012); the CPU goal is
 # >= 10x, so recompute is opt-in there. CUDA is not measured yet: same default until it is.
 DEFAULT_RATIO_CPU = 0.0
 DEFAULT_RATIO_CUDA = 0.0
