@@ -9,12 +9,12 @@ queries after the context (the question and the answer), corrects most of it: me
 (docs/BENCHMARKS.md, "Parallel-encoding bias"). The prefix and the first block (encoded where it sits) get none.
 Deeper layers over-attend more: a bias that grows with depth (a :class:`BlockBias` profile) corrects more.
 
-The bias is a ``[batch, rows]`` (or per query, ``[batch, queries, rows]``) tensor over the first cache rows
-(rows after it get 0) handed to the model's forward as the ``key_bias`` keyword, with an optional factor per layer
-(``[layers]``) or per layer and row (``[layers, rows]``: a recompute leaves some rows exact at some layers) as
-``key_bias_scale``; transformers passes keywords through to the attention function, and the
-model attends with :data:`BIASED_SDPA`, sdpa that adds the layer's bias to the mask. Without ``key_bias`` that
-function is sdpa itself.
+The bias is a ``[batch, rows]`` tensor over the first cache rows (rows after it get 0), the same for every query (a
+recompute's context tokens read the stale rows through it as the question does), handed to the model's forward as
+the ``key_bias`` keyword, with an optional factor per layer (``[layers]``) or per layer and row (``[layers, rows]``:
+a recompute leaves some rows exact at some layers) as ``key_bias_scale``; transformers passes keywords through to
+the attention function, and the model attends with :data:`BIASED_SDPA`, sdpa that adds the layer's bias to the
+mask. Without ``key_bias`` that function is sdpa itself.
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def biased_mask(attention_mask: torch.Tensor | None, query: torch.Tensor, key: t
     """``attention_mask`` as an additive float mask ``[batch, 1, queries, keys]`` with ``key_bias`` added.
 
     ``attention_mask``: bool (True attends), additive float, or None (causal, the queries being the last rows);
-    ``key_bias``: ``[batch, rows]`` or ``[batch, queries, rows]``, cut or zero-padded to the keys.
+    ``key_bias``: ``[batch, rows]``, cut or zero-padded to the keys, the same for every query.
     """
     queries, keys = query.shape[2], key.shape[2]
     dtype, device = query.dtype, query.device
@@ -95,8 +95,7 @@ def biased_mask(attention_mask: torch.Tensor | None, query: torch.Tensor, key: t
         base = attention_mask[..., :keys].to(dtype)
     bias = key_bias.to(dtype)[..., :keys]
     bias = torch.nn.functional.pad(bias, (0, keys - bias.shape[-1]))
-    bias = bias[:, None, None, :] if bias.dim() == 2 else bias[:, None, :, :]
-    return base + bias
+    return base + bias[:, None, None, :]
 
 
 def layer_mask(module: torch.nn.Module, attention_mask: torch.Tensor | None, query: torch.Tensor,

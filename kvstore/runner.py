@@ -326,7 +326,7 @@ class Runner:
 
     def key_bias_kwargs(self, key_bias: torch.Tensor | None, exact: torch.Tensor | None = None
                         ) -> dict[str, torch.Tensor]:
-        """The forward keywords that apply ``key_bias`` (any shape :func:`attention_bias.biased_mask` takes) with
+        """The forward keywords that apply ``key_bias: [batch, rows]`` (:func:`attention_bias.biased_mask`) with
         this runner's factor per layer, and none on the rows ``exact: [layers, rows]`` marks at a layer (the factor
         then goes per layer and row); none at all without a bias."""
         if key_bias is None:
