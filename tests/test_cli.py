@@ -18,7 +18,9 @@ runner = CliRunner()
 COMMANDS = [[], ["serve"], ["db"], ["db", "upgrade"], ["ingest"], ["query"], ["search"], ["banks"],
             ["banks", "list"], ["banks", "create"], ["banks", "get"], ["banks", "update"],
             ["banks", "maintain"], ["banks", "delete"], ["keys"],
-            ["keys", "create"], ["keys", "list"], ["keys", "revoke"]]
+            ["keys", "create"], ["keys", "list"], ["keys", "revoke"], ["documents", "ls"], ["documents", "get"],
+            ["documents", "rm"], ["jobs", "ls"], ["jobs", "get"], ["jobs", "wait"], ["db", "current"],
+            ["db", "history"]]
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "kvrag")
@@ -94,7 +96,7 @@ def test_ingest_search_query_and_banks(live_server: Callable[..., LiveServer], t
     usage = json.loads(tuned.stdout)["usage"]
     assert usage["recomputed_tokens"] > 0 and 0 < usage["kept_tokens"] <= 12
     wrong = runner.invoke(app, ["search", "Normans", "-b", "notes", "--retrieval", "nearest"], env=env)
-    assert wrong.exit_code == 1 and "--retrieval must be one of" in wrong.stderr
+    assert wrong.exit_code == 2 and "'nearest' is not one of" in wrong.stderr  # a bad value is a usage error
 
     assert runner.invoke(app, ["banks", "create", "other", "--eviction", "importance"], env=env).exit_code == 0
     listed = runner.invoke(app, ["banks"], env=env)

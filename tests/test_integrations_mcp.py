@@ -51,7 +51,7 @@ def keys(live: LiveServer) -> dict[str, str]:
 
 def stdio_client(live: LiveServer, bank: str, key: str) -> Client:
     """``python -m kvrag.cli mcp`` as a subprocess pointed at the live server."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "KVRAG_API_KEY": key}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "client")]), "KVRAG_API_KEY": key}
     return Client(StdioServerParameters(command=sys.executable, args=["-m", "kvrag.cli", "mcp", "--bank", bank,
                                                                       "--url", live.url],
                                         env=env, cwd=str(ROOT)), read_timeout_seconds=60)

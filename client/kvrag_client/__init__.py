@@ -9,6 +9,7 @@
 """
 
 from ._async_client import AsyncKVRag, AsyncQueryStream
+from ._base import RawResponse
 from ._client import KVRag, QueryStream
 from ._exceptions import (
     APIConnectionError,
@@ -20,6 +21,7 @@ from ._exceptions import (
     CorruptBlock,
     IncompatibleModel,
     InternalServerError,
+    InvalidId,
     JobFailed,
     KVRagError,
     NotFound,
@@ -35,6 +37,7 @@ from ._version import __version__
 from .types import (
     ApiKey,
     Bank,
+    BankOptions,
     ContextMap,
     ContextMapEdit,
     ContextMapEditResult,
@@ -44,10 +47,13 @@ from .types import (
     Document,
     DocumentInput,
     DoneEvent,
+    Eviction,
     Health,
     Hit,
     Job,
+    KeyRole,
     MaintenanceReport,
+    Mode,
     PutResult,
     QueryKnobs,
     QueryResult,
@@ -60,14 +66,13 @@ from .types import (
 )
 
 __all__ = [
-    "__version__", "KVRag", "AsyncKVRag", "QueryStream", "AsyncQueryStream",
-    "KVRagError", "APIError", "APIConnectionError", "APITimeoutError", "BadRequest", "AuthenticationError",
-    "PermissionDenied", "NotFound", "Conflict", "VersionMismatch", "IncompatibleModel", "PayloadTooLarge",
-    "ValidationError", "RateLimited", "InternalServerError", "CorruptBlock", "Unavailable", "JobFailed",
-    "ApiKey", "Bank", "Document", "DocumentInput", "Health", "Hit", "Job", "MaintenanceReport", "PutResult",
-    "QueryResult",
-    "QueryKnobs", "Retrieval", "SearchFilter", "StreamEvent", "Timings", "TokenEvent", "DoneEvent", "Usage",
-    "ContextMap", "ContextMapItem",
-    "ContextMapEdit", "ContextMapFeedback", "ContextMapEditResult", "ContextMapRefresh",
-    "Session", "Segment", "SegmentInput", "AppendResult", "BriefResult", "BriefTimings", "PruneResult",
+    "__version__", "KVRag", "AsyncKVRag", "QueryStream", "AsyncQueryStream", "RawResponse", "KVRagError", "APIError",
+    "APIConnectionError", "APITimeoutError", "BadRequest", "AuthenticationError", "PermissionDenied", "NotFound",
+    "Conflict", "VersionMismatch", "IncompatibleModel", "PayloadTooLarge", "ValidationError", "InvalidId",
+    "RateLimited", "InternalServerError", "CorruptBlock", "Unavailable", "JobFailed", "ApiKey", "Bank",
+    "BankOptions", "Eviction", "KeyRole", "Mode", "Document", "DocumentInput", "Health", "Hit", "Job",
+    "MaintenanceReport", "PutResult", "QueryResult", "QueryKnobs", "Retrieval", "SearchFilter", "StreamEvent",
+    "Timings", "TokenEvent", "DoneEvent", "Usage", "ContextMap", "ContextMapItem", "ContextMapEdit",
+    "ContextMapFeedback", "ContextMapEditResult", "ContextMapRefresh", "Session", "Segment", "SegmentInput",
+    "AppendResult", "BriefResult", "BriefTimings", "PruneResult",
 ]

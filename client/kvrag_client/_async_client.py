@@ -1,37 +1,39 @@
-"""The asynchronous client ``AsyncKVRag`` (same methods as ``KVRag``, awaited)."""
+"""The asynchronous client ``AsyncKVRag``.
+
+This file is the one source of both clients: ``client/scripts/unasync.py`` writes ``_client.py`` (``KVRag``)
+from it, as it writes ``_resources.py`` from ``_async_resources.py``; tests/client/test_unasync.py fails when
+a generated file is stale.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import builtins
 import time
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Mapping
+from functools import cached_property
 from types import TracebackType
 from typing import Any, Literal, TypeVar, overload
 
 import httpx
 
 from . import _operations as ops
-from ._base import Call, ClientConfig, EventReader, transport_error
-from ._exceptions import APIConnectionError, APITimeoutError, JobFailed, Unavailable, error_from_response
-from ._sessions import AsyncSessions
-from .types import (
-    ApiKey,
-    Bank,
-    ContextMap,
-    ContextMapEditResult,
-    ContextMapRefresh,
-    Document,
-    Health,
-    Hit,
-    Job,
-    MaintenanceReport,
-    PutResult,
-    QueryKnobs,
-    QueryResult,
-    Retrieval,
-    StreamEvent,
+from ._async_resources import (
+    AsyncBanks,
+    AsyncBanksWithRawResponse,
+    AsyncContextMaps,
+    AsyncContextMapsWithRawResponse,
+    AsyncDocuments,
+    AsyncDocumentsWithRawResponse,
+    AsyncJobs,
+    AsyncJobsWithRawResponse,
+    AsyncKeys,
+    AsyncKeysWithRawResponse,
+    AsyncSessions,
+    AsyncSessionsWithRawResponse,
 )
+from ._base import Call, ClientConfig, EventReader, TimeoutLike, async_raw_wrapper, record_response, transport_error
+from ._exceptions import APIConnectionError, APITimeoutError, Unavailable, error_from_response
+from .types import Health, Hit, Mode, QueryKnobs, QueryResult, Retrieval, StreamEvent
 
 T = TypeVar("T")
 
@@ -39,7 +41,7 @@ T = TypeVar("T")
 class AsyncQueryStream:
     """Events of a streamed query: ``TokenEvent``s, then one ``DoneEvent``; ``.result`` holds the final result.
 
-    Iterate it once (``async for``); it closes the connection when the iteration ends (or on ``aclose()``).
+    Iterate it once; it closes the connection when the iteration ends (or on ``aclose()`` / ``with``).
     """
 
     def __init__(self, response: httpx.Response) -> None:
@@ -74,157 +76,26 @@ class AsyncQueryStream:
         await self.aclose()
 
 
-class _Resource:
-    def __init__(self, client: AsyncKVRag) -> None:
-        self._client = client
-
-
-class AsyncKeys(_Resource):
-    """API keys (admin only)."""
-
-    async def create(self, name: str, *, role: str = "read", banks: Iterable[str] = ("*",),
-               agent: str | None = None) -> ApiKey:
-        """Create a key whose writes are attributed to ``agent`` (default: ``name``); the secret ``key``
-        is in this answer only."""
-        return await self._client._call(ops.create_key(name, agent or name, role, banks))
-
-    async def list(self) -> builtins.list[ApiKey]:
-        """Every key (prefixes only, never secrets)."""
-        return await self._client._call(ops.list_keys())
-
-    async def delete(self, key_id: str) -> None:
-        """Revoke a key at once."""
-        await self._client._call(ops.delete_key(key_id))
-
-
-class AsyncBanks(_Resource):
-    """Memory banks."""
-
-    async def create(self, name: str, **options: Any) -> Bank:
-        """Create a bank; options: ``codec``, ``budget_bytes``, ``max_blocks``, ``eviction``."""
-        return await self._client._call(ops.create_bank(name, options))
-
-    async def list(self) -> builtins.list[Bank]:
-        """The banks this key can see."""
-        return await self._client._call(ops.list_banks())
-
-    async def get(self, name: str) -> Bank:
-        """A bank with its statistics."""
-        return await self._client._call(ops.get_bank(name))
-
-    async def update(self, name: str, **changes: Any) -> Bank:
-        """Change ``codec``, ``budget_bytes``, ``max_blocks`` or ``eviction``."""
-        return await self._client._call(ops.update_bank(name, changes))
-
-    async def delete(self, name: str) -> None:
-        """Delete a bank with everything in it."""
-        await self._client._call(ops.delete_bank(name))
-
-    async def maintain(self, name: str, **steps: bool) -> MaintenanceReport:
-        """Run maintenance now and return its report. Steps (each on unless set False): ``evict`` to the budget,
-        ``merge`` near-duplicates, ``gc`` orphan blobs, ``expire`` documents past ``expires_at``, ``reencode``
-        after a model change (and re-warm cold blocks the budget has room for); ``rebuild=True`` also checks
-        every block's checksum and rebuilds damaged ones from their text."""
-        return await self._client._call(ops.maintain_bank(name, steps))
-
-
-class AsyncJobs(_Resource):
-    """Background jobs (large batch ingests)."""
-
-    async def get(self, job_id: str) -> Job:
-        """A job's current state."""
-        return await self._client._call(ops.get_job(job_id))
-
-    async def wait(self, job_id: str, *, poll_interval: float = 0.5, timeout: float = 600.0) -> Job:
-        """Poll until the job finishes; raise ``JobFailed`` if it failed, ``APITimeoutError`` after ``timeout``."""
-        deadline = time.monotonic() + timeout
-        while True:
-            job = await self.get(job_id)
-            if job.status == "failed":
-                raise JobFailed(job.id, job.error)
-            if job.finished:
-                return job
-            if time.monotonic() >= deadline:
-                raise APITimeoutError(f"job {job_id} still {job.status} after {timeout:g} s")
-            await asyncio.sleep(poll_interval)
-
-
-class AsyncDocuments(_Resource):
-    """Documents of a bank."""
-
-    async def put(self, bank: str, doc_id: str, text: str, metadata: Mapping[str, Any] | None = None,
-            tags: Iterable[str] | None = None, pinned: bool = False, if_match: int | str | None = None,
-            idempotency_key: str | None = None) -> PutResult:
-        """Create or replace a document; ``if_match`` makes it conditional on the stored version."""
-        return await self._client._call(ops.put_document(bank, doc_id, text, metadata, tags, pinned, if_match,
-                                                   idempotency_key))
-
-    async def put_many(self, bank: str, docs: Iterable[ops.DocumentLike], *, idempotency_key: str | None = None,
-                 poll_interval: float = 0.5, timeout: float = 600.0) -> builtins.list[PutResult]:
-        """Write a batch (``{id, text, metadata?, tags?, pinned?}`` each); waits for the job of a large batch."""
-        answer = await self._client._call(ops.put_documents(bank, docs, idempotency_key))
-        if isinstance(answer, Job):
-            job = await self._client.jobs.wait(answer.id, poll_interval=poll_interval, timeout=timeout)
-            return ops.job_results(job)
-        return answer
-
-    async def get(self, bank: str, doc_id: str) -> Document:
-        """A document with its text."""
-        return await self._client._call(ops.get_document(bank, doc_id))
-
-    async def list(self, bank: str, *, limit: int | None = None) -> AsyncIterator[Document]:
-        """Every document of the bank (``async for``), fetching pages of ``limit`` as the iteration goes."""
-        cursor = None
-        while True:
-            page = await self._client._call(ops.list_documents(bank, cursor, limit))
-            for doc in page.documents:
-                yield doc
-            if not page.next_cursor:
-                return
-            cursor = page.next_cursor
-
-    async def delete(self, bank: str, doc_id: str, *, if_match: int | str | None = None) -> None:
-        """Delete a document and its blocks; ``if_match`` makes it conditional on the stored version."""
-        await self._client._call(ops.delete_document(bank, doc_id, if_match))
-
-
-class AsyncContextMaps(_Resource):
-    """Context maps: each bank's small, token-budgeted map of what it holds and what earlier work found."""
-
-    async def get(self, bank: str, *, version: int | None = None) -> ContextMap:
-        """The current map, or an older ``version``."""
-        return await self._client._call(ops.get_context_map(bank, version))
-
-    async def edit(self, bank: str, edits: Iterable[ops.EditLike] = (), *,
-             feedback: Iterable[ops.FeedbackLike] | None = None, base_version: int | None = None
-             ) -> ContextMapEditResult:
-        """Apply ``edits`` ({op, id?, section?, content?}) and ``feedback`` ({id, tag}) as one new version;
-        with ``base_version``, edits to items changed since then raise ``VersionMismatch``."""
-        return await self._client._call(ops.edit_context_map(bank, edits, feedback, base_version))
-
-    async def refresh(self, bank: str) -> ContextMapRefresh:
-        """Distill the bank's recent queries into edits with the server's map LLM; see ``status``."""
-        return await self._client._call(ops.refresh_context_map(bank))
-
-    async def update(self, bank: str, *, frozen: bool | None = None, budget_tokens: int | None = None) -> ContextMap:
-        """Freeze/unfreeze the map or change its token budget (a smaller one evicts at once)."""
-        return await self._client._call(ops.update_context_map(bank, frozen, budget_tokens))
-
-
 class AsyncKVRag:
-    """Asynchronous client of a kvrag server (every method is awaited).
+    """Client of a kvrag server.
 
-    ``base_url`` defaults to ``$KVRAG_URL`` or http://127.0.0.1:8000, ``api_key`` to ``$KVRAG_API_KEY``.
-    429 and 503 answers and failed connections are retried ``max_retries`` times with exponential backoff,
-    honouring ``Retry-After``.
+    ``base_url`` defaults to ``$KVRAG_URL`` or http://127.0.0.1:8000, ``api_key`` to ``$KVRAG_API_KEY``;
+    ``headers`` are sent with every request. 429 and 503 answers and failed connections are retried
+    ``max_retries`` times with exponential backoff, honouring ``Retry-After``; a write is sent with an
+    ``Idempotency-Key`` (one per call, the same on each retry), so a retry after a lost answer is answered
+    from the server's record of the first instead of writing twice. Every method takes ``timeout=``;
+    ``with_options()`` gives a copy with other defaults, ``with_raw_response`` the status and headers too.
     """
 
     def __init__(self, base_url: str | None = None, api_key: str | None = None, *,
-                 timeout: float | httpx.Timeout | None = None, max_retries: int = 3,
+                 timeout: TimeoutLike | None = None, max_retries: int = 3, headers: Mapping[str, str] | None = None,
                  http_client: httpx.AsyncClient | None = None) -> None:
-        self._config = ClientConfig(base_url, api_key, timeout, max_retries)
+        self._config = ClientConfig.create(base_url, api_key, timeout, max_retries, headers)
         self._owns_http = http_client is None
         self._http = http_client or httpx.AsyncClient(timeout=self._config.timeout)
+        self._add_resources()
+
+    def _add_resources(self) -> None:
         self.keys = AsyncKeys(self)
         self.banks = AsyncBanks(self)
         self.documents = AsyncDocuments(self)
@@ -236,62 +107,88 @@ class AsyncKVRag:
     def base_url(self) -> str:
         return self._config.base_url
 
+    @property
+    def timeout(self) -> httpx.Timeout:
+        return self._config.timeout
+
+    @property
+    def max_retries(self) -> int:
+        return self._config.retry.max_retries
+
+    def with_options(self, *, timeout: TimeoutLike | None = None, max_retries: int | None = None,
+                     headers: Mapping[str, str] | None = None) -> AsyncKVRag:
+        """A client with these defaults changed (``headers`` added), sharing this one's connection pool;
+        closing it leaves the pool open."""
+        clone = object.__new__(type(self))
+        clone._config = self._config.with_options(timeout, max_retries, headers)
+        clone._owns_http = False
+        clone._http = self._http
+        clone._add_resources()
+        return clone
+
+    @cached_property
+    def with_raw_response(self) -> AsyncKVRagWithRawResponse:
+        """The same methods, answering ``RawResponse`` (``status_code``, ``headers``, ``parsed``)."""
+        return AsyncKVRagWithRawResponse(self)
+
     # -- retrieval --------------------------------------------------------------------------------
 
     async def search(self, bank: str, query: str, k: int = 5, filter: ops.FilterLike = None,
-                      retrieval: Retrieval | None = None) -> list[Hit]:
+                     retrieval: Retrieval | None = None, *, timeout: TimeoutLike | None = None) -> list[Hit]:
         """Top-k blocks; ``filter`` ({agent, tags, metadata}) applies before top-k.
 
         ``retrieval`` picks the ranking ("embedding", "kv", "hybrid", "hybrid_kv"; default: the server's).
         """
-        return await self._call(ops.search(bank, query, k, filter, retrieval))
+        return await self._call(ops.search(bank, query, k, filter, retrieval), timeout)
 
     @overload
-    async def query(self, bank: str, question: str, k: int = ..., mode: str = ..., max_new_tokens: int = ...,
-              filter: ops.FilterLike = ..., stream: Literal[False] = ..., context_map: bool = ...,
+    async def query(self, bank: str, question: str, k: int = ..., mode: Mode = ..., max_new_tokens: int = ...,
+                    filter: ops.FilterLike = ..., stream: Literal[False] = ..., context_map: bool = ...,
                     retrieval: Retrieval | None = ..., recompute: float | None = ...,
-                    compaction: Mapping[str, float] | None = ...) -> QueryResult: ...
+                    compaction: Mapping[str, float] | None = ..., *,
+                    timeout: TimeoutLike | None = ...) -> QueryResult: ...
 
     @overload
-    async def query(self, bank: str, question: str, k: int = ..., mode: str = ..., max_new_tokens: int = ...,
-              filter: ops.FilterLike = ..., *, stream: Literal[True], context_map: bool = ...,
+    async def query(self, bank: str, question: str, k: int = ..., mode: Mode = ..., max_new_tokens: int = ...,
+                    filter: ops.FilterLike = ..., *, stream: Literal[True], context_map: bool = ...,
                     retrieval: Retrieval | None = ..., recompute: float | None = ...,
-                    compaction: Mapping[str, float] | None = ...) -> AsyncQueryStream: ...
+                    compaction: Mapping[str, float] | None = ...,
+                    timeout: TimeoutLike | None = ...) -> AsyncQueryStream: ...
 
-    async def query(self, bank: str, question: str, k: int = 5, mode: str = "kv", max_new_tokens: int = 64,
-              filter: ops.FilterLike = None, stream: bool = False, context_map: bool = False,
+    async def query(self, bank: str, question: str, k: int = 5, mode: Mode = "kv", max_new_tokens: int = 64,
+                    filter: ops.FilterLike = None, stream: bool = False, context_map: bool = False,
                     retrieval: Retrieval | None = None, recompute: float | None = None,
-                    compaction: Mapping[str, float] | None = None
-              ) -> QueryResult | AsyncQueryStream:
+                    compaction: Mapping[str, float] | None = None, *,
+                    timeout: TimeoutLike | None = None) -> QueryResult | AsyncQueryStream:
         """Answer from the top-k blocks (``mode`` "kv": stored KV; "text": re-read their text).
 
         ``context_map=True`` puts the bank's context map before the blocks (its KV is cached per map version).
         ``retrieval``, ``recompute`` and ``compaction`` override the server's defaults (see ``QueryKnobs``).
-        With ``stream=True`` it returns a ``AsyncQueryStream`` of token events ending with the full result.
+        With ``stream=True`` it returns a stream of token events ending with the full result.
         """
         knobs = QueryKnobs(retrieval=retrieval, recompute=recompute,
                            compaction=dict(compaction) if compaction is not None else None)
         call = ops.query(bank, question, k, mode, max_new_tokens, filter, stream, context_map, knobs)
         if stream:
-            return AsyncQueryStream(await self._send(call, stream=True))
-        return await self._call(call)
+            return AsyncQueryStream(await self._send(call, timeout, stream=True))
+        return await self._call(call, timeout)
 
     # -- health -----------------------------------------------------------------------------------
 
-    async def health(self) -> Health:
+    async def health(self, *, timeout: TimeoutLike | None = None) -> Health:
         """Liveness of the server process."""
-        return await self._call(ops.health())
+        return await self._call(ops.health(), timeout)
 
-    async def ready(self) -> bool:
+    async def ready(self, *, timeout: TimeoutLike | None = None) -> bool:
         """Whether the server is ready (model, catalog and indexes loaded); False on 503 or no connection."""
         try:
-            await self._call(ops.ready())
+            await self._call(ops.ready(), timeout)
         except (Unavailable, APIConnectionError):
             return False
         return True
 
     async def wait_ready(self, timeout: float = 60.0, poll_interval: float = 0.2) -> None:
-        """Block until ``ready()``; raise ``APITimeoutError`` after ``timeout`` seconds."""
+        """Wait until ``ready()``; raise ``APITimeoutError`` after ``timeout`` seconds in all."""
         deadline = time.monotonic() + timeout
         while not await self.ready():
             if time.monotonic() >= deadline:
@@ -300,15 +197,17 @@ class AsyncKVRag:
 
     # -- plumbing ---------------------------------------------------------------------------------
 
-    async def _send(self, call: Call[Any], *, stream: bool = False) -> httpx.Response:
+    async def _send(self, call: Call[Any], timeout: TimeoutLike | None = None, *,
+                    stream: bool = False) -> httpx.Response:
         """Send with retries; return a 2xx response or raise the typed error."""
         retry = self._config.retry
+        call = self._config.prepare(call)
         attempt = 0
         while True:
             request = self._http.build_request(call.method, self._config.base_url + call.path, json=call.json,
                                                params=call.params,
                                                headers={**self._config.default_headers(), **call.headers},
-                                               timeout=self._config.timeout)
+                                               timeout=self._config.request_timeout(timeout))
             try:
                 response = await self._http.send(request, stream=stream)
             except httpx.TransportError as exc:
@@ -318,6 +217,7 @@ class AsyncKVRag:
                     continue
                 raise transport_error(exc) from exc
             if response.is_success:
+                record_response(response)
                 return response
             if stream:
                 await response.aread()
@@ -328,8 +228,8 @@ class AsyncKVRag:
                 continue
             raise error_from_response(response)
 
-    async def _call(self, call: Call[T]) -> T:
-        response = await self._send(call)
+    async def _call(self, call: Call[T], timeout: TimeoutLike | None = None) -> T:
+        response = await self._send(call, timeout)
         return call.parse(response.json() if response.content else None)
 
     async def close(self) -> None:
@@ -341,5 +241,20 @@ class AsyncKVRag:
         return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+                        tb: TracebackType | None) -> None:
         await self.close()
+
+
+class AsyncKVRagWithRawResponse:
+    """``client.with_raw_response``: every single-request method, answering ``RawResponse``."""
+
+    def __init__(self, client: AsyncKVRag) -> None:
+        self.keys = AsyncKeysWithRawResponse(client.keys)
+        self.banks = AsyncBanksWithRawResponse(client.banks)
+        self.documents = AsyncDocumentsWithRawResponse(client.documents)
+        self.jobs = AsyncJobsWithRawResponse(client.jobs)
+        self.sessions = AsyncSessionsWithRawResponse(client.sessions)
+        self.context_map = AsyncContextMapsWithRawResponse(client.context_map)
+        self.search = async_raw_wrapper(client.search)
+        self.query = async_raw_wrapper(client.query)
+        self.health = async_raw_wrapper(client.health)

@@ -1,15 +1,18 @@
-"""What the sync and async clients share: request descriptions, retry policy, SSE parsing, config."""
+"""What the sync and async clients share: request descriptions, retry policy, raw responses, SSE parsing, config."""
 
 from __future__ import annotations
 
+import contextvars
 import email.utils
+import functools
 import json
 import os
 import random
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, Generic, ParamSpec, TypeVar
 
 import httpx
 
@@ -18,6 +21,9 @@ from ._version import __version__
 from .types import DoneEvent, QueryResult, StreamEvent, TokenEvent
 
 T = TypeVar("T")
+P = ParamSpec("P")
+R = TypeVar("R")
+TimeoutLike = float | httpx.Timeout
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8000"
 # Queries on a small CPU can take a while to produce the whole answer; connecting should not.
@@ -25,6 +31,7 @@ DEFAULT_TIMEOUT = httpx.Timeout(120.0, connect=5.0)
 RETRY_STATUSES = frozenset({429, 503})
 # Methods that change nothing more when repeated, so a request that may have reached the server can be resent.
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
+IDEMPOTENCY_HEADER = "Idempotency-Key"
 
 
 @dataclass(frozen=True)
@@ -39,11 +46,91 @@ class Call(Generic[T]):
     headers: dict[str, str] = field(default_factory=dict)
     # Safe to resend after an answer was lost (reads, upserts); POSTs that create things are not.
     idempotent: bool | None = None
+    # A write the server replays from its Idempotency-Key record: the client sends a key (one per logical
+    # call, the same on every retry), which makes it safe to resend after a lost answer.
+    keyed: bool = False
     retries: bool = True
 
     @property
     def safe_to_resend(self) -> bool:
+        if self.keyed:
+            return True
         return self.idempotent if self.idempotent is not None else self.method in IDEMPOTENT_METHODS
+
+    def with_idempotency_key(self) -> Call[T]:
+        """This call with an ``Idempotency-Key`` header: the caller's if it set one, else a new random one."""
+        if any(name.lower() == IDEMPOTENCY_HEADER.lower() for name in self.headers):
+            return self
+        return replace(self, headers={**self.headers, IDEMPOTENCY_HEADER: f"kvrag-{uuid.uuid4().hex}"})
+
+
+@dataclass(frozen=True)
+class RawResponse(Generic[R]):
+    """What ``client.with_raw_response.<resource>.<method>(...)`` returns: the HTTP status and headers of the
+    answer with the value the plain method returns (``parsed``, or ``parse()`` as openai-python has it)."""
+
+    status_code: int
+    headers: httpx.Headers
+    parsed: R
+    http_response: httpx.Response
+
+    @property
+    def request_id(self) -> str | None:
+        value: str | None = self.headers.get("x-request-id")
+        return value
+
+    def parse(self) -> R:
+        return self.parsed
+
+
+# Set by a raw-response wrapper for the duration of one method call; the client records its answers there.
+_RAW_SLOT: contextvars.ContextVar[list[httpx.Response] | None] = contextvars.ContextVar("kvrag_raw", default=None)
+
+
+def record_response(response: httpx.Response) -> None:
+    """Keep ``response`` for the raw-response wrapper running this call, if any."""
+    slot = _RAW_SLOT.get()
+    if slot is not None:
+        slot.append(response)
+
+
+def _raw(slot: list[httpx.Response], parsed: R) -> RawResponse[R]:
+    if not slot:
+        raise RuntimeError("the call sent no request to take a raw response from")
+    last = slot[-1]
+    return RawResponse(status_code=last.status_code, headers=last.headers, parsed=parsed, http_response=last)
+
+
+def raw_wrapper(method: Callable[P, R]) -> Callable[P, RawResponse[R]]:
+    """``method`` returning a ``RawResponse`` of its answer instead of the parsed value alone."""
+
+    @functools.wraps(method)
+    def wrapped(*args: P.args, **kwargs: P.kwargs) -> RawResponse[R]:
+        slot: list[httpx.Response] = []
+        token = _RAW_SLOT.set(slot)
+        try:
+            parsed = method(*args, **kwargs)
+        finally:
+            _RAW_SLOT.reset(token)
+        return _raw(slot, parsed)
+
+    return wrapped
+
+
+def async_raw_wrapper(method: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[RawResponse[R]]]:
+    """The ``raw_wrapper`` of a coroutine method (the context variable follows the awaiting task)."""
+
+    @functools.wraps(method)
+    async def wrapped(*args: P.args, **kwargs: P.kwargs) -> RawResponse[R]:
+        slot: list[httpx.Response] = []
+        token = _RAW_SLOT.set(slot)
+        try:
+            parsed = await method(*args, **kwargs)
+        finally:
+            _RAW_SLOT.reset(token)
+        return _raw(slot, parsed)
+
+    return wrapped
 
 
 @dataclass(frozen=True)
@@ -61,7 +148,7 @@ class RetryPolicy:
             retry_after = parse_retry_after(response.headers.get("retry-after"))
             if retry_after is not None and 0 <= retry_after <= self.max_retry_after:
                 return retry_after
-        backoff = min(self.max_delay, self.initial_delay * 2**attempt)
+        backoff: float = min(self.max_delay, self.initial_delay * 2.0**attempt)
         return backoff * (1 - 0.25 * random.random())
 
     def retry_status(self, attempt: int, status: int) -> bool:
@@ -106,18 +193,43 @@ def _has_request(exc: httpx.TransportError) -> bool:
     return True
 
 
+@dataclass(frozen=True)
 class ClientConfig:
-    """Base URL, credentials, timeout and retry policy shared by ``KVRag`` and ``AsyncKVRag``."""
+    """Base URL, credentials, timeout, retry policy and extra headers of one client (``with_options`` copies it)."""
 
-    def __init__(self, base_url: str | None, api_key: str | None, timeout: float | httpx.Timeout | None,
-                 max_retries: int) -> None:
-        self.base_url = (base_url or os.environ.get("KVRAG_URL") or DEFAULT_BASE_URL).rstrip("/")
-        self.api_key = api_key if api_key is not None else os.environ.get("KVRAG_API_KEY") or None
-        self.timeout = DEFAULT_TIMEOUT if timeout is None else httpx.Timeout(timeout)
-        self.retry = RetryPolicy(max_retries=max_retries)
+    base_url: str
+    api_key: str | None
+    timeout: httpx.Timeout
+    retry: RetryPolicy
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def create(cls, base_url: str | None, api_key: str | None, timeout: TimeoutLike | None, max_retries: int,
+               headers: Mapping[str, str] | None = None) -> ClientConfig:
+        """Arguments first, then ``$KVRAG_URL`` / ``$KVRAG_API_KEY``, then the defaults."""
+        return cls(base_url=(base_url or os.environ.get("KVRAG_URL") or DEFAULT_BASE_URL).rstrip("/"),
+                   api_key=api_key if api_key is not None else os.environ.get("KVRAG_API_KEY") or None,
+                   timeout=DEFAULT_TIMEOUT if timeout is None else httpx.Timeout(timeout),
+                   retry=RetryPolicy(max_retries=max_retries), headers=dict(headers or {}))
+
+    def with_options(self, timeout: TimeoutLike | None, max_retries: int | None,
+                     headers: Mapping[str, str] | None) -> ClientConfig:
+        """A copy with the given options changed (``headers`` are added to the ones already set)."""
+        return replace(self, timeout=self.timeout if timeout is None else httpx.Timeout(timeout),
+                       retry=self.retry if max_retries is None else replace(self.retry, max_retries=max_retries),
+                       headers={**self.headers, **(headers or {})})
+
+    def request_timeout(self, timeout: TimeoutLike | None) -> httpx.Timeout:
+        """A per-call ``timeout=`` when given, else the client's."""
+        return self.timeout if timeout is None else httpx.Timeout(timeout)
+
+    def prepare(self, call: Call[T]) -> Call[T]:
+        """The call as it will be sent by every attempt: a write the server replays gets its Idempotency-Key
+        now, once, so each retry of this logical call carries the same one."""
+        return call.with_idempotency_key() if call.keyed and call.retries and self.retry.max_retries > 0 else call
 
     def default_headers(self) -> dict[str, str]:
-        headers = {"User-Agent": f"kvrag-client/{__version__}", "Accept": "application/json"}
+        headers = {"User-Agent": f"kvrag-client/{__version__}", "Accept": "application/json", **self.headers}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
         return headers

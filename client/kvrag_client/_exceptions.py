@@ -13,7 +13,7 @@ import httpx
 __all__ = [
     "KVRagError", "APIError", "APIConnectionError", "APITimeoutError", "BadRequest", "AuthenticationError",
     "PermissionDenied", "NotFound", "Conflict", "VersionMismatch", "IncompatibleModel", "PayloadTooLarge",
-    "ValidationError", "RateLimited", "InternalServerError", "CorruptBlock", "Unavailable", "JobFailed",
+    "ValidationError", "InvalidId", "RateLimited", "InternalServerError", "CorruptBlock", "Unavailable", "JobFailed",
     "error_from_response",
 ]
 
@@ -92,6 +92,11 @@ class PayloadTooLarge(APIError):
 
 class ValidationError(APIError):
     status, default_code = 422, "validation_error"
+
+
+class InvalidId(ValidationError, ValueError):
+    """An id the server would refuse (a bank name, document, session, key or job id), refused by the SDK
+    before anything is sent: nothing reached the server, so ``request_id`` is None."""
 
 
 class RateLimited(APIError):

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from typing import Any
-from urllib.parse import quote
 
 from pydantic import BaseModel
 
+from . import _ids as ids
 from ._base import Call
 from .types import (
     ApiKey,
@@ -26,8 +26,12 @@ from .types import (
     PutResult,
     QueryKnobs,
     QueryResult,
+    Retrieval,
     SearchFilter,
 )
+from .types import BankOptions as BankOptions
+from .types import KeyRole as KeyRole
+from .types import Mode as Mode
 
 FilterLike = SearchFilter | Mapping[str, Any] | None
 EditLike = ContextMapEdit | Mapping[str, Any]
@@ -40,13 +44,18 @@ class DocumentPage(BaseModel):
     next_cursor: str | None = None
 
 
-def _seg(value: str) -> str:
-    """One path segment, percent-encoded so a name can never change the route."""
-    return quote(str(value), safe="")
+class JobPage(BaseModel):
+    jobs: list[Job]
+    next_cursor: str | None = None
 
 
 def _bank_path(bank: str) -> str:
-    return f"/v1/banks/{_seg(bank)}"
+    """``/v1/banks/{bank}``; every id put in a path is checked first (``_ids``: no dot segment gets through)."""
+    return f"/v1/banks/{ids.segment(ids.bank_name(bank))}"
+
+
+def _doc_path(bank: str, doc_id: str) -> str:
+    return f"{_bank_path(bank)}/documents/{ids.segment(ids.doc_id(doc_id))}"
 
 
 def _none(_: Any) -> None:
@@ -84,8 +93,9 @@ def ready() -> Call[None]:
 # -- keys -------------------------------------------------------------------------------------------
 
 
-def create_key(name: str, agent: str, role: str, banks: Iterable[str]) -> Call[ApiKey]:
+def create_key(name: str, agent: str, role: KeyRole, banks: Iterable[str]) -> Call[ApiKey]:
     body = {"name": name, "agent": agent, "role": role, "banks": list(banks)}
+    # Never resent, and no Idempotency-Key: a replayed answer would have to keep the secret on the server.
     return Call("POST", "/v1/keys", ApiKey.model_validate, json=body)
 
 
@@ -94,14 +104,15 @@ def list_keys() -> Call[list[ApiKey]]:
 
 
 def delete_key(key_id: str) -> Call[None]:
-    return Call("DELETE", f"/v1/keys/{_seg(key_id)}", _none)
+    return Call("DELETE", f"/v1/keys/{ids.segment(ids.opaque_id('key id', key_id))}", _none)
 
 
 # -- banks ------------------------------------------------------------------------------------------
 
 
-def create_bank(name: str, options: Mapping[str, Any]) -> Call[Bank]:
-    return Call("POST", "/v1/banks", Bank.model_validate, json={"name": name, **_drop_none(options)})
+def create_bank(name: str, options: BankOptions) -> Call[Bank]:
+    return Call("POST", "/v1/banks", Bank.model_validate, json={"name": ids.bank_name(name), **options.body()},
+                keyed=True)
 
 
 def list_banks() -> Call[list[Bank]]:
@@ -112,19 +123,20 @@ def get_bank(name: str) -> Call[Bank]:
     return Call("GET", _bank_path(name), Bank.model_validate)
 
 
-def update_bank(name: str, changes: Mapping[str, Any]) -> Call[Bank]:
+def update_bank(name: str, changes: BankOptions) -> Call[Bank]:
     # PATCH with only the given fields; resending the same changes gives the same state.
-    return Call("PATCH", _bank_path(name), Bank.model_validate, json=_drop_none(changes), idempotent=True)
+    return Call("PATCH", _bank_path(name), Bank.model_validate, json=changes.body(), keyed=True)
 
 
 def delete_bank(name: str) -> Call[None]:
+    # No Idempotency-Key: the server's record of it would go with the bank; a resent delete may answer 404.
     return Call("DELETE", _bank_path(name), _none)
 
 
 def maintain_bank(name: str, steps: Mapping[str, bool | None]) -> Call[MaintenanceReport]:
     # Running maintenance twice leaves the bank as once, so a lost reply may be retried.
     return Call("POST", f"{_bank_path(name)}/maintenance", MaintenanceReport.model_validate, json=_drop_none(steps),
-                idempotent=True)
+                keyed=True)
 
 
 # -- documents --------------------------------------------------------------------------------------
@@ -137,8 +149,7 @@ def put_document(bank: str, doc_id: str, text: str, metadata: Mapping[str, Any] 
     headers = _if_match(if_match)
     if idempotency_key is not None:
         headers["Idempotency-Key"] = idempotency_key
-    return Call("PUT", f"{_bank_path(bank)}/documents/{_seg(doc_id)}", PutResult.model_validate, json=body,
-                headers=headers)
+    return Call("PUT", _doc_path(bank, doc_id), PutResult.model_validate, json=body, headers=headers, keyed=True)
 
 
 def _batch_answer(data: Mapping[str, Any]) -> list[PutResult] | Job:
@@ -151,9 +162,10 @@ def put_documents(bank: str, docs: Iterable[DocumentLike], idempotency_key: str 
     items = [(d if isinstance(d, DocumentInput) else DocumentInput.model_validate(dict(d))).model_dump(
         exclude_none=True) for d in docs]
     headers = {} if idempotency_key is None else {"Idempotency-Key": idempotency_key}
-    # Each document is an upsert by id, so resending the batch cannot duplicate anything.
+    # Each document is an upsert by id, so resending the batch cannot duplicate anything; the key also makes a
+    # resent large batch answer with the first one's job instead of starting a second job.
     return Call("POST", f"{_bank_path(bank)}/documents", _batch_answer, json={"documents": items}, headers=headers,
-                idempotent=True)
+                keyed=True)
 
 
 def job_results(job: Job) -> list[PutResult]:
@@ -170,30 +182,35 @@ def list_documents(bank: str, cursor: str | None, limit: int | None) -> Call[Doc
 
 
 def get_document(bank: str, doc_id: str) -> Call[Document]:
-    return Call("GET", f"{_bank_path(bank)}/documents/{_seg(doc_id)}", Document.model_validate)
+    return Call("GET", _doc_path(bank, doc_id), Document.model_validate)
 
 
 def delete_document(bank: str, doc_id: str, if_match: int | str | None) -> Call[None]:
-    return Call("DELETE", f"{_bank_path(bank)}/documents/{_seg(doc_id)}", _none, headers=_if_match(if_match))
+    return Call("DELETE", _doc_path(bank, doc_id), _none, headers=_if_match(if_match), keyed=True)
 
 
 # -- jobs -------------------------------------------------------------------------------------------
 
 
 def get_job(job_id: str) -> Call[Job]:
-    return Call("GET", f"/v1/jobs/{_seg(job_id)}", Job.model_validate)
+    return Call("GET", f"/v1/jobs/{ids.segment(ids.opaque_id('job id', job_id))}", Job.model_validate)
+
+
+def list_jobs(bank: str, cursor: str | None, limit: int | None) -> Call[JobPage]:
+    params = _drop_none({"cursor": cursor, "limit": limit})
+    return Call("GET", f"{_bank_path(bank)}/jobs", JobPage.model_validate, params=params)
 
 
 # -- retrieval --------------------------------------------------------------------------------------
 
 
-def search(bank: str, query: str, k: int, flt: FilterLike, retrieval: str | None = None) -> Call[list[Hit]]:
+def search(bank: str, query: str, k: int, flt: FilterLike, retrieval: Retrieval | None = None) -> Call[list[Hit]]:
     body = _drop_none({"query": query, "k": k, "filter": _filter(flt), "retrieval": retrieval})
     return Call("POST", f"{_bank_path(bank)}/search", lambda d: [Hit.model_validate(h) for h in d["hits"]],
                 json=body, idempotent=True)
 
 
-def query(bank: str, question: str, k: int, mode: str, max_new_tokens: int, flt: FilterLike,
+def query(bank: str, question: str, k: int, mode: Mode, max_new_tokens: int, flt: FilterLike,
           stream: bool, context_map: bool = False, knobs: QueryKnobs | None = None) -> Call[QueryResult]:
     body = _drop_none({"question": question, "k": k, "mode": mode, "max_new_tokens": max_new_tokens,
                        "stream": stream, "filter": _filter(flt)})
@@ -227,15 +244,14 @@ def edit_context_map(bank: str, edits: Iterable[EditLike], feedback: Iterable[Fe
     }
     if base_version is not None:
         body["base_version"] = base_version
-    # An add is not idempotent: resending after a lost answer could add the item twice.
-    return Call("POST", f"{_map_path(bank)}/edits", ContextMapEditResult.model_validate, json=body,
-                idempotent=False)
+    # An add is not idempotent by itself: only the Idempotency-Key keeps a resent edit from adding twice.
+    return Call("POST", f"{_map_path(bank)}/edits", ContextMapEditResult.model_validate, json=body, keyed=True)
 
 
 def refresh_context_map(bank: str) -> Call[ContextMapRefresh]:
-    return Call("POST", f"{_map_path(bank)}/refresh", ContextMapRefresh.model_validate, idempotent=False)
+    return Call("POST", f"{_map_path(bank)}/refresh", ContextMapRefresh.model_validate, keyed=True)
 
 
 def update_context_map(bank: str, frozen: bool | None, budget_tokens: int | None) -> Call[ContextMap]:
     body = _drop_none({"frozen": frozen, "budget_tokens": budget_tokens})
-    return Call("PATCH", _map_path(bank), ContextMap.model_validate, json=body, idempotent=True)
+    return Call("PATCH", _map_path(bank), ContextMap.model_validate, json=body, keyed=True)

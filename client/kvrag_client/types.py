@@ -11,8 +11,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = [
-    "Model", "ApiKey", "Bank", "Document", "DocumentInput", "PutResult", "Hit", "SearchFilter", "Retrieval",
-    "QueryKnobs",    "Timings",
+    "Model", "ApiKey", "Bank", "BankOptions", "Document", "DocumentInput", "PutResult", "Hit", "SearchFilter",
+    "Retrieval", "Mode", "Eviction", "KeyRole", "QueryKnobs", "Timings",
     "Usage", "QueryResult", "TokenEvent", "DoneEvent", "StreamEvent", "Job", "Health", "ContextMap",
     "ContextMapItem", "ContextMapEdit", "ContextMapFeedback", "ContextMapEditResult", "ContextMapRefresh",
 ]
@@ -22,6 +22,28 @@ class Model(BaseModel):
     """Base of every response model: unknown fields are kept, not rejected."""
 
     model_config = ConfigDict(extra="allow", coerce_numbers_to_str=True)
+
+
+Eviction = Literal["lru", "importance", "hybrid"]
+KeyRole = Literal["read", "write", "owner", "admin"]
+Mode = Literal["kv", "text"]
+
+
+class BankOptions(BaseModel):
+    """The settings ``banks.create`` and ``banks.update`` send; a field left None is not sent (the server's
+    default applies, or the bank keeps its value). ``codec`` is a preset name (``auto``, ``fp16``, ``int8``,
+    ``tklt5``, ... as the server's README lists them)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    codec: str | None = None
+    budget_bytes: int | None = Field(default=None, gt=0)
+    max_blocks: int | None = Field(default=None, gt=0)
+    eviction: Eviction | None = None
+    context_map_budget_tokens: int | None = Field(default=None, ge=16, le=32768)
+
+    def body(self) -> dict[str, Any]:
+        return self.model_dump(exclude_none=True)
 
 
 class MaintenanceReport(Model):
@@ -211,15 +233,17 @@ class Job(Model):
     id: str
     kind: str | None = None
     bank: str | None = None
-    status: Literal["queued", "running", "succeeded", "failed"] | str
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled"] | str
     total: int | None = None
     done: int | None = None
     result: Any = None
     error: Any = None
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
 
     @property
     def finished(self) -> bool:
-        return self.status in ("succeeded", "failed")
+        return self.status in ("succeeded", "failed", "cancelled")
 
 
 class ContextMapItem(Model):

@@ -1,10 +1,11 @@
 """kvrag as an MCP server: memory tools for agents (remember, recall, ask, forget, context_map, context_map_edit,
-session_append, session_brief).
+session_append, session_brief). Needs the ``mcp`` extra: ``pip install 'kvrag-client[mcp]'``.
 
 The tools only speak the REST contract, through the SDK: ``kvrag mcp`` (stdio) points the SDK at a kvrag
 server, and the server's own ``/mcp`` mount (``server.mcp_http``) points it at the app in process, with
-the caller's API key. Either way the key's scope applies exactly as it does on the REST API, and every
-failure comes back as a tool error whose structured content carries the kvrag error ``code``.
+the caller's API key. Both import the tools from here, so the server never imports the CLI package.
+Either way the key's scope applies exactly as it does on the REST API, and every failure comes back as a
+tool error whose structured content carries the kvrag error ``code``.
 """
 
 from __future__ import annotations
@@ -15,13 +16,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
-from urllib.parse import quote
 
-from kvrag_client import APIConnectionError, APIError, AsyncKVRag, Hit, KVRagError, NotFound
-from kvrag_client._base import Call
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.types import CallToolResult, TextContent, ToolAnnotations
 from pydantic import BaseModel, Field
+
+from ._async_client import AsyncKVRag
+from ._exceptions import APIConnectionError, APIError, KVRagError, NotFound
+from .types import ContextMapEdit, ContextMapFeedback, Hit
 
 INSTRUCTIONS = (
     "Long-term memory shared with other agents (one kvrag bank). `remember` stores a text, `recall` finds "
@@ -159,21 +161,11 @@ async def _guarded(run: Callable[[], Awaitable[BaseModel]]) -> CallToolResult:
         return _failure("internal", str(exc))
 
 
-# -- context map (REST only: the SDK has no methods for it yet) ---------------------------------------
-
-
-def _map_path(bank: str) -> str:
-    return f"/v1/banks/{quote(bank, safe='')}/context-map"
-
-
 async def get_context_map(kv: AsyncKVRag, bank: str) -> ContextMap:
-    """``GET /v1/banks/{bank}/context-map``."""
-    return await kv._call(Call("GET", _map_path(bank), ContextMap.model_validate))
-
-
-async def edit_context_map(kv: AsyncKVRag, bank: str, body: dict[str, Any]) -> None:
-    """``POST /v1/banks/{bank}/context-map/edits``; not resent after a lost answer (an edit is not idempotent)."""
-    await kv._call(Call("POST", _map_path(bank) + "/edits", lambda _: None, json=body, idempotent=False))
+    """The bank's map as the tool returns it (every item field the server sends kept)."""
+    cmap = await kv.context_map.get(bank)
+    return ContextMap(version=cmap.version, budget_tokens=cmap.budget_tokens, tokens=cmap.tokens,
+                      items=[item.model_dump(mode="json") for item in cmap.items])
 
 
 # -- the server ---------------------------------------------------------------------------------------
@@ -322,13 +314,10 @@ def build_server(connect: Connector, name: str = "kvrag") -> MCPServer:
         """Update the bank's context map (add, replace or delete items; rate items helpful or harmful)."""
 
         async def run() -> ContextMap:
-            body: dict[str, Any] = {"edits": [e.model_dump(exclude_none=True) for e in edits]}
-            if feedback is not None:
-                body["feedback"] = [f.model_dump() for f in feedback]
-            if base_version is not None:
-                body["base_version"] = base_version
+            changes = [ContextMapEdit.model_validate(e.model_dump(exclude_none=True)) for e in edits]
+            votes = [ContextMapFeedback.model_validate(f.model_dump()) for f in feedback or ()]
             async with connect(ctx) as mem:
-                await edit_context_map(mem.kv, mem.bank, body)
+                await mem.kv.context_map.edit(mem.bank, changes, feedback=votes, base_version=base_version)
                 return await get_context_map(mem.kv, mem.bank)  # the map as it now stands, evictions included
 
         return await _guarded(run)

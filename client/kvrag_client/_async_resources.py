@@ -1,0 +1,312 @@
+"""The resources of ``AsyncKVRag``: keys, banks, documents, jobs, sessions, context maps, and raw-response twins.
+
+This file is the one source of both clients: ``client/scripts/unasync.py`` writes ``_resources.py`` (the
+synchronous resources) from it, and a test fails when that file is stale. Every method that sends one request
+takes ``timeout=`` for that request (None: the client's); waiting helpers (``jobs.wait``, ``put_many``'s job
+wait) take ``timeout=`` as the longest total wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from . import _operations as ops
+from ._base import TimeoutLike, async_raw_wrapper
+from ._exceptions import APITimeoutError, JobFailed
+from ._sessions import (
+    AppendResult,
+    BriefResult,
+    PrunePolicy,
+    PruneResult,
+    SegmentLike,
+    Selection,
+    Session,
+    append_call,
+    brief_call,
+    create_call,
+    delete_call,
+    get_call,
+    prune_call,
+)
+from .types import (
+    ApiKey,
+    Bank,
+    BankOptions,
+    ContextMap,
+    ContextMapEditResult,
+    ContextMapRefresh,
+    Document,
+    Eviction,
+    Job,
+    KeyRole,
+    MaintenanceReport,
+    PutResult,
+)
+
+if TYPE_CHECKING:
+    from ._async_client import AsyncKVRag
+
+ProgressCallback = Callable[[Job], object]
+
+
+class _AsyncResource:
+    def __init__(self, client: AsyncKVRag) -> None:
+        self._client = client
+
+
+class AsyncKeys(_AsyncResource):
+    """API keys (admin only)."""
+
+    async def create(self, name: str, *, role: KeyRole = "read", banks: Iterable[str] = ("*",),
+                     agent: str | None = None, timeout: TimeoutLike | None = None) -> ApiKey:
+        """Create a key whose writes are attributed to ``agent`` (default: ``name``); the secret ``key``
+        is in this answer only."""
+        return await self._client._call(ops.create_key(name, agent or name, role, banks), timeout)
+
+    async def list(self, *, timeout: TimeoutLike | None = None) -> builtins.list[ApiKey]:
+        """Every key (prefixes only, never secrets)."""
+        return await self._client._call(ops.list_keys(), timeout)
+
+    async def delete(self, key_id: str, *, timeout: TimeoutLike | None = None) -> None:
+        """Revoke a key at once."""
+        await self._client._call(ops.delete_key(key_id), timeout)
+
+
+class AsyncBanks(_AsyncResource):
+    """Memory banks."""
+
+    async def create(self, name: str, *, codec: str | None = None, budget_bytes: int | None = None,
+                     max_blocks: int | None = None, eviction: Eviction | None = None,
+                     context_map_budget_tokens: int | None = None, timeout: TimeoutLike | None = None) -> Bank:
+        """Create a bank; every option left None takes the server's default (``codec``: a preset name)."""
+        options = BankOptions(codec=codec, budget_bytes=budget_bytes, max_blocks=max_blocks, eviction=eviction,
+                              context_map_budget_tokens=context_map_budget_tokens)
+        return await self._client._call(ops.create_bank(name, options), timeout)
+
+    async def list(self, *, timeout: TimeoutLike | None = None) -> builtins.list[Bank]:
+        """The banks this key can see."""
+        return await self._client._call(ops.list_banks(), timeout)
+
+    async def get(self, name: str, *, timeout: TimeoutLike | None = None) -> Bank:
+        """A bank with its statistics."""
+        return await self._client._call(ops.get_bank(name), timeout)
+
+    async def update(self, name: str, *, codec: str | None = None, budget_bytes: int | None = None,
+                     max_blocks: int | None = None, eviction: Eviction | None = None,
+                     context_map_budget_tokens: int | None = None, timeout: TimeoutLike | None = None) -> Bank:
+        """Change the given settings (a smaller budget evicts at once); the others keep their values."""
+        changes = BankOptions(codec=codec, budget_bytes=budget_bytes, max_blocks=max_blocks, eviction=eviction,
+                              context_map_budget_tokens=context_map_budget_tokens)
+        return await self._client._call(ops.update_bank(name, changes), timeout)
+
+    async def delete(self, name: str, *, timeout: TimeoutLike | None = None) -> None:
+        """Delete a bank with everything in it."""
+        await self._client._call(ops.delete_bank(name), timeout)
+
+    async def maintain(self, name: str, *, evict: bool | None = None, merge: bool | None = None,
+                       gc: bool | None = None, expire: bool | None = None, reencode: bool | None = None,
+                       rebuild: bool | None = None, timeout: TimeoutLike | None = None) -> MaintenanceReport:
+        """Run maintenance now and return its report. Steps (each on unless set False): ``evict`` to the budget,
+        ``merge`` near-duplicates, ``gc`` orphan blobs, ``expire`` documents past ``expires_at``, ``reencode``
+        after a model change (and re-warm cold blocks the budget has room for); ``rebuild=True`` also checks
+        every block's checksum and rebuilds damaged ones from their text."""
+        steps = {"evict": evict, "merge": merge, "gc": gc, "expire": expire, "reencode": reencode,
+                 "rebuild": rebuild}
+        return await self._client._call(ops.maintain_bank(name, steps), timeout)
+
+
+class AsyncJobs(_AsyncResource):
+    """Background jobs (large batch ingests)."""
+
+    async def get(self, job_id: str, *, timeout: TimeoutLike | None = None) -> Job:
+        """A job's current state (``done`` of ``total``)."""
+        return await self._client._call(ops.get_job(job_id), timeout)
+
+    async def list(self, bank: str, *, limit: int | None = None) -> AsyncIterator[Job]:
+        """The bank's jobs, newest first, fetching pages of ``limit`` as the iteration goes."""
+        cursor = None
+        while True:
+            page = await self._client._call(ops.list_jobs(bank, cursor, limit))
+            for job in page.jobs:
+                yield job
+            if not page.next_cursor:
+                return
+            cursor = page.next_cursor
+
+    async def wait(self, job_id: str, *, poll_interval: float = 0.5, timeout: float = 600.0,
+                   on_progress: ProgressCallback | None = None) -> Job:
+        """Poll until the job finishes; raise ``JobFailed`` if it failed, ``APITimeoutError`` after ``timeout``
+        seconds in all. ``on_progress(job)`` is called with the first state seen and each change of status or
+        ``done`` (e.g. to move a progress bar)."""
+        deadline = time.monotonic() + timeout
+        seen: tuple[str, int | None] | None = None
+        while True:
+            job = await self.get(job_id)
+            if on_progress is not None and (job.status, job.done) != seen:
+                seen = (job.status, job.done)
+                on_progress(job)
+            if job.status == "failed":
+                raise JobFailed(job.id, job.error)
+            if job.finished:
+                return job
+            if time.monotonic() >= deadline:
+                raise APITimeoutError(f"job {job_id} still {job.status} after {timeout:g} s")
+            await asyncio.sleep(poll_interval)
+
+
+class AsyncDocuments(_AsyncResource):
+    """Documents of a bank."""
+
+    async def put(self, bank: str, doc_id: str, text: str, metadata: Mapping[str, Any] | None = None,
+                  tags: Iterable[str] | None = None, pinned: bool = False, if_match: int | str | None = None,
+                  idempotency_key: str | None = None, *, timeout: TimeoutLike | None = None) -> PutResult:
+        """Create or replace a document; ``if_match`` makes it conditional on the stored version."""
+        call = ops.put_document(bank, doc_id, text, metadata, tags, pinned, if_match, idempotency_key)
+        return await self._client._call(call, timeout)
+
+    async def put_many(self, bank: str, docs: Iterable[ops.DocumentLike], *, idempotency_key: str | None = None,
+                       poll_interval: float = 0.5, timeout: float = 600.0,
+                       on_progress: ProgressCallback | None = None) -> builtins.list[PutResult]:
+        """Write a batch (``{id, text, metadata?, tags?, pinned?}`` each); waits for the job of a large batch
+        (``timeout`` seconds at most, ``on_progress`` as ``jobs.wait`` calls it)."""
+        answer = await self._client._call(ops.put_documents(bank, docs, idempotency_key))
+        if isinstance(answer, Job):
+            job = await self._client.jobs.wait(answer.id, poll_interval=poll_interval, timeout=timeout,
+                                               on_progress=on_progress)
+            return ops.job_results(job)
+        return answer
+
+    async def get(self, bank: str, doc_id: str, *, timeout: TimeoutLike | None = None) -> Document:
+        """A document with its text."""
+        return await self._client._call(ops.get_document(bank, doc_id), timeout)
+
+    async def list(self, bank: str, *, limit: int | None = None) -> AsyncIterator[Document]:
+        """Every document of the bank, fetching pages of ``limit`` as the iteration goes."""
+        cursor = None
+        while True:
+            page = await self._client._call(ops.list_documents(bank, cursor, limit))
+            for doc in page.documents:
+                yield doc
+            if not page.next_cursor:
+                return
+            cursor = page.next_cursor
+
+    async def delete(self, bank: str, doc_id: str, *, if_match: int | str | None = None,
+                     timeout: TimeoutLike | None = None) -> None:
+        """Delete a document and its blocks; ``if_match`` makes it conditional on the stored version."""
+        await self._client._call(ops.delete_document(bank, doc_id, if_match), timeout)
+
+
+class AsyncContextMaps(_AsyncResource):
+    """Context maps: each bank's small, token-budgeted map of what it holds and what earlier work found."""
+
+    async def get(self, bank: str, *, version: int | None = None, timeout: TimeoutLike | None = None) -> ContextMap:
+        """The current map, or an older ``version``."""
+        return await self._client._call(ops.get_context_map(bank, version), timeout)
+
+    async def edit(self, bank: str, edits: Iterable[ops.EditLike] = (), *,
+                   feedback: Iterable[ops.FeedbackLike] | None = None, base_version: int | None = None,
+                   timeout: TimeoutLike | None = None) -> ContextMapEditResult:
+        """Apply ``edits`` ({op, id?, section?, content?}) and ``feedback`` ({id, tag}) as one new version;
+        with ``base_version``, edits to items changed since then raise ``VersionMismatch``."""
+        return await self._client._call(ops.edit_context_map(bank, edits, feedback, base_version), timeout)
+
+    async def refresh(self, bank: str, *, timeout: TimeoutLike | None = None) -> ContextMapRefresh:
+        """Distill the bank's recent queries into edits with the server's map LLM; see ``status``."""
+        return await self._client._call(ops.refresh_context_map(bank), timeout)
+
+    async def update(self, bank: str, *, frozen: bool | None = None, budget_tokens: int | None = None,
+                     timeout: TimeoutLike | None = None) -> ContextMap:
+        """Freeze/unfreeze the map or change its token budget (a smaller one evicts at once)."""
+        return await self._client._call(ops.update_context_map(bank, frozen, budget_tokens), timeout)
+
+
+class AsyncSessions(_AsyncResource):
+    """Agent sessions of a bank: a trajectory kept as KV, briefed to workers, pruned."""
+
+    async def create(self, bank: str, session_id: str | None = None, *, metadata: Mapping[str, Any] | None = None,
+                     timeout: TimeoutLike | None = None) -> Session:
+        """A new empty session (a random id when none is given)."""
+        return await self._client._call(create_call(bank, session_id, metadata), timeout)
+
+    async def append(self, bank: str, session_id: str, segments: Iterable[SegmentLike], *,
+                     timeout: TimeoutLike | None = None) -> AppendResult:
+        """Append segments ({role, text, agent?}); only their tokens are prefilled. Durable once it returns."""
+        return await self._client._call(append_call(bank, session_id, segments), timeout)
+
+    async def brief(self, bank: str, session_id: str, task: str, *, budget_tokens: int | None = None,
+                    tau: float | None = None, include_documents: int | None = None,
+                    max_new_tokens: int | None = None, selection: Selection | None = None,
+                    timeout: TimeoutLike | None = None) -> BriefResult:
+        """Answer ``task`` from the trajectory compacted to what the task attends to (``selection``:
+        ``"segments"``, the server's default, or ``"tokens"``)."""
+        call = brief_call(bank, session_id, task, budget_tokens, tau, include_documents, max_new_tokens, selection)
+        return await self._client._call(call, timeout)
+
+    async def prune(self, bank: str, session_id: str, *, policy: PrunePolicy = "model", goal: str | None = None,
+                    window: int | None = None, threshold: float | None = None,
+                    timeout: TimeoutLike | None = None) -> PruneResult:
+        """Drop the KV of segments no longer needed (``model`` or ``attention`` policy); text stays."""
+        return await self._client._call(prune_call(bank, session_id, policy, goal, window, threshold), timeout)
+
+    async def get(self, bank: str, session_id: str, *, timeout: TimeoutLike | None = None) -> Session:
+        """A session with its segments, live tokens and stored bytes."""
+        return await self._client._call(get_call(bank, session_id), timeout)
+
+    async def delete(self, bank: str, session_id: str, *, timeout: TimeoutLike | None = None) -> None:
+        """Delete a session with its KV."""
+        await self._client._call(delete_call(bank, session_id), timeout)
+
+
+# -- raw responses: the same methods, answering RawResponse(status_code, headers, parsed) -------------------
+
+
+class AsyncKeysWithRawResponse:
+    def __init__(self, keys: AsyncKeys) -> None:
+        self.create = async_raw_wrapper(keys.create)
+        self.list = async_raw_wrapper(keys.list)
+        self.delete = async_raw_wrapper(keys.delete)
+
+
+class AsyncBanksWithRawResponse:
+    def __init__(self, banks: AsyncBanks) -> None:
+        self.create = async_raw_wrapper(banks.create)
+        self.list = async_raw_wrapper(banks.list)
+        self.get = async_raw_wrapper(banks.get)
+        self.update = async_raw_wrapper(banks.update)
+        self.delete = async_raw_wrapper(banks.delete)
+        self.maintain = async_raw_wrapper(banks.maintain)
+
+
+class AsyncJobsWithRawResponse:
+    def __init__(self, jobs: AsyncJobs) -> None:
+        self.get = async_raw_wrapper(jobs.get)
+
+
+class AsyncDocumentsWithRawResponse:
+    def __init__(self, documents: AsyncDocuments) -> None:
+        self.put = async_raw_wrapper(documents.put)
+        self.get = async_raw_wrapper(documents.get)
+        self.delete = async_raw_wrapper(documents.delete)
+
+
+class AsyncContextMapsWithRawResponse:
+    def __init__(self, maps: AsyncContextMaps) -> None:
+        self.get = async_raw_wrapper(maps.get)
+        self.edit = async_raw_wrapper(maps.edit)
+        self.refresh = async_raw_wrapper(maps.refresh)
+        self.update = async_raw_wrapper(maps.update)
+
+
+class AsyncSessionsWithRawResponse:
+    def __init__(self, sessions: AsyncSessions) -> None:
+        self.create = async_raw_wrapper(sessions.create)
+        self.append = async_raw_wrapper(sessions.append)
+        self.brief = async_raw_wrapper(sessions.brief)
+        self.prune = async_raw_wrapper(sessions.prune)
+        self.get = async_raw_wrapper(sessions.get)
+        self.delete = async_raw_wrapper(sessions.delete)

@@ -1,0 +1,1 @@
+"""The ``kvrag`` subcommands, one module per group; ``kvrag.cli`` assembles them."""
