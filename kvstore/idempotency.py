@@ -1,7 +1,11 @@
 """Idempotency keys: a retried write with the same key and body gets the first answer back.
 
-A key is scoped to its bank; the stored request hash covers method, path and body, so reusing a key
-for a different request is a conflict rather than a silent replay of the wrong answer.
+A record belongs to its bank and to the API key that made it (``owner``: the key id, ``root`` for the admin
+key): the same Idempotency-Key sent by another key is another record, so no key is ever answered with
+another key's stored answer, nor blocked by it. The stored request hash covers method, path and body, so
+reusing a key for a different request is a conflict rather than a silent replay of the wrong answer.
+Records expire after ``ttl_s`` (KVRAG_IDEMPOTENCY_TTL_S, 24 h): an older one answers nothing, is replaced by
+the next save under its key, and is purged by that bank's next save or maintenance.
 """
 
 from __future__ import annotations
@@ -9,9 +13,10 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -43,14 +48,22 @@ def _bank_id(s: Session, bank: str) -> int | None:
     return s.scalar(select(BankRow.id).where(BankRow.name == bank))
 
 
-def lookup(sessions: sessionmaker[Session], bank: str, key: str, req_hash: str) -> StoredResponse | None:
-    """The stored answer for this key, None when unseen; a different request under the key is a conflict."""
+def _cutoff(ttl_s: float) -> datetime:
+    return utcnow() - timedelta(seconds=ttl_s)
+
+
+def lookup(sessions: sessionmaker[Session], bank: str, owner: str, key: str, req_hash: str,
+           ttl_s: float) -> StoredResponse | None:
+    """``owner``'s live answer under this key, None when unseen or expired; a different request under the key
+    is a conflict."""
     check_key(key)
     with sessions() as s:
         bank_id = _bank_id(s, bank)
         if bank_id is None:
             return None
-        row = s.get(IdempotencyRow, (bank_id, key))
+        row = s.scalar(select(IdempotencyRow).where(
+            IdempotencyRow.bank_id == bank_id, IdempotencyRow.owner == owner, IdempotencyRow.key == key,
+            IdempotencyRow.created_at > _cutoff(ttl_s)))
         if row is None:
             return None
         if row.request_hash != req_hash:
@@ -58,16 +71,31 @@ def lookup(sessions: sessionmaker[Session], bank: str, key: str, req_hash: str) 
         return StoredResponse(status_code=row.status_code, body=dict(row.response))
 
 
-def save(sessions: sessionmaker[Session], bank: str, key: str, req_hash: str, status_code: int,
-         body: dict[str, Any]) -> None:
-    """Remember a successful answer; a concurrent twin that saved first wins (both did the same write)."""
+def save(sessions: sessionmaker[Session], bank: str, owner: str, key: str, req_hash: str, status_code: int,
+         body: dict[str, Any], ttl_s: float) -> None:
+    """Remember a successful answer (purging the bank's expired records first); a concurrent twin that saved
+    first wins (both did the same write)."""
     with sessions() as s:
         bank_id = _bank_id(s, bank)
         if bank_id is None:
             return
-        s.add(IdempotencyRow(bank_id=bank_id, key=key, request_hash=req_hash, status_code=status_code,
+        s.execute(delete(IdempotencyRow).where(IdempotencyRow.bank_id == bank_id,
+                                               IdempotencyRow.created_at <= _cutoff(ttl_s)))
+        s.add(IdempotencyRow(bank_id=bank_id, owner=owner, key=key, request_hash=req_hash, status_code=status_code,
                              response=body, created_at=utcnow()))
         try:
             s.commit()
         except IntegrityError:
             s.rollback()
+
+
+def purge_expired(sessions: sessionmaker[Session], bank: str, ttl_s: float) -> int:
+    """Delete the bank's records older than ``ttl_s``; how many there were."""
+    with sessions() as s:
+        bank_id = _bank_id(s, bank)
+        if bank_id is None:
+            return 0
+        gone = s.execute(delete(IdempotencyRow).where(IdempotencyRow.bank_id == bank_id,
+                                                      IdempotencyRow.created_at <= _cutoff(ttl_s)))
+        s.commit()
+        return int(gone.rowcount)  # type: ignore[attr-defined]

@@ -20,8 +20,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from .catalog import ApiKeyRow, utcnow
 from .errors import NotFound, ValidationFailed
 
-Role = Literal["read", "write", "admin"]
-ROLES: tuple[Role, ...] = ("read", "write", "admin")
+Role = Literal["read", "write", "owner", "admin"]
+ROLES: tuple[Role, ...] = ("read", "write", "owner", "admin")  # ordered: each one can do what those before can
 SECRET_PREFIX = "kvr_"
 _PREFIX_LEN = 12  # "kvr_" + 8 random characters: enough to find the row, useless to an attacker
 

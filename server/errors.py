@@ -2,11 +2,17 @@
 
 Domain errors carry a stable ``code``; the framework's own errors (unknown routes, request validation,
 unparseable JSON) are mapped onto the same codes, so a client handles every failure one way.
+
+Every detail sent to a client passes ``redact``: credentials in URLs (``user:pass@``, query tokens), bearer
+tokens, kvrag key secrets and absolute paths of this server are replaced, so an error can show neither the map
+LLM's credentials nor where the data lives. The full detail goes to the server log.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -27,6 +33,8 @@ STATUS_BY_CODE: dict[str, int] = {
     "version_mismatch": 409,
     "incompatible_model": 409,
     "payload_too_large": 413,
+    "unsupported_media_type": 415,
+    "misdirected_request": 421,
     "validation_error": 422,
     "rate_limited": 429,
     "unavailable": 503,
@@ -35,9 +43,44 @@ STATUS_BY_CODE: dict[str, int] = {
 }
 CODE_BY_STATUS: dict[int, str] = {
     400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 409: "conflict",
-    413: "payload_too_large", 422: "validation_error", 429: "rate_limited", 503: "unavailable",
+    413: "payload_too_large", 415: "unsupported_media_type", 421: "misdirected_request", 422: "validation_error",
+    429: "rate_limited", 503: "unavailable",
 }
 RETRY_STATUSES = (429, 503)
+
+
+_USERINFO = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://)[^/\s@'\"<>]+@")
+_QUERY_SECRET = re.compile(r"([?&;][^=&\s'\"#]*(?:key|token|secret|passw|pwd|auth|sig|credential)[^=&\s'\"#]*=)"
+                           r"[^&\s'\"#]+", re.IGNORECASE)
+_SCHEME_TOKEN = re.compile(r"\b(Bearer|Basic|Token)\s+[A-Za-z0-9._~+/=-]+", re.IGNORECASE)
+_KEY_SECRET = re.compile(r"\bkvr_[A-Za-z0-9_-]+")
+_FILE_URL = re.compile(r"\bfile://[^\s'\"]*")
+# An absolute path not inside a URL (a URL's path follows its host); whether it is a path of this server is
+# decided by its first directory existing here, so route paths a detail echoes (/v1/...) stay readable.
+_ABS_PATH = re.compile(r"(?<![\w.:/~-])/[\w.@+~-]+(?:/[\w.@+~-]*)*")
+
+
+def _local_path(match: re.Match[str]) -> str:
+    first = match.group(0).split("/")[1]
+    return "<path>" if first and os.path.isdir("/" + first) else match.group(0)
+
+
+def redact(text: str) -> str:
+    """``text`` without credentials or server paths, fit to send to a client (see the module doc)."""
+    text = _USERINFO.sub(r"\1***@", text)
+    text = _QUERY_SECRET.sub(r"\1***", text)
+    text = _SCHEME_TOKEN.sub(r"\1 ***", text)
+    text = _KEY_SECRET.sub("kvr_***", text)
+    text = _FILE_URL.sub("file://<path>", text)
+    return _ABS_PATH.sub(_local_path, text)
+
+
+def client_detail(detail: str, request_id: str | None = None) -> str:
+    """``redact(detail)``; when that changed anything, the full detail is logged for the operator."""
+    shown = redact(detail)
+    if shown != detail:
+        log.warning("request %s: error detail redacted for the client; in full: %s", request_id, detail)
+    return shown
 
 
 def request_id_of(request: Request) -> str | None:
@@ -46,7 +89,8 @@ def request_id_of(request: Request) -> str | None:
 
 
 def error_body(code: str, detail: str, request_id: str | None) -> dict[str, Any]:
-    return {"detail": detail, "code": code, "request_id": request_id}
+    """The error shape, with the detail redacted (every error answer and error event is built here)."""
+    return {"detail": client_detail(detail, request_id), "code": code, "request_id": request_id}
 
 
 def error_response(status: int, code: str, detail: str, request_id: str | None,

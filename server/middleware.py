@@ -6,6 +6,9 @@ the body can be read once, checked, and replayed to the route.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import email.message
 import json
 import logging
 import re
@@ -59,6 +62,21 @@ def json_depth(value: Any) -> int:
             deepest = max(deepest, depth)
             stack.extend((v, depth + 1) for v in item)
     return deepest
+
+
+def media_type(content_type: str) -> str:
+    """``type/subtype`` of a ``Content-Type``, lower case, without parameters; parsed as a MIME header, the way
+    FastAPI parses it, so no spelling means one thing here and another to a route."""
+    message = email.message.Message()
+    message["content-type"] = content_type
+    return message.get_content_type()
+
+
+def is_json_media_type(content_type: str) -> bool:
+    """Whether FastAPI parses a body of this ``Content-Type`` as JSON: ``application/json`` or
+    ``application/*+json`` in any case, with any parameters."""
+    maintype, _, subtype = media_type(content_type).partition("/")
+    return maintype == "application" and (subtype == "json" or subtype.endswith("+json"))
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
@@ -117,8 +135,7 @@ class RequestContextMiddleware:
         limit = self.settings.max_body_bytes
         declared = _header(scope, b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            await self._reject(scope, receive, send, 413, "payload_too_large",
-                               f"request body exceeds {limit} bytes", request_id)
+            await self._too_large(scope, receive, send, request_id)
             return None
         chunks: list[bytes] = []
         size = 0
@@ -129,8 +146,7 @@ class RequestContextMiddleware:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:
-                await self._reject(scope, receive, send, 413, "payload_too_large",
-                                   f"request body exceeds {limit} bytes", request_id)
+                await self._too_large(scope, receive, send, request_id)
                 return None
             chunks.append(chunk)
             if not message.get("more_body", False):
@@ -147,8 +163,9 @@ class RequestContextMiddleware:
         """(status, code, message) when the JSON body nests deeper than allowed (422) or holds strings that
         are not text (400); unparseable JSON is left to the route (it answers 400), so this check never
         hides a syntax error."""
-        content_type = _header(scope, b"content-type") or ""
-        if not body or "json" not in content_type:
+        content_type = _header(scope, b"content-type")
+        # No Content-Type: FastAPI does not parse the body, but a mounted app (MCP) may; check it anyway.
+        if not body or (content_type is not None and not is_json_media_type(content_type)):
             return None
         limit = self.settings.max_json_depth
         try:
@@ -163,9 +180,38 @@ class RequestContextMiddleware:
             return 400, "bad_request", "JSON strings must be valid Unicode text (a lone surrogate escape was sent)"
         return None
 
+    async def _too_large(self, scope: Scope, receive: Receive, send: Send, request_id: str) -> None:
+        """413, then drain: send the whole answer, read and drop what the client still sends (up to
+        ``oversize_drain_bytes`` for ``oversize_drain_s``), then close, as nginx's lingering close does. Closing a
+        socket with unread data in it resets the connection, and the reset destroys the answer the client has not
+        read yet: a client that sends its whole body before reading (most do) would see a broken connection
+        instead of the 413. The connection is closed afterwards, so the rest of a huge body is never read.
+        A client that sent ``Expect: 100-continue`` has not sent the body: nothing is drained (reading would
+        invite it)."""
+        limit = self.settings.max_body_bytes
+        answer = error_response(413, "payload_too_large", f"request body exceeds {limit} bytes", request_id)
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [*answer.raw_headers, (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": answer.body, "more_body": True})
+        if (_header(scope, b"expect") or "").lower() != "100-continue":
+            await _drain(receive, self.settings.oversize_drain_bytes, self.settings.oversize_drain_s)
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
     async def _reject(self, scope: Scope, receive: Receive, send: Send, status: int, code: str, detail: str,
                       request_id: str) -> None:
         await error_response(status, code, detail, request_id)(scope, receive, send)
+
+
+async def _drain(receive: Receive, max_bytes: int, max_s: float) -> None:
+    """Read and drop the rest of a request body, up to ``max_bytes`` or ``max_s`` seconds."""
+    drained = 0
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(max_s):
+            while drained <= max_bytes:
+                message = await receive()
+                if message["type"] == "http.disconnect" or not message.get("more_body", False):
+                    return
+                drained += len(message.get("body", b""))
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:

@@ -22,7 +22,8 @@ class Request(BaseModel):
 class KeyCreate(Request):
     name: str = Field(min_length=1, max_length=128, examples=["ingest-bot"])
     agent: str = Field(min_length=1, max_length=128, examples=["agent-7"])
-    role: Literal["read", "write", "admin"] = Field(examples=["write"])
+    role: Literal["read", "write", "owner", "admin"] = Field(
+        examples=["write"], description="read < write < owner < admin (docs/RELIABILITY.md, role table).")
     banks: list[str] = Field(min_length=1, max_length=1000, examples=[["notes"], ["*"]])
 
 
@@ -174,6 +175,13 @@ class JobOut(BaseModel):
     done: int
     result: dict[str, Any]
     error: str | None
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+
+
+class JobPage(BaseModel):
+    jobs: list[JobOut]
+    next_cursor: str | None
 
 
 # -- retrieval ------------------------------------------------------------------------------------
@@ -359,7 +367,8 @@ class SessionCreate(Request):
 class SegmentIn(Request):
     role: Literal["orchestrator", "tool", "worker", "note"]
     text: str = Field(min_length=1)
-    agent: str | None = Field(default=None, max_length=128, description="Default: the writing key's agent.")
+    agent: str | None = Field(default=None, max_length=128,
+                              description="The writing key's agent (the default); another one is refused.")
 
 
 class AppendIn(Request):

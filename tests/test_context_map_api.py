@@ -179,7 +179,7 @@ def test_cli_map_commands(live: LiveServer, stub: StubLLM) -> None:
     r = runner.invoke(app, ["map", "show", "-b", "climap", "--json", "--version", "1"], env=env)
     assert r.exit_code == 0 and json.loads(r.output)["version"] == 1
     r = runner.invoke(app, ["map", "edit", "-b", "climap", "--add", "nowhere=x"], env=env)
-    assert r.exit_code == 1 and "section must be one of" in r.output
+    assert r.exit_code == 2 and "section must be one of" in r.output  # a bad value: a usage error
     r = runner.invoke(app, ["map", "edit", "-b", "climap", "--freeze", "--budget", "4000"], env=env)
     assert r.exit_code == 0 and "frozen" in r.output
     runner.invoke(app, ["map", "edit", "-b", "climap", "--unfreeze"], env=env)

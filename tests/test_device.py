@@ -199,7 +199,7 @@ def test_faiss_gpu_search_matches_the_cpu_and_follows_changes() -> None:
     from kvstore.index import gpu_resources
 
     if gpu_resources() is None:
-        pytest.skip("faiss-gpu is not installed (the gpu extra)")
+        pytest.skip("faiss-gpu is not installed (README: GPU search)")
     index, vectors = _index_with(500)
     ids, scores = index.search(vectors[42], 5)
     cpu_scores, cpu_ids = index.index.search(vectors[42][None], 5)

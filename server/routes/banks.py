@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response, status
+from fastapi import APIRouter, Request, Response, status
+from starlette.concurrency import run_in_threadpool
 
 from kvstore.bank import BankStore
 from kvstore.errors import Forbidden
 
-from ..auth import CurrentPrincipal, Reader, Writer
+from ..auth import AnyKey, Owner, OwnerRole, Reader
 from ..deps import Store, plain
 from ..schemas import BankCreate, BankDetail, BankList, BankOut, BankUpdate
-from .common import ERRORS
+from .common import ERRORS, IdempotencyKey, replayable
 
 router = APIRouter(prefix="/v1/banks", tags=["banks"], responses=ERRORS)
 
@@ -22,18 +23,28 @@ def _detail(store: BankStore, bank: str) -> BankDetail:
 
 
 @router.post("", operation_id="create_bank", status_code=status.HTTP_201_CREATED, response_model=BankOut)
-def create_bank(body: BankCreate, store: Store, principal: CurrentPrincipal) -> BankOut:
-    """Create an empty bank (admin, or a write key whose scope names it); a duplicate name is 409."""
-    if not (principal.has_role("write") and principal.can_see(body.name)):
-        raise Forbidden("creating this bank needs a write key scoped to it, or an admin key")
-    info = store.create_bank(body.name, codec=body.codec, budget_bytes=body.budget_bytes,
-                             max_blocks=body.max_blocks, eviction=body.eviction or "lru",
-                             context_map_budget_tokens=body.context_map_budget_tokens)
-    return BankOut(**plain(info), context_map_budget_tokens=store.context_map.get(body.name).budget_tokens)
+async def create_bank(body: BankCreate, request: Request, store: Store, principal: OwnerRole,
+                      idempotency_key: IdempotencyKey = None) -> Response:
+    """Create an empty bank (an owner key whose scope names it, or an admin key); a duplicate name is 409, unless
+    it is the resend of the request that created it (same Idempotency-Key), which gets the first answer."""
+    if not principal.can_see(body.name):
+        raise Forbidden("creating this bank needs an owner key scoped to it, or an admin key")
+
+    def create() -> BankOut:
+        info = store.create_bank(body.name, codec=body.codec, budget_bytes=body.budget_bytes,
+                                 max_blocks=body.max_blocks, eviction=body.eviction or "lru",
+                                 context_map_budget_tokens=body.context_map_budget_tokens)
+        return BankOut(**plain(info), context_map_budget_tokens=store.context_map.get(body.name).budget_tokens)
+
+    async def work() -> BankOut:
+        return await run_in_threadpool(create)
+
+    return await replayable(request, store, body.name, idempotency_key, body.model_dump(mode="json"), work,
+                            status.HTTP_201_CREATED)
 
 
 @router.get("", operation_id="list_banks", response_model=BankList)
-def list_banks(store: Store, principal: CurrentPrincipal) -> BankList:
+def list_banks(store: Store, principal: AnyKey) -> BankList:
     """The banks this key may see."""
     names = None if principal.all_banks else set(principal.banks)
     return BankList(banks=[BankOut(**plain(b)) for b in store.list_banks(names)])
@@ -46,16 +57,25 @@ def get_bank(bank: str, store: Store, _reader: Reader) -> BankDetail:
 
 
 @router.patch("/{bank}", operation_id="update_bank", response_model=BankDetail)
-def update_bank(bank: str, body: BankUpdate, store: Store, _writer: Writer) -> BankDetail:
-    """Change a bank's defaults; existing blocks keep the codec they were written with."""
-    store.update_bank(bank, codec=body.codec, budget_bytes=body.budget_bytes, max_blocks=body.max_blocks,
-                      eviction=body.eviction, context_map_budget_tokens=body.context_map_budget_tokens)
-    return _detail(store, bank)
+async def update_bank(bank: str, body: BankUpdate, request: Request, store: Store, _owner: Owner,
+                      idempotency_key: IdempotencyKey = None) -> Response:
+    """Change a bank's defaults (owner); existing blocks keep the codec they were written with."""
+
+    def update() -> BankDetail:
+        store.update_bank(bank, codec=body.codec, budget_bytes=body.budget_bytes, max_blocks=body.max_blocks,
+                          eviction=body.eviction, context_map_budget_tokens=body.context_map_budget_tokens)
+        return _detail(store, bank)
+
+    async def work() -> BankDetail:
+        return await run_in_threadpool(update)
+
+    return await replayable(request, store, bank, idempotency_key, body.model_dump(mode="json"), work)
 
 
 @router.delete("/{bank}", operation_id="delete_bank", status_code=status.HTTP_204_NO_CONTENT,
                response_class=Response)
-def delete_bank(bank: str, store: Store, _writer: Writer) -> Response:
-    """Delete a bank with all its documents and blocks."""
+def delete_bank(bank: str, store: Store, _owner: Owner) -> Response:
+    """Delete a bank with all its documents and blocks (owner). (No Idempotency-Key: its record would go with the
+    bank.)"""
     store.delete_bank(bank)
     return Response(status_code=status.HTTP_204_NO_CONTENT)

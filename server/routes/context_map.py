@@ -9,15 +9,16 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from kvstore.contextmap import MapView
 
-from ..auth import Reader, Writer
+from ..auth import Owner, Reader, Writer
 from ..deps import Store, Worker, plain
+from ..errors import client_detail, redact, request_id_of
 from ..schemas import ContextMapOut, MapEditsIn, MapEditsOut, MapRefreshOut, MapUpdate
-from .common import ERRORS
+from .common import ERRORS, IdempotencyKey, replayable
 
 router = APIRouter(prefix="/v1/banks/{bank}/context-map", tags=["context map"], responses=ERRORS)
 
@@ -35,7 +36,8 @@ async def get_context_map(bank: str, store: Store, _reader: Reader,
 
 
 @router.post("/edits", operation_id="edit_context_map", response_model=MapEditsOut)
-async def edit_context_map(bank: str, body: MapEditsIn, store: Store, principal: Writer) -> MapEditsOut:
+async def edit_context_map(bank: str, body: MapEditsIn, request: Request, store: Store, principal: Writer,
+                           idempotency_key: IdempotencyKey = None) -> Response:
     """Apply edits and feedback as one new version, all or nothing; the map is evicted to its budget.
     A stale ``base_version`` is a 409 ``version_mismatch`` unless every item touched is unchanged since."""
     edits: list[dict[str, Any]] = [e.model_dump(exclude_none=True) for e in body.edits]
@@ -44,30 +46,43 @@ async def edit_context_map(bank: str, body: MapEditsIn, store: Store, principal:
     def run() -> Any:
         return store.context_map.edit(bank, edits, feedback, base_version=body.base_version, agent=principal.agent)
 
-    return MapEditsOut(**plain(await run_in_threadpool(run)))
+    async def work() -> MapEditsOut:
+        return MapEditsOut(**plain(await run_in_threadpool(run)))
+
+    return await replayable(request, store, bank, idempotency_key, body.model_dump(mode="json"), work)
 
 
 @router.post("/refresh", operation_id="refresh_context_map", response_model=MapRefreshOut)
-async def refresh_context_map(bank: str, store: Store, worker: Worker, principal: Writer) -> MapRefreshOut:
+async def refresh_context_map(bank: str, request: Request, store: Store, worker: Worker, principal: Writer,
+                              idempotency_key: IdempotencyKey = None) -> Response:
     """Distill recent queries into edits with the map LLM and apply them (scores decay by 0.85).
-    Output that does not parse changes nothing; the report says so. A frozen map is a 409."""
+    Output that does not parse changes nothing; the report says so. A frozen map is a 409. The report names
+    the map LLM's endpoint and its error without credentials (the server log has them in full)."""
 
     def run() -> Any:
         return store.context_map.refresh(bank, agent=principal.agent)
 
-    if store.settings.map_llm_url:
-        report = await run_in_threadpool(run)
-    else:
-        report = await worker.run(run)
-    return MapRefreshOut(**plain(report))
+    async def work() -> MapRefreshOut:
+        report = await run_in_threadpool(run) if store.settings.map_llm_url else await worker.run(run)
+        if report.error:
+            report.error = client_detail(report.error, request_id_of(request))
+        report.llm = redact(report.llm)
+        return MapRefreshOut(**plain(report))
+
+    return await replayable(request, store, bank, idempotency_key, {}, work)
 
 
 @router.patch("", operation_id="update_context_map", response_model=ContextMapOut)
-async def update_context_map(bank: str, body: MapUpdate, store: Store, principal: Writer) -> ContextMapOut:
-    """Freeze or unfreeze the map (frozen: no refresh, no bootstrap) and change its token budget."""
+async def update_context_map(bank: str, body: MapUpdate, request: Request, store: Store, principal: Owner,
+                             idempotency_key: IdempotencyKey = None) -> Response:
+    """Freeze or unfreeze the map (frozen: no refresh, no bootstrap) and change its token budget (owner: like the
+    bank's own settings; a smaller budget evicts items)."""
 
     def run() -> MapView:
         return store.context_map.configure(bank, frozen=body.frozen, budget_tokens=body.budget_tokens,
                                            agent=principal.agent)
 
-    return _out(await run_in_threadpool(run))
+    async def work() -> ContextMapOut:
+        return _out(await run_in_threadpool(run))
+
+    return await replayable(request, store, bank, idempotency_key, body.model_dump(mode="json"), work)

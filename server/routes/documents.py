@@ -17,8 +17,9 @@ from kvstore.bank import BankStore, PutResult, validate_doc_id
 from kvstore.config import Settings
 from kvstore.errors import KVRagError, NotFound, PayloadTooLarge, Unavailable, ValidationFailed
 
-from ..auth import CurrentPrincipal, Reader, Writer
+from ..auth import AnyKey, Reader, Writer
 from ..deps import Store, Worker, plain
+from ..errors import redact
 from ..schemas import (
     BatchOut,
     DocumentBatch,
@@ -29,16 +30,16 @@ from ..schemas import (
     DocumentPut,
     JobAccepted,
     JobOut,
+    JobPage,
     PutOut,
 )
 from ..worker import ModelWorker
-from .common import ERRORS, etag, idempotent, parse_if_match
+from .common import ERRORS, IdempotencyKey, etag, idempotent, parse_if_match, replayable
 
 log = logging.getLogger(__name__)
 
 router = APIRouter(tags=["documents"], responses=ERRORS)
 IfMatch = Annotated[str | None, Header(description="The version you last saw; 0 = must not exist yet.")]
-IdempotencyKey = Annotated[str | None, Header(max_length=200, description="Retries with this key are no-ops.")]
 
 
 def _put_out(result: PutResult) -> dict[str, Any]:
@@ -141,12 +142,24 @@ async def _ingest_job(store: BankStore, worker: ModelWorker, job_id: str, bank: 
 
 
 @router.get("/v1/jobs/{job_id}", operation_id="get_job", response_model=JobOut)
-def get_job(job_id: str, store: Store, principal: CurrentPrincipal) -> JobOut:
+def get_job(job_id: str, store: Store, principal: AnyKey) -> JobOut:
     """A background job's status and progress (404 for a job on a bank outside the key's scope)."""
     job = jobs.get_job(store.sessions, job_id)
     if not principal.can_see(job.bank):
         raise NotFound(f"job {job_id!r} not found")
-    return JobOut(**plain(job))
+    out = JobOut(**plain(job))
+    out.error = redact(out.error) if out.error else out.error
+    return out
+
+
+@router.get("/v1/banks/{bank}/jobs", operation_id="list_jobs", response_model=JobPage)
+def list_jobs(bank: str, store: Store, _reader: Reader,
+              cursor: Annotated[str | None, Query(max_length=128)] = None,
+              limit: Annotated[int, Query(ge=1, le=1000)] = 50) -> JobPage:
+    """The bank's background jobs, newest first, a page at a time; pass ``next_cursor`` back for the next."""
+    store.get_bank(bank)  # 404 for a bank that does not exist, as every bank route answers
+    page, next_cursor = jobs.list_jobs(store.sessions, bank, cursor=cursor, limit=limit)
+    return JobPage(jobs=[JobOut(**plain(j)) for j in page], next_cursor=next_cursor)
 
 
 @router.get("/v1/banks/{bank}/documents", operation_id="list_documents", response_model=DocumentPage)
@@ -167,7 +180,14 @@ def get_document(bank: str, doc_id: str, store: Store, _reader: Reader) -> JSONR
 
 @router.delete("/v1/banks/{bank}/documents/{doc_id}", operation_id="delete_document",
                status_code=status.HTTP_204_NO_CONTENT, response_class=Response)
-def delete_document(bank: str, doc_id: str, store: Store, principal: Writer, if_match: IfMatch = None) -> Response:
-    """Delete a document and its blocks (``If-Match`` honoured)."""
-    store.delete_document(bank, doc_id, if_match=parse_if_match(if_match), agent=principal.agent)
-    return Response(status_code=status.HTTP_204_NO_CONTENT)
+async def delete_document(bank: str, doc_id: str, request: Request, store: Store, principal: Writer,
+                          if_match: IfMatch = None, idempotency_key: IdempotencyKey = None) -> Response:
+    """Delete a document and its blocks (``If-Match`` honoured); a resend with the same Idempotency-Key gets
+    the first answer (204), not a 404."""
+    version = parse_if_match(if_match)
+
+    async def work() -> None:
+        await run_in_threadpool(partial(store.delete_document, bank, doc_id, if_match=version, agent=principal.agent))
+
+    return await replayable(request, store, bank, idempotency_key, {"if_match": version}, work,
+                            status.HTTP_204_NO_CONTENT)

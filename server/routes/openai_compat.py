@@ -29,9 +29,10 @@ from kvstore.bank import QueryResult
 from kvstore.config import Settings
 from kvstore.errors import KVRagError, NotFound, ValidationFailed
 
-from ..auth import CurrentPrincipal, check_bank
+from ..auth import AnyKey, check_bank
 from ..deps import Store, Worker
-from ..errors import RETRY_STATUSES, request_id_of, status_of
+from ..errors import RETRY_STATUSES, client_detail, request_id_of, status_of
+from ..querylog import logged
 from ..schemas import ErrorOut
 from ..worker import ModelWorker
 
@@ -54,8 +55,8 @@ def openai_error(status: int, message: str, code: str, param: str | None = None,
                  request_id: str | None = None, retry_after_s: int = 1) -> JSONResponse:
     """An error in OpenAI's shape; 429/503 carry Retry-After like every kvrag answer."""
     headers = {"Retry-After": str(retry_after_s)} if status in RETRY_STATUSES else {}
-    body = {"error": {"message": message, "type": ERROR_TYPES.get(status, "api_error"), "code": code,
-                      "param": param}}
+    body = {"error": {"message": client_detail(message, request_id), "type": ERROR_TYPES.get(status, "api_error"),
+                      "code": code, "param": param}}
     if request_id:
         headers["X-Request-ID"] = request_id
     return JSONResponse(body, status_code=status, headers=headers)
@@ -256,7 +257,7 @@ def _sse(data: dict[str, Any] | str) -> bytes:
 
 
 @router.get("/models", operation_id="openai_list_models")
-def list_models(store: Store, principal: CurrentPrincipal) -> dict[str, Any]:
+def list_models(store: Store, principal: AnyKey) -> dict[str, Any]:
     """The banks this key can see, as OpenAI models ``kvrag:<bank>``."""
     names = None if principal.all_banks else set(principal.banks)
     return {"object": "list", "data": [
@@ -269,7 +270,7 @@ def list_models(store: Store, principal: CurrentPrincipal) -> dict[str, Any]:
                               "description": "A chat.completion, or with stream=true chat.completion.chunk events "
                                              "ending with `data: [DONE]`"}})
 async def chat_completions(body: ChatCompletionIn, request: Request, store: Store, worker: Worker,
-                           principal: CurrentPrincipal) -> Any:
+                           principal: AnyKey) -> Any:
     """Answer the last user message from the bank named by ``model`` (kv mode)."""
     settings: Settings = request.app.state.settings
     bank = _bank_for(body.model, settings)
@@ -284,8 +285,10 @@ async def chat_completions(body: ChatCompletionIn, request: Request, store: Stor
         raise OpenAIError(ValidationFailed(f"k must be at most {settings.max_k}"), "k")
     max_new_tokens = _max_new_tokens(body, settings)
     stops = _stops(body)
-    call = partial(store.query, bank, question_text(body.messages), k=body.k, mode="kv",
-                   max_new_tokens=max_new_tokens, started_at=request.state.started_at)
+    question = question_text(body.messages)
+    call = logged(partial(store.query, bank, question, k=body.k, mode="kv", max_new_tokens=max_new_tokens,
+                          started_at=request.state.started_at), store, bank, question, k=body.k,
+                  agent=principal.agent, door="openai")
     completion = Completion(body.model)
     if not body.stream:
         return completion.message(await worker.run(call), max_new_tokens, stops)
@@ -345,8 +348,9 @@ def _stream(request: Request, worker: ModelWorker, call: partial[QueryResult], c
         try:
             result = future.result()
         except KVRagError as exc:
-            yield _sse({"error": {"message": exc.detail, "type": ERROR_TYPES.get(status_of(exc), "api_error"),
-                                  "code": exc.code, "param": None}})
+            yield _sse({"error": {"message": client_detail(exc.detail, request_id),
+                                  "type": ERROR_TYPES.get(status_of(exc), "api_error"), "code": exc.code,
+                                  "param": None}})
             return
         except Exception:  # noqa: BLE001 - the status is already sent; report in-band, log the rest
             log.exception("streamed chat completion failed (request %s)", request_id)

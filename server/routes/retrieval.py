@@ -20,6 +20,7 @@ from kvstore.errors import KVRagError, ValidationFailed
 from ..auth import Reader
 from ..deps import Store, Worker, plain
 from ..errors import error_body, request_id_of
+from ..querylog import logged
 from ..schemas import Filter, HitOut, QueryIn, QueryOut, SearchIn, SearchOut
 from ..worker import ModelWorker
 from .common import ERRORS
@@ -60,7 +61,7 @@ async def search(bank: str, body: SearchIn, request: Request, store: Store, work
 @router.post("/query", operation_id="query", response_model=QueryOut,
              responses={200: {"content": {"text/event-stream": {}},
                               "description": "JSON, or with stream=true events `token` ... then `done`"}})
-async def query(bank: str, body: QueryIn, request: Request, store: Store, worker: Worker, _reader: Reader) -> Any:
+async def query(bank: str, body: QueryIn, request: Request, store: Store, worker: Worker, reader: Reader) -> Any:
     """Answer from the bank: ``kv`` assembles stored KV, ``text`` re-reads the passages (the baseline).
     ``ttft_ms`` counts from the request's arrival, queueing included."""
     started_at: float = request.state.started_at
@@ -70,6 +71,7 @@ async def query(bank: str, body: QueryIn, request: Request, store: Store, worker
                    retrieval=body.retrieval,
                    recompute=body.recompute,
                    compaction=body.compaction.model_dump(exclude_none=True) if body.compaction else None)
+    call = logged(call, store, bank, body.question, k=body.k, agent=reader.agent)
     if not body.stream:
         return _query_out(await worker.run(call))
     await run_in_threadpool(store.get_bank, bank)  # a missing bank is a 404, not an error event

@@ -1,7 +1,10 @@
 """Agent sessions: create, append (prefill only the new tokens), brief a worker, prune, get, delete.
 
 Appends, briefs and prunes run on the model worker; the orchestrator writes with a write key and
-workers brief with read keys, so one session is shared under the bank's scopes.
+workers brief with read keys, so one session is shared under the bank's scopes. A session belongs to the
+agent of the key that created it: a write key deletes and prunes only its own agent's sessions (an owner or
+admin key any), and a segment's agent is the writing key's (a body naming another agent is refused; only the
+admin key, which has no agent, may attribute segments, e.g. to import a trajectory).
 """
 
 from __future__ import annotations
@@ -12,12 +15,15 @@ from typing import Any
 from fastapi import APIRouter, Request, Response, status
 from starlette.concurrency import run_in_threadpool
 
+from kvstore.bank import BankStore
+from kvstore.errors import Forbidden
 from kvstore.sessions import BriefResult, SegmentInput, sessions_of
 
-from ..auth import Reader, Writer
+from ..auth import Principal, Reader, Writer
 from ..deps import Store, Worker, plain
+from ..errors import redact
 from ..schemas import AppendIn, AppendOut, BriefIn, BriefOut, PruneIn, PruneOut, SessionCreate, SessionOut
-from .common import ERRORS
+from .common import ERRORS, IdempotencyKey, replayable
 from .retrieval import stream_events
 
 router = APIRouter(prefix="/v1/banks/{bank}/sessions", tags=["sessions"], responses=ERRORS)
@@ -27,12 +33,36 @@ def _brief_out(result: BriefResult) -> dict[str, Any]:
     return BriefOut(**plain(result)).model_dump(mode="json")
 
 
+async def _check_manages(store: BankStore, bank: str, session_id: str, principal: Principal) -> None:
+    """403 unless ``principal`` may delete or prune the session: an owner, or its own agent's (404 first)."""
+    if principal.has_role("owner"):
+        return
+    info = await run_in_threadpool(sessions_of(store).get, bank, session_id, with_text=False)
+    if info.agent is None or info.agent != principal.agent:
+        raise Forbidden("a write key deletes and prunes only its own agent's sessions; this needs an owner key")
+
+
+def _check_attribution(body: AppendIn, principal: Principal) -> None:
+    """A key writes as its own agent; only a principal without one (the admin key) may name another."""
+    if principal.agent is None:
+        return
+    for segment in body.segments:
+        if segment.agent is not None and segment.agent != principal.agent:
+            raise Forbidden(f"this key appends as agent {principal.agent!r}, not {segment.agent!r}")
+
+
 @router.post("", operation_id="create_session", status_code=status.HTTP_201_CREATED, response_model=SessionOut)
-async def create_session(bank: str, body: SessionCreate, store: Store, writer: Writer) -> SessionOut:
+async def create_session(bank: str, body: SessionCreate, request: Request, store: Store, writer: Writer,
+                         idempotency_key: IdempotencyKey = None) -> Response:
     """A new empty session (``session_id`` defaults to a random one; a taken id is 409)."""
-    info = await run_in_threadpool(sessions_of(store).create, bank, body.session_id, metadata=body.metadata,
-                                   agent=writer.agent)
-    return SessionOut(**plain(info))
+
+    async def work() -> SessionOut:
+        info = await run_in_threadpool(partial(sessions_of(store).create, bank, body.session_id,
+                                               metadata=body.metadata, agent=writer.agent))
+        return SessionOut(**plain(info))
+
+    return await replayable(request, store, bank, idempotency_key, body.model_dump(mode="json"), work,
+                            status.HTTP_201_CREATED)
 
 
 @router.get("/{session_id}", operation_id="get_session", response_model=SessionOut)
@@ -43,19 +73,31 @@ async def get_session(bank: str, session_id: str, store: Store, _reader: Reader)
 
 @router.delete("/{session_id}", operation_id="delete_session", status_code=status.HTTP_204_NO_CONTENT,
                response_class=Response)
-async def delete_session(bank: str, session_id: str, store: Store, _writer: Writer) -> Response:
-    """Delete a session with its segments and KV."""
-    await run_in_threadpool(sessions_of(store).delete, bank, session_id)
-    return Response(status_code=status.HTTP_204_NO_CONTENT)
+async def delete_session(bank: str, session_id: str, request: Request, store: Store, writer: Writer,
+                         idempotency_key: IdempotencyKey = None) -> Response:
+    """Delete a session with its segments and KV (a write key: only its own agent's)."""
+
+    async def work() -> None:
+        await _check_manages(store, bank, session_id, writer)
+        await run_in_threadpool(sessions_of(store).delete, bank, session_id)
+
+    return await replayable(request, store, bank, idempotency_key, {}, work, status.HTTP_204_NO_CONTENT)
 
 
 @router.post("/{session_id}/append", operation_id="append_session", response_model=AppendOut)
-async def append(bank: str, session_id: str, body: AppendIn, store: Store, worker: Worker,
-                 writer: Writer) -> AppendOut:
-    """Prefill only the new segments after the session's state and persist their KV; durable once answered."""
+async def append(bank: str, session_id: str, body: AppendIn, request: Request, store: Store, worker: Worker,
+                 writer: Writer, idempotency_key: IdempotencyKey = None) -> Response:
+    """Prefill only the new segments after the session's state and persist their KV; durable once answered.
+    Segments are attributed to the key's agent (naming another one is a 403). A resend with the same
+    Idempotency-Key gets the first answer instead of appending the segments again."""
+    _check_attribution(body, writer)
     segments = [SegmentInput(role=g.role, text=g.text, agent=g.agent) for g in body.segments]
-    result = await worker.run(partial(sessions_of(store).append, bank, session_id, segments, agent=writer.agent))
-    return AppendOut(**plain(result))
+
+    async def work() -> AppendOut:
+        call = partial(sessions_of(store).append, bank, session_id, segments, agent=writer.agent)
+        return AppendOut(**plain(await worker.run(call)))
+
+    return await replayable(request, store, bank, idempotency_key, body.model_dump(mode="json"), work)
 
 
 @router.post("/{session_id}/brief", operation_id="brief_session", response_model=BriefOut,
@@ -76,10 +118,19 @@ async def brief(bank: str, session_id: str, body: BriefIn, request: Request, sto
 
 
 @router.post("/{session_id}/prune", operation_id="prune_session", response_model=PruneOut)
-async def prune(bank: str, session_id: str, body: PruneIn, store: Store, worker: Worker,
-                _writer: Writer) -> PruneOut:
+async def prune(bank: str, session_id: str, body: PruneIn, request: Request, store: Store, worker: Worker,
+                writer: Writer, idempotency_key: IdempotencyKey = None) -> Response:
     """Drop the KV of segments no longer needed (``model``: the model's judgement in a separate call;
-    ``attention``: ignored by the recent briefs). Their text stays; tokens before/after are reported."""
-    result = await worker.run(partial(sessions_of(store).prune, bank, session_id, policy=body.policy,
-                                      goal=body.goal, window=body.window, threshold=body.threshold))
-    return PruneOut(**plain(result))
+    ``attention``: ignored by the recent briefs). Their text stays; tokens before/after are reported.
+    A write key prunes only its own agent's sessions."""
+    call = partial(sessions_of(store).prune, bank, session_id, policy=body.policy, goal=body.goal,
+                   window=body.window, threshold=body.threshold)
+
+    async def work() -> PruneOut:
+        await _check_manages(store, bank, session_id, writer)
+        result = await worker.run(call)
+        if result.error:
+            result.error = redact(result.error)
+        return PruneOut(**plain(result))
+
+    return await replayable(request, store, bank, idempotency_key, body.model_dump(mode="json"), work)

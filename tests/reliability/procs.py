@@ -87,7 +87,7 @@ class ForkServer:
         log_dir.mkdir(parents=True, exist_ok=True)
         self.log_dir = log_dir
         cmd = [sys.executable, "-m", "tests.reliability.serve_tiny", "--log-dir", str(log_dir)]
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "client")])}
         self._stderr = open(log_dir / "forkserver.log", "wb")  # noqa: SIM115 - closed in close()
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=self._stderr, text=True, bufsize=1)

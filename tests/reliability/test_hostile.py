@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
@@ -131,3 +132,52 @@ def test_hostile_requests_are_rejected_cleanly_and_store_nothing(hostile_life: S
         assert (after["documents"], after["blocks"]) == (before["documents"], before["blocks"])
         assert {b["name"] for b in c.get("/v1/banks").json()["banks"]} == banks_before
 
+
+
+# The MCP door (/mcp/{bank}; not in the OpenAPI schema, so schemathesis never sees it). Errors the door
+# answers itself use kvrag's shape; those of the MCP SDK's transport are JSON-RPC errors, as MCP clients expect.
+MCP = f"/mcp/{FUZZ_BANK}"
+MCP_ACCEPT = "application/json, text/event-stream"
+_PING = b'{"jsonrpc": "2.0", "id": 1, "method": "ping"}'
+_INIT = (b'{"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"protocolVersion": "2025-06-18", '
+         b'"capabilities": {}, "clientInfo": {"name": "fuzz", "version": "0"}}}')
+MCP_HOSTILE: list[tuple[str, bytes, dict[str, str]]] = [
+    ("not JSON", b"{", {}),
+    ("not JSON-RPC", b'{"hello": "world"}', {}),
+    ("JSON-RPC without a method", b'{"jsonrpc": "2.0", "id": 1}', {}),
+    ("a bare string", b'"initialize"', {}),
+    ("a tool call before initialize", b'{"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": '
+                                      b'"forget", "arguments": {"doc_id": "seed"}}}', {}),
+    ("a lone surrogate", b'{"jsonrpc": "2.0", "id": 1, "method": "\\ud800"}', {}),
+    ("nested too deep", b'{"jsonrpc": "2.0", "id": 1, "method": "ping", "params": ' + b'{"a": ' * 64 + b"1"
+     + b"}" * 64 + b"}", {}),
+    ("oversize", b'{"jsonrpc": "2.0", "id": 1, "method": "ping", "params": {"pad": "' + b"x" * (300 << 10) + b'"}}',
+     {}),
+    ("a huge batch", b"[" + b",".join([_PING] * 4000) + b"]", {}),
+    ("wrong content type", _INIT, {"Content-Type": "text/plain"}),
+    ("an Accept header without JSON or SSE", _INIT, {"Accept": "text/html"}),
+    ("an unknown session id", _PING, {"mcp-session-id": "0123456789abcdef0123456789abcdef"}),
+    ("a session id that is no id", _PING, {"mcp-session-id": "../../etc/passwd"}),
+    ("no key", _INIT, {"Authorization": ""}),
+]
+
+
+@pytest.mark.parametrize(("case", "body", "headers"), MCP_HOSTILE, ids=[c[0] for c in MCP_HOSTILE])
+def test_hostile_mcp_requests_are_refused_and_change_nothing(hostile_life: ServerLife, case: str, body: bytes,
+                                                            headers: dict[str, str]) -> None:
+    with hostile_life.client() as c:
+        before = c.get(f"/v1/banks/{FUZZ_BANK}").json()
+        banks_before = {b["name"] for b in c.get("/v1/banks").json()["banks"]}
+        sent = {"Content-Type": "application/json", "Accept": MCP_ACCEPT, "MCP-Protocol-Version": "2025-06-18",
+                **headers}
+        r = c.post(MCP, content=body, headers={k: v for k, v in sent.items() if v})
+        if not headers.get("Authorization", True):
+            r = httpx.post(hostile_life.url + MCP, content=body, headers={k: v for k, v in sent.items() if v})
+        assert 400 <= r.status_code < 500, (case, r.status_code, r.text[:300])
+        assert r.headers.get("content-type", "").startswith("application/json"), (case, r.headers, r.text[:300])
+        answer = r.json()
+        assert set(answer) == {"detail", "code", "request_id"} or "error" in answer, (case, answer)
+        after = c.get(f"/v1/banks/{FUZZ_BANK}").json()
+        assert (after["documents"], after["blocks"]) == (before["documents"], before["blocks"])
+        assert {b["name"] for b in c.get("/v1/banks").json()["banks"]} == banks_before
+        assert c.get(f"/v1/banks/{FUZZ_BANK}/documents/seed").status_code == 200

@@ -105,5 +105,5 @@ def test_key_checks_are_constant_time(tmp_path: Path, monkeypatch: pytest.Monkey
     assert keys.verify_key(sessions, secret) is not None
     assert keys.verify_key(sessions, secret[:-1] + ("A" if secret[-1] != "A" else "B")) is None
     assert len(compared) == 2 and all(secret not in (a, b) for a, b in compared)  # hashes, never the secret
-    assert "hmac.compare_digest(secret.encode(), admin_key.encode())" in inspect.getsource(auth.get_principal)
+    assert "hmac.compare_digest(secret.encode(), admin_key.encode())" in inspect.getsource(auth.principal_for)
     sessions.kw["bind"].dispose()

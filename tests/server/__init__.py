@@ -1,0 +1,1 @@
+"""Tests of server/ parts, mirroring its tree."""
