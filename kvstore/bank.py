@@ -47,8 +47,11 @@ from .errors import (
 )
 from .index import BankIndex
 from .keysummary import KeySummaries
-from .memory import MemoryManager, as_utc, expired_block_ids, record_access, tier_stats
+from .memory import BlockInfo, MemoryManager, as_utc, block_page, expired_block_ids, record_access, tier_stats
 from .models import Embedder, LoadedModel, load_llm
+from .querylog import LoggedQuery, QueryLogEntry
+from .querylog import recent as recent_log
+from .querylog import record as record_log
 from .recompute import blend, blend_and_ask, default_ratio
 from .rerank import KV_MODES, RETRIEVAL_MODES, rerank_scores
 from .runner import BlockKV, Runner, set_threads
@@ -650,6 +653,18 @@ class BankStore:
             page = [_doc_info(r, int(counts.get(r.id, 0))) for r in rows[:limit]]
             return page, (rows[limit - 1].doc_id if len(rows) > limit else None)
 
+    def list_blocks(self, bank: str, *, cursor: int | None = None, limit: int = 100, doc_id: str | None = None
+                    ) -> tuple[list[BlockInfo], int | None]:
+        """A bank's blocks (or one document's) in id order with tier, codec, stored bytes and heat;
+        ``cursor`` is the last block id of the previous page."""
+        if limit < 1 or limit > 1000:
+            raise ValidationFailed("limit must be between 1 and 1000")
+        with self.sessions() as s:
+            bank_row = self._bank(s, bank)
+            doc = self._doc(s, bank_row, doc_id) if doc_id is not None else None
+            return block_page(s, bank_row, self.hot, self.memory.config, cursor=cursor, limit=limit,
+                              document_pk=doc.id if doc is not None else None)
+
     def delete_document(self, bank: str, doc_id: str, *, if_match: int | None = None,
                         agent: str | None = None) -> None:
         with self.sessions() as s, self._blob_lock:
@@ -908,6 +923,26 @@ class BankStore:
         record_access(s, block_ids, shares, utcnow(), self.memory.config)
         s.commit()
 
+    # -- query log ------------------------------------------------------------------------------
+
+    def log_query(self, bank: str, question: str, result: QueryResult, *, k: int, agent: str | None,
+                  door: str = "rest") -> None:
+        """Record an answered query's timings in the bank's query log (the newest ``query_log_keep`` stay)."""
+        t, u = result.timings, result.usage
+        entry = LoggedQuery(door=door, mode=result.mode, k=k, agent=agent, question=question,
+                            retrieve_ms=t.retrieve_ms, load_ms=t.load_ms, prefill_ms=t.prefill_ms, ttft_ms=t.ttft_ms,
+                            total_ms=t.total_ms, context_tokens=u.context_tokens, question_tokens=u.question_tokens,
+                            generated_tokens=u.generated_tokens)
+        with self.sessions() as s:
+            record_log(s, self._bank(s, bank).id, entry, self.settings.query_log_keep)
+
+    def recent_queries(self, bank: str, *, limit: int = 200) -> list[QueryLogEntry]:
+        """The bank's newest logged queries (at most ``limit``), oldest first."""
+        if limit < 1 or limit > 1000:
+            raise ValidationFailed("limit must be between 1 and 1000")
+        with self.sessions() as s:
+            return recent_log(s, self._bank(s, bank).id, limit)
+
     # -- integrity --------------------------------------------------------------------------------
 
     def verify(self, bank: str) -> dict[str, int]:
@@ -947,6 +982,6 @@ class BankStore:
 
 
 __all__ = [
-    "BankInfo", "BankStats", "BankStore", "DocumentInfo", "Hit", "KVRagError", "PutResult", "QueryResult",
-    "SearchFilter", "Timings", "Usage", "BadRequest",
+    "BankInfo", "BankStats", "BankStore", "BlockInfo", "DocumentInfo", "Hit", "KVRagError", "PutResult",
+    "QueryLogEntry", "QueryResult", "SearchFilter", "Timings", "Usage", "BadRequest",
 ]

@@ -94,7 +94,9 @@ class BlockRow(Base):
     embedding only). A merged near-duplicate shares its ``merged_into`` block's blob."""
 
     __tablename__ = "blocks"
-    __table_args__ = (Index("ix_blocks_bank_status", "bank_id", "status"),)
+    # (bank_id, id): a bank's blocks a page at a time in id order (the console's block list).
+    __table_args__ = (Index("ix_blocks_bank_status", "bank_id", "status"),
+                      Index("ix_blocks_bank_id_id", "bank_id", "id"))
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     bank_id: Mapped[int] = mapped_column(ForeignKey("banks.id", ondelete="CASCADE"))
@@ -154,14 +156,15 @@ class ApiKeyRow(Base):
 
 
 class IdempotencyRow(Base):
-    __tablename__ = "idempotency_keys"
+    __tablename__ = "idempotency_records"
 
     bank_id: Mapped[int] = mapped_column(ForeignKey("banks.id", ondelete="CASCADE"), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(64), primary_key=True)  # the key id that made it; "root": admin key
     key: Mapped[str] = mapped_column(String(200), primary_key=True)
     request_hash: Mapped[str] = mapped_column(String(64))
     status_code: Mapped[int] = mapped_column(Integer)
     response: Mapped[dict[str, Any]] = mapped_column(JSON)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
 
 
 class JobRow(Base):
@@ -220,6 +223,33 @@ class ContextMapQueryRow(Base):
     sources: Mapped[list[Any]] = mapped_column(JSON, default=list)
     map_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class QueryLogRow(Base):
+    """One answered query of a bank with its timings (the console's recent-queries chart); the last
+    ``query_log_keep`` per bank are kept. The question is kept only as a short preview: the console shows
+    it to the agent who asked and to admins, never to other agents' keys."""
+
+    __tablename__ = "query_log"
+    __table_args__ = (Index("ix_query_log_bank_id_id", "bank_id", "id"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    bank_id: Mapped[int] = mapped_column(BigId, ForeignKey("banks.id", ondelete="CASCADE"))
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    door: Mapped[str] = mapped_column(String(16))  # rest | openai: which API answered it
+    mode: Mapped[str] = mapped_column(String(8))  # kv | text
+    k: Mapped[int] = mapped_column(Integer)
+    agent: Mapped[str | None] = mapped_column(String(128), nullable=True)  # who asked; None: the root key
+    question_preview: Mapped[str] = mapped_column(String(120))
+    question_chars: Mapped[int] = mapped_column(Integer)
+    retrieve_ms: Mapped[float] = mapped_column(Float)
+    load_ms: Mapped[float] = mapped_column(Float)
+    prefill_ms: Mapped[float] = mapped_column(Float)
+    ttft_ms: Mapped[float] = mapped_column(Float)
+    total_ms: Mapped[float] = mapped_column(Float)
+    context_tokens: Mapped[int] = mapped_column(Integer)
+    question_tokens: Mapped[int] = mapped_column(Integer)
+    generated_tokens: Mapped[int] = mapped_column(Integer)
 
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:

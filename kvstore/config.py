@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
+from urllib.parse import urlsplit
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 PACKAGED_LLM = "packaged:smollm2"
 PACKAGED_EMBEDDER = "packaged:all-minilm-l6-v2"
@@ -30,6 +32,16 @@ class Settings(BaseSettings):
     migration_timeout_s: float = Field(
         default=60.0, gt=0, description="PostgreSQL: how long startup migrations keep retrying lock timeouts "
                                         "before the start fails with `unavailable`.")
+    blob_url: str | None = Field(
+        default=None, description="Where blocks are stored: unset = files under the data dir; s3://BUCKET/PREFIX = "
+                                  "an S3-compatible object store, configured by the AWS SDKs' variables "
+                                  "(AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION).")
+    blob_cache_bytes: int = Field(
+        default=4 << 30, ge=0, description="Object store only: byte budget of the on-disk cache of fetched blocks "
+                                           "under the data dir (per blob store; 0 = no cache).")
+    blob_allow_http: bool = Field(
+        default=False, description="Object store only: allow a plain-HTTP AWS_ENDPOINT_URL that is not on loopback "
+                                   "(loopback is always allowed; anything else needs HTTPS unless this is set).")
     model: str = Field(default=PACKAGED_LLM, description="LLM: the packaged SmolLM2 or a local HF model dir.")
     embedder: str = Field(default=PACKAGED_EMBEDDER, description="sentence-transformers model dir.")
     model_cache_dir: Path | None = Field(
@@ -58,7 +70,17 @@ class Settings(BaseSettings):
                                            "again is not copied from host memory again.")
 
     admin_key: str | None = Field(default=None, description="Root API key; without it only loopback binds.")
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Web origins (scheme://host[:port], comma-separated) whose pages may call the API: they pass "
+                    "the Origin check and get CORS answers. Default none: no CORS, and a request from another "
+                    "origin's page is refused (server/browser.py). `*` only with an admin key.")
     max_body_bytes: int = 8 << 20
+    oversize_drain_bytes: int = Field(
+        default=64 << 20, ge=0, description="After answering 413 to an oversize body, read and drop up to this "
+                                            "much of it before closing, so the client is not reset before it "
+                                            "reads the answer.")
+    oversize_drain_s: float = Field(default=30.0, ge=0, description="How long that draining may take at most.")
     max_metadata_bytes: int = 16 << 10
     max_json_depth: int = 32
     max_k: int = 100
@@ -68,7 +90,15 @@ class Settings(BaseSettings):
         default=8, ge=1, description="kv queries waiting for the model whose questions are prefilled and decoded "
                                      "together, at most; 1 turns batching off (every query runs alone).")
     batch_job_threshold: int = Field(default=16, ge=1, description="Batches larger than this become jobs.")
+    idempotency_ttl_s: float = Field(
+        default=86400.0, gt=0, description="How long an Idempotency-Key's answer is kept for retries (24 h); older "
+                                           "records are ignored and purged.")
     retry_after_s: int = Field(default=1, ge=1, description="Retry-After (seconds) sent with 429 and 503 answers.")
+    mcp_sessions_per_key: int = Field(
+        default=100, ge=1, description="MCP sessions one key may hold open on /mcp/{bank}; beyond, opening one is a "
+                                       "429 (the MCP SDK's table of 10,000 sessions is shared by every key).")
+    mcp_session_idle_s: float = Field(
+        default=1800.0, gt=0, description="An MCP session with no request in flight this long is closed.")
     openai_default_bank: str | None = Field(
         default=None, description="Bank of /v1/chat/completions when `model` is not `kvrag:<bank>`.")
 
@@ -76,6 +106,11 @@ class Settings(BaseSettings):
         default=1024, ge=16, le=32768, description="Token budget of a new bank's context map (rendered).")
     context_map_keep_queries: int = Field(
         default=200, ge=1, description="Recent queries kept per bank for context-map refreshes.")
+    query_log_keep: int = Field(
+        default=1000, ge=1, le=100_000, description="Answered queries kept per bank with their timings (the "
+                                                     "console's recent-queries chart).")
+    console_session_idle_s: int = Field(
+        default=8 * 3600, ge=60, description="A console login ends after this long without a request.")
     map_llm_url: str | None = Field(
         default=None, description="OpenAI-compatible chat endpoint (base URL or .../chat/completions) that "
                                   "refreshes context maps; default: the bank's local model.")
@@ -95,6 +130,21 @@ class Settings(BaseSettings):
         description="Query heads (layer.head) whose attention ranks blocks in kv retrieval, picked on SmolLM2-135M "
                     "(docs/BENCHMARKS.md). Heads the model lacks are dropped; with none left, every head of the "
                     "layer at 60% of the depth.")
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: object) -> object:
+        return [part.strip() for part in value.split(",") if part.strip()] if isinstance(value, str) else value
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _check_origins(cls, origins: list[str]) -> list[str]:
+        for origin in origins:
+            parts = urlsplit(origin)
+            if origin != "*" and (parts.scheme not in ("http", "https") or not parts.netloc
+                                  or parts.path.strip("/") or parts.query or parts.fragment):
+                raise ValueError(f"{origin!r} is not an origin (scheme://host[:port]) or *")
+        return [origin.rstrip("/") for origin in origins]
 
     def resolved_database_url(self) -> str:
         """The catalog URL, defaulting to a SQLite file under the data dir."""

@@ -67,3 +67,7 @@ class Unavailable(KVRagError):
 
 class CatalogLocked(Unavailable):
     """Startup migrations could not take the catalog locks they need within their time budget."""
+
+
+class StorageUnavailable(Unavailable):
+    """The blob store cannot be used: the object store is unreachable, refuses the credentials or lacks the bucket."""

@@ -69,7 +69,7 @@ def _make_ivf(vectors: np.ndarray, ids: np.ndarray) -> faiss.IndexIVFFlat:
 
 @cache
 def gpu_resources() -> faiss.StandardGpuResources | None:
-    """FAISS's GPU resources when faiss-gpu is installed and sees a GPU (the ``gpu`` extra), else None."""
+    """FAISS's GPU resources when faiss-gpu (installed in place of faiss-cpu) sees a GPU, else None."""
     if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() < 1:
         return None
     return faiss.StandardGpuResources()
