@@ -353,6 +353,19 @@ class MapView:
 
 
 @dataclass
+class MapVersionInfo:
+    """One version of a map as listed: what changed it, by whom, and its size."""
+
+    version: int
+    change: str
+    tokens: int
+    items: int
+    evicted: list[str]
+    agent: str | None
+    created_at: datetime
+
+
+@dataclass
 class EditResult:
     version: int
     tokens: int
@@ -538,6 +551,21 @@ class ContextMaps:
             budget = head.budget_tokens if version is None else state.budget_tokens
             return MapView(version=row.version, budget_tokens=budget, tokens=row.tokens, frozen=head.frozen,
                            items=_views(state))
+
+    def versions(self, bank: str, *, before: int | None = None, limit: int = 50) -> list[MapVersionInfo]:
+        """The map's versions, newest first, older than ``before`` (all when None): a page of at most ``limit``."""
+        if limit < 1 or limit > 500:
+            raise ValidationFailed("limit must be between 1 and 500")
+        with self.store.sessions() as s:
+            bank_row = self.store._bank(s, bank)
+            self._head(s, bank_row)
+            q = select(ContextMapVersionRow).where(ContextMapVersionRow.bank_id == bank_row.id)
+            if before is not None:
+                q = q.where(ContextMapVersionRow.version < before)
+            rows = s.scalars(q.order_by(ContextMapVersionRow.version.desc()).limit(limit)).all()
+            return [MapVersionInfo(version=r.version, change=r.change, tokens=r.tokens,
+                                   items=len((r.state or {}).get("items", [])), evicted=list(r.evicted or []),
+                                   agent=r.agent, created_at=r.created_at) for r in rows]
 
     def budget(self, s: Session, bank: BankRow) -> int:
         return self._head(s, bank).budget_tokens

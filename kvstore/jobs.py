@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Literal
 
+from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from .catalog import JobRow, utcnow
@@ -24,11 +26,14 @@ class JobInfo:
     done: int
     result: dict[str, Any]
     error: str | None
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
 
 
 def _info(row: JobRow) -> JobInfo:
     return JobInfo(id=row.id, kind=row.kind, bank=row.bank, status=row.status, total=row.total, done=row.done,
-                   result=dict(row.result or {}), error=row.error)
+                   result=dict(row.result or {}), error=row.error, created_at=row.created_at,
+                   updated_at=row.updated_at)
 
 
 def create_job(sessions: sessionmaker[Session], *, kind: str, bank: str, total: int) -> JobInfo:
@@ -68,3 +73,20 @@ def get_job(sessions: sessionmaker[Session], job_id: str) -> JobInfo:
         if row is None:
             raise NotFound(f"job {job_id!r} not found")
         return _info(row)
+
+
+def list_jobs(sessions: sessionmaker[Session], bank: str, *, cursor: str | None = None,
+              limit: int = 50) -> tuple[list[JobInfo], str | None]:
+    """A bank's jobs, newest first, a page at a time; the cursor is the last job's id (keyset paging on
+    created_at then id, so jobs started meanwhile never shift a page). An unknown cursor is NotFound."""
+    with sessions() as s:
+        q = select(JobRow).where(JobRow.bank == bank)
+        if cursor is not None:
+            after = s.get(JobRow, cursor)
+            if after is None or after.bank != bank:
+                raise NotFound(f"job {cursor!r} not found")
+            q = q.where(or_(JobRow.created_at < after.created_at,
+                            and_(JobRow.created_at == after.created_at, JobRow.id < after.id)))
+        rows = list(s.scalars(q.order_by(JobRow.created_at.desc(), JobRow.id.desc()).limit(limit + 1)))
+        page = [_info(r) for r in rows[:limit]]
+        return page, page[-1].id if len(rows) > limit else None

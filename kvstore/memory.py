@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from sqlalchemy import and_, func, select, update
+from sqlalchemy import and_, case, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from .cache import HotCache
@@ -311,7 +311,11 @@ def cold_key(fingerprint: str, token_ids: bytes) -> str:
 def tier_stats(s: Session, bank_id: int, hot: HotCache, fingerprint: str) -> dict[str, dict[str, int]]:
     """Blocks and bytes per tier. warm bytes: distinct blobs on disk; hot bytes: decoded KV in RAM;
     cold bytes: what the catalog keeps for them (text, token ids, embedding)."""
-    rows = s.execute(select(BlockRow.blob_id, BlockRow.stored_bytes, BlockRow.token_ids,
+    cold = or_(BlockRow.blob_id.is_(None), BlockRow.blob_id == "")
+    # Token ids only for cold blocks (their hot-tier key hashes them): a warm block's key is its blob id, and
+    # reading every block's ids made this the slowest part of a large bank's stats.
+    rows = s.execute(select(BlockRow.blob_id, BlockRow.stored_bytes,
+                            case((cold, BlockRow.token_ids), else_=None),
                             func.length(BlockRow.text), func.length(BlockRow.embedding)).where(
         BlockRow.bank_id == bank_id, BlockRow.status == "live")).all()
     warm_bytes: dict[str, int] = {}
@@ -331,6 +335,52 @@ def tier_stats(s: Session, bank_id: int, hot: HotCache, fingerprint: str) -> dic
     return {"hot": {"blocks": hot_blocks, "bytes": sum(hot.size_of(k) for k in hot_keys)},
             "warm": {"blocks": warm_blocks, "bytes": sum(warm_bytes.values())},
             "cold": {"blocks": cold_blocks, "bytes": cold_bytes}}
+
+
+@dataclass
+class BlockInfo:
+    """A block as listed: where it lives (tier: hot | warm | cold), its codec, sizes and heat decayed to now."""
+
+    block_id: int
+    doc_id: str
+    ordinal: int
+    tokens: int
+    tier: str
+    status: str  # live | quarantined
+    codec: str
+    raw_bytes: int
+    stored_bytes: int  # the blob's size (0 for a cold block: no blob)
+    heat: float
+    access_count: int
+    last_access_at: datetime | None
+    merged_into: int | None
+
+
+def block_page(s: Session, bank: BankRow, hot: HotCache, config: MemoryConfig, *, cursor: int | None, limit: int,
+               document_pk: int | None = None) -> tuple[list[BlockInfo], int | None]:
+    """One page of a bank's blocks (or one document's) in id order, after block id ``cursor``, with the next
+    cursor (None on the last page). One query: the page's columns and doc ids, never text or embeddings."""
+    q = select(BlockRow.id, DocumentRow.doc_id, BlockRow.ordinal, BlockRow.token_count, BlockRow.blob_id,
+               BlockRow.token_ids, BlockRow.status, BlockRow.codec, BlockRow.raw_bytes, BlockRow.stored_bytes,
+               BlockRow.heat, BlockRow.access_count, BlockRow.last_access_at, BlockRow.merged_into).join(
+        DocumentRow, DocumentRow.id == BlockRow.document_id).where(BlockRow.bank_id == bank.id)
+    if document_pk is not None:
+        q = q.where(BlockRow.document_id == document_pk)
+    if cursor is not None:
+        q = q.where(BlockRow.id > cursor)
+    rows = s.execute(q.order_by(BlockRow.id).limit(limit + 1)).all()
+    now = datetime.now(UTC)
+    page = []
+    for r in rows[:limit]:
+        key = r.blob_id or cold_key(bank.model_fingerprint, r.token_ids)
+        tier = "hot" if key in hot else ("warm" if r.blob_id else "cold")
+        page.append(BlockInfo(block_id=r.id, doc_id=r.doc_id, ordinal=r.ordinal, tokens=r.token_count, tier=tier,
+                              status=r.status, codec=r.codec, raw_bytes=int(r.raw_bytes),
+                              stored_bytes=int(r.stored_bytes) if r.blob_id else 0,
+                              heat=round(decayed(float(r.heat), r.last_access_at, now, config.heat_half_life_s), 4),
+                              access_count=int(r.access_count), last_access_at=as_utc(r.last_access_at),
+                              merged_into=r.merged_into))
+    return page, (rows[limit - 1].id if len(rows) > limit else None)
 
 
 def expired_block_ids(s: Session, bank_id: int, now: datetime) -> list[int]:

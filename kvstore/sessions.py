@@ -48,6 +48,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    case,
     delete,
     func,
     select,
@@ -175,6 +176,20 @@ class SessionInfo:
     tokens: int  # live KV tokens (pruned segments not counted)
     total_tokens: int  # every token ever appended
     stored_bytes: int
+    created_at: datetime
+    updated_at: datetime
+
+
+@dataclass
+class SessionSummary:
+    """A session as listed: its segments counted (kept and pruned) without their text."""
+
+    session_id: str
+    agent: str | None
+    segments: int
+    pruned_segments: int
+    tokens: int  # live KV tokens
+    total_tokens: int
     created_at: datetime
     updated_at: datetime
 
@@ -478,6 +493,37 @@ class SessionStore:
         with self.store.sessions() as s:
             bank_row = self._bank(s, bank)
             return self._info(s, bank_row, self._session(s, bank_row, session_id), with_text)
+
+    def list_sessions(self, bank: str, *, cursor: str | None = None, limit: int = 50
+                      ) -> tuple[list[SessionSummary], str | None]:
+        """A bank's sessions ordered by id, a page after ``cursor`` (the previous page's last id), with the
+        next cursor; segment counts come from one grouped query for the whole page."""
+        if limit < 1 or limit > 1000:
+            raise ValidationFailed("limit must be between 1 and 1000")
+        with self.store.sessions() as s:
+            bank_row = self._bank(s, bank)
+            q = select(AgentSessionRow).where(AgentSessionRow.bank_id == bank_row.id)
+            if cursor:
+                q = q.where(AgentSessionRow.session_id > cursor)
+            rows = s.scalars(q.order_by(AgentSessionRow.session_id).limit(limit + 1)).all()
+            page = rows[:limit]
+            live = SessionSegmentRow.pruned_at.is_(None)
+            counts = {r.session_pk: r for r in s.execute(
+                select(SessionSegmentRow.session_pk, func.count().label("segments"),
+                       func.sum(case((live, 0), else_=1)).label("pruned"),
+                       func.sum(case((live, SessionSegmentRow.token_count), else_=0)).label("tokens"),
+                       func.sum(SessionSegmentRow.token_count).label("total"))
+                .where(SessionSegmentRow.session_pk.in_([r.id for r in page]))
+                .group_by(SessionSegmentRow.session_pk))}
+            out = []
+            for r in page:
+                c = counts.get(r.id)
+                segments, pruned, tokens, total = (int(c.segments), int(c.pruned or 0), int(c.tokens or 0),
+                                                   int(c.total or 0)) if c else (0, 0, 0, 0)
+                out.append(SessionSummary(session_id=r.session_id, agent=r.agent, segments=segments,
+                                          pruned_segments=pruned, tokens=tokens, total_tokens=total,
+                                          created_at=r.created_at, updated_at=r.updated_at))
+            return out, (page[-1].session_id if len(rows) > limit else None)
 
     def delete(self, bank: str, session_id: str) -> None:
         """Delete a session with its segments and the blobs no other session shares."""

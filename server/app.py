@@ -3,21 +3,25 @@
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import uvicorn
-from fastapi import FastAPI
+from fastapi import APIRouter, FastAPI
+from fastapi.routing import APIRoute
+from starlette.middleware.cors import CORSMiddleware
 
 from kvstore.bank import BankStore
 from kvstore.config import Settings
 
-from . import mcp_http
+from . import console, mcp_http
+from .auth import route_role
+from .browser import BrowserGuard, is_loopback_name
 from .errors import install_error_handlers
 from .metrics import Metrics
 from .middleware import RequestContextMiddleware
+from .path_guard import DotSegmentGuard
 from .routes import banks, context_map, documents, keys, maintenance, openai_compat, retrieval, sessions, system
 from .worker import ModelWorker
 
@@ -61,7 +65,8 @@ def create_app(settings: Settings, store: BankStore | None = None) -> FastAPI:
             await asyncio.to_thread(loaded.close)
             log.info("store closed")
 
-    app = FastAPI(title="kvrag", version="1", lifespan=lifespan,
+    # The docs pages are the console's (server.console.apidocs): FastAPI's own load their assets from CDNs.
+    app = FastAPI(title="kvrag", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="A memory database for LLM agents: documents stored as their KV cache.")
     app.state.settings = settings
     # Twice the batch size: while one batch runs, the next one's requests retrieve and load.
@@ -74,21 +79,48 @@ def create_app(settings: Settings, store: BankStore | None = None) -> FastAPI:
                                           hot=lambda: app.state.store.hot if app.state.store else None,
                                           batches=lambda: app.state.store.batcher.stats if app.state.store else None)
     install_error_handlers(app)
-    app.add_middleware(RequestContextMiddleware, settings=settings, metrics=metrics)
+    _add_middleware(app, settings, metrics)
     for module in (system, keys, banks, documents, retrieval, maintenance, context_map, sessions, openai_compat,
                    mcp_http):
+        _publish_roles(module.router)
         app.include_router(module.router)
+    console.install(app)
     return app
+
+
+def _publish_roles(router: APIRouter) -> None:
+    """Each operation's role in OpenAPI (``x-kvrag-role``), read from its dependencies (server.auth). Stamped on
+    the router's routes before it is included (an included router's routes are read at inclusion)."""
+    for route in router.routes:
+        if isinstance(route, APIRoute):
+            route.openapi_extra = {**(route.openapi_extra or {}), "x-kvrag-role": route_role(route) or "unstated"}
+
+
+# What a browser page on an allowed origin may send and read (CORS).
+CORS_REQUEST_HEADERS = ["Authorization", "X-API-Key", "Content-Type", "If-Match", "Idempotency-Key", "X-Request-ID",
+                        "Mcp-Session-Id", "MCP-Protocol-Version", "Last-Event-ID"]
+CORS_EXPOSED_HEADERS = ["X-Request-ID", "ETag", "Retry-After", "Mcp-Session-Id"]
+
+
+def _add_middleware(app: FastAPI, settings: Settings, metrics: Metrics) -> None:
+    """Outermost first: request context (id, body limits, metrics), the dot-segment guard, the browser guard,
+    CORS when configured. (Starlette wraps in reverse order of adding.)"""
+    open_mode = settings.admin_key is None
+    if open_mode and "*" in settings.cors_origins:
+        raise ValueError("KVRAG_CORS_ORIGINS=* needs an admin key: without one every web page could drive the API")
+    if settings.cors_origins:
+        # No credentials mode: kvrag authenticates with headers, never cookies.
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,
+                           allow_methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"],
+                           allow_headers=CORS_REQUEST_HEADERS, expose_headers=CORS_EXPOSED_HEADERS, max_age=600)
+    app.add_middleware(BrowserGuard, open_mode=open_mode, allowed_origins=settings.cors_origins)
+    app.add_middleware(DotSegmentGuard)  # inside the request context: its 400 carries the request id
+    app.add_middleware(RequestContextMiddleware, settings=settings, metrics=metrics)
 
 
 def is_loopback(host: str) -> bool:
     """Whether binding ``host`` keeps the server reachable from this machine only."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    return is_loopback_name(host)
 
 
 def run(settings: Settings, host: str = "127.0.0.1", port: int = 8000) -> None:

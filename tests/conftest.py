@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 from kvstore.bank import BankStore
 from kvstore.config import Settings
 from kvstore.models import Embedder, LoadedModel, load_llm, tiny_model_config, wrap_model
+from tests.seaweed import s3_bucket, s3_env, seaweed  # noqa: F401  (a real SeaweedFS: one a session, a bucket a test)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

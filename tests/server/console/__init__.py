@@ -1,0 +1,1 @@
+"""The web console, the API docs with local assets, and the monitoring files."""
