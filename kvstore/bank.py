@@ -13,7 +13,7 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -26,7 +26,6 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from .attention_bias import measured_block_bias
 from .batching import BatchRequest, QuestionBatcher
-from .blobs import LocalBlobStore
 from .cache import HotCache
 from .catalog import BankRow, BlockRow, DocumentRow, OpLogRow, open_catalog, utcnow
 from .chunking import chunk_text
@@ -53,9 +52,12 @@ from .querylog import LoggedQuery, QueryLogEntry
 from .querylog import recent as recent_log
 from .querylog import record as record_log
 from .recompute import blend, blend_and_ask, default_ratio
+from .replication import Replication, blob_gc_lock, claim_version, open_replication
 from .rerank import KV_MODES, RETRIEVAL_MODES, rerank_scores
 from .runner import BlockKV, Runner, set_threads
 from .sessions import sessions_of
+from .storage import lock as data_dir_lock
+from .storage.blobstore import BlobStore, open_blob_store
 
 log = logging.getLogger(__name__)
 
@@ -223,11 +225,14 @@ class BankStore:
     def __init__(self, settings: Settings | None = None, *, llm: LoadedModel | None = None,
                  embedder: Embedder | None = None, migrate: bool = True) -> None:
         self.settings = settings or Settings()
-        self.settings.data_dir.mkdir(parents=True, exist_ok=True)
+        # One process per data dir (kvstore.storage.lock): refused before anything is opened or migrated.
+        self._dir_lock = data_dir_lock.acquire(self.settings.data_dir)
         set_threads(self.settings.torch_threads)
         self.sessions: sessionmaker[Session] = open_catalog(self.settings.resolved_database_url(), migrate=migrate,
                                                               settings=self.settings)
-        self.blobs = LocalBlobStore(self.settings.data_dir / "blobs")
+        self.blobs: BlobStore = open_blob_store(self.settings.blob_url, self.settings.data_dir / "blobs",
+                                                cache_bytes=self.settings.blob_cache_bytes,
+                                                allow_http=self.settings.blob_allow_http)
         self.hot = HotCache(self.settings.hot_tier_bytes)
         self.memory = MemoryManager(self)
         self.context_map = ContextMaps(self)
@@ -247,17 +252,28 @@ class BankStore:
         self._ops_since_snapshot: dict[int, int] = {}
         self._integrity: dict[str, dict[str, Any]] = {}  # per bank: damage found and repaired since start
         self._integrity_lock = threading.Lock()
+        # On PostgreSQL: join the replicas (refused on another model or blob store) before loading the indexes, so
+        # the follower's watermark never passes an op the loaded indexes lack.
+        self.replication: Replication | None = open_replication(self.sessions, self.settings, self.llm,
+                                                                self.apply_ops)
         self.load_indexes()
+        if self.replication is not None:
+            self.replication.start()
 
     # -- lifecycle --------------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Snapshot every index so the next start replays nothing."""
+        """Snapshot every index so the next start replays nothing; leave the replicas; free the data dir."""
+        if self.replication is not None:
+            self.replication.stop()
         with self.sessions() as s:
             for bank in s.scalars(select(BankRow)):
                 if bank.id in self._indexes:
                     self._snapshot(s, bank)
+        if self.replication is not None:
+            self.replication.registry.unregister()
         self.sessions.kw["bind"].dispose()
+        self._dir_lock.release()
 
     def _index_path(self, bank: BankRow):
         return self.settings.data_dir / "indexes" / f"bank-{bank.id}.faiss"
@@ -327,9 +343,25 @@ class BankStore:
     def _snapshot(self, s: Session, bank: BankRow) -> None:
         index = self._indexes[bank.id]
         with index.lock:
-            seq = s.scalar(select(func.max(OpLogRow.seq)).where(OpLogRow.bank_id == bank.id)) or 0
-            index.save(self._index_path(bank), max(seq, index.seq))
+            if self.replication is not None:
+                # Other replicas' ops above the follower's watermark may not be applied yet: claim no more.
+                seq = self.replication.follower.through
+            else:
+                seq = max(s.scalar(select(func.max(OpLogRow.seq)).where(OpLogRow.bank_id == bank.id)) or 0,
+                          index.seq)
+            index.save(self._index_path(bank), seq)
         self._ops_since_snapshot[bank.id] = 0
+
+    def apply_ops(self, s: Session, ops: Sequence[OpLogRow]) -> None:
+        """Apply op-log entries (another replica's writes) to the loaded indexes; idempotent, and only blocks still
+        live in the catalog are added. A bank not loaded here is skipped: it loads from the catalog when used."""
+        for op in ops:
+            index = self._indexes.get(op.bank_id)
+            if index is None:
+                continue
+            with index.lock:
+                index.remove(np.asarray(op.removed or [], dtype=np.int64))
+                self._add_rows(index, s, [int(i) for i in op.added or []])
 
     def _index(self, bank: BankRow) -> BankIndex:
         with self._index_lock:
@@ -514,9 +546,9 @@ class BankStore:
                                                 or as_utc(doc.expires_at) != expires_at)
             if doc is not None and doc.content_hash == content_hash:
                 if meta_changed:
+                    self._claim(s, doc, doc_id, if_match)
                     doc.meta, doc.tags, doc.pinned = metadata or {}, tags or [], pinned
                     doc.importance, doc.expires_at = importance, expires_at
-                    doc.version += 1
                     doc.updated_at = utcnow()
                     if agent is not None:
                         doc.agent = agent
@@ -525,8 +557,10 @@ class BankStore:
                 return PutResult(_doc_info(doc, n), created=False, changed=meta_changed)
         encoded = self._encode_blocks(bank_row, text)
         with self.sessions() as s, self._blob_lock:
-            # The blobs were written outside the lock: since then a delete or orphan collection may have removed
-            # a file of the same content (blobs are shared by content). Writing again is a no-op when present.
+            # The blobs were written outside the lock: since then a delete or orphan collection (here or on another
+            # replica) may have removed a blob of the same content (blobs are shared by content). Writing again
+            # under the collection lock, held until this transaction commits, keeps them until it references them.
+            blob_gc_lock(s, exclusive=False)
             for *_, data in encoded:
                 self.blobs.put(data)
             bank_row = self._bank(s, bank)
@@ -541,10 +575,10 @@ class BankStore:
                 s.add(doc)
             else:
                 old = s.execute(select(BlockRow.id, BlockRow.blob_id).where(BlockRow.document_id == doc.id)).all()
+                self._claim(s, doc, doc_id, if_match)  # before its blocks go: the loser must change nothing
                 removed = [r.id for r in old]
                 old_blobs = {r.blob_id for r in old if r.blob_id}
                 s.execute(delete(BlockRow).where(BlockRow.document_id == doc.id))
-                doc.version += 1
             doc.text, doc.content_hash, doc.meta, doc.tags = text, content_hash, metadata or {}, tags or []
             doc.pinned, doc.agent, doc.updated_at = pinned, agent, now
             doc.importance, doc.expires_at = importance, expires_at
@@ -591,6 +625,17 @@ class BankStore:
                                     f"{self.llm.name!r}")
 
     @staticmethod
+    def _claim(s: Session, doc: DocumentRow, doc_id: str, if_match: int | None) -> None:
+        """Take the document's next version in the database (a conditional UPDATE, kvstore.replication): a
+        writer that lost the race to another process answers as a failed If-Match does, and changes nothing."""
+        seen = doc.version
+        if not claim_version(s, doc, seen):
+            s.rollback()
+            if if_match is not None:
+                raise VersionMismatch(f"document version is no longer {if_match}: written concurrently")
+            raise VersionMismatch(f"document {doc_id!r} was written concurrently; retry")
+
+    @staticmethod
     def _check_if_match(doc: DocumentRow | None, if_match: int | None) -> None:
         if if_match is None:
             return
@@ -606,19 +651,26 @@ class BankStore:
                 index.add(np.asarray([r.id for r in rows], dtype=np.int64),
                           np.stack([np.frombuffer(r.embedding, dtype="<f4") for r in rows]))
             index.seq = max(index.seq, op.seq)
+        if self.replication is not None:
+            self.replication.follower.applied(op.seq)
         count = self._ops_since_snapshot.get(bank.id, 0) + 1
         self._ops_since_snapshot[bank.id] = count
         if count >= _SNAPSHOT_EVERY_OPS:
             self._snapshot(s, bank)
 
     def _drop_unreferenced(self, s: Session, blob_ids: Iterable[str | None]) -> None:
-        """Delete blob files no block references any more (callers hold the blob lock)."""
-        for blob_id in blob_ids:
-            if not blob_id:
-                continue
+        """Delete blobs no block references any more (callers hold the blob lock, and have committed: the check
+        and the delete run in a transaction of their own under the collection lock, which a writer about to
+        reference one of these blobs on another replica waits for)."""
+        candidates = [b for b in blob_ids if b]
+        if not candidates:
+            return
+        blob_gc_lock(s, exclusive=True)
+        for blob_id in candidates:
             if s.scalar(select(func.count()).select_from(BlockRow).where(BlockRow.blob_id == blob_id)) == 0:
                 self.blobs.delete(blob_id)
                 self.hot.discard(blob_id)
+        s.commit()
 
     def _doc(self, s: Session, bank: BankRow, doc_id: str, required: bool = True) -> DocumentRow | None:
         row = s.scalar(select(DocumentRow).where(DocumentRow.bank_id == bank.id, DocumentRow.doc_id == doc_id))
@@ -672,10 +724,12 @@ class BankStore:
             doc = self._doc(s, bank_row, doc_id)
             assert doc is not None
             self._check_if_match(doc, if_match)
+            version = doc.version
+            self._claim(s, doc, doc_id, if_match)
             old = s.execute(select(BlockRow.id, BlockRow.blob_id).where(BlockRow.document_id == doc.id)).all()
             s.execute(delete(BlockRow).where(BlockRow.document_id == doc.id))
             s.delete(doc)
-            op = OpLogRow(bank_id=bank_row.id, op="delete", doc_id=doc_id, version=doc.version, added=[],
+            op = OpLogRow(bank_id=bank_row.id, op="delete", doc_id=doc_id, version=version, added=[],
                           removed=[r.id for r in old], agent=agent)
             s.add(op)
             s.commit()

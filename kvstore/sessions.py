@@ -57,7 +57,6 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
-from .blobs import LocalBlobStore
 from .catalog import BankRow, Base, BigId, BlockRow, utcnow
 from .codec import decode_block, encode_block
 from .compaction import (
@@ -72,7 +71,9 @@ from .compaction import (
 )
 from .constrained import greedy_id_list, list_tokens
 from .errors import Conflict, CorruptBlock, IncompatibleModel, NotFound, PayloadTooLarge, ValidationFailed
+from .replication import blob_gc_lock
 from .runner import BlockKV, Context, Runner
+from .storage.blobstore import BlobStore, open_blob_store
 
 if TYPE_CHECKING:
     from .bank import BankStore, Hit
@@ -437,7 +438,10 @@ class SessionStore:
         self.store = store
         self.settings = store.settings
         self.runner: Runner = store.runner
-        self.blobs = LocalBlobStore(store.settings.data_dir / "session-blobs")
+        settings = store.settings
+        self.blobs: BlobStore = open_blob_store(settings.blob_url, settings.data_dir / "session-blobs",
+                                                cache_bytes=settings.blob_cache_bytes,
+                                                allow_http=settings.blob_allow_http)
         self._write_lock = threading.Lock()  # appends and prunes of this process, one at a time
         self._states: OrderedDict[int, SessionKV] = OrderedDict()
         self._states_lock = threading.Lock()
@@ -564,15 +568,14 @@ class SessionStore:
         cutoff = time.time() - grace_s
         removed = 0
         with self.store.sessions() as s, self._write_lock:
+            blob_gc_lock(s, exclusive=True)  # appends on other replicas hold it shared from their puts to commit
+            old = list(self.blobs.ids_older_than(cutoff))
             referenced = set(s.scalars(select(SessionPageRow.blob_id).distinct()))
-            for blob_id in list(self.blobs.ids()):
-                try:
-                    if blob_id in referenced or self.blobs._path(blob_id).stat().st_mtime > cutoff:
-                        continue
-                except FileNotFoundError:
-                    continue
-                self.blobs.delete(blob_id)
-                removed += 1
+            for blob_id in old:
+                if blob_id not in referenced:
+                    self.blobs.delete(blob_id)
+                    removed += 1
+            s.commit()
         return removed
 
     def _info(self, s: Session, bank: BankRow, row: AgentSessionRow, with_text: bool = True) -> SessionInfo:
@@ -679,6 +682,7 @@ class SessionStore:
                 new = runner.extend(ctx, [t for ids in token_ids for t in ids])
             t_prefill = time.perf_counter()
             # Blobs first (atomic, fsynced), then one transaction: a crash in between leaves only orphan blobs.
+            blob_gc_lock(s, exclusive=False)
             written: list[list[tuple[str, int, int]]] = []  # per segment: (blob id, tokens, bytes) per page
             decoded: list[BlockKV] = []
             row = 0
@@ -915,6 +919,10 @@ class SessionStore:
             return sorted(r.ordinal for r in rows)
 
     def _drop_unreferenced(self, s: Session, blob_ids: set[str]) -> None:
+        if not blob_ids:
+            return
+        blob_gc_lock(s, exclusive=True)
         for blob_id in blob_ids:
             if not s.scalar(select(func.count()).select_from(SessionPageRow).where(SessionPageRow.blob_id == blob_id)):
                 self.blobs.delete(blob_id)
+        s.commit()
