@@ -27,6 +27,7 @@ import socket
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -170,7 +171,9 @@ class OpLogFollower:
     """Applies ``op_log`` rows this replica has not applied, in seq order, through ``apply``."""
 
     def __init__(self, sessions: sessionmaker[Session], apply: ApplyOps, gap_s: float) -> None:
-        self.sessions, self.apply, self.gap_s = sessions, apply, gap_s
+        # A weak reference to the store's method: a store dropped without close() ends its thread (see _run).
+        self._apply = weakref.WeakMethod(apply) if hasattr(apply, "__self__") else (lambda: apply)
+        self.sessions, self.gap_s = sessions, gap_s
         self._seen: set[int] = set()  # applied seqs above ``through``
         self._holes: dict[int, float] = {}  # first missing seq of a hole -> when it was first noticed
         self._lock = threading.Lock()
@@ -189,13 +192,16 @@ class OpLogFollower:
 
     def catch_up(self) -> int:
         """Apply what is new; returns how many ops were applied."""
+        apply = self._apply()
+        if apply is None:
+            raise ReferenceError("the store is gone")
         with self._lock:
             with self.sessions() as s:
                 rows = s.scalars(select(OpLogRow).where(OpLogRow.seq > self.through).order_by(OpLogRow.seq)
                                  .limit(_BATCH)).all()
                 fresh = [r for r in rows if r.seq not in self._seen]
                 if fresh:
-                    self.apply(s, fresh)
+                    apply(s, fresh)
             self._seen.update(r.seq for r in fresh)
             self._advance(time.monotonic())
             self.last_caught_up = time.monotonic()
@@ -280,6 +286,7 @@ class Replication:
 
     def _run(self) -> None:
         beat = time.monotonic()
+        failing = False
         while not self._stop.is_set():
             self._wait()
             if self._stop.is_set():
@@ -289,8 +296,15 @@ class Replication:
                 if time.monotonic() - beat >= self.registry.heartbeat_s:
                     self.registry.heartbeat()
                     beat = time.monotonic()
+                if failing:
+                    log.info("replication: caught up with the op log again")
+                failing = False
+            except ReferenceError:
+                break  # the store was dropped without close(): nothing left to keep up to date
             except Exception as exc:  # noqa: BLE001 - the catalog is away for a moment: retry next turn
-                log.warning("replication: catching up with the op log failed (%s); retrying", exc)
+                if not failing:  # one line per outage, not one per poll
+                    log.warning("replication: catching up with the op log failed (%s); retrying", exc)
+                failing = True
                 self._stop.wait(self.poll_s)
         self._close_conn()
 
