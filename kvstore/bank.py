@@ -325,6 +325,9 @@ class BankStore:
             log.warning("bank %s: index snapshot damaged; rebuilt from the catalog (%d blocks)", bank.name,
                         index.ntotal)
             self._note(bank.name, "index", "snapshot damaged; rebuilt from the catalog")
+        elif index.seq and self.replication is not None:
+            # A replica: normal for a bank another replica created, or one this replica has not snapshotted yet.
+            log.info("bank %s: index built from the catalog (%d blocks)", bank.name, index.ntotal)
         elif index.seq:
             # Normal after a crash before the first snapshot; worth reporting if snapshots were deleted.
             log.warning("bank %s: no index snapshot; rebuilt from the catalog (%d blocks)", bank.name, index.ntotal)

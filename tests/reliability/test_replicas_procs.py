@@ -103,23 +103,21 @@ def _writer(board: Board, clients: list[httpx.Client], w: int, n: int) -> None:
 
 
 def _reader(board: Board, c: httpx.Client, replica: int) -> None:
-    """Search every acknowledged document on this replica until found; record ack -> found (end of the search)."""
-    seen = board.lags.setdefault(replica, {})
-    deadline = None
+    """Watch this replica's index grow: once it holds k entries, the k-th acknowledged document (one block each)
+    counts as arrived, at the end of the request that saw it (an upper bound on its lag). A bank's stats are
+    read from the catalog and the index: milliseconds, where a search would add its embedding (up to a second on
+    this busy box) to every measurement."""
+    lags = board.lags.setdefault(replica, {})
     while True:
+        done = board.writing_done.is_set()
+        n = c.get(f"/v1/banks/{BANK}").json()["index_entries"]
+        now = time.monotonic()
         with board.lock:
-            todo = [a for a in board.acked if a.doc_id not in seen]
-        if not todo:
-            if board.writing_done.is_set():
+            for a in board.acked[:n]:
+                lags.setdefault(a.doc_id, now - a.at)
+            if done and len(lags) == len(board.acked):
                 return
-            time.sleep(0.01)
-            continue
-        if board.writing_done.is_set():
-            deadline = deadline or time.monotonic() + 30
-            assert time.monotonic() < deadline, f"replica {replica} never saw {[a.doc_id for a in todo]}"
-        for a in todo:
-            if _found(c, a.doc_id, a.text):
-                seen[a.doc_id] = time.monotonic() - a.at
+        time.sleep(0.005)
 
 
 def test_replicas_act_as_one_service(cluster: Cluster) -> None:
@@ -140,8 +138,10 @@ def test_replicas_act_as_one_service(cluster: Cluster) -> None:
         t.join()
     lags = sorted(lag for per in board.lags.values() for lag in per.values())
     assert len(lags) == REPLICAS * len(board.acked) == REPLICAS * REPLICAS * 6
-    # A lag here also holds the reader's own search round trips (one search per unseen document, in turn).
-    assert lags[-1] <= 2 * STALENESS_S, f"slowest document reached a replica after {lags[-1]:.2f} s"
+    assert lags[-1] <= STALENESS_S, f"slowest document reached a replica's index after {lags[-1]:.2f} s"
+    for c in clients:  # and every one of them is found by search on every replica
+        for a in board.acked:
+            assert _found(c, a.doc_id, a.text), a.doc_id
 
     # -- deletes on one replica disappear from the others --------------------------------------------------------
     gone = board.acked[:3]
