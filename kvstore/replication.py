@@ -178,6 +178,7 @@ class OpLogFollower:
         self._holes: dict[int, float] = {}  # first missing seq of a hole -> when it was first noticed
         self._lock = threading.Lock()
         self.last_caught_up = time.monotonic()
+        self.ops_applied = 0  # other replicas' ops applied here (for /metrics)
         with sessions() as s:
             # Everything committed was loaded with the indexes; only a recent seq may still have been in flight
             # then, so the watermark starts below the ops of the last gap_s (re-reading them changes nothing).
@@ -203,6 +204,7 @@ class OpLogFollower:
                 if fresh:
                     apply(s, fresh)
             self._seen.update(r.seq for r in fresh)
+            self.ops_applied += len(fresh)
             self._advance(time.monotonic())
             self.last_caught_up = time.monotonic()
             return len(fresh)

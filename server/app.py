@@ -88,7 +88,8 @@ def create_app(settings: Settings, store: BankStore | None = None) -> FastAPI:
     app.state.tasks = set()
     app.state.metrics = metrics = Metrics(queue_depth=lambda: worker.depth,
                                           hot=lambda: app.state.store.hot if app.state.store else None,
-                                          batches=lambda: app.state.store.batcher.stats if app.state.store else None)
+                                          batches=lambda: app.state.store.batcher.stats if app.state.store else None,
+                                          store=lambda: app.state.store)
     install_error_handlers(app)
     _add_middleware(app, settings, metrics)
     for module in (system, keys, banks, documents, retrieval, maintenance, context_map, sessions, openai_compat,

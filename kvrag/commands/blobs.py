@@ -45,9 +45,9 @@ def blobs_migrate(to: Annotated[str, typer.Option("--to", help="The object store
         raise fail(exc.detail) from None
     if json_out:
         print_json(asdict(report))
-        return
-    typer.echo(f"{report.copied} copied ({report.bytes_copied} bytes), {report.already_there} already in {to}, "
-               f"{len(report.damaged)} damaged (left in place), {report.deleted_local} local deleted")
-    if report.damaged:
+    else:
+        typer.echo(f"{report.copied} copied ({report.bytes_copied} bytes), {report.already_there} already in {to}, "
+                   f"{len(report.damaged)} damaged (left in place), {report.deleted_local} local deleted")
+    if report.damaged:  # exit 1: not everything moved
         raise typer.Exit(1)
 

@@ -120,6 +120,13 @@ def _reader(board: Board, c: httpx.Client, replica: int) -> None:
         time.sleep(0.005)
 
 
+def _metrics(c: httpx.Client) -> dict[str, float]:
+    r = c.get("/metrics")
+    assert r.status_code == 200, r.text
+    return {line.split()[0]: float(line.split()[1]) for line in r.text.splitlines()
+            if line and not line.startswith("#") and "{" not in line.split()[0]}
+
+
 def test_replicas_act_as_one_service(cluster: Cluster) -> None:
     lives = cluster.lives
     clients = [life.client() for life in lives]
@@ -142,6 +149,10 @@ def test_replicas_act_as_one_service(cluster: Cluster) -> None:
     for c in clients:  # and every one of them is found by search on every replica
         for a in board.acked:
             assert _found(c, a.doc_id, a.text), a.doc_id
+    metrics = _metrics(clients[1])  # what an operator watches on each replica
+    assert metrics["kvrag_replica_ops_applied_total"] >= 2 * 6  # the other two writers' documents at least
+    assert metrics["kvrag_replica_catchup_age_seconds"] <= STALENESS_S
+    assert "kvrag_blob_fetches_total" in metrics
 
     # -- deletes on one replica disappear from the others --------------------------------------------------------
     gone = board.acked[:3]
