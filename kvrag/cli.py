@@ -14,7 +14,7 @@ import typer
 
 from . import __version__
 from .commands import banks, blobs, context_map, db, documents, jobs, keys, sessions
-from .commands.common import DEFAULT_URL, ApiKey, Bank, ErrorLineGroup, Url
+from .commands.common import DEFAULT_URL, ApiKey, Bank, ErrorLineGroup, Url, fail
 from .commands.ingest import Doc, collect_documents, doc_id_for, ingest
 from .commands.retrieval import query, search
 
@@ -49,10 +49,19 @@ def serve(host: Annotated[str, typer.Option(help="Address to bind; not loopback 
                                                         "./kvrag-data).", show_default=False)] = None) -> None:
     """Run the kvrag HTTP server (API, model worker, catalog, blobs and indexes in one process)."""
     from kvstore.config import Settings
-    from server.app import run
+    from kvstore.storage import lock
 
     settings = Settings(data_dir=data_dir) if data_dir is not None else Settings()
-    run(settings, host, port)
+    try:  # before the web stack and torch load: a second server on this data dir stops at once, in one line
+        held = lock.acquire(settings.data_dir)
+    except lock.DataDirInUse as exc:
+        raise fail(exc.detail) from None
+    from server.app import run
+
+    try:
+        run(settings, host, port)
+    finally:
+        held.release()
 
 
 @app.command("mcp")

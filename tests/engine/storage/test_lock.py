@@ -47,3 +47,16 @@ def test_embedded_store_refuses_a_second_process(tmp_path: Path, tiny_llm: Loade
         assert f"in use by pid {os.getpid()}" in out.stdout and "one kvrag process per data directory" in out.stdout
     finally:
         store.close()
+
+
+def test_kvrag_serve_on_a_held_data_dir_stops_with_one_line(tmp_path: Path) -> None:
+    held = data_dir_lock.acquire(tmp_path)  # this process holds it, as a running server would
+    try:
+        out = subprocess.run([sys.executable, "-m", "kvrag.cli", "serve", "--data-dir", str(tmp_path), "--port", "1"],
+                             capture_output=True, text=True, cwd=ROOT, timeout=300,
+                             env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "client")])})
+    finally:
+        held.release()
+    assert out.returncode == 1
+    lines = out.stderr.strip().splitlines()
+    assert lines[-1].startswith(f"error: data directory {tmp_path} is in use by pid {os.getpid()}"), out.stderr
