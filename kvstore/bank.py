@@ -359,7 +359,10 @@ class BankStore:
         """Apply op-log entries (another replica's writes) to the loaded indexes; idempotent, and only blocks still
         live in the catalog are added. A bank not loaded here is skipped: it loads from the catalog when used."""
         for op in ops:
-            index = self._indexes.get(op.bank_id)
+            # Under the index lock: a bank loading right now (its catalog read maybe older than this op) is
+            # waited for and then updated, never skipped.
+            with self._index_lock:
+                index = self._indexes.get(op.bank_id)
             if index is None:
                 continue
             with index.lock:
