@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select, text, update
 
+from kvstore import idempotency
 from kvstore.bank import BankStore
 from kvstore.catalog import BlockRow, DocumentRow, ReplicaRow, make_engine, upgrade, utcnow
 from kvstore.config import Settings
@@ -222,3 +223,16 @@ def test_replicas_starting_together_migrate_once(postgres_url: str) -> None:
         assert conn.execute(text("SELECT count(*) FROM alembic_version")).scalar() == 1
         assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0012_replicas"
     engine.dispose()
+
+
+def test_an_idempotency_key_keeps_the_first_answer_across_replicas(replicas: Callable[..., BankStore]) -> None:
+    a, b = replicas("a"), replicas("b")
+    a.create_bank("idem")
+    ttl = a.settings.idempotency_ttl_s
+    h = idempotency.request_hash("PUT", "/v1/banks/idem/documents/d", {"text": "x"})
+    # Two twins of one request ran on two replicas at once; the one that saves second gets the first's answer.
+    first = idempotency.save(a.sessions, "idem", "root", "key-1", h, 201, {"document": {"version": 1}}, ttl)
+    second = idempotency.save(b.sessions, "idem", "root", "key-1", h, 200, {"document": {"version": 1}, "n": 2}, ttl)
+    assert (first.status_code, first.body) == (second.status_code, second.body) == (201, {"document": {"version": 1}})
+    replay = idempotency.lookup(b.sessions, "idem", "root", "key-1", h, ttl)
+    assert replay is not None and (replay.status_code, replay.body) == (201, {"document": {"version": 1}})
