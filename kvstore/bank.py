@@ -227,6 +227,7 @@ class BankStore:
         self.settings = settings or Settings()
         # One process per data dir (kvstore.storage.lock): refused before anything is opened or migrated.
         self._dir_lock = data_dir_lock.acquire(self.settings.data_dir)
+        self._catalog_lock = data_dir_lock.acquire_sqlite_catalog(self.settings.resolved_database_url())
         set_threads(self.settings.torch_threads)
         self.sessions: sessionmaker[Session] = open_catalog(self.settings.resolved_database_url(), migrate=migrate,
                                                               settings=self.settings)
@@ -273,6 +274,8 @@ class BankStore:
         if self.replication is not None:
             self.replication.registry.unregister()
         self.sessions.kw["bind"].dispose()
+        if self._catalog_lock is not None:
+            self._catalog_lock.release()
         self._dir_lock.release()
 
     def _index_path(self, bank: BankRow):

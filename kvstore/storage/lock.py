@@ -67,10 +67,11 @@ class DataDirLock:
             os.close(held.fd)  # closing the descriptor drops the flock
 
 
-def acquire(data_dir: Path) -> DataDirLock:
-    """Take ``data_dir``'s writer lock without waiting; :class:`DataDirInUse` when another process holds it."""
+def acquire(data_dir: Path, name: str = LOCK_NAME) -> DataDirLock:
+    """Take ``data_dir``'s writer lock (the file ``name`` in it) without waiting; :class:`DataDirInUse` when another
+    process holds it."""
     data_dir.mkdir(parents=True, exist_ok=True)
-    path = (data_dir / LOCK_NAME).resolve()
+    path = (data_dir / name).resolve()
     with _guard:
         held = _held.get(path)
         if held is not None:
@@ -82,13 +83,27 @@ def acquire(data_dir: Path) -> DataDirLock:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise DataDirInUse(f"data directory {data_dir} is in use by {_holder(path)}: one kvrag process per "
-                               "data directory (stop it, or give this one its own KVRAG_DATA_DIR; replicas "
+            what = "data directory" if name == LOCK_NAME else "SQLite catalog"
+            where = data_dir if name == LOCK_NAME else data_dir / name.removesuffix(".kvrag.lock")
+            raise DataDirInUse(f"{what} {where} is in use by {_holder(path)}: one kvrag process per "
+                               f"{what} (stop it, or give this one its own KVRAG_DATA_DIR; replicas "
                                "share PostgreSQL and an object store, not a folder)") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
         _held[path] = _Held(fd=fd, count=1)
         return DataDirLock(path)
+
+
+def acquire_sqlite_catalog(url: str) -> DataDirLock | None:
+    """The writer lock of a SQLite catalog file (``<file>.kvrag.lock`` beside it), for a catalog outside the data
+    dir: two processes with their own data dirs must not both write one SQLite file. None for other catalogs."""
+    if not url.startswith("sqlite"):
+        return None
+    file = url.split("///", 1)[-1]
+    if not file or file == ":memory:":
+        return None
+    path = Path(file).resolve()
+    return acquire(path.parent, f"{path.name}.kvrag.lock")
 
 
 def reset_after_fork() -> None:
@@ -101,4 +116,4 @@ def reset_after_fork() -> None:
 
 os.register_at_fork(after_in_child=reset_after_fork)
 
-__all__ = ["LOCK_NAME", "DataDirInUse", "DataDirLock", "acquire"]
+__all__ = ["LOCK_NAME", "DataDirInUse", "DataDirLock", "acquire", "acquire_sqlite_catalog"]

@@ -60,3 +60,19 @@ def test_kvrag_serve_on_a_held_data_dir_stops_with_one_line(tmp_path: Path) -> N
     assert out.returncode == 1
     lines = out.stderr.strip().splitlines()
     assert lines[-1].startswith(f"error: data directory {tmp_path} is in use by pid {os.getpid()}"), out.stderr
+
+
+def test_two_data_dirs_on_one_sqlite_catalog_are_refused(tmp_path: Path, tiny_llm: LoadedModel,
+                                                         embedder: Embedder) -> None:
+    url = f"sqlite:///{tmp_path / 'shared' / 'catalog.sqlite3'}"
+    store = BankStore(Settings(data_dir=tmp_path / "one", database_url=url), llm=tiny_llm, embedder=embedder)
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", "import sys; from kvstore.storage import lock\n"
+             "try:\n    lock.acquire_sqlite_catalog(sys.argv[1])\nexcept lock.DataDirInUse as e:\n    print(e.detail)",
+             url], capture_output=True, text=True, cwd=ROOT, timeout=120,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "client")])})
+        assert out.stdout.startswith(f"SQLite catalog {tmp_path / 'shared' / 'catalog.sqlite3'} is in use by pid "
+                                     f"{os.getpid()}"), out.stdout + out.stderr
+    finally:
+        store.close()
