@@ -227,7 +227,17 @@ class BankStore:
         self.settings = settings or Settings()
         # One process per data dir (kvstore.storage.lock): refused before anything is opened or migrated.
         self._dir_lock = data_dir_lock.acquire(self.settings.data_dir)
-        self._catalog_lock = data_dir_lock.acquire_sqlite_catalog(self.settings.resolved_database_url())
+        self._catalog_lock: data_dir_lock.DataDirLock | None = None
+        try:
+            self._catalog_lock = data_dir_lock.acquire_sqlite_catalog(self.settings.resolved_database_url())
+            self._open(llm, embedder, migrate)
+        except BaseException:  # a refused or failed start leaves the data dir (and catalog) free
+            if self._catalog_lock is not None:
+                self._catalog_lock.release()
+            self._dir_lock.release()
+            raise
+
+    def _open(self, llm: LoadedModel | None, embedder: Embedder | None, migrate: bool) -> None:
         set_threads(self.settings.torch_threads)
         self.sessions: sessionmaker[Session] = open_catalog(self.settings.resolved_database_url(), migrate=migrate,
                                                               settings=self.settings)
@@ -583,8 +593,8 @@ class BankStore:
                 doc = DocumentRow(bank_id=bank_row.id, doc_id=doc_id, version=1, created_at=now)
                 s.add(doc)
             else:
-                old = s.execute(select(BlockRow.id, BlockRow.blob_id).where(BlockRow.document_id == doc.id)).all()
                 self._claim(s, doc, doc_id, if_match)  # before its blocks go: the loser must change nothing
+                old = s.execute(select(BlockRow.id, BlockRow.blob_id).where(BlockRow.document_id == doc.id)).all()
                 removed = [r.id for r in old]
                 old_blobs = {r.blob_id for r in old if r.blob_id}
                 s.execute(delete(BlockRow).where(BlockRow.document_id == doc.id))
