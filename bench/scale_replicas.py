@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from tqdm import tqdm
 
 from bench.squad import DEFAULT_DATA, RESULTS_DIR, load_or_exit, machine_info, pick_questions, print_table, write_json
 from bench.ttft import percentile
@@ -167,9 +168,10 @@ def main() -> None:
                                         hot_tier_bytes=0), llm=local.llm, embedder=local.embedder)
             for store in (local, remote):
                 store.create_bank(BANK)
-                for i, text in enumerate(paragraphs):
+                for i, text in enumerate(tqdm(paragraphs, desc="ingest", unit="doc")):
                     store.put_document(BANK, f"p{i:03d}", text)
             ttft = query_ttft(local, remote, questions, args.k)
+            print(f"query TTFT: {json.dumps(ttft)}", flush=True)
             local.close()
             remote.close()
             del local, remote
