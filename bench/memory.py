@@ -391,7 +391,7 @@ def saved_or_run(runs_dir: Path | None, name: str, setting: dict[str, Any], mode
 
 def _tiny() -> Any:
     """The random-weight tiny Llama of the tests: same code path, negligible model cost."""
-    from tests.conftest import build_tiny
+    from kvstore.testing.tiny import build_tiny
 
     return build_tiny("llama")
 
