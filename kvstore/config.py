@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator
@@ -51,8 +51,8 @@ class Settings(BaseSettings):
     torch_threads: int = Field(default=0, description="torch intra-op threads; 0 = number of cores.")
 
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
-    default_codec: str = Field(
-        default="auto", description="Codec of a new bank's blocks (docs/BENCHMARKS.md, codec presets). auto: tklt5 "
+    default_codec: Literal["auto", "fp16", "int8", "tklt5"] = Field(
+        default="auto", description="Codec of a new bank's blocks (kvstore.codec.CHOOSABLE). auto: tklt5 "
                                     "for a model kvstore/codec_weights calibrates (SmolLM2: 5.0x smaller than fp16, "
                                     "90% of greedy answers identical), else int8 (1.9x, every answer kept).")
     block_tokens: int = Field(default=256, ge=16, le=4096, description="Token budget of one KV block.")
