@@ -44,7 +44,7 @@ from .catalog import BankRow, ContextMapQueryRow, ContextMapRow, ContextMapVersi
 from .errors import Conflict, KVRagError, NotFound, ValidationFailed, VersionMismatch
 
 if TYPE_CHECKING:
-    from .bank import BankStore
+    from .ports import Engine
     from .runner import BlockKV
 
 log = logging.getLogger(__name__)
@@ -448,7 +448,7 @@ def distill_prompt(state: MapState, records: Sequence[ContextMapQueryRow]) -> st
 class ContextMaps:
     """Context maps of every bank of a BankStore: reads, edits, refresh, bootstrap, query records, KV."""
 
-    def __init__(self, store: BankStore) -> None:
+    def __init__(self, store: Engine) -> None:
         self.store = store
         self._kv: dict[tuple[int, str], _CachedKV] = {}
         self._kv_lock = threading.Lock()
@@ -504,7 +504,7 @@ class ContextMaps:
         with self._lock(bank):
             for _ in range(_WRITE_ATTEMPTS):
                 with self.store.sessions() as s:
-                    bank_row = self.store._bank(s, bank)
+                    bank_row = self.store.bank_row(s, bank)
                     head = self._head(s, bank_row)
                     current = self._snapshot(s, bank_row.id, head.version)
                     state = MapState.from_json(current.state)
@@ -542,7 +542,7 @@ class ContextMaps:
     def get(self, bank: str, version: int | None = None) -> MapView:
         """The current map, or an old ``version``."""
         with self.store.sessions() as s:
-            bank_row = self.store._bank(s, bank)
+            bank_row = self.store.bank_row(s, bank)
             head = self._head(s, bank_row)
             if version is not None and (version < 0 or version > head.version):
                 raise NotFound(f"context-map version {version} not found (current: {head.version})")
@@ -557,7 +557,7 @@ class ContextMaps:
         if limit < 1 or limit > 500:
             raise ValidationFailed("limit must be between 1 and 500")
         with self.store.sessions() as s:
-            bank_row = self.store._bank(s, bank)
+            bank_row = self.store.bank_row(s, bank)
             self._head(s, bank_row)
             q = select(ContextMapVersionRow).where(ContextMapVersionRow.bank_id == bank_row.id)
             if before is not None:
@@ -597,7 +597,7 @@ class ContextMaps:
 
     def _tokens_of(self, bank: str, version: int) -> int:
         with self.store.sessions() as s:
-            return self._snapshot(s, self.store._bank(s, bank).id, version).tokens
+            return self._snapshot(s, self.store.bank_row(s, bank).id, version).tokens
 
     def configure(self, bank: str, *, frozen: bool | None = None, budget_tokens: int | None = None,
                   agent: str | None = None) -> MapView:
@@ -664,7 +664,7 @@ class ContextMaps:
         """Distill the recent query records into edits with the LLM and apply them as one version (scores
         decay by 0.85). Unparseable output or a failed LLM call changes nothing and is reported."""
         with self.store.sessions() as s:
-            bank_row = self.store._bank(s, bank)
+            bank_row = self.store.bank_row(s, bank)
             head = self._head(s, bank_row)
             if head.frozen:
                 raise Conflict("the context map is frozen; unfreeze it to refresh")

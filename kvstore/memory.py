@@ -50,7 +50,7 @@ from .runner import BlockKV, Context
 from .sessions import sessions_of
 
 if TYPE_CHECKING:
-    from .bank import BankStore
+    from .ports import Engine
 
 POLICIES = ("lru", "importance", "hybrid")
 
@@ -404,7 +404,7 @@ class MemoryManager:
     and keeps its write order: blobs first, then one catalog transaction, then derived state.
     """
 
-    def __init__(self, store: BankStore, config: MemoryConfig | None = None) -> None:
+    def __init__(self, store: Engine, config: MemoryConfig | None = None) -> None:
         self.store = store
         self.config = config or MemoryConfig()
         self.counters = TierCounters()
@@ -468,7 +468,7 @@ class MemoryManager:
         if not cold:
             return 0
         store = self.store
-        with store._blob_lock:
+        with store.blob_lock:
             for row, kv in cold:
                 data = encode_block(kv, bank.model_fingerprint, bank.codec)
                 blob_id = store.blobs.put(data)
@@ -489,7 +489,7 @@ class MemoryManager:
         """Evict to the bank's budget and drop blobs nothing references any more (caller holds the blob lock)."""
         plan = evict_to_budget(s, bank, self.config, utcnow())
         if plan.blob_ids:
-            self.store._drop_unreferenced(s, plan.blob_ids)
+            self.store.drop_unreferenced(s, plan.blob_ids)
         return plan
 
     # -- maintenance ------------------------------------------------------------------------------
@@ -502,7 +502,7 @@ class MemoryManager:
                                   "merged": 0, "evicted": 0, "over_budget": False, "orphan_blobs_removed": 0}
         if expire:
             with store.sessions() as s:
-                doomed = expired_doc_ids(s, store._bank(s, bank).id, utcnow())
+                doomed = expired_doc_ids(s, store.bank_row(s, bank).id, utcnow())
             for doc_id in doomed:
                 store.delete_document(bank, doc_id, agent="maintenance")
             report["expired_documents"] = doomed
@@ -512,8 +512,8 @@ class MemoryManager:
         if merge:
             report["merged"] = self._merge(bank)
         if evict:
-            with store.sessions() as s, store._blob_lock:
-                plan = self.enforce_budget(s, store._bank(s, bank))
+            with store.sessions() as s, store.blob_lock:
+                plan = self.enforce_budget(s, store.bank_row(s, bank))
             report["evicted"], report["over_budget"] = len(plan.block_ids), plan.over_budget
         if gc:
             report["orphan_blobs_removed"] = self.collect_orphans()
@@ -525,8 +525,8 @@ class MemoryManager:
         (every block goes cold, so queries re-encode lazily) and bind the bank to the loaded model."""
         store = self.store
         llm, runner = store.llm, store.runner
-        with store.sessions() as s, store._blob_lock:
-            row = store._bank(s, bank)
+        with store.sessions() as s, store.blob_lock:
+            row = store.bank_row(s, bank)
             if row.model_fingerprint == llm.fingerprint:
                 return False
             blocks = s.scalars(select(BlockRow).where(BlockRow.bank_id == row.id)).all()
@@ -539,14 +539,14 @@ class MemoryManager:
                 b.kv_summary = None  # keys of the old model: rebuilt from the new KV when next needed
             row.model_fingerprint, row.model_name = llm.fingerprint, llm.name
             s.commit()
-            store._drop_unreferenced(s, old_blobs)
+            store.drop_unreferenced(s, old_blobs)
         return True
 
     def _rewarm_cold(self, bank: str) -> int:
         """Encode cold blocks back to warm while the budget has room, most used and most important first."""
         store = self.store
         with store.sessions() as s:
-            row = store._bank(s, bank)
+            row = store.bank_row(s, bank)
             cold = s.scalars(select(BlockRow).where(
                 BlockRow.bank_id == row.id, BlockRow.status == "live", BlockRow.blob_id.is_(None)).order_by(
                 BlockRow.access_count.desc(), BlockRow.importance.desc(), BlockRow.id.desc())).all()
@@ -562,7 +562,7 @@ class MemoryManager:
                 with store.model_lock:
                     kvs = store.runner.encode([np.frombuffer(b.token_ids, dtype="<i4").tolist() for b in part], batch)
                 full = False
-                with store._blob_lock:
+                with store.blob_lock:
                     warmed = 0
                     for block, kv in zip(part, kvs, strict=True):
                         data = encode_block(kv, row.model_fingerprint, row.codec)
@@ -588,8 +588,8 @@ class MemoryManager:
         under its own document, metadata and filters."""
         store = self.store
         cfg = self.config
-        with store.sessions() as s, store._blob_lock:
-            row = store._bank(s, bank)
+        with store.sessions() as s, store.blob_lock:
+            row = store.bank_row(s, bank)
             blocks = {b.id: b for b in s.scalars(select(BlockRow).where(
                 BlockRow.bank_id == row.id, BlockRow.status == "live", BlockRow.blob_id.is_not(None),
                 BlockRow.merged_into.is_(None)))}
@@ -597,7 +597,7 @@ class MemoryManager:
                 return 0
             ids = np.asarray(sorted(blocks), dtype=np.int64)
             vectors = np.stack([np.frombuffer(blocks[i].embedding, dtype="<f4") for i in ids.tolist()])
-            index = store._index(row)
+            index = store.bank_index(row)
             with index.lock:
                 cosines, neighbours = index.index.search(vectors, min(cfg.merge_neighbours + 1, index.ntotal))
             neighbours = np.where(np.isin(neighbours, ids), neighbours, -1)  # cold or merged blocks do not take part
@@ -617,7 +617,7 @@ class MemoryManager:
             if pairs:
                 row.merges += len(pairs)
                 s.commit()
-                store._drop_unreferenced(s, freed)
+                store.drop_unreferenced(s, freed)
             return len(pairs)
 
     def collect_orphans(self) -> int:
@@ -626,7 +626,7 @@ class MemoryManager:
         store = self.store
         cutoff = time.time() - self.config.orphan_grace_s
         removed = 0
-        with store.sessions() as s, store._blob_lock:
+        with store.sessions() as s, store.blob_lock:
             referenced = set(s.scalars(select(BlockRow.blob_id).where(BlockRow.blob_id.is_not(None)).distinct()))
             for blob_id in list(store.blobs.ids()):
                 if blob_id in referenced:

@@ -75,7 +75,8 @@ from .errors import Conflict, CorruptBlock, IncompatibleModel, NotFound, Payload
 from .runner import BlockKV, Context, Runner
 
 if TYPE_CHECKING:
-    from .bank import BankStore, Hit
+    from .ports import Engine
+    from .types import Hit
 
 ROLES = ("orchestrator", "tool", "worker", "note")
 SESSION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
@@ -417,11 +418,11 @@ class HttpJudge:
 # -- the store ----------------------------------------------------------------------------------
 
 
-_STORES: WeakKeyDictionary[BankStore, SessionStore] = WeakKeyDictionary()
+_STORES: WeakKeyDictionary[Engine, SessionStore] = WeakKeyDictionary()
 _STORES_LOCK = threading.Lock()
 
 
-def sessions_of(store: BankStore) -> SessionStore:
+def sessions_of(store: Engine) -> SessionStore:
     """The one ``SessionStore`` of a ``BankStore`` (made on first use)."""
     with _STORES_LOCK:
         found = _STORES.get(store)
@@ -433,7 +434,7 @@ def sessions_of(store: BankStore) -> SessionStore:
 class SessionStore:
     """Sessions of every bank of one ``BankStore``: same catalog, model and model lock."""
 
-    def __init__(self, store: BankStore) -> None:
+    def __init__(self, store: Engine) -> None:
         self.store = store
         self.settings = store.settings
         self.runner: Runner = store.runner
@@ -444,7 +445,7 @@ class SessionStore:
 
     # -- rows -------------------------------------------------------------------------------------
 
-    def _bank(self, s: Session, name: str) -> BankRow:
+    def bank_row(self, s: Session, name: str) -> BankRow:
         row = s.scalar(select(BankRow).where(BankRow.name == name)) if isinstance(name, str) else None
         if row is None:
             raise NotFound(f"bank {name!r} not found")
@@ -479,7 +480,7 @@ class SessionStore:
         if metadata and len(json.dumps(metadata)) > self.settings.max_metadata_bytes:
             raise ValidationFailed(f"metadata exceeds {self.settings.max_metadata_bytes} bytes")
         with self.store.sessions() as s:
-            bank_row = self._bank(s, bank)
+            bank_row = self.bank_row(s, bank)
             row = AgentSessionRow(bank_id=bank_row.id, session_id=session_id, meta=metadata or {}, agent=agent,
                                   positions=0)
             s.add(row)
@@ -491,7 +492,7 @@ class SessionStore:
 
     def get(self, bank: str, session_id: str, *, with_text: bool = True) -> SessionInfo:
         with self.store.sessions() as s:
-            bank_row = self._bank(s, bank)
+            bank_row = self.bank_row(s, bank)
             return self._info(s, bank_row, self._session(s, bank_row, session_id), with_text)
 
     def list_sessions(self, bank: str, *, cursor: str | None = None, limit: int = 50
@@ -501,7 +502,7 @@ class SessionStore:
         if limit < 1 or limit > 1000:
             raise ValidationFailed("limit must be between 1 and 1000")
         with self.store.sessions() as s:
-            bank_row = self._bank(s, bank)
+            bank_row = self.bank_row(s, bank)
             q = select(AgentSessionRow).where(AgentSessionRow.bank_id == bank_row.id)
             if cursor:
                 q = q.where(AgentSessionRow.session_id > cursor)
@@ -528,7 +529,7 @@ class SessionStore:
     def delete(self, bank: str, session_id: str) -> None:
         """Delete a session with its segments and the blobs no other session shares."""
         with self.store.sessions() as s, self._write_lock:
-            bank_row = self._bank(s, bank)
+            bank_row = self.bank_row(s, bank)
             row = self._session(s, bank_row, session_id)
             blob_ids = set(s.scalars(select(SessionPageRow.blob_id).join(
                 SessionSegmentRow, SessionSegmentRow.id == SessionPageRow.segment_pk).where(
@@ -539,7 +540,7 @@ class SessionStore:
             s.delete(row)
             s.commit()
             self._forget_state(row.id)
-            self._drop_unreferenced(s, blob_ids)
+            self.drop_unreferenced(s, blob_ids)
 
     @contextmanager
     def deleting_bank(self, s: Session, bank_id: int) -> Iterator[None]:
@@ -555,7 +556,7 @@ class SessionStore:
             yield
             for pk in session_pks:
                 self._forget_state(pk)
-            self._drop_unreferenced(s, blob_ids)
+            self.drop_unreferenced(s, blob_ids)
 
     def collect_orphans(self, grace_s: float) -> int:
         """Delete session blobs no page references, older than ``grace_s`` seconds: an append writes its
@@ -670,7 +671,7 @@ class SessionStore:
         runner = self.runner
         token_ids = [runner.tokenize(render_segment(g.role, g.text, g.agent or agent)) for g in segs]
         with self.store.sessions() as s, self._write_lock:
-            bank_row = self._bank(s, bank)
+            bank_row = self.bank_row(s, bank)
             session = self._session(s, bank_row, session_id)
             state = self._state(s, bank_row, session)
             base = session.positions
@@ -758,7 +759,7 @@ class SessionStore:
         runner = self.runner
         task_ids = runner.question_ids(task)
         with self.store.sessions() as s:
-            bank_row = self._bank(s, bank)
+            bank_row = self.bank_row(s, bank)
             session = self._session(s, bank_row, session_id)
             state = self._state(s, bank_row, session)
             hits, docs = self._documents(s, bank, bank_row, task, include_documents)
@@ -785,7 +786,7 @@ class SessionStore:
         spec = CompactionSpec(tau=tau, budget_tokens=budget_tokens) if tau is not None or budget_tokens is not None \
             else None
         with self.store.sessions() as s:
-            bank_row = self._bank(s, bank)
+            bank_row = self.bank_row(s, bank)
             session = self._session(s, bank_row, session_id)
             state = self._state(s, bank_row, session)
             with self.store.model_lock:
@@ -869,7 +870,7 @@ class SessionStore:
         if goal is not None and not isinstance(goal, str):
             raise ValidationFailed("goal must be a string")
         with self.store.sessions() as s:
-            bank_row = self._bank(s, bank)
+            bank_row = self.bank_row(s, bank)
             session = self._session(s, bank_row, session_id)
             live = self._segments(s, session, live_only=True)
         before = sum(g.token_count for g in live)
@@ -898,7 +899,7 @@ class SessionStore:
         if not segment_pks:
             return []
         with self.store.sessions() as s, self._write_lock:
-            bank_row = self._bank(s, bank)
+            bank_row = self.bank_row(s, bank)
             session = self._session(s, bank_row, session_id)
             rows = s.scalars(select(SessionSegmentRow).where(
                 SessionSegmentRow.id.in_(list(segment_pks)), SessionSegmentRow.session_pk == session.id,
@@ -911,10 +912,10 @@ class SessionStore:
                 r.pruned_at, r.prune_reason = now, reason
             session.updated_at = now
             s.commit()
-            self._drop_unreferenced(s, blob_ids)
+            self.drop_unreferenced(s, blob_ids)
             return sorted(r.ordinal for r in rows)
 
-    def _drop_unreferenced(self, s: Session, blob_ids: set[str]) -> None:
+    def drop_unreferenced(self, s: Session, blob_ids: set[str]) -> None:
         for blob_id in blob_ids:
             if not s.scalar(select(func.count()).select_from(SessionPageRow).where(SessionPageRow.blob_id == blob_id)):
                 self.blobs.delete(blob_id)

@@ -1,6 +1,7 @@
 """The layout's import rules, read from the source (every import counts: module level, inside functions,
 and under ``if TYPE_CHECKING:``).
 
+- no import cycle inside the engine (a part that needs the facade's type takes kvstore.ports.Engine);
 - the engine (``kvstore``) never imports the HTTP server, the SDK, the CLI, tests or benchmarks;
 - the server never imports the CLI, tests or benchmarks;
 - the SDK (``kvrag_client``) imports only the standard library, its declared dependencies and itself;
@@ -114,6 +115,12 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
         if v not in index:
             visit(v)
     return found
+
+
+def test_the_engine_has_no_import_cycle() -> None:
+    graph = engine_graph()
+    assert len(graph) > 20  # the reader found the engine
+    assert cycles(graph) == []
 
 
 def test_the_graph_reads_relative_imports() -> None:
