@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.server_harness import LiveServer, live_server, make_key
 
@@ -54,3 +55,15 @@ def test_a_guess_at_another_banks_text_reads_the_same_as_a_wrong_guess(live: Liv
             views[bank] = (before, _memory_view(live, attacker, bank))
     assert views["right"] == views["wrong"]
     assert views["right"][0]["tiers"]["hot"] == {"blocks": 0, "bytes": 0}  # no hot block before its own query
+
+
+def test_metrics_show_kv_memory_per_kind_and_its_budget(live: LiveServer) -> None:
+    with live.admin() as c:
+        assert c.post("/v1/banks", json={"name": "metered"}).status_code == 201
+        assert c.put("/v1/banks/metered/documents/d", json={"text": SECRET}).status_code in (200, 201)
+        assert c.post("/v1/banks/metered/query", json={"question": QUESTION, "max_new_tokens": 2}).status_code == 200
+        text = c.get("/metrics").text
+    samples = {(s.name, s.labels.get("kind")): s.value for f in text_string_to_metric_families(text) for s in f.samples}
+    assert samples[("kvrag_kv_memory_budget_bytes", None)] == live.settings.kv_memory_bytes
+    assert samples[("kvrag_kv_memory_bytes", "blocks")] == live.store.kv_memory.kind_nbytes("blocks") > 0
+    assert {("kvrag_kv_memory_bytes", kind) for kind in ("map", "sessions")} <= set(samples)
