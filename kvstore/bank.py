@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from .attention_bias import measured_block_bias
 from .batching import BatchRequest, QuestionBatcher
 from .blobs import LocalBlobStore
-from .cache import HotCache
+from .cache import HotCache, bank_of_resident_key
 from .catalog import BankRow, BlockRow, DocumentRow, OpLogRow, open_catalog, utcnow
 from .chunking import chunk_text
 from .codec import decode_block, default_codec, encode_block, get_preset
@@ -436,6 +436,7 @@ class BankStore:
                 s.delete(row)
                 s.commit()
             self.kv_memory.drop_bank(row.id)  # its hot blocks, map KV and session states
+            self.runner.resident.discard_where(bank_of_resident_key(row.id))  # and its GPU-resident copies
             self._drop_unreferenced(s, blob_ids)
             with self._index_lock:
                 self._indexes.pop(row.id, None)

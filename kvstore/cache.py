@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 
 import torch
 
@@ -18,6 +18,12 @@ def resident_key(bank: int, key: str) -> str:
     partitioned by bank like the hot tier (a shared copy would make one bank's load time tell whether
     another bank had just used the same text)."""
     return f"{bank}/{key}"
+
+
+def bank_of_resident_key(bank: int) -> Callable[[str], bool]:
+    """Whether a GPU cache key belongs to ``bank`` (to drop them all when the bank is deleted)."""
+    prefix = f"{bank}/"
+    return lambda key: key.startswith(prefix)
 
 
 class HotCache:

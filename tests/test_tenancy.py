@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from kvstore.bank import BankStore
+from kvstore.cache import resident_key
 from kvstore.sessions import sessions_of
 
 SECRET = "The vault code of the Acme account is 4417; only the finance team may read it."
@@ -179,6 +180,14 @@ def test_deleting_a_bank_drops_all_of_its_kv_from_memory(store: BankStore) -> No
     _workload(store, ["gone", "kept"])
     kept = _held(store, ["kept"])
     assert all(_held(store, ["gone"]).values()) and all(kept.values())
+    # GPU-resident copies (filled only on CUDA, so placed here by hand): keyed by bank, dropped with it.
+    with store.session() as s:
+        ids = {bank: store._bank(s, bank).id for bank in ("gone", "kept")}
+    probe = store.runner.encode([store.runner.tokenize(SECRET)])[0]
+    for bank_id in ids.values():
+        store.runner.resident.put(resident_key(bank_id, "probe"), probe)
     store.delete_bank("gone")
     assert store.kv_memory.nbytes == sum(kept.values())  # hot blocks, map KV and session states all gone
     assert _held(store, ["kept"]) == kept
+    assert resident_key(ids["gone"], "probe") not in store.runner.resident
+    assert resident_key(ids["kept"], "probe") in store.runner.resident
