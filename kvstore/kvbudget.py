@@ -130,7 +130,7 @@ class KVBudget:
             part = self._parts.setdefault((bank, kind), OrderedDict())
             part[key] = _Entry(item, size, next(self._ticks))
             self._account(bank, kind, size)
-            self._enforce(bank, kind)
+            self._enforce(bank, kind, key)
             return True
 
     def discard(self, bank: int, kind: str, key: Hashable) -> None:
@@ -185,31 +185,43 @@ class KVBudget:
         if entry is not None:
             self._account(bank, kind, -entry.nbytes)
 
-    def _evict_one(self, bank: int, kinds: tuple[str, ...]) -> None:
-        """Evict the least recently used entry of ``bank`` among ``kinds``."""
-        heads = [(next(iter(part.values())).tick, kind) for kind in kinds
-                 if (part := self._parts.get((bank, kind)))]
-        _, kind = min(heads)
-        key = next(iter(self._parts[(bank, kind)]))
+    def _evict_one(self, bank: int, kinds: tuple[str, ...], protect: tuple[int, str, Hashable] | None) -> bool:
+        """Evict the least recently used entry of ``bank`` among ``kinds``, never ``protect`` (the entry just
+        put: a cache that drops what it was just given is no cache); False when nothing else is there."""
+        heads = []
+        for kind in kinds:
+            for key, entry in itertools.islice(self._parts.get((bank, kind), {}).items(), 2):
+                if (bank, kind, key) != protect:
+                    heads.append((entry.tick, kind, key))
+                    break
+        if not heads:
+            return False
+        _, kind, key = min(heads, key=lambda h: h[0])
         self._remove(bank, kind, key)
+        return True
 
-    def _largest_bank(self, kind: str | None) -> int:
-        """The bank holding the most bytes (of ``kind``, or of all kinds)."""
+    def _evict_fairly(self, kind: str | None, protect: tuple[int, str, Hashable] | None) -> None:
+        """Evict from the bank holding the most bytes (of ``kind``, or of all kinds); ties go to the lowest
+        bank id (deterministic). A bank whose only entry is ``protect`` passes the turn to the next one."""
         def held(bank: int) -> int:
             return self._bank_used.get(bank, 0) if kind is None else self._part_used.get((bank, kind), 0)
-        # Ties go to the lowest bank id: deterministic, so a test (or an operator) can reason about it.
         banks = sorted({b for b, k in self._parts if (kind is None or k == kind) and self._parts[(b, k)]})
-        return max(banks, key=held)
+        for bank in sorted(banks, key=lambda b: -held(b)):
+            if self._evict_one(bank, KINDS if kind is None else (kind,), protect):
+                return
+        raise AssertionError("over a cap with only the protected entry left, which fits every cap")
 
-    def _enforce(self, bank: int | None, kind: str | None) -> None:
+    def _enforce(self, bank: int | None, kind: str | None, key: Hashable = None) -> None:
+        protect = (bank, kind, key) if bank is not None and kind is not None else None
         # Only the bank that grew can exceed its own cap; every bank when the cap itself was lowered.
         if self.bank_bytes is not None:
             for b in ([bank] if bank is not None else list(self._bank_used)):
                 while self._bank_used.get(b, 0) > self.bank_bytes:
-                    self._evict_one(b, KINDS)
+                    if not self._evict_one(b, KINDS, protect):
+                        raise AssertionError("a bank over its cap with only the protected entry left")
         for k in ([kind] if kind is not None else list(KINDS)):
             cap = self.kind_bytes.get(k)
             while cap is not None and self._kind_used[k] > cap:
-                self._evict_one(self._largest_bank(k), (k,))
+                self._evict_fairly(k, protect)
         while self._used > self.total_bytes:
-            self._evict_one(self._largest_bank(None), KINDS)
+            self._evict_fairly(None, protect)

@@ -96,3 +96,12 @@ def test_every_cap_holds_after_any_sequence(ops: list[tuple[str, int, str, int, 
         assert kv.kind_nbytes("blocks") == sum(u["blocks"]["bytes"] for u in usage.values()) <= block_cap
         if bank_cap is not None:
             assert all(sum(u[k]["bytes"] for k in KINDS) <= bank_cap for u in usage.values())
+
+
+def test_the_entry_just_put_is_never_its_own_victim() -> None:
+    kv = KVBudget(10_000, kind_bytes={"blocks": 500})
+    kv.put(2, "blocks", "a", Item(150))
+    kv.put(3, "blocks", "a", Item(150))
+    assert kv.put(1, "blocks", "big", Item(400))  # bank 1 now holds the most, but only what it was just given
+    assert kv.peek(1, "blocks", "big") is not None and kv.kind_nbytes("blocks") <= 500
+    assert kv.peek(2, "blocks", "a") is None and kv.peek(3, "blocks", "a") is None  # the next largest paid
