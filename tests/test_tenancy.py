@@ -161,7 +161,8 @@ def test_every_kv_in_memory_stays_within_one_budget_and_answers_do_not_change(
     assert _workload(tight, banks, budget) == expected
     now = _held(tight, banks)
     assert sum(now.values()) == tight.kv_memory.nbytes <= budget
-    assert tight.kv_memory.counters["map"].misses > len(banks)  # the map KV was evicted and prefilled again
+    # Each kind was evicted and rebuilt at least once (a first use per bank misses anyway).
+    assert all(tight.kv_memory.counters[kind].misses > len(banks) for kind in ("map", "sessions"))
 
 
 def test_a_per_bank_cap_keeps_each_bank_within_its_share(make_store: Callable[..., BankStore]) -> None:
