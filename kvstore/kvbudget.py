@@ -47,7 +47,8 @@ class KindCounters:
 
 
 class KVBudget:
-    """Entries keyed by (bank, kind, key) under a global, a per-bank and per-kind byte caps; thread-safe.
+    """Entries keyed by (bank, kind, key) under a global byte cap, an optional per-bank cap and per-kind caps;
+    thread-safe.
 
     Banks are the catalog's bank ids; a deleted bank's entries go with :meth:`drop_bank`.
     """
