@@ -93,6 +93,7 @@ def test_one_banks_deletes_and_evictions_never_change_another_bank(store: BankSt
     assert _seen(store, "b") == seen
     touch, again = _touch(store, "b")
     assert touch["hot_hits"] == 1 and again == answer
+    assert store.verify("b") == {"checked": 2, "rebuilt": 0}  # b's blobs, shared with a's, are all on disk
 
 
 def test_gpu_resident_copies_are_keyed_by_bank(store: BankStore) -> None:
