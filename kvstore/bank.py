@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from .attention_bias import measured_block_bias
 from .batching import BatchRequest, QuestionBatcher
 from .blobs import LocalBlobStore
-from .cache import HotCache
+from .cache import HotCache, bank_of_resident_key
 from .catalog import BankRow, BlockRow, DocumentRow, OpLogRow, open_catalog, utcnow
 from .chunking import chunk_text
 from .codec import check_choosable, decode_block, default_codec, encode_block, get_preset
@@ -46,6 +46,7 @@ from .errors import (
 )
 from .index import BankIndex
 from .keysummary import KeySummaries
+from .kvbudget import KVBudget
 from .memory import BlockInfo, MemoryManager, as_utc, block_page, expired_block_ids, record_access, tier_stats
 from .models import Embedder, LoadedModel, load_llm
 from .querylog import LoggedQuery, QueryLogEntry
@@ -128,7 +129,9 @@ class BankStore:
         self.sessions: sessionmaker[Session] = open_catalog(self.settings.resolved_database_url(), migrate=migrate,
                                                               settings=self.settings)
         self.blobs = LocalBlobStore(self.settings.data_dir / "blobs")
-        self.hot = HotCache(self.settings.hot_tier_bytes)
+        # Every KV kept in memory (hot tier, context-map KV, session states) shares one budget, per bank.
+        self.kv_memory = KVBudget(self.settings.kv_memory_bytes, bank_bytes=self.settings.kv_memory_bank_bytes)
+        self.hot = HotCache(self.settings.hot_tier_bytes, kv=self.kv_memory)
         self.memory = MemoryManager(self)
         self.context_map = ContextMaps(self)
         self.embedder = embedder or Embedder(self.settings)
@@ -332,6 +335,8 @@ class BankStore:
                 s.execute(delete(OpLogRow).where(OpLogRow.bank_id == row.id))
                 s.delete(row)
                 s.commit()
+            self.kv_memory.drop_bank(row.id)  # its hot blocks, map KV and session states
+            self.runner.resident.discard_where(bank_of_resident_key(row.id))  # and its GPU-resident copies
             self.drop_unreferenced(s, blob_ids)
             with self._index_lock:
                 self._indexes.pop(row.id, None)
@@ -359,7 +364,8 @@ class BankStore:
                              budget_bytes=bank.budget_bytes, max_blocks=bank.max_blocks, eviction=bank.eviction,
                              evictions=bank.evictions, merges=bank.merges, quarantined_blocks=int(quarantined),
                              index_entries=self.bank_index(bank).ntotal, reencodes=int(bank.reencodes or 0),
-                             tiers=tier_stats(s, bank.id, self.hot, bank.model_fingerprint))
+                             tiers=tier_stats(s, bank.id, self.hot, bank.model_fingerprint),
+                             memory=self.kv_memory.usage(bank.id))
 
     # -- documents --------------------------------------------------------------------------------
 
@@ -518,9 +524,11 @@ class BankStore:
         for blob_id in blob_ids:
             if not blob_id:
                 continue
-            if s.scalar(select(func.count()).select_from(BlockRow).where(BlockRow.blob_id == blob_id)) == 0:
+            holders = set(s.scalars(select(BlockRow.bank_id).where(BlockRow.blob_id == blob_id).distinct()))
+            if not holders:
                 self.blobs.delete(blob_id)
-                self.hot.discard(blob_id)
+            # Only the banks that no longer reference it lose their decoded copy: another bank's copy is its own.
+            self.hot.discard_everywhere(blob_id, keep=holders)
 
     def _doc(self, s: Session, bank: BankRow, doc_id: str, required: bool = True) -> DocumentRow | None:
         row = s.scalar(select(DocumentRow).where(DocumentRow.bank_id == bank.id, DocumentRow.doc_id == doc_id))
@@ -663,15 +671,14 @@ class BankStore:
         if block.blob_id is None:
             return self.memory.load_cold(bank, block)
         if block.blob_id:
-            cached = self.hot.get(block.blob_id)
+            cached = self.hot.get(bank.id, block.blob_id)
             if cached is not None:
                 self.memory.counters.hot_hits += 1
                 return cached
             try:
                 # Decoded where the model runs: on CUDA the compact sections cross the bus, not the dense KV.
                 kv = decode_block(self.blobs.get(block.blob_id), bank.model_fingerprint, device=self.llm.device)
-                kv.key = block.blob_id
-                self.hot.put(block.blob_id, kv)
+                kv = self.hot.put(bank.id, block.blob_id, kv)
                 self.memory.counters.warm_loads += 1
                 return kv
             except IncompatibleModel:
@@ -688,7 +695,7 @@ class BankStore:
         s.execute(update(BlockRow).where(BlockRow.id == block.id).values(status="quarantined"))
         s.commit()
         if block.blob_id:
-            self.hot.discard(block.blob_id)
+            self.hot.discard(bank.id, block.blob_id)
         self.note(bank.name, "corrupt_blocks")
 
     def _rebuild_block(self, s: Session, bank: BankRow, block: BlockRow) -> BlockKV:
@@ -709,9 +716,7 @@ class BankStore:
         except Exception as exc:  # noqa: BLE001 - a failed rebuild must not hide the answer we have
             s.rollback()
             raise CorruptBlock(f"block {block.id} could not be rebuilt: {exc}") from exc
-        decoded = decode_block(data, bank.model_fingerprint)
-        self.hot.put(blob_id, decoded)
-        return decoded
+        return self.hot.put(bank.id, blob_id, decode_block(data, bank.model_fingerprint))
 
     # -- query ------------------------------------------------------------------------------------
 

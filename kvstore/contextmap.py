@@ -406,10 +406,18 @@ class _CachedKV:
     token_ids: list[int]
     kv: BlockKV
 
+    @property
+    def nbytes(self) -> int:
+        return self.kv.nbytes
 
-def _kv_key(bank: BankRow) -> tuple[int, str]:
-    """Bank id and creation time: a deleted bank's id may come back (SQLite), its creation time does not."""
-    return bank.id, str(bank.created_at)
+
+_KIND = "map"  # its share of the process's KV budget (kvstore.kvbudget): evicted, it is prefilled again
+
+
+def _kv_key(bank: BankRow) -> str:
+    """Within the bank's partition, its creation time: a deleted bank's id may come back (SQLite), its creation
+    time does not."""
+    return str(bank.created_at)
 
 
 def _views(state: MapState) -> list[MapItem]:
@@ -450,8 +458,7 @@ class ContextMaps:
 
     def __init__(self, store: Engine) -> None:
         self.store = store
-        self._kv: dict[tuple[int, str], _CachedKV] = {}
-        self._kv_lock = threading.Lock()
+        self._kv = store.kv_memory
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
 
@@ -530,8 +537,7 @@ class ContextMaps:
                         s.rollback()  # a concurrent writer took this version (or held the SQLite lock)
                         continue
                     if render(result.state) != before:
-                        with self._kv_lock:
-                            self._kv.pop(_kv_key(bank_row), None)
+                        self._kv.discard(bank_row.id, _KIND, _kv_key(bank_row))
                     fresh = s.get(ContextMapRow, bank_row.id, populate_existing=True)
                     assert fresh is not None
                     return fresh, result
@@ -765,20 +771,17 @@ class ContextMaps:
         this map text has not been prefilled before."""
         head = self._head(s, bank)
         key = _kv_key(bank)
-        with self._kv_lock:
-            cached = self._kv.get(key)
+        cached = self._kv.get(bank.id, _KIND, key)
         if cached is not None and cached.version == head.version:
             return MapPrefill(head.version, cached.token_ids, cached.kv, 0)
         text = render(MapState.from_json(self._snapshot(s, bank.id, head.version).state))
         if not text:
             return MapPrefill(head.version, [], None, 0)
         if cached is not None and cached.text == text:  # e.g. only feedback changed: same text, same KV
-            with self._kv_lock:
-                self._kv[key] = replace(cached, version=head.version)
+            self._kv.put(bank.id, _KIND, key, replace(cached, version=head.version))
             return MapPrefill(head.version, cached.token_ids, cached.kv, 0)
         ids = self.store.runner.tokenize(text)
         with self.store.model_lock:
             kv = self.store.runner.encode([ids])[0]
-        with self._kv_lock:
-            self._kv[key] = _CachedKV(head.version, text, ids, kv)
+        self._kv.put(bank.id, _KIND, key, _CachedKV(head.version, text, ids, kv))
         return MapPrefill(head.version, ids, kv, len(ids))

@@ -2,8 +2,8 @@
 
 Tiers of a block:
 
-- **hot**: decoded KV in RAM (:class:`~kvstore.cache.HotCache`, keyed by blob id, LRU under
-  ``KVRAG_HOT_TIER_BYTES``);
+- **hot**: decoded KV in RAM (:class:`~kvstore.cache.HotCache`, per bank, keyed by blob id, LRU under
+  ``KVRAG_HOT_TIER_BYTES`` within the process's KV budget, :mod:`kvstore.kvbudget`);
 - **warm**: the compressed blob on disk (``BlockRow.blob_id`` set);
 - **cold**: text, token ids and embedding only (``blob_id`` None). A query that retrieves a cold
   block prefills its tokens after the shared prefix on the fly, which is exactly how the block was
@@ -304,7 +304,8 @@ def plan_merges(ids: np.ndarray, vectors: np.ndarray, tokens: dict[int, list[int
 
 
 def cold_key(fingerprint: str, token_ids: bytes) -> str:
-    """Hot-tier key of a cold block's on-the-fly KV: by content, so duplicates share it."""
+    """Hot-tier key of a cold block's on-the-fly KV: by content, so duplicates within a bank share it (the
+    hot tier is partitioned by bank, so other banks never do)."""
     return "cold-" + hashlib.sha256(fingerprint.encode() + token_ids).hexdigest()
 
 
@@ -323,7 +324,7 @@ def tier_stats(s: Session, bank_id: int, hot: HotCache, fingerprint: str) -> dic
     hot_blocks = warm_blocks = cold_blocks = cold_bytes = 0
     for blob_id, stored, token_ids, text_len, emb_len in rows:
         key = blob_id or cold_key(fingerprint, token_ids)
-        if key in hot:
+        if hot.contains(bank_id, key):  # this bank's copy only: another bank's use of the text never shows
             hot_blocks += 1
             hot_keys.add(key)
         if blob_id:
@@ -332,7 +333,7 @@ def tier_stats(s: Session, bank_id: int, hot: HotCache, fingerprint: str) -> dic
         else:
             cold_blocks += 1
             cold_bytes += len(token_ids) + int(text_len or 0) + int(emb_len or 0)
-    return {"hot": {"blocks": hot_blocks, "bytes": sum(hot.size_of(k) for k in hot_keys)},
+    return {"hot": {"blocks": hot_blocks, "bytes": sum(hot.size_of(bank_id, k) for k in hot_keys)},
             "warm": {"blocks": warm_blocks, "bytes": sum(warm_bytes.values())},
             "cold": {"blocks": cold_blocks, "bytes": cold_bytes}}
 
@@ -373,7 +374,7 @@ def block_page(s: Session, bank: BankRow, hot: HotCache, config: MemoryConfig, *
     page = []
     for r in rows[:limit]:
         key = r.blob_id or cold_key(bank.model_fingerprint, r.token_ids)
-        tier = "hot" if key in hot else ("warm" if r.blob_id else "cold")
+        tier = "hot" if hot.contains(bank.id, key) else ("warm" if r.blob_id else "cold")
         page.append(BlockInfo(block_id=r.id, doc_id=r.doc_id, ordinal=r.ordinal, tokens=r.token_count, tier=tier,
                               status=r.status, codec=r.codec, raw_bytes=int(r.raw_bytes),
                               stored_bytes=int(r.stored_bytes) if r.blob_id else 0,
@@ -415,16 +416,15 @@ class MemoryManager:
         """KV of a cold block: prefill its tokens after the prefix (as at ingest), cached in the hot tier."""
         store = self.store
         key = cold_key(bank.model_fingerprint, block.token_ids)
-        kv = store.hot.get(key)
+        kv = store.hot.get(bank.id, key)
         if kv is not None:
             self.counters.hot_hits += 1
             return kv
         ids = np.frombuffer(block.token_ids, dtype="<i4").astype(int).tolist()
         with store.model_lock:
             kv = store.runner.encode([ids])[0]
-        store.hot.put(key, kv)
         self.counters.cold_encodes += 1
-        return kv
+        return store.hot.put(bank.id, key, kv)
 
     def attention_shares(self, ctx: Context, question_ids: Sequence[int], kvs: Sequence[BlockKV],
                          recorded: Callable[[], torch.Tensor | None] | None = None) -> list[float] | None:
@@ -475,8 +475,8 @@ class MemoryManager:
                 s.execute(update(BlockRow).where(BlockRow.id == row.id, BlockRow.blob_id.is_(None)).values(
                     blob_id=blob_id, stored_bytes=len(data), codec=bank.codec,
                     kv_summary=store.summaries.build(kv, bank.model_fingerprint)))
-                store.hot.discard(cold_key(bank.model_fingerprint, row.token_ids))
-                store.hot.put(blob_id, kv)
+                store.hot.discard(bank.id, cold_key(bank.model_fingerprint, row.token_ids))
+                store.hot.put(bank.id, blob_id, kv)
             s.execute(update(BankRow).where(BankRow.id == bank.id).values(reencodes=BankRow.reencodes + len(cold)))
             s.commit()
             self.counters.rewarms += len(cold)
@@ -637,7 +637,7 @@ class MemoryManager:
                 except FileNotFoundError:
                     continue
                 store.blobs.delete(blob_id)
-                store.hot.discard(blob_id)
+                store.hot.discard_everywhere(blob_id)
                 removed += 1
         return removed
 

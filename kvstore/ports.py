@@ -20,6 +20,7 @@ from .cache import HotCache
 from .catalog import BankRow, BlockRow
 from .config import Settings
 from .index import BankIndex
+from .kvbudget import KVBudget
 from .models import LoadedModel
 from .runner import BlockKV, Runner
 from .types import Hit, SearchFilter
@@ -38,6 +39,7 @@ class Engine(Protocol):
     sessions: sessionmaker[Session]
     blobs: LocalBlobStore
     hot: HotCache
+    kv_memory: KVBudget  # one byte budget over every KV kept in RAM, partitioned by bank
     llm: LoadedModel
     runner: Runner
     model_lock: threading.Lock

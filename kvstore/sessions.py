@@ -28,7 +28,6 @@ import re
 import threading
 import time
 import uuid
-from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -82,7 +81,7 @@ ROLES = ("orchestrator", "tool", "worker", "note")
 SESSION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 MAX_SEGMENTS_PER_APPEND = 256
 ATTENTION_HISTORY = 64  # per-segment brief records kept; the attention prune looks at the last ``window``
-_STATE_CACHE_SESSIONS = 8  # live KV states kept decoded in memory (the sessions being worked on)
+_STATE_KIND = "sessions"  # live KV states are kept within the process's KV budget (kvstore.kvbudget)
 _JUDGE_SNIPPET_CHARS = 400  # how much of each segment the prune judge reads
 
 Role = Literal["orchestrator", "tool", "worker", "note"]
@@ -254,6 +253,10 @@ class SessionKV:
     @property
     def tokens(self) -> int:
         return self.kv.tokens
+
+    @property
+    def nbytes(self) -> int:
+        return self.kv.nbytes + self.positions.numel() * self.positions.element_size()
 
 
 def _concat(runner: Runner, parts: Sequence[BlockKV]) -> BlockKV:
@@ -440,8 +443,7 @@ class SessionStore:
         self.runner: Runner = store.runner
         self.blobs = LocalBlobStore(store.settings.data_dir / "session-blobs")
         self._write_lock = threading.Lock()  # appends and prunes of this process, one at a time
-        self._states: OrderedDict[int, SessionKV] = OrderedDict()
-        self._states_lock = threading.Lock()
+        self._states = store.kv_memory
 
     # -- rows -------------------------------------------------------------------------------------
 
@@ -539,7 +541,7 @@ class SessionStore:
             s.execute(delete(SessionSegmentRow).where(SessionSegmentRow.session_pk == row.id))
             s.delete(row)
             s.commit()
-            self._forget_state(row.id)
+            self._forget_state(bank_row.id, row.id)
             self.drop_unreferenced(s, blob_ids)
 
     @contextmanager
@@ -555,7 +557,7 @@ class SessionStore:
                 SessionSegmentRow.session_pk.in_(session_pks)))) if session_pks else set()
             yield
             for pk in session_pks:
-                self._forget_state(pk)
+                self._forget_state(bank_id, pk)
             self.drop_unreferenced(s, blob_ids)
 
     def collect_orphans(self, grace_s: float) -> int:
@@ -591,24 +593,19 @@ class SessionStore:
 
     # -- live KV ----------------------------------------------------------------------------------
 
-    def _forget_state(self, session_pk: int) -> None:
-        with self._states_lock:
-            self._states.pop(session_pk, None)
+    def _forget_state(self, bank_id: int, session_pk: int) -> None:
+        self._states.discard(bank_id, _STATE_KIND, session_pk)
 
-    def _remember_state(self, session_pk: int, state: SessionKV) -> None:
-        with self._states_lock:
-            self._states[session_pk] = state
-            self._states.move_to_end(session_pk)
-            while len(self._states) > _STATE_CACHE_SESSIONS:
-                self._states.popitem(last=False)
+    def _remember_state(self, bank_id: int, session_pk: int, state: SessionKV) -> None:
+        """Keep the state within the KV budget; evicted, it is decoded from the blobs again when next used."""
+        self._states.put(bank_id, _STATE_KIND, session_pk, state)
 
     def _state(self, s: Session, bank: BankRow, session: AgentSessionRow) -> SessionKV:
         """The live KV: the in-memory copy when it matches the catalog's live segments, else from the blobs."""
         live = self._segments(s, session, live_only=True)
         ids = tuple(g.id for g in live)
-        with self._states_lock:
-            cached = self._states.get(session.id)
-        if cached is not None and cached.segment_ids == ids:
+        cached = self._states.get(bank.id, _STATE_KIND, session.id)
+        if isinstance(cached, SessionKV) and cached.segment_ids == ids:
             return cached
         pages = s.scalars(select(SessionPageRow).where(SessionPageRow.segment_pk.in_(ids)).order_by(
             SessionPageRow.segment_pk, SessionPageRow.ordinal)).all() if ids else []
@@ -631,7 +628,7 @@ class SessionStore:
                           positions=torch.cat(positions) if positions else torch.zeros(
                               0, dtype=torch.long, device=self.runner.llm.device),
                           spans=spans)
-        self._remember_state(session.id, state)
+        self._remember_state(bank.id, session.id, state)
         return state
 
     def _context(self, state: SessionKV, next_offset: int, extra: BlockKV | None = None,
@@ -724,7 +721,7 @@ class SessionStore:
             spans = list(state.spans)
             for ids in token_ids:
                 spans.append((spans[-1][0] + spans[-1][1] if spans else 0, len(ids)))
-            self._remember_state(session.id, SessionKV(
+            self._remember_state(bank_row.id, session.id, SessionKV(
                 segment_ids=state.segment_ids + tuple(r.id for r in rows), kv=_concat(runner, [state.kv, *decoded]),
                 positions=torch.cat((state.positions, torch.arange(base, start, device=state.positions.device))),
                 spans=spans))

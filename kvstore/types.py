@@ -41,6 +41,8 @@ class BankStats:
     index_entries: int
     reencodes: int = 0
     tiers: dict[str, dict[str, int]] = field(default_factory=dict)  # hot / warm / cold: blocks and bytes
+    # KV this bank holds in memory, per kind (blocks / map / sessions): entries and bytes (kvstore.kvbudget).
+    memory: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
 @dataclass

@@ -104,6 +104,10 @@ class BankDetail(BankOut):
     reencodes: int = 0
     tiers: dict[str, dict[str, int]] = Field(
         default_factory=dict, description="hot / warm / cold tiers, each with its blocks and bytes")
+    memory: dict[str, dict[str, int]] = Field(
+        default_factory=dict, description="KV this bank holds in memory, per kind (blocks: the hot tier, map: the "
+                                          "context map's KV, sessions: agent sessions' live KV), each with its "
+                                          "entries and bytes; within KVRAG_KV_MEMORY_BYTES")
 
 
 class BankList(BaseModel):

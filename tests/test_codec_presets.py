@@ -230,7 +230,7 @@ def test_blocks_keep_their_preset_after_the_bank_default_changes(make_store: Cal
         rows = s.scalars(select(BlockRow).where(BlockRow.bank_id == bank.id).order_by(BlockRow.id)).all()
         assert [r.codec for r in rows] == [first, "fp16"]
         for row in rows:
-            store.hot.discard(row.blob_id)
+            store.hot.discard(bank.id, row.blob_id)
             header, _, _ = read_header(store.blobs.get(row.blob_id))
             assert header.codec == row.codec
             kv = store.load_block(s, bank, row)
