@@ -85,7 +85,7 @@ def query_ttft(local: BankStore, remote: BankStore, questions: list[str], k: int
 
 def start_replica(i: int, root: Path, env: dict[str, str]) -> tuple[subprocess.Popen[bytes], str]:
     """``kvrag serve`` on a free loopback port with its own data dir; returns the process and its URL."""
-    from tests.seaweed import free_ports
+    from kvstore.testing.seaweed import free_ports
 
     port = free_ports(1)[0]
     log = open(root / f"replica-{i}.log", "wb")  # noqa: SIM115 - the process owns it until it exits
@@ -155,7 +155,7 @@ def main() -> None:
     paragraphs = list(squad.paragraphs[:args.paragraphs])
     questions = [q.text for q in pick_questions([q for q in squad.questions if q.paragraph < len(paragraphs)],
                                                 args.questions)]
-    from tests.seaweed import start_seaweed
+    from kvstore.testing.seaweed import start_seaweed
 
     with tempfile.TemporaryDirectory(prefix="kvrag-scale-replicas-") as tmp, database() as db_url:
         root = Path(tmp)

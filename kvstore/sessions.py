@@ -28,7 +28,6 @@ import re
 import threading
 import time
 import uuid
-from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -76,13 +75,14 @@ from .runner import BlockKV, Context, Runner
 from .storage.blobstore import BlobStore, open_blob_store
 
 if TYPE_CHECKING:
-    from .bank import BankStore, Hit
+    from .ports import Engine
+    from .types import Hit
 
 ROLES = ("orchestrator", "tool", "worker", "note")
 SESSION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 MAX_SEGMENTS_PER_APPEND = 256
 ATTENTION_HISTORY = 64  # per-segment brief records kept; the attention prune looks at the last ``window``
-_STATE_CACHE_SESSIONS = 8  # live KV states kept decoded in memory (the sessions being worked on)
+_STATE_KIND = "sessions"  # live KV states are kept within the process's KV budget (kvstore.kvbudget)
 _JUDGE_SNIPPET_CHARS = 400  # how much of each segment the prune judge reads
 
 Role = Literal["orchestrator", "tool", "worker", "note"]
@@ -255,6 +255,10 @@ class SessionKV:
     def tokens(self) -> int:
         return self.kv.tokens
 
+    @property
+    def nbytes(self) -> int:
+        return self.kv.nbytes + self.positions.numel() * self.positions.element_size()
+
 
 def _concat(runner: Runner, parts: Sequence[BlockKV]) -> BlockKV:
     """The parts one after another, fp32 on the model's device."""
@@ -418,11 +422,11 @@ class HttpJudge:
 # -- the store ----------------------------------------------------------------------------------
 
 
-_STORES: WeakKeyDictionary[BankStore, SessionStore] = WeakKeyDictionary()
+_STORES: WeakKeyDictionary[Engine, SessionStore] = WeakKeyDictionary()
 _STORES_LOCK = threading.Lock()
 
 
-def sessions_of(store: BankStore) -> SessionStore:
+def sessions_of(store: Engine) -> SessionStore:
     """The one ``SessionStore`` of a ``BankStore`` (made on first use)."""
     with _STORES_LOCK:
         found = _STORES.get(store)
@@ -434,7 +438,7 @@ def sessions_of(store: BankStore) -> SessionStore:
 class SessionStore:
     """Sessions of every bank of one ``BankStore``: same catalog, model and model lock."""
 
-    def __init__(self, store: BankStore) -> None:
+    def __init__(self, store: Engine) -> None:
         self.store = store
         self.settings = store.settings
         self.runner: Runner = store.runner
@@ -443,12 +447,11 @@ class SessionStore:
                                                 cache_bytes=settings.blob_cache_bytes,
                                                 allow_http=settings.blob_allow_http)
         self._write_lock = threading.Lock()  # appends and prunes of this process, one at a time
-        self._states: OrderedDict[int, SessionKV] = OrderedDict()
-        self._states_lock = threading.Lock()
+        self._states = store.kv_memory
 
     # -- rows -------------------------------------------------------------------------------------
 
-    def _bank(self, s: Session, name: str) -> BankRow:
+    def bank_row(self, s: Session, name: str) -> BankRow:
         row = s.scalar(select(BankRow).where(BankRow.name == name)) if isinstance(name, str) else None
         if row is None:
             raise NotFound(f"bank {name!r} not found")
@@ -483,7 +486,7 @@ class SessionStore:
         if metadata and len(json.dumps(metadata)) > self.settings.max_metadata_bytes:
             raise ValidationFailed(f"metadata exceeds {self.settings.max_metadata_bytes} bytes")
         with self.store.sessions() as s:
-            bank_row = self._bank(s, bank)
+            bank_row = self.bank_row(s, bank)
             row = AgentSessionRow(bank_id=bank_row.id, session_id=session_id, meta=metadata or {}, agent=agent,
                                   positions=0)
             s.add(row)
@@ -495,7 +498,7 @@ class SessionStore:
 
     def get(self, bank: str, session_id: str, *, with_text: bool = True) -> SessionInfo:
         with self.store.sessions() as s:
-            bank_row = self._bank(s, bank)
+            bank_row = self.bank_row(s, bank)
             return self._info(s, bank_row, self._session(s, bank_row, session_id), with_text)
 
     def list_sessions(self, bank: str, *, cursor: str | None = None, limit: int = 50
@@ -505,7 +508,7 @@ class SessionStore:
         if limit < 1 or limit > 1000:
             raise ValidationFailed("limit must be between 1 and 1000")
         with self.store.sessions() as s:
-            bank_row = self._bank(s, bank)
+            bank_row = self.bank_row(s, bank)
             q = select(AgentSessionRow).where(AgentSessionRow.bank_id == bank_row.id)
             if cursor:
                 q = q.where(AgentSessionRow.session_id > cursor)
@@ -532,7 +535,7 @@ class SessionStore:
     def delete(self, bank: str, session_id: str) -> None:
         """Delete a session with its segments and the blobs no other session shares."""
         with self.store.sessions() as s, self._write_lock:
-            bank_row = self._bank(s, bank)
+            bank_row = self.bank_row(s, bank)
             row = self._session(s, bank_row, session_id)
             blob_ids = set(s.scalars(select(SessionPageRow.blob_id).join(
                 SessionSegmentRow, SessionSegmentRow.id == SessionPageRow.segment_pk).where(
@@ -542,8 +545,8 @@ class SessionStore:
             s.execute(delete(SessionSegmentRow).where(SessionSegmentRow.session_pk == row.id))
             s.delete(row)
             s.commit()
-            self._forget_state(row.id)
-            self._drop_unreferenced(s, blob_ids)
+            self._forget_state(bank_row.id, row.id)
+            self.drop_unreferenced(s, blob_ids)
 
     @contextmanager
     def deleting_bank(self, s: Session, bank_id: int) -> Iterator[None]:
@@ -558,8 +561,8 @@ class SessionStore:
                 SessionSegmentRow.session_pk.in_(session_pks)))) if session_pks else set()
             yield
             for pk in session_pks:
-                self._forget_state(pk)
-            self._drop_unreferenced(s, blob_ids)
+                self._forget_state(bank_id, pk)
+            self.drop_unreferenced(s, blob_ids)
 
     def collect_orphans(self, grace_s: float) -> int:
         """Delete session blobs no page references, older than ``grace_s`` seconds: an append writes its
@@ -593,24 +596,19 @@ class SessionStore:
 
     # -- live KV ----------------------------------------------------------------------------------
 
-    def _forget_state(self, session_pk: int) -> None:
-        with self._states_lock:
-            self._states.pop(session_pk, None)
+    def _forget_state(self, bank_id: int, session_pk: int) -> None:
+        self._states.discard(bank_id, _STATE_KIND, session_pk)
 
-    def _remember_state(self, session_pk: int, state: SessionKV) -> None:
-        with self._states_lock:
-            self._states[session_pk] = state
-            self._states.move_to_end(session_pk)
-            while len(self._states) > _STATE_CACHE_SESSIONS:
-                self._states.popitem(last=False)
+    def _remember_state(self, bank_id: int, session_pk: int, state: SessionKV) -> None:
+        """Keep the state within the KV budget; evicted, it is decoded from the blobs again when next used."""
+        self._states.put(bank_id, _STATE_KIND, session_pk, state)
 
     def _state(self, s: Session, bank: BankRow, session: AgentSessionRow) -> SessionKV:
         """The live KV: the in-memory copy when it matches the catalog's live segments, else from the blobs."""
         live = self._segments(s, session, live_only=True)
         ids = tuple(g.id for g in live)
-        with self._states_lock:
-            cached = self._states.get(session.id)
-        if cached is not None and cached.segment_ids == ids:
+        cached = self._states.get(bank.id, _STATE_KIND, session.id)
+        if isinstance(cached, SessionKV) and cached.segment_ids == ids:
             return cached
         pages = s.scalars(select(SessionPageRow).where(SessionPageRow.segment_pk.in_(ids)).order_by(
             SessionPageRow.segment_pk, SessionPageRow.ordinal)).all() if ids else []
@@ -633,7 +631,7 @@ class SessionStore:
                           positions=torch.cat(positions) if positions else torch.zeros(
                               0, dtype=torch.long, device=self.runner.llm.device),
                           spans=spans)
-        self._remember_state(session.id, state)
+        self._remember_state(bank.id, session.id, state)
         return state
 
     def _context(self, state: SessionKV, next_offset: int, extra: BlockKV | None = None,
@@ -673,7 +671,7 @@ class SessionStore:
         runner = self.runner
         token_ids = [runner.tokenize(render_segment(g.role, g.text, g.agent or agent)) for g in segs]
         with self.store.sessions() as s, self._write_lock:
-            bank_row = self._bank(s, bank)
+            bank_row = self.bank_row(s, bank)
             session = self._session(s, bank_row, session_id)
             state = self._state(s, bank_row, session)
             base = session.positions
@@ -727,7 +725,7 @@ class SessionStore:
             spans = list(state.spans)
             for ids in token_ids:
                 spans.append((spans[-1][0] + spans[-1][1] if spans else 0, len(ids)))
-            self._remember_state(session.id, SessionKV(
+            self._remember_state(bank_row.id, session.id, SessionKV(
                 segment_ids=state.segment_ids + tuple(r.id for r in rows), kv=_concat(runner, [state.kv, *decoded]),
                 positions=torch.cat((state.positions, torch.arange(base, start, device=state.positions.device))),
                 spans=spans))
@@ -762,7 +760,7 @@ class SessionStore:
         runner = self.runner
         task_ids = runner.question_ids(task)
         with self.store.sessions() as s:
-            bank_row = self._bank(s, bank)
+            bank_row = self.bank_row(s, bank)
             session = self._session(s, bank_row, session_id)
             state = self._state(s, bank_row, session)
             hits, docs = self._documents(s, bank, bank_row, task, include_documents)
@@ -789,7 +787,7 @@ class SessionStore:
         spec = CompactionSpec(tau=tau, budget_tokens=budget_tokens) if tau is not None or budget_tokens is not None \
             else None
         with self.store.sessions() as s:
-            bank_row = self._bank(s, bank)
+            bank_row = self.bank_row(s, bank)
             session = self._session(s, bank_row, session_id)
             state = self._state(s, bank_row, session)
             with self.store.model_lock:
@@ -873,7 +871,7 @@ class SessionStore:
         if goal is not None and not isinstance(goal, str):
             raise ValidationFailed("goal must be a string")
         with self.store.sessions() as s:
-            bank_row = self._bank(s, bank)
+            bank_row = self.bank_row(s, bank)
             session = self._session(s, bank_row, session_id)
             live = self._segments(s, session, live_only=True)
         before = sum(g.token_count for g in live)
@@ -902,7 +900,7 @@ class SessionStore:
         if not segment_pks:
             return []
         with self.store.sessions() as s, self._write_lock:
-            bank_row = self._bank(s, bank)
+            bank_row = self.bank_row(s, bank)
             session = self._session(s, bank_row, session_id)
             rows = s.scalars(select(SessionSegmentRow).where(
                 SessionSegmentRow.id.in_(list(segment_pks)), SessionSegmentRow.session_pk == session.id,
@@ -915,10 +913,10 @@ class SessionStore:
                 r.pruned_at, r.prune_reason = now, reason
             session.updated_at = now
             s.commit()
-            self._drop_unreferenced(s, blob_ids)
+            self.drop_unreferenced(s, blob_ids)
             return sorted(r.ordinal for r in rows)
 
-    def _drop_unreferenced(self, s: Session, blob_ids: set[str]) -> None:
+    def drop_unreferenced(self, s: Session, blob_ids: set[str]) -> None:
         if not blob_ids:
             return
         blob_gc_lock(s, exclusive=True)

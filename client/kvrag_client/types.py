@@ -96,6 +96,7 @@ class Bank(Model):
     merges: int | None = None
     reencodes: int | None = None
     tiers: dict[str, dict[str, int]] | None = None  # hot / warm / cold: {"blocks": n, "bytes": n}
+    memory: dict[str, dict[str, int]] | None = None  # KV in server memory: blocks / map / sessions: entries, bytes
     quarantined_blocks: int | None = None
     index_entries: int | None = None
     context_map_budget_tokens: int | None = None
