@@ -141,7 +141,7 @@ def test_a_brief_keeps_by_default_what_the_segment_selection_picks(sessions: Ses
     sessions.append("agents", "s", SEGMENTS)
     budget = sessions.get("agents", "s").tokens // 2
     with sessions.store.sessions() as s:
-        bank = sessions._bank(s, "agents")
+        bank = sessions.bank_row(s, "agents")
         session = sessions._session(s, bank, "s")
         state, positions = sessions._state(s, bank, session), session.positions
     with sessions.store.model_lock:
@@ -409,7 +409,7 @@ def test_appends_from_two_processes_continue_one_trajectory(make_store: Callable
     whole = _whole_prefill(a)
     for ss in (a, b):
         with ss.store.session() as s:
-            bank = ss._bank(s, "agents")
+            bank = ss.bank_row(s, "agents")
             state = ss._state(s, bank, ss._session(s, bank, "s"))
         assert state.positions.tolist() == list(range(whole.tokens))
         assert (state.kv.k - whole.k).abs().max() <= 2e-3 * whole.k.abs().max()
