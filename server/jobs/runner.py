@@ -161,6 +161,7 @@ class JobRunner:
                 await self._stopped(ctx)
             else:
                 detail = exc.detail if isinstance(exc, JobError) else f"{exc.code}: {exc.detail}"
+                log.warning("job %s failed: %s", claimed.id, detail)  # in full for the operator; shown redacted
                 partial_result = exc.result if isinstance(exc, JobError) else None
                 await run_in_threadpool(partial(jobs.finish, sessions, claimed.id, self.id, "failed", error=detail,
                                                 result=partial_result))
