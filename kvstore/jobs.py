@@ -185,8 +185,10 @@ def renew(sessions: sessionmaker[Session], job_id: str, runner: str, lease_s: fl
 
 
 def checkpoint(sessions: sessionmaker[Session], job_id: str, runner: str, *, done: int | None = None,
-               total: int | None = None, step: str | None = None, state: dict[str, Any] | None = None) -> bool:
-    """Record progress and the resume state together (fenced on the lease); False when the lease is lost."""
+               total: int | None = None, step: str | None = None,
+               state: dict[str, Any] | None = None) -> tuple[bool, bool]:
+    """Record progress and the resume state together (fenced on the lease); returns (still held, cancel
+    requested), so a cancel is seen at the next checkpoint rather than the next lease renewal."""
     values: dict[str, Any] = {"updated_at": utcnow()}
     for name, value in (("done", done), ("total", total), ("step", step), ("state", state)):
         if value is not None:
@@ -194,7 +196,8 @@ def checkpoint(sessions: sessionmaker[Session], job_id: str, runner: str, *, don
     with sessions() as s:
         held = _changed(s, update(JobRow).where(_mine(job_id, runner)).values(**values)) == 1
         s.commit()
-        return held
+        cancel = bool(s.scalar(select(JobRow.cancel_requested).where(JobRow.id == job_id)))
+        return held, cancel
 
 
 def finish(sessions: sessionmaker[Session], job_id: str, runner: str, status: JobStatus, *,

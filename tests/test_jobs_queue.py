@@ -43,7 +43,7 @@ def test_claim_lease_checkpoint_finish(catalog_url: str) -> None:
     claimed = jobs.claim(sessions, "runner-a", 30.0, KINDS)
     assert claimed is not None and claimed.id == job_id and claimed.input == {"options": {"n": 0}}
     assert claimed.attempts == 1 and jobs.claim(sessions, "runner-b", 30.0, KINDS) is None  # nothing else queued
-    assert jobs.checkpoint(sessions, job_id, "runner-a", done=1, step="gc", state={"done": 1})
+    assert jobs.checkpoint(sessions, job_id, "runner-a", done=1, step="gc", state={"done": 1}) == (True, False)
     assert jobs.renew(sessions, job_id, "runner-a", 30.0) == (True, False)
     info = jobs.get_job(sessions, job_id)
     assert (info.status, info.done, info.step) == ("running", 1, "gc")
@@ -58,15 +58,15 @@ def test_claim_lease_checkpoint_finish(catalog_url: str) -> None:
 def test_an_expired_lease_is_resumed_and_the_old_runner_is_fenced_off(catalog_url: str) -> None:
     sessions = _sessions(catalog_url, migrate=True)
     [job_id] = _enqueue(sessions, 1)
-    assert jobs.claim(sessions, "dead", 0.05, KINDS) is not None
-    assert jobs.checkpoint(sessions, job_id, "dead", done=3, state={"done": 3})
+    assert jobs.claim(sessions, "dead", 1.0, KINDS) is not None
+    assert jobs.checkpoint(sessions, job_id, "dead", done=3, state={"done": 3}) == (True, False)
     assert jobs.recover_expired(sessions, max_attempts=3) == {"resumed": 0, "failed": 0, "cancelled": 0}  # still held
-    time.sleep(0.1)
+    time.sleep(1.1)
     assert jobs.recover_expired(sessions, max_attempts=3) == {"resumed": 1, "failed": 0, "cancelled": 0}
     again = jobs.claim(sessions, "alive", 30.0, KINDS)
     assert again is not None and again.attempts == 2 and again.state == {"done": 3} and again.done == 3
     # The first runner wakes up: nothing it writes lands, and it learns it lost the job.
-    assert not jobs.checkpoint(sessions, job_id, "dead", done=9)
+    assert jobs.checkpoint(sessions, job_id, "dead", done=9) == (False, False)
     assert not jobs.finish(sessions, job_id, "dead", "failed", error="late")
     assert jobs.renew(sessions, job_id, "dead", 30.0) == (False, False)
     assert jobs.finish(sessions, job_id, "alive", "succeeded", result={})

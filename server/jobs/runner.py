@@ -59,6 +59,7 @@ class JobContext:
     runner: JobRunner
     lost: bool = False
     cancel: bool = False
+    state: dict[str, Any] | None = None  # the newest resume state, kept as the result of a cancelled job
     _written_at: float = field(default=0.0)
 
     def should_stop(self) -> bool:
@@ -70,6 +71,8 @@ class JobContext:
             try:
                 return await self.worker.run(fn)
             except Unavailable:
+                if self.should_stop():
+                    raise JobStopped from None
                 await asyncio.sleep(retry_s)
 
     async def progress(self, *, done: int | None = None, total: int | None = None, step: str | None = None,
@@ -77,12 +80,14 @@ class JobContext:
         """Record progress with the resume state (at most every ``CHECKPOINT_EVERY_S`` unless ``force``), then
         stop here (``JobStopped``) if the job must stop. Progress and state are written together, so a resume
         never redoes more than what came after the last checkpoint."""
+        self.state = state if state is not None else self.state
         due = force or self.should_stop() or time.monotonic() - self._written_at >= CHECKPOINT_EVERY_S
         if due and not self.lost:
-            held = await run_in_threadpool(partial(jobs.checkpoint, self.store.sessions, self.job.id,
-                                                   self.runner.id, done=done, total=total, step=step, state=state))
+            held, cancel = await run_in_threadpool(partial(
+                jobs.checkpoint, self.store.sessions, self.job.id, self.runner.id, done=done, total=total,
+                step=step, state=state))
             self._written_at = time.monotonic()
-            self.lost = self.lost or not held
+            self.lost, self.cancel = self.lost or not held, self.cancel or cancel
         if self.should_stop():
             raise JobStopped
 
@@ -112,6 +117,7 @@ class JobRunner:
 
     async def _loop(self) -> None:
         while not self.stopping:
+            self._wake.clear()  # before looking, so a job queued meanwhile wakes the wait below
             try:
                 await self._housekeeping()
                 claimed = await run_in_threadpool(partial(jobs.claim, self.store.sessions, self.id,
@@ -126,7 +132,6 @@ class JobRunner:
                 raise
             except Exception:  # noqa: BLE001 - a catalog hiccup must not end the runner; try again next poll
                 log.exception("job runner: poll failed")
-            self._wake.clear()
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout=self.settings.job_poll_s)
             except TimeoutError:
@@ -145,7 +150,8 @@ class JobRunner:
             self._next_purge = time.monotonic() + min(self.settings.job_retention_s / 2, 60.0)
 
     async def _run(self, claimed: jobs.ClaimedJob) -> None:
-        ctx = JobContext(job=claimed, store=self.store, worker=self.worker, settings=self.settings, runner=self)
+        ctx = JobContext(job=claimed, store=self.store, worker=self.worker, settings=self.settings, runner=self,
+                         state=claimed.state or None)
         self._current = ctx
         heartbeat = asyncio.create_task(self._heartbeat(ctx))
         sessions = self.store.sessions
@@ -185,8 +191,9 @@ class JobRunner:
         sessions, job_id = self.store.sessions, ctx.job.id
         if ctx.lost:
             log.warning("job %s: lease lost to another runner; stopped without writing", job_id)
-        elif ctx.cancel:
-            await run_in_threadpool(partial(jobs.finish, sessions, job_id, self.id, "cancelled"))
+        elif ctx.cancel:  # what the finished steps did stays done: their part of the result is kept
+            await run_in_threadpool(partial(jobs.finish, sessions, job_id, self.id, "cancelled",
+                                            result=ctx.state or {}))
             log.info("job %s cancelled", job_id)
         else:
             await run_in_threadpool(partial(jobs.release, sessions, job_id, self.id))

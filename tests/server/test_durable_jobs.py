@@ -73,6 +73,7 @@ def test_cancel_a_running_and_a_queued_job(live: LiveServer) -> None:
         assert r.status_code == 200 and r.json()["cancel_requested"] is True, r.text
         stopped = wait_job(c, running)
         assert stopped["status"] == "cancelled" and stopped["done"] < 200, stopped
+        assert 0 < len(stopped["result"]["results"]) < 200  # what it wrote before stopping is reported
         again = c.post(f"/v1/jobs/{running}/cancel")
         assert again.status_code == 200 and again.json()["status"] == "cancelled"  # cancelling twice: same answer
         time.sleep(0.3)
