@@ -12,7 +12,13 @@ from kvstore import jobs
 from kvstore.bank import BankStore
 
 from ..auth import Principal
-from ..schemas import JobAccepted
+from ..schemas import ErrorOut, JobAccepted
+
+# The answers of a route that queues a job, for its OpenAPI responses.
+JOB_RESPONSES: dict[int | str, dict[str, Any]] = {
+    202: {"model": JobAccepted, "description": "Accepted as a durable job: poll GET /v1/jobs/{job_id}"},
+    429: {"model": ErrorOut, "description": "The key already has KVRAG_JOBS_PER_KEY jobs queued or running"},
+}
 
 
 async def submit(request: Request, store: BankStore, principal: Principal, *, kind: str, bank: str,

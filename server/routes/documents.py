@@ -17,7 +17,7 @@ from kvstore.errors import PayloadTooLarge, ValidationFailed
 from ..auth import Reader, Writer
 from ..deps import Store, Worker, plain
 from ..jobs import ingest
-from ..jobs.submit import submit
+from ..jobs.submit import JOB_RESPONSES, submit
 from ..schemas import (
     BatchOut,
     DocumentBatch,
@@ -26,7 +26,6 @@ from ..schemas import (
     DocumentOut,
     DocumentPage,
     DocumentPut,
-    JobAccepted,
     PutOut,
 )
 from .common import ERRORS, IdempotencyKey, etag, idempotent, parse_if_match, replayable
@@ -65,7 +64,7 @@ async def put_document(bank: str, doc_id: str, body: DocumentPut, request: Reque
 
 
 @router.post("/v1/banks/{bank}/documents", operation_id="put_documents", response_model=BatchOut,
-             responses={202: {"model": JobAccepted, "description": "Accepted as a background job"}})
+             responses=JOB_RESPONSES)
 async def put_documents(bank: str, body: DocumentBatch, request: Request, store: Store, worker: Worker,
                         principal: Writer, idempotency_key: IdempotencyKey = None) -> JSONResponse:
     """Store many documents: answered in place up to the batch threshold, else as a durable job to poll

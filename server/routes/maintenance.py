@@ -18,7 +18,7 @@ from starlette.concurrency import run_in_threadpool
 from ..auth import Writer
 from ..deps import Store
 from ..jobs import maintenance
-from ..jobs.submit import submit
+from ..jobs.submit import JOB_RESPONSES, submit
 from ..schemas import JobAccepted, Request
 from .common import ERRORS, IdempotencyKey, idempotent
 
@@ -35,7 +35,7 @@ class MaintenanceIn(Request):
 
 
 @router.post("/maintenance", operation_id="maintain_bank", status_code=status.HTTP_202_ACCEPTED,
-             response_model=JobAccepted)
+             response_model=JobAccepted, responses=JOB_RESPONSES)
 async def maintain(bank: str, body: MaintenanceIn, request: HTTPRequest, store: Store, principal: Writer,
                    idempotency_key: IdempotencyKey = None) -> JSONResponse:
     """Queue maintenance as a job and answer ``202`` with its ``job_id`` at once; poll ``GET /v1/jobs/{job_id}``
