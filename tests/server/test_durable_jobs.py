@@ -166,3 +166,26 @@ def test_a_key_sees_and_cancels_only_jobs_of_its_banks(live: LiveServer) -> None
         assert c.get(f"/v1/jobs/{blocker}").json()["cancel_requested"] is False  # refusals changed nothing
         c.post(f"/v1/jobs/{blocker}/cancel")
         assert wait_job(c, blocker)["status"] == "cancelled"
+
+
+def test_the_sdk_maintenance_handle_waits_with_progress_and_cancels(live: LiveServer) -> None:
+    from kvrag_client import JobCancelled, KVRag
+
+    with live.admin() as c:
+        assert c.post("/v1/banks", json={"name": "sdk"}).status_code == 201
+    with KVRag(live.url, api_key=live.settings.admin_key) as kv:
+        kv.documents.put("sdk", "a", "The Seine flows through Paris.")
+        handle = kv.banks.maintain("sdk", merge=False)
+        seen: list[tuple[str, int | None, str | None]] = []
+        report = handle.wait(poll_interval=0.02, progress=lambda j: seen.append((j.status, j.done, j.step)))
+        assert report.bank == "sdk" and handle.job.status == "succeeded" and seen[-1][:2] == ("succeeded", 5)
+        assert [j.id for j in kv.jobs.list("sdk")] == [handle.id]
+        with live.admin() as c:
+            blocker = _batch(c, "sdk", "block", 200)
+            _until(c, blocker, lambda j: j["status"] == "running")
+        queued = kv.banks.maintain("sdk")  # waits behind the blocker
+        assert queued.cancel().status == "cancelled"
+        with pytest.raises(JobCancelled):
+            queued.wait(poll_interval=0.02)
+        assert kv.jobs.cancel(blocker).cancel_requested
+        assert kv.jobs.wait(blocker, poll_interval=0.05).status == "cancelled"
