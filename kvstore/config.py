@@ -98,6 +98,21 @@ class Settings(BaseSettings):
         default=8, ge=1, description="kv queries waiting for the model whose questions are prefilled and decoded "
                                      "together, at most; 1 turns batching off (every query runs alone).")
     batch_job_threshold: int = Field(default=16, ge=1, description="Batches larger than this become jobs.")
+    job_lease_s: float = Field(
+        default=30.0, gt=0, description="A running job's lease: renewed every third of it while the job runs; "
+                                        "one not renewed this long (its server died) is resumed by any server.")
+    job_poll_s: float = Field(default=0.5, gt=0, description="How often an idle server looks for queued jobs.")
+    job_max_attempts: int = Field(
+        default=3, ge=1, description="Runs a job may start; one whose server died this often fails with that "
+                                     "reason instead of being resumed again.")
+    jobs_per_key: int = Field(
+        default=16, ge=1, description="Queued plus running jobs one key may have; beyond, a new one is a 429.")
+    job_retention_s: float = Field(
+        default=7 * 86400.0, gt=0, description="Finished jobs (and their results) are purged after this long.")
+    job_stop_grace_s: float = Field(
+        default=20.0, ge=0, description="At shutdown, how long the running job's current step may take to end "
+                                        "before the job is handed back to the queue anyway (it resumes at "
+                                        "the next start, or on another server).")
     idempotency_ttl_s: float = Field(
         default=86400.0, gt=0, description="How long an Idempotency-Key's answer is kept for retries (24 h); older "
                                            "records are ignored and purged.")

@@ -174,16 +174,24 @@ class DocumentPage(BaseModel):
 
 
 class JobOut(BaseModel):
+    """A durable job: ``done`` of ``total`` (documents of an ingest, steps of a maintenance run) with the current
+    ``step``; the ``result`` once it succeeded, the ``error`` (and any partial result) once it failed."""
+
     id: str
     kind: str
     bank: str
-    status: Literal["queued", "running", "succeeded", "failed"]
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
     total: int
     done: int
+    step: str | None = None
     result: dict[str, Any]
     error: str | None
+    attempts: int = Field(default=0, description="Runs started; above 1 the job was resumed after a stop.")
+    cancel_requested: bool = False
     created_at: datetime | None = None
     updated_at: datetime | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
 
 
 class JobPage(BaseModel):
