@@ -735,8 +735,11 @@ class BankStore:
             ids, scores = ids[keep][:k], scores[keep][:k]
         if len(ids) == 0:
             return []
+        # The index is derived data (a stale or misplaced snapshot may hold another bank's ids): a hit counts
+        # only if the catalog says the block is this bank's.
         rows = {b.id: (b, d) for b, d in s.execute(select(BlockRow, DocumentRow).join(
-            DocumentRow, DocumentRow.id == BlockRow.document_id).where(BlockRow.id.in_(ids.tolist()))).tuples()}
+            DocumentRow, DocumentRow.id == BlockRow.document_id).where(
+            BlockRow.bank_id == bank.id, BlockRow.id.in_(ids.tolist()))).tuples()}
         return [(rows[i][0], rows[i][1], float(sc)) for i, sc in zip(ids.tolist(), scores.tolist(), strict=True)
                 if i in rows]
 

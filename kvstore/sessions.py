@@ -829,7 +829,8 @@ class SessionStore:
         if k == 0:
             return [], None
         hits = self.store.search(bank, task, k=k)
-        rows = {r.id: r for r in s.scalars(select(BlockRow).where(BlockRow.id.in_([h.block_id for h in hits])))}
+        rows = {r.id: r for r in s.scalars(select(BlockRow).where(
+            BlockRow.bank_id == bank_row.id, BlockRow.id.in_([h.block_id for h in hits])))}
         blocks = [self.store.load_block(s, bank_row, rows[h.block_id]) for h in hits if h.block_id in rows]
         return hits, (_concat(self.runner, blocks) if blocks else None)
 
