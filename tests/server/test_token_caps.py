@@ -81,6 +81,9 @@ def test_session_appends_tasks_and_goals_are_capped_and_nothing_is_stored(live: 
         _refused(lambda: c.post("/v1/banks/kb/sessions/s1/prune", json={"policy": "attention", "goal": HUGE}))
         info = c.get("/v1/banks/kb/sessions/s1").json()
         assert info["tokens"] > 0 and len(info["segments"]) == 1
+        # Three short segments whose byte bounds exceed the append cap but whose tokens do not: counted, accepted.
+        three = [{"role": "tool", "text": NORMANS}] * 3
+        assert c.post(append, json={"segments": three}).status_code == 200
 
 
 def test_the_openai_door_refuses_a_huge_message_in_its_own_shape(live: LiveServer, key: str) -> None:
