@@ -108,9 +108,9 @@ class Banks(_Resource):
                        gc: bool | None = None, expire: bool | None = None, reencode: bool | None = None,
                        rebuild: bool | None = None, timeout: TimeoutLike | None = None) -> MaintenanceReport:
         """Run maintenance now and return its report. Steps (each on unless set False): ``evict`` to the budget,
-        ``merge`` near-duplicates, ``gc`` orphan blobs, ``expire`` documents past ``expires_at``, ``reencode``
-        after a model change (and re-warm cold blocks the budget has room for); ``rebuild=True`` also checks
-        every block's checksum and rebuilds damaged ones from their text."""
+        ``merge`` blocks with identical tokens into one blob, ``gc`` orphan blobs, ``expire`` documents past
+        ``expires_at``, ``reencode`` after a model change (and re-warm cold blocks the budget has room for);
+        ``rebuild=True`` also checks every block's checksum and rebuilds damaged ones from their text."""
         steps = {"evict": evict, "merge": merge, "gc": gc, "expire": expire, "reencode": reencode,
                  "rebuild": rebuild}
         return self._client._call(ops.maintain_bank(name, steps), timeout)
