@@ -23,6 +23,7 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     event,
+    false,
 )
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import DBAPIError
@@ -63,6 +64,9 @@ class BankRow(Base):
     evictions: Mapped[int] = mapped_column(BigInteger, default=0)
     merges: Mapped[int] = mapped_column(BigInteger, default=0)
     reencodes: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    # Set by migration 0010 on banks the old near-duplicate merge touched; the next maintenance re-encodes their
+    # misattributed blocks and clears it (kvstore/dedup.py).
+    merge_repair: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
 
@@ -91,7 +95,7 @@ class DocumentRow(Base):
 
 class BlockRow(Base):
     """A block of a document. Tiers: warm (``blob_id`` set) or cold (``blob_id`` None: text and
-    embedding only). A merged near-duplicate shares its ``merged_into`` block's blob."""
+    embedding only). A block with the same token ids as an older one shares its blob (``merged_into``)."""
 
     __tablename__ = "blocks"
     # (bank_id, id): a bank's blocks a page at a time in id order (the console's block list).

@@ -93,6 +93,15 @@ class Settings(BaseSettings):
     max_json_depth: int = 32
     max_k: int = 100
     max_new_tokens: int = 1024
+    # Token caps of caller texts (kvstore/limits.py): over one, 413 payload_too_large before any model work.
+    # SmolLM2 has 8,192 positions: a 512-token question leaves a kv query room for 20+ blocks of 256 and the
+    # answer; a brief's 1,024-token task states a goal, not a document; an append of 2,048 tokens (8 pages) is a
+    # long tool result, and a bigger one is stored as a document (up to max_document_chars) or appended in parts.
+    max_question_tokens: int = Field(default=512, ge=1, le=32768, description="Longest question (query, chat).")
+    max_task_tokens: int = Field(default=1024, ge=1, le=32768, description="Longest session brief task or goal.")
+    max_segment_tokens: int = Field(default=2048, ge=1, le=32768, description="Longest session segment.")
+    max_append_tokens: int = Field(default=2048, ge=1, le=65536,
+                                   description="Most tokens of all segments of one session append.")
     queue_size: int = Field(default=32, ge=1, description="Model work waiting beyond this answers 503.")
     batch_max_size: int = Field(
         default=8, ge=1, description="kv queries waiting for the model whose questions are prefilled and decoded "

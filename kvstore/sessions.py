@@ -71,6 +71,7 @@ from .compaction import (
 )
 from .constrained import greedy_id_list, list_tokens
 from .errors import Conflict, CorruptBlock, IncompatibleModel, NotFound, PayloadTooLarge, ValidationFailed
+from .limits import limits_of
 from .runner import BlockKV, Context, Runner
 
 if TYPE_CHECKING:
@@ -665,6 +666,7 @@ class SessionStore:
         """
         t0 = time.perf_counter()
         segs = self._validate_segments(segments)
+        limits_of(self.store).check_segments([g.text for g in segs])
         runner = self.runner
         token_ids = [runner.tokenize(render_segment(g.role, g.text, g.agent or agent)) for g in segs]
         with self.store.sessions() as s, self._write_lock:
@@ -741,6 +743,7 @@ class SessionStore:
         t0 = started_at if started_at is not None else time.perf_counter()
         if not isinstance(task, str) or not task.strip():
             raise ValidationFailed("task must be a non-empty string")
+        limits_of(self.store).check_task(task)
         compaction: dict[str, Any] = {k: v for k, v in (("tau", tau), ("budget_tokens", budget_tokens))
                                       if v is not None}
         try:
@@ -827,7 +830,8 @@ class SessionStore:
         if k == 0:
             return [], None
         hits = self.store.search(bank, task, k=k)
-        rows = {r.id: r for r in s.scalars(select(BlockRow).where(BlockRow.id.in_([h.block_id for h in hits])))}
+        rows = {r.id: r for r in s.scalars(select(BlockRow).where(
+            BlockRow.bank_id == bank_row.id, BlockRow.id.in_([h.block_id for h in hits])))}
         blocks = [self.store.load_block(s, bank_row, rows[h.block_id]) for h in hits if h.block_id in rows]
         return hits, (_concat(self.runner, blocks) if blocks else None)
 
@@ -850,6 +854,11 @@ class SessionStore:
                              timeout_s=float(getattr(self.settings, "map_llm_timeout_s", 60.0)))
         return LocalJudge(self.runner, self.store.model_lock)
 
+    def prune_needs_model(self, policy: str) -> bool:
+        """Whether a prune with ``policy`` and the default judge runs the loaded model. Only then does it belong
+        on the model worker: a remote judge's network call (up to ``map_llm_timeout_s``) must not hold it."""
+        return policy == "model" and not getattr(self.settings, "map_llm_url", None)
+
     def prune(self, bank: str, session_id: str, *, policy: PrunePolicy = "model", goal: str | None = None,
               window: int = 16, threshold: float = 0.25, judge: Judge | None = None) -> PruneResult:
         """Drop the KV of segments no longer useful; their text stays. ``model``: the judge (an auxiliary
@@ -866,6 +875,8 @@ class SessionStore:
             raise ValidationFailed("threshold must be a non-negative number")
         if goal is not None and not isinstance(goal, str):
             raise ValidationFailed("goal must be a string")
+        if goal is not None:
+            limits_of(self.store).check_task(goal)  # the judge reads it: capped like a brief's task
         with self.store.sessions() as s:
             bank_row = self.bank_row(s, bank)
             session = self._session(s, bank_row, session_id)
