@@ -314,6 +314,7 @@ class MapItemOut(BaseModel):
     stale: bool
     created_at: datetime
     updated_at: datetime
+    pinned: bool = Field(default=False, description="Pinned by an owner: no edit, refresh or eviction removes it.")
 
 
 class ContextMapOut(BaseModel):
