@@ -387,12 +387,18 @@ class StubLLM:
     def __init__(self) -> None:
         self.reply = ""
         self.requests: list[dict[str, Any]] = []
+        self.refuse_formats: set[str] = set()  # response_format types answered 400, as endpoints that lack them
         stub = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:  # noqa: N802 - the http.server API
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 stub.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), **body})
+                if (body.get("response_format") or {}).get("type") in stub.refuse_formats:
+                    self.send_response(400)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 data = json.dumps({"id": "x", "object": "chat.completion", "choices": [
                     {"index": 0, "message": {"role": "assistant", "content": stub.reply}, "finish_reason": "stop"}]})
                 self.send_response(200)
