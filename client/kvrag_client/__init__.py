@@ -32,7 +32,16 @@ from ._exceptions import (
     ValidationError,
     VersionMismatch,
 )
-from ._sessions import AppendResult, BriefResult, BriefTimings, PruneResult, Segment, SegmentInput, Session
+from ._sessions import (
+    AppendResult,
+    BriefResult,
+    BriefTimings,
+    PruneResult,
+    RestoreResult,
+    Segment,
+    SegmentInput,
+    Session,
+)
 from ._version import __version__
 from .types import (
     ApiKey,
@@ -74,5 +83,5 @@ __all__ = [
     "MaintenanceReport", "PutResult", "QueryResult", "QueryKnobs", "Retrieval", "SearchFilter", "StreamEvent",
     "Timings", "TokenEvent", "DoneEvent", "Usage", "ContextMap", "ContextMapItem", "ContextMapEdit",
     "ContextMapFeedback", "ContextMapEditResult", "ContextMapRefresh", "Session", "Segment", "SegmentInput",
-    "AppendResult", "BriefResult", "BriefTimings", "PruneResult",
+    "AppendResult", "BriefResult", "BriefTimings", "PruneResult", "RestoreResult",
 ]
