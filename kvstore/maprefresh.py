@@ -1,10 +1,14 @@
 """What a context-map refresh asks its LLM for: the edit JSON schema, the hint of what is new, the calls.
 
-The schema is built per refresh from the map it edits: ids that a replace, delete or feedback may name
-are the map's own (pinned items are left out of replace and delete), and when recent questions are not
-covered by any item yet, the first edit must be an ``add``, so a refresh with something new makes the
-map gain something (SmolLM2-135M, free to choose, only ever rewrote the first item). Sizes are bounded
-(edits, feedback, characters per item) so that the reply always closes within the decode cap.
+The schema is built per refresh from the map it edits (SmolLM2-135M, free to choose, only ever copied
+or rewrote the first item):
+
+- each recent question no item covers yet opens with a required ``add`` to ``reusable_results`` whose
+  content starts ``Q: <question> A:``; the model writes the answer (from the recorded answers in the
+  prompt), so a refresh with something new makes the map gain a reusable result;
+- ``delete`` and ``replace`` may name only items with evidence against them (more harmful than helpful
+  votes, or stale) and never a pinned one; feedback may name any item of the map;
+- sizes are bounded (edits, feedback, characters) so that the reply always closes within the decode cap.
 
 - **Local model**: greedy decoding constrained to the schema (:mod:`kvstore.schema_decode`): every
   reply parses.
@@ -31,6 +35,8 @@ if TYPE_CHECKING:
 REFRESH_EDITS = 3  # edits one refresh may propose: a small map changes a little at a time
 REFRESH_FEEDBACK = 3
 ITEM_CHARS = 160  # characters of one item a refresh writes (the API's own edits allow more)
+QUESTION_CHARS = 120  # of a question quoted at the start of a required add
+ANSWER_CHARS = 100  # the model's answer after it
 # An item starts with a letter, digit or bracket and holds printable ASCII: bounded tokens per character, so
 # the worst case fits the decode cap, and no control characters in the rendered map.
 ITEM_PATTERN = r"^[A-Za-z0-9(\[][ -~]*$"
@@ -73,10 +79,24 @@ def _add_schema() -> dict[str, Any]:
                                        "pattern": ITEM_PATTERN}}}
 
 
-def edit_schema(state: MapState, require_add: bool) -> dict[str, Any]:
+def question_add(question: str) -> dict[str, Any]:
+    """An ``add`` of a reusable result that starts with ``question``: the model writes only the answer."""
+    quoted = " ".join(question.split())[:QUESTION_CHARS]
+    lead = f"Q: {quoted} A: "
+    return {"type": "object", "additionalProperties": False, "required": ["op", "section", "content"],
+            "properties": {"op": {"const": "add"}, "section": {"const": "reusable_results"},
+                           "content": {"type": "string", "maxLength": len(lead) + ANSWER_CHARS,
+                                       "pattern": "^" + re.escape(lead) + r"[A-Za-z0-9(\[][ -~]*$"}}}
+
+
+def _disputed(item: Any) -> bool:
+    return not item.pinned and (item.stale or item.harmful > item.helpful)
+
+
+def edit_schema(state: MapState, uncovered: Sequence[str] = ()) -> dict[str, Any]:
     """The JSON schema of ``{"edits": [...], "feedback": [...]}`` for this map (see the module doc)."""
     ids = [i.id for i in state.ordered()]
-    unpinned = [i.id for i in state.ordered() if not i.pinned]
+    unpinned = [i.id for i in state.ordered() if _disputed(i)]
     add = _add_schema()
     choices: list[dict[str, Any]] = [add]
     if unpinned:
@@ -85,10 +105,11 @@ def edit_schema(state: MapState, require_add: bool) -> dict[str, Any]:
                                        "content": add["properties"]["content"]}})
         choices.append({"type": "object", "additionalProperties": False, "required": ["op", "id"],
                         "properties": {"op": {"const": "delete"}, "id": {"enum": unpinned}}})
-    edits: dict[str, Any] = {"type": "array", "maxItems": REFRESH_EDITS,
+    required = [question_add(q) for q in uncovered[:REFRESH_EDITS]]
+    edits: dict[str, Any] = {"type": "array", "maxItems": max(REFRESH_EDITS, len(required)),
                              "items": choices[0] if len(choices) == 1 else {"anyOf": choices}}
-    if require_add:
-        edits.update(prefixItems=[add], minItems=1)
+    if required:
+        edits.update(prefixItems=required, minItems=len(required))
     feedback: dict[str, Any] = {"type": "array", "maxItems": min(REFRESH_FEEDBACK, len(ids))}
     if ids:
         feedback["items"] = {"type": "object", "additionalProperties": False, "required": ["id", "tag"],
@@ -100,7 +121,7 @@ def edit_schema(state: MapState, require_add: bool) -> dict[str, Any]:
 
 def ask_for(state: MapState, records: Sequence[ContextMapQueryRow]) -> RefreshAsk:
     uncovered = uncovered_questions(state, [r.question for r in records])
-    return RefreshAsk(edit_schema(state, require_add=bool(uncovered)), uncovered)
+    return RefreshAsk(edit_schema(state, uncovered), uncovered)
 
 
 def new_hint(ask: RefreshAsk) -> str:
@@ -108,14 +129,14 @@ def new_hint(ask: RefreshAsk) -> str:
     if not ask.uncovered:
         return "\nThe map already covers these questions: add only what is new, or nothing."
     listed = "\n".join(f"- {q[:200]}" for q in ask.uncovered[:8])
-    return ("\nQuestions the map does not cover yet:\n" + listed + "\nStart with an add: one short item (under "
-            f"{ITEM_CHARS} characters) with what the answers found, e.g. reusable_results: \"<question> -> "
-            "<answer> (doc <source>)\".")
+    return ("\nQuestions the map does not cover yet:\n" + listed + "\nStart with one add per question: a "
+            "reusable_results item \"Q: <question> A: <the short answer found>\".")
 
 
 def decode_cap(settings: Settings) -> int:
     """Tokens a constrained local reply may need at most: the schema's worst case (escapes count twice)."""
-    worst = 64 + REFRESH_EDITS * (2 * ITEM_CHARS + 32) + REFRESH_FEEDBACK * 24
+    item = max(ITEM_CHARS, QUESTION_CHARS + ANSWER_CHARS + 8)
+    worst = 64 + REFRESH_EDITS * (2 * item + 32) + REFRESH_FEEDBACK * 24
     return max(settings.map_llm_max_tokens, worst)
 
 

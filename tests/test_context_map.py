@@ -486,7 +486,7 @@ def test_refresh_reports_an_unreachable_endpoint(tmp_path: Path, tiny_llm: Loade
 
 def test_refresh_with_the_local_model(store: BankStore) -> None:
     """Even the tiny random model yields valid edits: its decoding is constrained to the edit schema, and a
-    question the map does not cover makes the first edit an add, so the map gains an item."""
+    question the map does not cover makes the first edit an add of its answer, so the map gains an item."""
     bank = new_bank(store)
     store.put_document(bank, "paris", PARIS)
     store.query(bank, "Where does the Seine river flow?", k=1, max_new_tokens=2)
@@ -496,5 +496,6 @@ def test_refresh_with_the_local_model(store: BankStore) -> None:
     assert report.applied and report.applied[0]["op"] == "add", report
     after = store.context_map.get(bank)
     assert after.version == before.version + 1
-    added = report.applied[0]["id"]
-    assert added in {i.id for i in after.items} - {i.id for i in before.items}
+    added = next(i for i in after.items if i.id == report.applied[0]["id"])
+    assert added.section == "reusable_results" and added.content.startswith("Q: Where does the Seine river flow? A: ")
+    assert added.id not in {i.id for i in before.items}

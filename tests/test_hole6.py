@@ -122,10 +122,18 @@ def test_the_schema_requires_an_add_only_for_uncovered_questions(remote: BankSto
         state = MapState.from_json(row.state)
     assert uncovered_questions(state, ["Which river flows north, the Garonne?"]) == []
     assert uncovered_questions(state, ["Who founded Rouen?"]) == ["Who founded Rouen?"]
-    schema = edit_schema(state, require_add=True)
-    assert schema["properties"]["edits"]["minItems"] == 1
-    assert schema["properties"]["edits"]["prefixItems"][0]["properties"]["op"] == {"const": "add"}
-    assert "minItems" not in edit_schema(state, require_add=False)["properties"]["edits"]
+    schema = edit_schema(state, ["Who founded Rouen?"])
+    edits = schema["properties"]["edits"]
+    assert edits["minItems"] == 1 and edits["prefixItems"][0]["properties"]["section"] == {"const": "reusable_results"}
+    assert edits["prefixItems"][0]["properties"]["content"]["pattern"].startswith("^Q:\\ Who\\ founded\\ Rouen\\?")
+    assert "minItems" not in edit_schema(state)["properties"]["edits"]
+    # Deletes and replaces may name only items with evidence against them (and never a pinned one).
+    assert edit_schema(state)["properties"]["edits"]["items"]["properties"]["op"] == {"const": "add"}
+    state.items["cu-2"].harmful = 1
+    ops = edit_schema(state)["properties"]["edits"]["items"]["anyOf"]
+    assert [o["properties"]["id"]["enum"] for o in ops[1:]] == [["cu-2"], ["cu-2"]]
+    state.items["cu-2"].pinned = True
+    assert "anyOf" not in edit_schema(state)["properties"]["edits"]["items"]
 
 
 # -- sessions -----------------------------------------------------------------------------------------------
