@@ -101,7 +101,7 @@ class RestorableSessions:
         from .sessions import SessionPageRow, SessionSegmentRow
 
         if segments is not None and (not isinstance(segments, list | tuple) or not all(
-                isinstance(i, int) and not isinstance(i, bool) for i in segments)):
+                isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 2**31 for i in segments)):
             raise ValidationFailed("segments must be a list of segment ids")
         with self.store.sessions() as s, self._write_lock:
             bank_row = self._bank(s, bank)

@@ -7,7 +7,7 @@ option. Responses mirror the engine's dataclasses.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -476,7 +476,7 @@ class PruneOut(BaseModel):
 class RestoreIn(Request):
     model_config = ConfigDict(json_schema_extra={"examples": [{"segments": [2, 3]}, {}]})
 
-    segments: list[int] | None = Field(default=None, max_length=10_000,
+    segments: list[Annotated[int, Field(ge=0, le=2**31 - 1)]] | None = Field(default=None, max_length=10_000,
                                        description="Segment ids to restore; default: every restorable one.")
 
 

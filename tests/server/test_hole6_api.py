@@ -82,6 +82,7 @@ def test_restore_brings_pruned_segments_back_for_their_own_agent(live: LiveServe
         assert b.post("/v1/banks/kb/sessions/run/restore", json={}).status_code == 403
         assert a.post("/v1/banks/kb/sessions/run/restore", json={"segments": [99]}).status_code == 404
         assert a.post("/v1/banks/kb/sessions/run/restore", json={"segments": "all"}).status_code == 422
+        assert a.post("/v1/banks/kb/sessions/run/restore", json={"segments": [2**40]}).status_code == 422
         sessions_of(live.store).prune("kb", "run", policy="model", judge=lambda _p, _ids: '{"needed": [0, 1]}')
         assert a.get("/v1/banks/kb/sessions/run").json()["tokens"] < full
         restored = a.post("/v1/banks/kb/sessions/run/restore", json={"segments": [2]})
