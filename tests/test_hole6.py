@@ -139,9 +139,10 @@ def test_the_schema_requires_an_add_only_for_uncovered_questions(remote: BankSto
 # -- sessions -----------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def sessions(make_store: Callable[..., BankStore]) -> SessionStore:
-    store = make_store(block_tokens=16, default_codec="fp16")
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def sessions(make_store: Callable[..., BankStore], request: pytest.FixtureRequest) -> SessionStore:
+    catalog = {"database_url": request.getfixturevalue("postgres_url")} if request.param == "postgres" else {}
+    store = make_store(block_tokens=16, default_codec="fp16", **catalog)
     store.create_bank("agents")
     ss = sessions_of(store)
     ss.create("agents", "s")
