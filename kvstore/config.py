@@ -150,6 +150,20 @@ class Settings(BaseSettings):
     map_llm_api_key: str | None = Field(default=None, description="Bearer token for KVRAG_MAP_LLM_URL.")
     map_llm_timeout_s: float = Field(default=120.0, gt=0, description="Timeout of one KVRAG_MAP_LLM_URL call.")
     map_llm_max_tokens: int = Field(default=512, ge=16, description="Longest answer a map refresh asks the LLM for.")
+    context_map_refresh_max_removals: float = Field(
+        default=0.25, ge=0.0, le=1.0,
+        description="Share of the map's items one refresh may delete, replace or push out (evict) together, at "
+                    "least one while it is above 0; the refresh's further ones are refused and reported (stored "
+                    "text steers the distiller). Pinned items are never touched by a refresh.")
+    session_prune_max_fraction: float = Field(
+        default=0.5, gt=0.0, le=1.0,
+        description="Share of a session's live segments one prune may drop (at least one); the rest the judge "
+                    "or the attention named are kept and reported as held back.")
+    session_prune_retention_s: float = Field(
+        default=7 * 86400.0, ge=0.0,
+        description="How long a pruned segment's KV is kept so that it can be restored "
+                    "(POST .../sessions/{id}/restore); purged after (maintenance, or the session's next prune). "
+                    "0 drops it at once.")
 
     default_retrieval: str = Field(
         default="hybrid", pattern="^(embedding|kv|hybrid|hybrid_kv)$",

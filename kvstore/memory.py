@@ -486,6 +486,7 @@ class MemoryManager:
         if gc:
             report["orphan_blobs_removed"] = self.collect_orphans()
             report["session_orphan_blobs_removed"] = sessions_of(store).collect_orphans(self.config.orphan_grace_s)
+            report["session_pruned_purged"] = sessions_of(store).purge_pruned()  # past the restore retention
         return report
 
     def _rebind_model(self, bank: str) -> bool:

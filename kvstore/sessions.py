@@ -73,6 +73,7 @@ from .constrained import greedy_id_list, list_tokens
 from .errors import Conflict, CorruptBlock, IncompatibleModel, NotFound, PayloadTooLarge, ValidationFailed
 from .limits import limits_of
 from .runner import BlockKV, Context, Runner
+from .session_restore import RestorableSessions, bound_doomed, prune_cap
 
 if TYPE_CHECKING:
     from .ports import Engine
@@ -237,6 +238,7 @@ class PruneResult:
     tokens_after: int
     judge_ms: float = 0.0
     error: str | None = None  # the judge's answer was unusable: nothing was pruned
+    held_back: list[int] = field(default_factory=list)  # left out by the judge/attention, kept by the prune bound
 
 
 # -- the session's live KV ----------------------------------------------------------------------
@@ -435,8 +437,9 @@ def sessions_of(store: Engine) -> SessionStore:
         return found
 
 
-class SessionStore:
-    """Sessions of every bank of one ``BankStore``: same catalog, model and model lock."""
+class SessionStore(RestorableSessions):
+    """Sessions of every bank of one ``BankStore``: same catalog, model and model lock. Restore and purge of
+    pruned segments: :mod:`kvstore.session_restore`."""
 
     def __init__(self, store: Engine) -> None:
         self.store = store
@@ -881,6 +884,7 @@ class SessionStore:
             bank_row = self.bank_row(s, bank)
             session = self._session(s, bank_row, session_id)
             live = self._segments(s, session, live_only=True)
+        self.purge_pruned(session.id)  # pages past their retention go before new ones are kept
         before = sum(g.token_count for g in live)
         judge_ms, error = 0.0, None
         if policy == "model":
@@ -890,20 +894,30 @@ class SessionStore:
                 reply = (judge or self.default_judge())(judge_prompt(goal, [(g.ordinal, g.role, g.text) for g in live]),
                                                         live_ids)
                 needed = parse_needed(reply, live_ids)
+                if live and not needed:  # stored text can steer the judge: "nothing is needed" is never obeyed
+                    raise JudgeError("the judge named no segment as needed; refusing to prune the whole session")
             except JudgeError as exc:
                 needed, error = [g.ordinal for g in live], str(exc)
             judge_ms = _ms(time.perf_counter() - t0)
-            doomed = [g.id for g in live if g.ordinal not in set(needed)]
+            doomed = [g.id for g in live if g.ordinal not in set(needed)]  # oldest first
         else:
-            doomed = [g.id for g in live if low_attention(g.attention or [], window, threshold)]
+            low = [g for g in live if low_attention(g.attention or [], window, threshold)]
+            window_mean = {g.id: sum((g.attention or [])[-window:]) / max(1, len((g.attention or [])[-window:]))
+                           for g in low}
+            doomed = [g.id for g in sorted(low, key=lambda g: (window_mean[g.id], g.ordinal))]  # least attended first
+        cap = prune_cap(len(live), float(getattr(self.settings, "session_prune_max_fraction", 1.0)))
+        doomed, spared = bound_doomed(doomed, cap)
+        if policy == "attention":
             needed = [g.ordinal for g in live if g.id not in set(doomed)]
+        ordinal_of = {g.id: g.ordinal for g in live}
         pruned = self._drop(bank, session_id, doomed, reason=policy)
         after = before - sum(g.token_count for g in live if g.ordinal in set(pruned))
         return PruneResult(policy=policy, pruned=pruned, needed=needed, tokens_before=before, tokens_after=after,
-                           judge_ms=judge_ms, error=error)
+                           judge_ms=judge_ms, error=error, held_back=sorted(ordinal_of[i] for i in spared))
 
     def _drop(self, bank: str, session_id: str, segment_pks: Sequence[int], reason: str) -> list[int]:
-        """Mark segments pruned and delete their pages (and blobs no one else uses); their ordinals."""
+        """Mark segments pruned; their pages are kept for restore during the retention period (deleted at once,
+        with blobs no one else uses, when it is 0). Returns their ordinals."""
         if not segment_pks:
             return []
         with self.store.sessions() as s, self._write_lock:
@@ -913,8 +927,10 @@ class SessionStore:
                 SessionSegmentRow.id.in_(list(segment_pks)), SessionSegmentRow.session_pk == session.id,
                 SessionSegmentRow.pruned_at.is_(None))).all()
             ids = [r.id for r in rows]
-            blob_ids = set(s.scalars(select(SessionPageRow.blob_id).where(SessionPageRow.segment_pk.in_(ids))))
-            s.execute(delete(SessionPageRow).where(SessionPageRow.segment_pk.in_(ids)))
+            blob_ids: set[str] = set()
+            if not self.keeps_pages():  # else kept for restore until the retention ends (session_restore.py)
+                blob_ids = set(s.scalars(select(SessionPageRow.blob_id).where(SessionPageRow.segment_pk.in_(ids))))
+                s.execute(delete(SessionPageRow).where(SessionPageRow.segment_pk.in_(ids)))
             now = utcnow()
             for r in rows:
                 r.pruned_at, r.prune_reason = now, reason

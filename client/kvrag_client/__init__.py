@@ -35,7 +35,16 @@ from ._exceptions import (
     VersionMismatch,
 )
 from ._resources import JobHandle
-from ._sessions import AppendResult, BriefResult, BriefTimings, PruneResult, Segment, SegmentInput, Session
+from ._sessions import (
+    AppendResult,
+    BriefResult,
+    BriefTimings,
+    PruneResult,
+    RestoreResult,
+    Segment,
+    SegmentInput,
+    Session,
+)
 from ._version import __version__
 from .types import (
     ApiKey,
@@ -78,5 +87,5 @@ __all__ = [
     "MaintenanceReport", "PutResult", "QueryResult", "QueryKnobs", "Retrieval", "SearchFilter", "StreamEvent",
     "Timings", "TokenEvent", "DoneEvent", "Usage", "ContextMap", "ContextMapItem", "ContextMapEdit",
     "ContextMapFeedback", "ContextMapEditResult", "ContextMapRefresh", "Session", "Segment", "SegmentInput",
-    "AppendResult", "BriefResult", "BriefTimings", "PruneResult",
+    "AppendResult", "BriefResult", "BriefTimings", "PruneResult", "RestoreResult",
 ]

@@ -22,6 +22,7 @@ from ._sessions import (
     BriefResult,
     PrunePolicy,
     PruneResult,
+    RestoreResult,
     SegmentLike,
     Selection,
     Session,
@@ -31,6 +32,7 @@ from ._sessions import (
     delete_call,
     get_call,
     prune_call,
+    restore_call,
 )
 from .types import (
     ApiKey,
@@ -270,6 +272,14 @@ class AsyncContextMaps(_AsyncResource):
         """Freeze/unfreeze the map or change its token budget (a smaller one evicts at once)."""
         return await self._client._call(ops.update_context_map(bank, frozen, budget_tokens), timeout)
 
+    async def pin(self, bank: str, item_id: str, *, timeout: TimeoutLike | None = None) -> ContextMap:
+        """Pin an item (owner key): no edit, refresh or eviction removes or replaces it until it is unpinned."""
+        return await self._client._call(ops.pin_context_map_item(bank, item_id, True), timeout)
+
+    async def unpin(self, bank: str, item_id: str, *, timeout: TimeoutLike | None = None) -> ContextMap:
+        """Unpin an item (owner key)."""
+        return await self._client._call(ops.pin_context_map_item(bank, item_id, False), timeout)
+
 
 class AsyncSessions(_AsyncResource):
     """Agent sessions of a bank: a trajectory kept as KV, briefed to workers, pruned."""
@@ -298,6 +308,12 @@ class AsyncSessions(_AsyncResource):
                     timeout: TimeoutLike | None = None) -> PruneResult:
         """Drop the KV of segments no longer needed (``model`` or ``attention`` policy); text stays."""
         return await self._client._call(prune_call(bank, session_id, policy, goal, window, threshold), timeout)
+
+    async def restore(self, bank: str, session_id: str, segments: Iterable[int] | None = None, *,
+                      timeout: TimeoutLike | None = None) -> RestoreResult:
+        """Make pruned segments live again with the KV they had (default: every one still restorable; the
+        server keeps a pruned segment's KV for its retention period)."""
+        return await self._client._call(restore_call(bank, session_id, segments), timeout)
 
     async def get(self, bank: str, session_id: str, *, timeout: TimeoutLike | None = None) -> Session:
         """A session with its segments, live tokens and stored bytes."""
@@ -347,6 +363,8 @@ class AsyncContextMapsWithRawResponse:
         self.edit = async_raw_wrapper(maps.edit)
         self.refresh = async_raw_wrapper(maps.refresh)
         self.update = async_raw_wrapper(maps.update)
+        self.pin = async_raw_wrapper(maps.pin)
+        self.unpin = async_raw_wrapper(maps.unpin)
 
 
 class AsyncSessionsWithRawResponse:
@@ -355,5 +373,6 @@ class AsyncSessionsWithRawResponse:
         self.append = async_raw_wrapper(sessions.append)
         self.brief = async_raw_wrapper(sessions.brief)
         self.prune = async_raw_wrapper(sessions.prune)
+        self.restore = async_raw_wrapper(sessions.restore)
         self.get = async_raw_wrapper(sessions.get)
         self.delete = async_raw_wrapper(sessions.delete)

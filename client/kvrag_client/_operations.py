@@ -270,6 +270,11 @@ def refresh_context_map(bank: str) -> Call[ContextMapRefresh]:
     return Call("POST", f"{_map_path(bank)}/refresh", ContextMapRefresh.model_validate, keyed=True)
 
 
+def pin_context_map_item(bank: str, item_id: str, pinned: bool) -> Call[ContextMap]:
+    path = f"{_map_path(bank)}/items/{ids.segment(ids.map_item_id(item_id))}/{'pin' if pinned else 'unpin'}"
+    return Call("POST", path, ContextMap.model_validate, keyed=True)
+
+
 def update_context_map(bank: str, frozen: bool | None, budget_tokens: int | None) -> Call[ContextMap]:
     body = _drop_none({"frozen": frozen, "budget_tokens": budget_tokens})
     return Call("PATCH", _map_path(bank), ContextMap.model_validate, json=body, keyed=True)

@@ -19,6 +19,7 @@ from ._sessions import (
     BriefResult,
     PrunePolicy,
     PruneResult,
+    RestoreResult,
     SegmentLike,
     Selection,
     Session,
@@ -28,6 +29,7 @@ from ._sessions import (
     delete_call,
     get_call,
     prune_call,
+    restore_call,
 )
 from .types import (
     ApiKey,
@@ -267,6 +269,14 @@ class ContextMaps(_Resource):
         """Freeze/unfreeze the map or change its token budget (a smaller one evicts at once)."""
         return self._client._call(ops.update_context_map(bank, frozen, budget_tokens), timeout)
 
+    def pin(self, bank: str, item_id: str, *, timeout: TimeoutLike | None = None) -> ContextMap:
+        """Pin an item (owner key): no edit, refresh or eviction removes or replaces it until it is unpinned."""
+        return self._client._call(ops.pin_context_map_item(bank, item_id, True), timeout)
+
+    def unpin(self, bank: str, item_id: str, *, timeout: TimeoutLike | None = None) -> ContextMap:
+        """Unpin an item (owner key)."""
+        return self._client._call(ops.pin_context_map_item(bank, item_id, False), timeout)
+
 
 class Sessions(_Resource):
     """Agent sessions of a bank: a trajectory kept as KV, briefed to workers, pruned."""
@@ -295,6 +305,12 @@ class Sessions(_Resource):
                     timeout: TimeoutLike | None = None) -> PruneResult:
         """Drop the KV of segments no longer needed (``model`` or ``attention`` policy); text stays."""
         return self._client._call(prune_call(bank, session_id, policy, goal, window, threshold), timeout)
+
+    def restore(self, bank: str, session_id: str, segments: Iterable[int] | None = None, *,
+                      timeout: TimeoutLike | None = None) -> RestoreResult:
+        """Make pruned segments live again with the KV they had (default: every one still restorable; the
+        server keeps a pruned segment's KV for its retention period)."""
+        return self._client._call(restore_call(bank, session_id, segments), timeout)
 
     def get(self, bank: str, session_id: str, *, timeout: TimeoutLike | None = None) -> Session:
         """A session with its segments, live tokens and stored bytes."""
@@ -344,6 +360,8 @@ class ContextMapsWithRawResponse:
         self.edit = raw_wrapper(maps.edit)
         self.refresh = raw_wrapper(maps.refresh)
         self.update = raw_wrapper(maps.update)
+        self.pin = raw_wrapper(maps.pin)
+        self.unpin = raw_wrapper(maps.unpin)
 
 
 class SessionsWithRawResponse:
@@ -352,5 +370,6 @@ class SessionsWithRawResponse:
         self.append = raw_wrapper(sessions.append)
         self.brief = raw_wrapper(sessions.brief)
         self.prune = raw_wrapper(sessions.prune)
+        self.restore = raw_wrapper(sessions.restore)
         self.get = raw_wrapper(sessions.get)
         self.delete = raw_wrapper(sessions.delete)

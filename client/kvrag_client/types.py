@@ -267,6 +267,7 @@ class ContextMapItem(Model):
     stale: bool = False
     created_at: datetime | None = None
     updated_at: datetime | None = None
+    pinned: bool = False  # an owner pinned it: no edit, refresh or eviction removes or replaces it
 
 
 class ContextMap(Model):

@@ -27,7 +27,8 @@ ROLES = list(ROLE_RANK)
 TEXT = "The Normans gave their name to Normandy, a region in France."
 SCOPE = ["alpha", "scratch", "newbank", "ownedbank"]
 # Path values; bodies where the role check happens after the body is read (the bank named in it).
-PATH_VALUES = {"bank": "alpha", "doc_id": "d1", "session_id": "s1", "key_id": "abc", "job_id": "abc"}
+PATH_VALUES = {"bank": "alpha", "doc_id": "d1", "session_id": "s1", "key_id": "abc", "job_id": "abc",
+               "item_id": "cr-1"}
 BODIES: dict[str, dict[str, Any]] = {
     "POST /v1/banks": {"name": "newbank"},
     "POST /v1/keys": {"name": "x", "agent": "x", "role": "read", "banks": ["*"]},
