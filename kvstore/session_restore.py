@@ -26,14 +26,14 @@ from sqlalchemy import delete, func, select
 
 from .catalog import utcnow
 from .errors import Conflict, NotFound, ValidationFailed
+from .session_rows import AgentSessionRow, SessionPageRow, SessionSegmentRow
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
-    from .bank import BankStore
     from .catalog import BankRow
     from .config import Settings
-    from .sessions import AgentSessionRow
+    from .ports import Engine
 
 
 @dataclass
@@ -56,15 +56,15 @@ def bound_doomed(doomed: Sequence[int], cap: int) -> tuple[list[int], list[int]]
 class RestorableSessions:
     """The restore and purge half of ``SessionStore`` (kvstore/sessions.py), which mixes this in."""
 
-    store: BankStore
+    store: Engine
     settings: Settings
     _write_lock: threading.Lock
 
     if TYPE_CHECKING:  # provided by SessionStore
-        def _bank(self, s: Session, name: str) -> BankRow: ...
+        def bank_row(self, s: Session, name: str) -> BankRow: ...
         def _session(self, s: Session, bank: BankRow, session_id: str) -> AgentSessionRow: ...
-        def _forget_state(self, session_pk: int) -> None: ...
-        def _drop_unreferenced(self, s: Session, blob_ids: set[str]) -> None: ...
+        def _forget_state(self, bank_id: int, session_pk: int) -> None: ...
+        def drop_unreferenced(self, s: Session, blob_ids: set[str]) -> None: ...
 
     def keeps_pages(self) -> bool:
         """Whether a prune keeps the pages for a later restore (a retention of 0 drops them at once)."""
@@ -77,8 +77,6 @@ class RestorableSessions:
     def purge_pruned(self, session_pk: int | None = None, now: datetime | None = None) -> int:
         """Delete the KV pages of segments pruned longer ago than the retention (of one session, or all);
         how many segments lost theirs."""
-        from .sessions import SessionPageRow, SessionSegmentRow
-
         cutoff = (now or utcnow()) - self.retention
         with self.store.sessions() as s, self._write_lock:
             q = select(SessionSegmentRow.id).join(SessionPageRow, SessionPageRow.segment_pk == SessionSegmentRow.id
@@ -98,8 +96,6 @@ class RestorableSessions:
     def restore(self, bank: str, session_id: str, segments: Sequence[int] | None = None) -> RestoreResult:
         """Make pruned segments live again (all restorable ones when ``segments`` is None). A named segment
         that does not exist is a 404, one whose KV was purged a 409; live ones are left as they are."""
-        from .sessions import SessionPageRow, SessionSegmentRow
-
         if segments is not None and (not isinstance(segments, list | tuple) or not all(
                 isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 2**31 for i in segments)):
             raise ValidationFailed("segments must be a list of segment ids")
@@ -127,7 +123,7 @@ class RestorableSessions:
             if restorable:
                 session.updated_at = utcnow()
             s.commit()
-            self._forget_state(session.id)
+            self._forget_state(bank_row.id, session.id)
             live = s.scalar(select(func.coalesce(func.sum(SessionSegmentRow.token_count), 0)).where(
                 SessionSegmentRow.session_pk == session.id, SessionSegmentRow.pruned_at.is_(None))) or 0
             return RestoreResult(restored=sorted(r.ordinal for r in restorable), tokens=int(live), expired=expired)
