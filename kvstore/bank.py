@@ -56,6 +56,7 @@ from .recompute import blend, blend_and_ask, default_ratio
 from .rerank import KV_MODES, RETRIEVAL_MODES, rerank_scores
 from .runner import BlockKV, Runner, set_threads
 from .sessions import sessions_of
+from .warmup import warm_new_blocks
 
 log = logging.getLogger(__name__)
 
@@ -570,6 +571,9 @@ class BankStore:
             self._apply_to_index(s, bank_row, op, rows)
             self._drop_unreferenced(s, old_blobs - {r.blob_id for r in rows})
             self.memory.enforce_budget(s, bank_row)
+            if self.settings.hot_tier_on_ingest:
+                warm_new_blocks(self.hot, [(blob_id, data) for *_, blob_id, _, data in encoded],
+                                bank_row.model_fingerprint, self.llm.device)
             self.context_map.on_ingest(bank, doc_id, text, agent)
             return PutResult(_doc_info(doc, len(rows)), created=created, changed=True)
 

@@ -65,6 +65,10 @@ class Settings(BaseSettings):
     encode_batch_size: int = Field(default=8, ge=1)
     max_document_chars: int = Field(default=200_000, ge=1)
     hot_tier_bytes: int = Field(default=1 << 30, ge=0, description="Byte budget of decoded blocks in RAM.")
+    hot_tier_on_ingest: bool = Field(
+        default=True, description="Decode a new document's blocks into the hot tier's free room at ingest, so its "
+                                  "first query loads none (the first touch's block decode leaves the time to first "
+                                  "token).")
     device_cache_bytes: int = Field(
         default=4 << 30, ge=0, description="CUDA only: byte budget of blocks kept on the GPU, so a block used "
                                            "again is not copied from host memory again.")
