@@ -571,11 +571,13 @@ class BankStore:
             self._apply_to_index(s, bank_row, op, rows)
             self._drop_unreferenced(s, old_blobs - {r.blob_id for r in rows})
             self.memory.enforce_budget(s, bank_row)
-            if self.settings.hot_tier_on_ingest:
-                warm_new_blocks(self.hot, [(blob_id, data) for *_, blob_id, _, data in encoded],
-                                bank_row.model_fingerprint, self.llm.device)
             self.context_map.on_ingest(bank, doc_id, text, agent)
-            return PutResult(_doc_info(doc, len(rows)), created=created, changed=True)
+            result = PutResult(_doc_info(doc, len(rows)), created=created, changed=True)
+            fingerprint = bank_row.model_fingerprint
+        if self.settings.hot_tier_on_ingest:  # outside the blob lock: decoding must not hold up other writers
+            warm_new_blocks(self.hot, [(blob_id, data) for *_, blob_id, _, data in encoded], fingerprint,
+                            self.llm.device)
+        return result
 
     @staticmethod
     def _expiry(expires_at: datetime | None, ttl_s: float | None) -> datetime | None:
