@@ -68,6 +68,7 @@ from .types import (  # noqa: F401  (re-exported: kvstore.bank.Hit and friends s
     Timings,
     Usage,
 )
+from .warmup import warm_new_blocks
 
 log = logging.getLogger(__name__)
 
@@ -480,7 +481,12 @@ class BankStore:
             self.drop_unreferenced(s, old_blobs - {r.blob_id for r in rows})
             self.memory.enforce_budget(s, bank_row)
             self.context_map.on_ingest(bank, doc_id, text, agent)
-            return PutResult(_doc_info(doc, len(rows)), created=created, changed=True)
+            result = PutResult(_doc_info(doc, len(rows)), created=created, changed=True)
+            fingerprint, bank_id = bank_row.model_fingerprint, bank_row.id
+        if self.settings.hot_tier_on_ingest:  # outside the blob lock: decoding must not hold up other writers
+            warm_new_blocks(self.hot, bank_id, [(blob_id, data) for *_, blob_id, _, data in encoded], fingerprint,
+                            self.llm.device)
+        return result
 
     @staticmethod
     def _expiry(expires_at: datetime | None, ttl_s: float | None) -> datetime | None:

@@ -73,6 +73,10 @@ class Settings(BaseSettings):
     kv_memory_bank_bytes: int | None = Field(
         default=None, ge=0, description="Optional cap of one bank's share of kv_memory_bytes. With banks x this <= "
                                         "kv_memory_bytes no bank's activity ever evicts another bank's KV.")
+    hot_tier_on_ingest: bool = Field(
+        default=True, description="Decode a new document's blocks into the hot tier's free room at ingest, so its "
+                                  "first query loads none (the first touch's block decode leaves the time to first "
+                                  "token).")
     device_cache_bytes: int = Field(
         default=4 << 30, ge=0, description="CUDA only: byte budget of blocks kept on the GPU, so a block used "
                                            "again is not copied from host memory again.")

@@ -16,6 +16,7 @@ from sqlalchemy import select
 from kvstore import index as index_module
 from kvstore.bank import BankStore, SearchFilter
 from kvstore.catalog import BlockRow, DocumentRow
+from kvstore.compat import with_cache
 from kvstore.index import BankIndex
 from kvstore.memory import Candidate, MemoryConfig, decayed, plan_eviction, policy_scores
 
@@ -221,7 +222,7 @@ def _eager_shares(llm_seed: int, store: BankStore, blocks: list, q_ids: list[int
     ctx = store.runner.assemble(blocks)
     pos = torch.arange(ctx.next_position, ctx.next_position + len(q_ids))[None]
     with torch.inference_mode():
-        out = twin.model(input_ids=torch.tensor([q_ids]), position_ids=pos, past_key_values=ctx.cache,
+        out = twin.model(input_ids=torch.tensor([q_ids]), position_ids=pos, **with_cache(twin.model, ctx.cache),
                          use_cache=True, output_attentions=True)
     p = ctx.next_position - ctx.context_tokens
     per_token = torch.stack([a[0].float().mean(dim=(0, 1)) for a in out.attentions]).mean(0)[p:ctx.next_position]

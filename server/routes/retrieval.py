@@ -76,8 +76,12 @@ async def query(bank: str, body: QueryIn, request: Request, store: Store, worker
     call = logged(call, store, bank, body.question, k=body.k, agent=reader.agent)
     if not body.stream:
         return _query_out(await worker.run(call))
-    await run_in_threadpool(store.get_bank, bank)  # a missing bank is a 404, not an error event
-    return stream_events(request, worker, call)
+    # The model work starts first and the bank check runs beside it, not before it (issue 33: a catalog hop on
+    # the time to first token). A missing bank is still a 404, not an error event: the answer is not sent yet,
+    # and the work's own NotFound is read and dropped by the stream's done callback.
+    response = stream_events(request, worker, call)
+    await run_in_threadpool(store.get_bank, bank)
+    return response
 
 
 def _sse(event: str, data: dict[str, Any]) -> bytes:
