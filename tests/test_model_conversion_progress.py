@@ -14,7 +14,6 @@ from kvstore.models import load_llm
 
 @pytest.mark.slow
 def test_the_packaged_model_conversion_logs_its_progress(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    pytest.importorskip("accelerate", reason="transformers needs accelerate to load a GGUF file")
     caplog.set_level(logging.INFO, logger="kvstore.models")
     llm = load_llm(Settings(data_dir=tmp_path, model_cache_dir=tmp_path / "models"))
     assert llm.name == "SmolLM2-135M-Instruct"
