@@ -52,7 +52,8 @@ def list_tokens(tokenizer: PreTrainedTokenizerBase) -> dict[int, str]:
 def greedy_id_list(runner: Runner, prompt_ids: Sequence[int], opening: str, allowed: Sequence[int],
                    pieces: dict[int, str]) -> str:
     """``opening`` (e.g. ``{"needed": [``), then the model's greedy choice among the tokens that keep a list of
-    ``allowed`` ids well formed, closed with ``]}``: the whole reply. ``pieces`` comes from :func:`list_tokens`."""
+    ``allowed`` ids well formed, closed with ``]}``: the whole reply. ``pieces`` comes from :func:`list_tokens`.
+    The list names at least one id when there is one: an empty one asks to prune everything (refused)."""
     names = frozenset(str(i) for i in allowed)
     device = runner.llm.device
     ids = [*prompt_ids, *runner.tokenizer.encode(opening, add_special_tokens=False)]
@@ -62,7 +63,8 @@ def greedy_id_list(runner: Runner, prompt_ids: Sequence[int], opening: str, allo
     text = ""
     # Each id is at most a few tokens and none repeats, so the list closes well within this bound.
     for _ in range(8 * (len(names) + 1)):
-        valid = [t for t, p in pieces.items() if list_prefix_ok(text + p, names)]
+        valid = [t for t, p in pieces.items()
+                 if list_prefix_ok(text + p, names) and not (names and (text + p).startswith("]"))]
         scores = out.logits[0, -1, valid]  # [valid tokens]
         best = valid[int(scores.argmax())]
         text += pieces[best]

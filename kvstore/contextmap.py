@@ -14,7 +14,9 @@ helpful/harmful counts and a score (helpful - harmful, every refresh multiplies 
   score, then the oldest item.
 - **Refresh.** Recent query records (question, answer, sources) and the items' feedback are
   distilled into edits by an LLM: the bank's local model, or an OpenAI-compatible endpoint
-  (``KVRAG_MAP_LLM_URL``). Its output is parsed strictly; output that does not parse changes nothing.
+  (``KVRAG_MAP_LLM_URL``), asked for the edit JSON schema (the local model decodes constrained to it,
+  kvstore/maprefresh.py). Its output is parsed strictly; output that does not parse changes nothing. A
+  refresh never touches a pinned item and removes a bounded share of the others (kvstore/pins.py).
 - **Bootstrap.** Each ingested document adds a roadmap entry (first sentence + doc id) while it fits.
 - **KV.** The rendered map is prefilled once per map text after the shared prefix (keys pre-RoPE, like
   a block) and kept in memory, so a query that reuses it prefills nothing for it.
@@ -42,9 +44,11 @@ from sqlalchemy.orm import Session
 
 from .catalog import BankRow, ContextMapQueryRow, ContextMapRow, ContextMapVersionRow, utcnow
 from .errors import Conflict, KVRagError, NotFound, ValidationFailed, VersionMismatch
+from .maprefresh import ask_for, complete_local, complete_remote, new_hint
+from .pins import bounded_apply, check_pinned_fit, check_unpinned, removal_allowance, screen_refresh, set_pinned
 
 if TYPE_CHECKING:
-    from .bank import BankStore
+    from .ports import Engine
     from .runner import BlockKV
 
 log = logging.getLogger(__name__)
@@ -155,6 +159,7 @@ class Item:
     harmful: int = 0
     score: float = 0.0
     stale: bool = False
+    pinned: bool = False  # set by an owner: no edit, refresh or eviction removes or replaces it (kvstore/pins.py)
 
     @property
     def number(self) -> int:
@@ -200,12 +205,15 @@ def render(state: MapState) -> str:
 
 
 def evict(state: MapState, count_tokens: Callable[[str], int]) -> tuple[int, list[str]]:
-    """Drop the lowest score, then the oldest item, until the rendered map fits; (tokens, evicted ids)."""
+    """Drop the lowest score, then the oldest item, until the rendered map fits; (tokens, evicted ids).
+    Pinned items are never evicted (a budget must hold them: :func:`kvstore.pins.check_pinned_fit`)."""
     evicted: list[str] = []
     tokens = count_tokens(render(state))
-    while tokens > state.budget_tokens and state.items:
-        victim = min(state.items.values(), key=lambda i: (i.score, i.created_at, list(SECTIONS).index(i.section),
-                                                          i.number))
+    while tokens > state.budget_tokens:
+        candidates = [i for i in state.items.values() if not i.pinned]
+        if not candidates:
+            break
+        victim = min(candidates, key=lambda i: (i.score, i.created_at, list(SECTIONS).index(i.section), i.number))
         del state.items[victim.id]
         evicted.append(victim.id)
         tokens = count_tokens(render(state))
@@ -285,6 +293,7 @@ def _apply_edit(state: MapState, edit: Edit, version: int, base: int | None, age
         return {"op": "add", "id": item.id}
     assert edit.id is not None
     item = _check_target(state, edit.id, base)
+    check_unpinned(item)
     if edit.op == "delete":
         del state.items[item.id]
         return {"op": "delete", "id": item.id}
@@ -341,6 +350,7 @@ class MapItem:
     stale: bool
     created_at: datetime
     updated_at: datetime
+    pinned: bool = False
 
 
 @dataclass
@@ -406,16 +416,24 @@ class _CachedKV:
     token_ids: list[int]
     kv: BlockKV
 
+    @property
+    def nbytes(self) -> int:
+        return self.kv.nbytes
 
-def _kv_key(bank: BankRow) -> tuple[int, str]:
-    """Bank id and creation time: a deleted bank's id may come back (SQLite), its creation time does not."""
-    return bank.id, str(bank.created_at)
+
+_KIND = "map"  # its share of the process's KV budget (kvstore.kvbudget): evicted, it is prefilled again
+
+
+def _kv_key(bank: BankRow) -> str:
+    """Within the bank's partition, its creation time: a deleted bank's id may come back (SQLite), its creation
+    time does not."""
+    return str(bank.created_at)
 
 
 def _views(state: MapState) -> list[MapItem]:
     return [MapItem(id=i.id, section=i.section, content=i.content, helpful=i.helpful, harmful=i.harmful,
                     score=i.score, agent=i.agent, stale=i.stale, created_at=datetime.fromisoformat(i.created_at),
-                    updated_at=datetime.fromisoformat(i.updated_at)) for i in state.ordered()]
+                    updated_at=datetime.fromisoformat(i.updated_at), pinned=i.pinned) for i in state.ordered()]
 
 
 # -- distiller ------------------------------------------------------------------------------------
@@ -448,10 +466,9 @@ def distill_prompt(state: MapState, records: Sequence[ContextMapQueryRow]) -> st
 class ContextMaps:
     """Context maps of every bank of a BankStore: reads, edits, refresh, bootstrap, query records, KV."""
 
-    def __init__(self, store: BankStore) -> None:
+    def __init__(self, store: Engine) -> None:
         self.store = store
-        self._kv: dict[tuple[int, str], _CachedKV] = {}
-        self._kv_lock = threading.Lock()
+        self._kv = store.kv_memory
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
 
@@ -504,7 +521,7 @@ class ContextMaps:
         with self._lock(bank):
             for _ in range(_WRITE_ATTEMPTS):
                 with self.store.sessions() as s:
-                    bank_row = self.store._bank(s, bank)
+                    bank_row = self.store.bank_row(s, bank)
                     head = self._head(s, bank_row)
                     current = self._snapshot(s, bank_row.id, head.version)
                     state = MapState.from_json(current.state)
@@ -530,8 +547,7 @@ class ContextMaps:
                         s.rollback()  # a concurrent writer took this version (or held the SQLite lock)
                         continue
                     if render(result.state) != before:
-                        with self._kv_lock:
-                            self._kv.pop(_kv_key(bank_row), None)
+                        self._kv.discard(bank_row.id, _KIND, _kv_key(bank_row))
                     fresh = s.get(ContextMapRow, bank_row.id, populate_existing=True)
                     assert fresh is not None
                     return fresh, result
@@ -542,7 +558,7 @@ class ContextMaps:
     def get(self, bank: str, version: int | None = None) -> MapView:
         """The current map, or an old ``version``."""
         with self.store.sessions() as s:
-            bank_row = self.store._bank(s, bank)
+            bank_row = self.store.bank_row(s, bank)
             head = self._head(s, bank_row)
             if version is not None and (version < 0 or version > head.version):
                 raise NotFound(f"context-map version {version} not found (current: {head.version})")
@@ -557,7 +573,7 @@ class ContextMaps:
         if limit < 1 or limit > 500:
             raise ValidationFailed("limit must be between 1 and 500")
         with self.store.sessions() as s:
-            bank_row = self.store._bank(s, bank)
+            bank_row = self.store.bank_row(s, bank)
             self._head(s, bank_row)
             q = select(ContextMapVersionRow).where(ContextMapVersionRow.bank_id == bank_row.id)
             if before is not None:
@@ -597,7 +613,7 @@ class ContextMaps:
 
     def _tokens_of(self, bank: str, version: int) -> int:
         with self.store.sessions() as s:
-            return self._snapshot(s, self.store._bank(s, bank).id, version).tokens
+            return self._snapshot(s, self.store.bank_row(s, bank).id, version).tokens
 
     def configure(self, bank: str, *, frozen: bool | None = None, budget_tokens: int | None = None,
                   agent: str | None = None) -> MapView:
@@ -611,6 +627,7 @@ class ContextMaps:
             if frozen is not None:
                 head_changes["frozen"] = frozen
             if budget_tokens is not None:
+                check_pinned_fit(state, budget_tokens, self.count_tokens)
                 head_changes["budget_tokens"] = budget_tokens
                 state.budget_tokens = budget_tokens
             if not head_changes or all(getattr(head, k) == v for k, v in head_changes.items()):
@@ -619,6 +636,19 @@ class ContextMaps:
             return Applied(state, tokens, [], evicted), head_changes
 
         self._write(bank, "configure", agent, mutate)
+        return self.get(bank)
+
+    def pin(self, bank: str, item_id: str, pinned: bool = True, *, agent: str | None = None) -> MapView:
+        """Pin (or unpin) an item: while pinned, no edit, refresh or eviction removes or replaces it. A new
+        version when this changes anything."""
+
+        def mutate(state: MapState, head: ContextMapRow) -> tuple[Applied, dict[str, Any]] | None:
+            if not set_pinned(state, item_id, pinned):
+                return None
+            op = "pin" if pinned else "unpin"
+            return Applied(state, self.count_tokens(render(state)), [{"op": op, "id": item_id}], []), {}
+
+        self._write(bank, "pin" if pinned else "unpin", agent, mutate)
         return self.get(bank)
 
     def bootstrap(self, bank: str, doc_id: str, text: str, agent: str | None = None) -> str | None:
@@ -664,7 +694,7 @@ class ContextMaps:
         """Distill the recent query records into edits with the LLM and apply them as one version (scores
         decay by 0.85). Unparseable output or a failed LLM call changes nothing and is reported."""
         with self.store.sessions() as s:
-            bank_row = self.store._bank(s, bank)
+            bank_row = self.store.bank_row(s, bank)
             head = self._head(s, bank_row)
             if head.frozen:
                 raise Conflict("the context map is frozen; unfreeze it to refresh")
@@ -680,8 +710,9 @@ class ContextMaps:
                                llm=self.llm_name)
         if not records:
             return report
+        ask = ask_for(state, records)
         try:
-            raw = self._complete(DISTILL_SYSTEM, distill_prompt(state, records))
+            raw = self._complete(DISTILL_SYSTEM, distill_prompt(state, records) + new_hint(ask), ask.schema)
         except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError) as exc:
             report.status, report.error = "llm_error", f"{type(exc).__name__}: {exc}"
             return report
@@ -696,9 +727,14 @@ class ContextMaps:
         def mutate(current: MapState, head: ContextMapRow) -> tuple[Applied, dict[str, Any]] | None:
             if head.frozen:
                 raise Conflict("the context map was frozen during the refresh")
-            result = apply_changes(current, distilled.edits, distilled.feedback, version=head.version + 1,
-                                   current_version=head.version, base_version=base, agent=agent or "refresh",
-                                   now=utcnow(), count_tokens=self.count_tokens, strict=False, decay=True)
+            # Stored text steers the distiller: pinned items are off limits and removals are bounded (pins.py).
+            allowance = removal_allowance(len(current.items), self.store.settings.context_map_refresh_max_removals)
+            edits, refused = screen_refresh(current, distilled.edits, allowance)
+            result = bounded_apply(edits, allowance, lambda chosen: apply_changes(
+                current, chosen, distilled.feedback, version=head.version + 1, current_version=head.version,
+                base_version=base, agent=agent or "refresh", now=utcnow(), count_tokens=self.count_tokens,
+                strict=False, decay=True))
+            result.rejected = refused + result.rejected
             return result, {"refreshes": head.refreshes + 1, "refreshed_through": through}
 
         new_head, result = self._write(bank, "refresh", agent, mutate)
@@ -708,40 +744,14 @@ class ContextMaps:
         report.applied, report.rejected, report.evicted = result.applied, result.rejected, result.evicted
         return report
 
-    def _complete(self, system: str, user: str) -> str:
-        """One chat completion: the OpenAI-compatible endpoint when configured, else the local model."""
+    def _complete(self, system: str, user: str, schema: dict[str, Any]) -> str:
+        """One chat completion asked for ``schema``: the OpenAI-compatible endpoint when configured, else the
+        local model decoding constrained to it (kvstore/maprefresh.py)."""
         settings = self.store.settings
         if settings.map_llm_url:
-            url = settings.map_llm_url.rstrip("/")
-            if not url.endswith("/chat/completions"):
-                url += "/chat/completions"
-            headers = {"Authorization": f"Bearer {settings.map_llm_api_key}"} if settings.map_llm_api_key else {}
-            response = httpx.post(url, headers=headers, timeout=settings.map_llm_timeout_s, json={
-                "model": settings.map_llm_model, "temperature": 0, "max_tokens": settings.map_llm_max_tokens,
-                "messages": [{"role": "system", "content": system}, {"role": "user", "content": user}]})
-            response.raise_for_status()
-            content = response.json()["choices"][0]["message"]["content"]
-            if not isinstance(content, str):
-                raise TypeError("the endpoint's message content is not a string")
-            return content
-        return self._complete_locally(system, user)
-
-    def _complete_locally(self, system: str, user: str) -> str:
-        from transformers import DynamicCache
-
-        from .runner import Context
-
-        runner = self.store.runner
-        tokenizer = runner.tokenizer
-        if getattr(tokenizer, "chat_template", None):
-            ids = tokenizer.apply_chat_template([{"role": "system", "content": system},
-                                                 {"role": "user", "content": user}], add_generation_prompt=True,
-                                                tokenize=True, return_dict=False)
-            ids = list(ids["input_ids"]) if isinstance(ids, dict) else list(ids)
-        else:
-            ids = runner.tokenize(f"{system}\n\n{user}\n\nJSON:", add_special=True)
+            return complete_remote(settings, system, user, schema)
         with self.store.model_lock:
-            return runner.generate(Context(DynamicCache(), 0, 0), ids, self.store.settings.map_llm_max_tokens).text
+            return complete_local(self.store.runner, settings, system, user, schema)
 
     # -- query side -------------------------------------------------------------------------------
 
@@ -765,20 +775,17 @@ class ContextMaps:
         this map text has not been prefilled before."""
         head = self._head(s, bank)
         key = _kv_key(bank)
-        with self._kv_lock:
-            cached = self._kv.get(key)
+        cached = self._kv.get(bank.id, _KIND, key)
         if cached is not None and cached.version == head.version:
             return MapPrefill(head.version, cached.token_ids, cached.kv, 0)
         text = render(MapState.from_json(self._snapshot(s, bank.id, head.version).state))
         if not text:
             return MapPrefill(head.version, [], None, 0)
         if cached is not None and cached.text == text:  # e.g. only feedback changed: same text, same KV
-            with self._kv_lock:
-                self._kv[key] = replace(cached, version=head.version)
+            self._kv.put(bank.id, _KIND, key, replace(cached, version=head.version))
             return MapPrefill(head.version, cached.token_ids, cached.kv, 0)
         ids = self.store.runner.tokenize(text)
         with self.store.model_lock:
             kv = self.store.runner.encode([ids])[0]
-        with self._kv_lock:
-            self._kv[key] = _CachedKV(head.version, text, ids, kv)
+        self._kv.put(bank.id, _KIND, key, _CachedKV(head.version, text, ids, kv))
         return MapPrefill(head.version, ids, kv, len(ids))

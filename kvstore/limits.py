@@ -29,7 +29,7 @@ from weakref import WeakKeyDictionary
 from .errors import PayloadTooLarge
 
 if TYPE_CHECKING:
-    from .bank import BankStore
+    from .ports import Engine
 
 # A tokenizer whose normalizer composes characters (NFC, NFKC) may spell one token from more characters than
 # its vocabulary string has; doubling keeps the bound an upper bound for them.
@@ -59,7 +59,7 @@ def longest_token_chars(tokenizer: object) -> int:
 class PromptLimits:
     """Checks of one store's caller texts against the caps; made once per store (:func:`limits_of`)."""
 
-    def __init__(self, store: BankStore) -> None:
+    def __init__(self, store: Engine) -> None:
         settings = store.settings
         self.caps = TokenCaps(question=settings.max_question_tokens, task=settings.max_task_tokens,
                               segment=settings.max_segment_tokens, append=settings.max_append_tokens)
@@ -123,11 +123,11 @@ class PromptLimits:
         return kept
 
 
-_LIMITS: WeakKeyDictionary[BankStore, PromptLimits] = WeakKeyDictionary()
+_LIMITS: WeakKeyDictionary[Engine, PromptLimits] = WeakKeyDictionary()
 _LIMITS_LOCK = threading.Lock()
 
 
-def limits_of(store: BankStore) -> PromptLimits:
+def limits_of(store: Engine) -> PromptLimits:
     """The one ``PromptLimits`` of a ``BankStore`` (made on first use: reading the vocabulary takes a moment)."""
     with _LIMITS_LOCK:
         found = _LIMITS.get(store)

@@ -28,7 +28,6 @@ import re
 import threading
 import time
 import uuid
-from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -74,15 +73,17 @@ from .constrained import greedy_id_list, list_tokens
 from .errors import Conflict, CorruptBlock, IncompatibleModel, NotFound, PayloadTooLarge, ValidationFailed
 from .limits import limits_of
 from .runner import BlockKV, Context, Runner
+from .session_restore import RestorableSessions, bound_doomed, prune_cap
 
 if TYPE_CHECKING:
-    from .bank import BankStore, Hit
+    from .ports import Engine
+    from .types import Hit
 
 ROLES = ("orchestrator", "tool", "worker", "note")
 SESSION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 MAX_SEGMENTS_PER_APPEND = 256
 ATTENTION_HISTORY = 64  # per-segment brief records kept; the attention prune looks at the last ``window``
-_STATE_CACHE_SESSIONS = 8  # live KV states kept decoded in memory (the sessions being worked on)
+_STATE_KIND = "sessions"  # live KV states are kept within the process's KV budget (kvstore.kvbudget)
 _JUDGE_SNIPPET_CHARS = 400  # how much of each segment the prune judge reads
 
 Role = Literal["orchestrator", "tool", "worker", "note"]
@@ -237,6 +238,7 @@ class PruneResult:
     tokens_after: int
     judge_ms: float = 0.0
     error: str | None = None  # the judge's answer was unusable: nothing was pruned
+    held_back: list[int] = field(default_factory=list)  # left out by the judge/attention, kept by the prune bound
 
 
 # -- the session's live KV ----------------------------------------------------------------------
@@ -254,6 +256,10 @@ class SessionKV:
     @property
     def tokens(self) -> int:
         return self.kv.tokens
+
+    @property
+    def nbytes(self) -> int:
+        return self.kv.nbytes + self.positions.numel() * self.positions.element_size()
 
 
 def _concat(runner: Runner, parts: Sequence[BlockKV]) -> BlockKV:
@@ -418,11 +424,11 @@ class HttpJudge:
 # -- the store ----------------------------------------------------------------------------------
 
 
-_STORES: WeakKeyDictionary[BankStore, SessionStore] = WeakKeyDictionary()
+_STORES: WeakKeyDictionary[Engine, SessionStore] = WeakKeyDictionary()
 _STORES_LOCK = threading.Lock()
 
 
-def sessions_of(store: BankStore) -> SessionStore:
+def sessions_of(store: Engine) -> SessionStore:
     """The one ``SessionStore`` of a ``BankStore`` (made on first use)."""
     with _STORES_LOCK:
         found = _STORES.get(store)
@@ -431,21 +437,21 @@ def sessions_of(store: BankStore) -> SessionStore:
         return found
 
 
-class SessionStore:
-    """Sessions of every bank of one ``BankStore``: same catalog, model and model lock."""
+class SessionStore(RestorableSessions):
+    """Sessions of every bank of one ``BankStore``: same catalog, model and model lock. Restore and purge of
+    pruned segments: :mod:`kvstore.session_restore`."""
 
-    def __init__(self, store: BankStore) -> None:
+    def __init__(self, store: Engine) -> None:
         self.store = store
         self.settings = store.settings
         self.runner: Runner = store.runner
         self.blobs = LocalBlobStore(store.settings.data_dir / "session-blobs")
         self._write_lock = threading.Lock()  # appends and prunes of this process, one at a time
-        self._states: OrderedDict[int, SessionKV] = OrderedDict()
-        self._states_lock = threading.Lock()
+        self._states = store.kv_memory
 
     # -- rows -------------------------------------------------------------------------------------
 
-    def _bank(self, s: Session, name: str) -> BankRow:
+    def bank_row(self, s: Session, name: str) -> BankRow:
         row = s.scalar(select(BankRow).where(BankRow.name == name)) if isinstance(name, str) else None
         if row is None:
             raise NotFound(f"bank {name!r} not found")
@@ -480,7 +486,7 @@ class SessionStore:
         if metadata and len(json.dumps(metadata)) > self.settings.max_metadata_bytes:
             raise ValidationFailed(f"metadata exceeds {self.settings.max_metadata_bytes} bytes")
         with self.store.sessions() as s:
-            bank_row = self._bank(s, bank)
+            bank_row = self.bank_row(s, bank)
             row = AgentSessionRow(bank_id=bank_row.id, session_id=session_id, meta=metadata or {}, agent=agent,
                                   positions=0)
             s.add(row)
@@ -492,7 +498,7 @@ class SessionStore:
 
     def get(self, bank: str, session_id: str, *, with_text: bool = True) -> SessionInfo:
         with self.store.sessions() as s:
-            bank_row = self._bank(s, bank)
+            bank_row = self.bank_row(s, bank)
             return self._info(s, bank_row, self._session(s, bank_row, session_id), with_text)
 
     def list_sessions(self, bank: str, *, cursor: str | None = None, limit: int = 50
@@ -502,7 +508,7 @@ class SessionStore:
         if limit < 1 or limit > 1000:
             raise ValidationFailed("limit must be between 1 and 1000")
         with self.store.sessions() as s:
-            bank_row = self._bank(s, bank)
+            bank_row = self.bank_row(s, bank)
             q = select(AgentSessionRow).where(AgentSessionRow.bank_id == bank_row.id)
             if cursor:
                 q = q.where(AgentSessionRow.session_id > cursor)
@@ -529,7 +535,7 @@ class SessionStore:
     def delete(self, bank: str, session_id: str) -> None:
         """Delete a session with its segments and the blobs no other session shares."""
         with self.store.sessions() as s, self._write_lock:
-            bank_row = self._bank(s, bank)
+            bank_row = self.bank_row(s, bank)
             row = self._session(s, bank_row, session_id)
             blob_ids = set(s.scalars(select(SessionPageRow.blob_id).join(
                 SessionSegmentRow, SessionSegmentRow.id == SessionPageRow.segment_pk).where(
@@ -539,8 +545,8 @@ class SessionStore:
             s.execute(delete(SessionSegmentRow).where(SessionSegmentRow.session_pk == row.id))
             s.delete(row)
             s.commit()
-            self._forget_state(row.id)
-            self._drop_unreferenced(s, blob_ids)
+            self._forget_state(bank_row.id, row.id)
+            self.drop_unreferenced(s, blob_ids)
 
     @contextmanager
     def deleting_bank(self, s: Session, bank_id: int) -> Iterator[None]:
@@ -555,8 +561,8 @@ class SessionStore:
                 SessionSegmentRow.session_pk.in_(session_pks)))) if session_pks else set()
             yield
             for pk in session_pks:
-                self._forget_state(pk)
-            self._drop_unreferenced(s, blob_ids)
+                self._forget_state(bank_id, pk)
+            self.drop_unreferenced(s, blob_ids)
 
     def collect_orphans(self, grace_s: float) -> int:
         """Delete session blobs no page references, older than ``grace_s`` seconds: an append writes its
@@ -591,24 +597,19 @@ class SessionStore:
 
     # -- live KV ----------------------------------------------------------------------------------
 
-    def _forget_state(self, session_pk: int) -> None:
-        with self._states_lock:
-            self._states.pop(session_pk, None)
+    def _forget_state(self, bank_id: int, session_pk: int) -> None:
+        self._states.discard(bank_id, _STATE_KIND, session_pk)
 
-    def _remember_state(self, session_pk: int, state: SessionKV) -> None:
-        with self._states_lock:
-            self._states[session_pk] = state
-            self._states.move_to_end(session_pk)
-            while len(self._states) > _STATE_CACHE_SESSIONS:
-                self._states.popitem(last=False)
+    def _remember_state(self, bank_id: int, session_pk: int, state: SessionKV) -> None:
+        """Keep the state within the KV budget; evicted, it is decoded from the blobs again when next used."""
+        self._states.put(bank_id, _STATE_KIND, session_pk, state)
 
     def _state(self, s: Session, bank: BankRow, session: AgentSessionRow) -> SessionKV:
         """The live KV: the in-memory copy when it matches the catalog's live segments, else from the blobs."""
         live = self._segments(s, session, live_only=True)
         ids = tuple(g.id for g in live)
-        with self._states_lock:
-            cached = self._states.get(session.id)
-        if cached is not None and cached.segment_ids == ids:
+        cached = self._states.get(bank.id, _STATE_KIND, session.id)
+        if isinstance(cached, SessionKV) and cached.segment_ids == ids:
             return cached
         pages = s.scalars(select(SessionPageRow).where(SessionPageRow.segment_pk.in_(ids)).order_by(
             SessionPageRow.segment_pk, SessionPageRow.ordinal)).all() if ids else []
@@ -631,7 +632,7 @@ class SessionStore:
                           positions=torch.cat(positions) if positions else torch.zeros(
                               0, dtype=torch.long, device=self.runner.llm.device),
                           spans=spans)
-        self._remember_state(session.id, state)
+        self._remember_state(bank.id, session.id, state)
         return state
 
     def _context(self, state: SessionKV, next_offset: int, extra: BlockKV | None = None,
@@ -672,7 +673,7 @@ class SessionStore:
         runner = self.runner
         token_ids = [runner.tokenize(render_segment(g.role, g.text, g.agent or agent)) for g in segs]
         with self.store.sessions() as s, self._write_lock:
-            bank_row = self._bank(s, bank)
+            bank_row = self.bank_row(s, bank)
             session = self._session(s, bank_row, session_id)
             state = self._state(s, bank_row, session)
             base = session.positions
@@ -725,7 +726,7 @@ class SessionStore:
             spans = list(state.spans)
             for ids in token_ids:
                 spans.append((spans[-1][0] + spans[-1][1] if spans else 0, len(ids)))
-            self._remember_state(session.id, SessionKV(
+            self._remember_state(bank_row.id, session.id, SessionKV(
                 segment_ids=state.segment_ids + tuple(r.id for r in rows), kv=_concat(runner, [state.kv, *decoded]),
                 positions=torch.cat((state.positions, torch.arange(base, start, device=state.positions.device))),
                 spans=spans))
@@ -761,7 +762,7 @@ class SessionStore:
         runner = self.runner
         task_ids = runner.question_ids(task)
         with self.store.sessions() as s:
-            bank_row = self._bank(s, bank)
+            bank_row = self.bank_row(s, bank)
             session = self._session(s, bank_row, session_id)
             state = self._state(s, bank_row, session)
             # The documents go after the trajectory: only those that fit the model's positions are read.
@@ -790,7 +791,7 @@ class SessionStore:
         spec = CompactionSpec(tau=tau, budget_tokens=budget_tokens) if tau is not None or budget_tokens is not None \
             else None
         with self.store.sessions() as s:
-            bank_row = self._bank(s, bank)
+            bank_row = self.bank_row(s, bank)
             session = self._session(s, bank_row, session_id)
             state = self._state(s, bank_row, session)
             with self.store.model_lock:
@@ -885,9 +886,10 @@ class SessionStore:
         if goal is not None:
             limits_of(self.store).check_task(goal)  # the judge reads it: capped like a brief's task
         with self.store.sessions() as s:
-            bank_row = self._bank(s, bank)
+            bank_row = self.bank_row(s, bank)
             session = self._session(s, bank_row, session_id)
             live = self._segments(s, session, live_only=True)
+        self.purge_pruned(session.id)  # pages past their retention go before new ones are kept
         before = sum(g.token_count for g in live)
         judge_ms, error = 0.0, None
         if policy == "model":
@@ -897,40 +899,52 @@ class SessionStore:
                 reply = (judge or self.default_judge())(judge_prompt(goal, [(g.ordinal, g.role, g.text) for g in live]),
                                                         live_ids)
                 needed = parse_needed(reply, live_ids)
+                if live and not needed:  # stored text can steer the judge: "nothing is needed" is never obeyed
+                    raise JudgeError("the judge named no segment as needed; refusing to prune the whole session")
             except JudgeError as exc:
                 needed, error = [g.ordinal for g in live], str(exc)
             judge_ms = _ms(time.perf_counter() - t0)
-            doomed = [g.id for g in live if g.ordinal not in set(needed)]
+            doomed = [g.id for g in live if g.ordinal not in set(needed)]  # oldest first
         else:
-            doomed = [g.id for g in live if low_attention(g.attention or [], window, threshold)]
+            low = [g for g in live if low_attention(g.attention or [], window, threshold)]
+            window_mean = {g.id: sum((g.attention or [])[-window:]) / max(1, len((g.attention or [])[-window:]))
+                           for g in low}
+            doomed = [g.id for g in sorted(low, key=lambda g: (window_mean[g.id], g.ordinal))]  # least attended first
+        cap = prune_cap(len(live), float(getattr(self.settings, "session_prune_max_fraction", 1.0)))
+        doomed, spared = bound_doomed(doomed, cap)
+        if policy == "attention":
             needed = [g.ordinal for g in live if g.id not in set(doomed)]
+        ordinal_of = {g.id: g.ordinal for g in live}
         pruned = self._drop(bank, session_id, doomed, reason=policy)
         after = before - sum(g.token_count for g in live if g.ordinal in set(pruned))
         return PruneResult(policy=policy, pruned=pruned, needed=needed, tokens_before=before, tokens_after=after,
-                           judge_ms=judge_ms, error=error)
+                           judge_ms=judge_ms, error=error, held_back=sorted(ordinal_of[i] for i in spared))
 
     def _drop(self, bank: str, session_id: str, segment_pks: Sequence[int], reason: str) -> list[int]:
-        """Mark segments pruned and delete their pages (and blobs no one else uses); their ordinals."""
+        """Mark segments pruned; their pages are kept for restore during the retention period (deleted at once,
+        with blobs no one else uses, when it is 0). Returns their ordinals."""
         if not segment_pks:
             return []
         with self.store.sessions() as s, self._write_lock:
-            bank_row = self._bank(s, bank)
+            bank_row = self.bank_row(s, bank)
             session = self._session(s, bank_row, session_id)
             rows = s.scalars(select(SessionSegmentRow).where(
                 SessionSegmentRow.id.in_(list(segment_pks)), SessionSegmentRow.session_pk == session.id,
                 SessionSegmentRow.pruned_at.is_(None))).all()
             ids = [r.id for r in rows]
-            blob_ids = set(s.scalars(select(SessionPageRow.blob_id).where(SessionPageRow.segment_pk.in_(ids))))
-            s.execute(delete(SessionPageRow).where(SessionPageRow.segment_pk.in_(ids)))
+            blob_ids: set[str] = set()
+            if not self.keeps_pages():  # else kept for restore until the retention ends (session_restore.py)
+                blob_ids = set(s.scalars(select(SessionPageRow.blob_id).where(SessionPageRow.segment_pk.in_(ids))))
+                s.execute(delete(SessionPageRow).where(SessionPageRow.segment_pk.in_(ids)))
             now = utcnow()
             for r in rows:
                 r.pruned_at, r.prune_reason = now, reason
             session.updated_at = now
             s.commit()
-            self._drop_unreferenced(s, blob_ids)
+            self.drop_unreferenced(s, blob_ids)
             return sorted(r.ordinal for r in rows)
 
-    def _drop_unreferenced(self, s: Session, blob_ids: set[str]) -> None:
+    def drop_unreferenced(self, s: Session, blob_ids: set[str]) -> None:
         for blob_id in blob_ids:
             if not s.scalar(select(func.count()).select_from(SessionPageRow).where(SessionPageRow.blob_id == blob_id)):
                 self.blobs.delete(blob_id)

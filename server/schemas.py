@@ -7,7 +7,7 @@ option. Responses mirror the engine's dataclasses.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -48,15 +48,18 @@ class KeyList(BaseModel):
 # -- banks ----------------------------------------------------------------------------------------
 
 
+# kvstore.codec.CHOOSABLE: the only codecs a bank may newly choose (others stay decodable).
+CodecChoice = Literal["auto", "fp16", "int8", "tklt5"]
+
+
 class BankCreate(Request):
     model_config = ConfigDict(json_schema_extra={"examples": [{"name": "notes", "codec": "fp16",
                                                                 "eviction": "lru"}]})
 
     name: str = Field(max_length=63, description="[a-z0-9][a-z0-9_-]{0,62}")
-    codec: str | None = Field(default=None, description="Codec preset of the bank's new blocks (README: "
-                                                        "KVRAG_DEFAULT_CODEC lists them); auto or omitted: the "
-                                                        "server's default for its model (auto: tklt5 where "
-                                                        "calibrated, else int8).")
+    codec: CodecChoice | None = Field(default=None, description="Codec of the bank's new blocks; auto or "
+                                                                "omitted: the server's default for its model "
+                                                                "(tklt5 where calibrated, else int8).")
     budget_bytes: int | None = Field(default=None, gt=0)
     max_blocks: int | None = Field(default=None, gt=0)
     eviction: Literal["lru", "importance", "hybrid"] | None = None
@@ -67,7 +70,7 @@ class BankCreate(Request):
 class BankUpdate(Request):
     model_config = ConfigDict(json_schema_extra={"examples": [{"budget_bytes": 1 << 30}]})
 
-    codec: str | None = None
+    codec: CodecChoice | None = None
     budget_bytes: int | None = Field(default=None, gt=0)
     max_blocks: int | None = Field(default=None, gt=0)
     eviction: Literal["lru", "importance", "hybrid"] | None = None
@@ -101,6 +104,10 @@ class BankDetail(BankOut):
     reencodes: int = 0
     tiers: dict[str, dict[str, int]] = Field(
         default_factory=dict, description="hot / warm / cold tiers, each with its blocks and bytes")
+    memory: dict[str, dict[str, int]] = Field(
+        default_factory=dict, description="KV this bank holds in memory, per kind (blocks: the hot tier, map: the "
+                                          "context map's KV, sessions: agent sessions' live KV), each with its "
+                                          "entries and bytes; within KVRAG_KV_MEMORY_BYTES")
 
 
 class BankList(BaseModel):
@@ -167,16 +174,24 @@ class DocumentPage(BaseModel):
 
 
 class JobOut(BaseModel):
+    """A durable job: ``done`` of ``total`` (documents of an ingest, steps of a maintenance run) with the current
+    ``step``; the ``result`` once it succeeded, the ``error`` (and any partial result) once it failed."""
+
     id: str
     kind: str
     bank: str
-    status: Literal["queued", "running", "succeeded", "failed"]
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
     total: int
     done: int
+    step: str | None = None
     result: dict[str, Any]
     error: str | None
+    attempts: int = Field(default=0, description="Runs started; above 1 the job was resumed after a stop.")
+    cancel_requested: bool = False
     created_at: datetime | None = None
     updated_at: datetime | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
 
 
 class JobPage(BaseModel):
@@ -314,6 +329,7 @@ class MapItemOut(BaseModel):
     stale: bool
     created_at: datetime
     updated_at: datetime
+    pinned: bool = Field(default=False, description="Pinned by an owner: no edit, refresh or eviction removes it.")
 
 
 class ContextMapOut(BaseModel):
@@ -467,3 +483,19 @@ class PruneOut(BaseModel):
     tokens_after: int
     judge_ms: float
     error: str | None
+    held_back: list[int] = Field(default_factory=list, description=(
+        "Segments the judge or the attention left out but this prune kept: one prune drops at most "
+        "KVRAG_SESSION_PRUNE_MAX_FRACTION of the live segments."))
+
+
+class RestoreIn(Request):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"segments": [2, 3]}, {}]})
+
+    segments: list[Annotated[int, Field(ge=0, le=2**31 - 1)]] | None = Field(default=None, max_length=10_000,
+                                       description="Segment ids to restore; default: every restorable one.")
+
+
+class RestoreOut(BaseModel):
+    restored: list[int] = Field(description="Segments made live again by this call.")
+    tokens: int = Field(description="Live KV tokens after it.")
+    expired: list[int] = Field(description="Pruned longer ago than KVRAG_SESSION_PRUNE_RETENTION_S: KV gone.")

@@ -1,7 +1,7 @@
 """flag banks the old near-duplicate merge touched, for repair by the next maintenance (issue 26, hole 4)
 
 Revision ID: 0010_repair_merges
-Revises: 0008
+Revises: 0009_durable_jobs
 Create Date: 2026-12-07 04:30:00
 
 Near-duplicate merging pointed a block at another block's blob and token ids, so a document answered with
@@ -18,7 +18,7 @@ import sqlalchemy as sa
 
 # revision identifiers, used by Alembic.
 revision: str = '0010_repair_merges'
-down_revision: Union[str, Sequence[str], None] = '0008'
+down_revision: Union[str, Sequence[str], None] = '0009_durable_jobs'
 branch_labels: Union[str, Sequence[str], None] = None
 depends_on: Union[str, Sequence[str], None] = None
 

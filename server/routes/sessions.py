@@ -1,4 +1,4 @@
-"""Agent sessions: create, append (prefill only the new tokens), brief a worker, prune, get, delete.
+"""Agent sessions: create, append (prefill only the new tokens), brief a worker, prune, restore, get, delete.
 
 Appends, briefs and prunes run on the model worker; the orchestrator writes with a write key and
 workers brief with read keys, so one session is shared under the bank's scopes. A session belongs to the
@@ -23,7 +23,18 @@ from kvstore.sessions import BriefResult, SegmentInput, sessions_of
 from ..auth import Principal, Reader, Writer
 from ..deps import Store, Worker, plain
 from ..errors import redact
-from ..schemas import AppendIn, AppendOut, BriefIn, BriefOut, PruneIn, PruneOut, SessionCreate, SessionOut
+from ..schemas import (
+    AppendIn,
+    AppendOut,
+    BriefIn,
+    BriefOut,
+    PruneIn,
+    PruneOut,
+    RestoreIn,
+    RestoreOut,
+    SessionCreate,
+    SessionOut,
+)
 from .common import ERRORS, IdempotencyKey, replayable
 from .retrieval import stream_events
 
@@ -139,5 +150,20 @@ async def prune(bank: str, session_id: str, body: PruneIn, request: Request, sto
         if result.error:
             result.error = redact(result.error)
         return PruneOut(**plain(result))
+
+    return await replayable(request, store, bank, idempotency_key, body.model_dump(mode="json"), work)
+
+
+@router.post("/{session_id}/restore", operation_id="restore_session", response_model=RestoreOut)
+async def restore(bank: str, session_id: str, body: RestoreIn, request: Request, store: Store, writer: Writer,
+                  idempotency_key: IdempotencyKey = None) -> Response:
+    """Make pruned segments live again, with the KV and positions they had (``segments``; default every
+    restorable one). A prune keeps their KV for KVRAG_SESSION_PRUNE_RETENTION_S; naming one pruned longer ago
+    is a 409. Like prune, a write key restores only its own agent's sessions."""
+    call = partial(sessions_of(store).restore, bank, session_id, body.segments)
+
+    async def work() -> RestoreOut:
+        await _check_manages(store, bank, session_id, writer)
+        return RestoreOut(**plain(await run_in_threadpool(call)))
 
     return await replayable(request, store, bank, idempotency_key, body.model_dump(mode="json"), work)
