@@ -13,6 +13,8 @@ kilobytes: 82 ms for a worst-case 41 kB question with SmolLM2's tokenizer).
 A kv or text query keeps its assembled context within the model's maximum positions by *trimming retrieval*:
 the lowest-ranked blocks that would not fit (after the prefix, the context map, the question and the
 ``max_new_tokens`` it may generate) are left out, and the answer's ``sources`` lists only the blocks it read.
+A session brief does the same with its ``include_documents`` after the trajectory. (A session's own positions
+keep growing with its appends; they are not capped here.)
 """
 
 from __future__ import annotations

@@ -705,7 +705,9 @@ class SessionStore(RestorableSessions):
             bank_row = self.bank_row(s, bank)
             session = self._session(s, bank_row, session_id)
             state = self._state(s, bank_row, session)
-            hits, docs = self._documents(s, bank, bank_row, task, include_documents)
+            # The documents go after the trajectory: only those that fit the model's positions are read.
+            fixed = len(runner.prefix_ids) + session.positions + len(task_ids) + max_new_tokens
+            hits, docs = self._documents(s, bank, bank_row, task, include_documents, fixed)
             t_loaded = time.perf_counter()
             with self.store.model_lock:
                 ctx, kept, scores = self._compact(state, session.positions, task_ids, spec, docs, selection)
@@ -767,15 +769,18 @@ class SessionStore(RestorableSessions):
         doc_positions = torch.arange(next_offset, next_offset + docs.tokens, device=state.positions.device)
         return self._context(kept, next_offset + docs.tokens, docs, doc_positions), kept.tokens, scores
 
-    def _documents(self, s: Session, bank: str, bank_row: BankRow, task: str, k: int
+    def _documents(self, s: Session, bank: str, bank_row: BankRow, task: str, k: int, fixed_tokens: int = 0
                    ) -> tuple[list[Hit], BlockKV | None]:
-        """The top-k bank blocks for the task and their KV, concatenated (None when k is 0 or nothing matched)."""
+        """The top-k bank blocks for the task that fit the model's positions after ``fixed_tokens``, and their KV
+        concatenated (None when k is 0 or nothing matched)."""
         if k == 0:
             return [], None
         hits = self.store.search(bank, task, k=k)
         rows = {r.id: r for r in s.scalars(select(BlockRow).where(
             BlockRow.bank_id == bank_row.id, BlockRow.id.in_([h.block_id for h in hits])))}
-        blocks = [self.store.load_block(s, bank_row, rows[h.block_id]) for h in hits if h.block_id in rows]
+        hits = [h for h in hits if h.block_id in rows]
+        hits = hits[:limits_of(self.store).blocks_that_fit([rows[h.block_id].token_count for h in hits], fixed_tokens)]
+        blocks = [self.store.load_block(s, bank_row, rows[h.block_id]) for h in hits]
         return hits, (_concat(self.runner, blocks) if blocks else None)
 
     def _record_attention(self, s: Session, state: SessionKV, relative: Sequence[float]) -> None:

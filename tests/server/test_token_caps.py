@@ -136,3 +136,22 @@ def test_a_kv_query_keeps_its_context_within_the_models_positions(make_store: Ca
     assert 0 < len(result.sources) < 8
     text = store.query("kb", "Who were the Normans?", k=8, mode="text", max_new_tokens=max_new)
     assert [h.doc_id for h in text.sources] == [h.doc_id for h in result.sources]
+
+
+def test_a_brief_reads_only_the_documents_that_fit_after_the_trajectory(make_store: Callable[..., BankStore]) -> None:
+    from kvstore.sessions import sessions_of
+
+    small = build_tiny("llama", max_position_embeddings=200)
+    store = make_store(llm=small, block_tokens=32)
+    store.create_bank("kb")
+    for i in range(8):
+        store.put_document("kb", f"d{i}", f"Note {i}: " + NORMANS + " " + _words(12))
+    sessions = sessions_of(store)
+    sessions.create("kb", "s")
+    sessions.append("kb", "s", [{"role": "tool", "text": NORMANS}])
+    max_new = 8
+    result = sessions.brief("kb", "s", "Who were the Normans?", include_documents=8, max_new_tokens=max_new)
+    positions = sessions.get("kb", "s").total_tokens
+    used = len(store.runner.prefix_ids) + positions + result.document_tokens + result.task_tokens + max_new
+    assert used <= 200, used
+    assert 0 < len(result.sources) < 8
