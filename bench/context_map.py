@@ -10,14 +10,19 @@ harness: greedy answer -> EM/F1, teacher-forced question + gold answer -> NLL an
   once per map version, timed separately as ``map_prefill_ms``), then the blocks.
 
 KL is kv against text and kv+map against text+map (fidelity of kv mode with the map in front); the
-map's own effect shows in F1, gold NLL and agreement between with/without. One refresh by the local
-model is attempted and its status recorded (SmolLM2-135M is not expected to write valid JSON edits).
-Writes bench/results/context_map.json and context_map.png.
+map's own effect shows in F1, gold NLL and agreement between with/without.
+
+Refreshes (``--refreshes N``, alone with ``--refresh-only``): N rounds of a few new questions asked through
+``BankStore.query`` (which records them) then one refresh by the local model, decoding constrained to the
+edit schema; each round's status, what was applied, refused and evicted, and the map's items before and
+after are recorded. Writes bench/results/context_map.json (a refresh-only run keeps the file's quality
+rows) and context_map.png.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import tempfile
 import time
@@ -42,6 +47,7 @@ from bench.quality import (
 from bench.quality import text_variant as plain_text_variant
 from bench.squad import (
     BANK,
+    RESULTS_DIR,
     add_data_args,
     doc_markdown,
     ingest,
@@ -122,6 +128,59 @@ def plot(rows: Sequence[dict[str, Any]], map_tokens: int) -> Figure:
     return fig
 
 
+def refresh_rounds(store: Any, questions: Sequence[Any], rounds: int, per_round: int, k: int) -> dict[str, Any]:
+    """``rounds`` times: ask ``per_round`` new questions (recorded for the map), then refresh with the local model."""
+    out: list[dict[str, Any]] = []
+    start = store.context_map.get(BANK)
+    for r in range(rounds):
+        asked = [questions[(r * per_round + j) % len(questions)].text for j in range(per_round)]
+        for text in asked:
+            store.query(BANK, text, k=k, max_new_tokens=12, context_map=True)
+        before = store.context_map.get(BANK)
+        t0 = time.perf_counter()
+        report = store.context_map.refresh(BANK)
+        seconds = time.perf_counter() - t0
+        after = store.context_map.get(BANK)
+        contents = {i.id: i.content for i in after.items}
+        out.append({"round": r + 1, "questions": asked, "status": report.status, "seconds": round(seconds, 2),
+                    "records": report.records, "items_before": len(before.items), "items_after": len(after.items),
+                    "tokens_after": after.tokens, "applied": report.applied, "rejected": report.rejected,
+                    "evicted": report.evicted, "error": report.error,
+                    "added": [{"id": a["id"], "content": contents.get(a["id"])} for a in report.applied
+                              if a["op"] == "add"],
+                    "replaced": [{"id": a["id"], "content": contents.get(a["id"])} for a in report.applied
+                                 if a["op"] == "replace"]})
+    end = store.context_map.get(BANK)
+    statuses: dict[str, int] = {}
+    for row in out:
+        statuses[row["status"]] = statuses.get(row["status"], 0) + 1
+    sections = {sec: sum(1 for i in end.items if i.section == sec) for sec in ("roadmap", "understanding",
+                                                                               "reusable_results")}
+    return {"rounds": rounds, "questions_per_round": per_round, "status_counts": statuses,
+            "items_start": len(start.items), "items_end": len(end.items), "sections_end": sections,
+            "added_total": sum(len(r["added"]) for r in out), "replaced_total": sum(len(r["replaced"]) for r in out),
+            "rejected_total": sum(len(r["rejected"]) for r in out),
+            "evicted_total": sum(len(r["evicted"]) for r in out),
+            "seconds_median": round(statistics.median(r["seconds"] for r in out), 2) if out else 0.0,
+            "per_round": out}
+
+
+def run_refresh_only(args: argparse.Namespace) -> dict[str, Any]:
+    """Only the refresh rounds, on a fresh store with the bootstrapped map; the quality rows are kept from the file."""
+    squad = load_or_exit(args.data)
+    questions = pick_questions(squad.questions, max(args.questions, args.refreshes * args.per_round))
+    with tempfile.TemporaryDirectory(prefix="kvrag-bench-map-") as tmp:
+        store = open_store(Path(tmp), torch_threads=args.threads, map_llm_max_tokens=args.refresh_tokens)
+        ingest(store, squad.paragraphs)
+        refreshes = refresh_rounds(store, questions, args.refreshes, args.per_round, args.k)
+        machine = machine_info(store.llm.name)
+        store.close()
+    path = RESULTS_DIR / "context_map.json"
+    result: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {"benchmark": "context_map"}
+    result["refreshes"] = {**refreshes, "machine": machine}
+    return result
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     squad = load_or_exit(args.data)
     questions = pick_questions(squad.questions, args.questions)
@@ -141,12 +200,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             env = Env(store, s, bank_row)
             cases = retrieve_cases(env, questions, [args.k])
             records = evaluate(env, cases, first.kv, args.max_new_tokens)
-        # A refresh distills query records; a few queries through BankStore.query leave some.
-        for question in questions[:5]:
-            store.query(BANK, question.text, k=args.k, max_new_tokens=8, context_map=True)
-        t0 = time.perf_counter()
-        refresh = store.context_map.refresh(BANK)
-        refresh_s = time.perf_counter() - t0
+        refreshes = refresh_rounds(store, questions, args.refreshes, args.per_round, args.k)
         stats = store.stats(BANK)
         machine = machine_info(store.llm.name)
         machine["embedder"] = store.embedder.name
@@ -161,8 +215,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "map": {"version": view.version, "items": len(view.items), "tokens": view.tokens,
                 "budget_tokens": view.budget_tokens, "prefill_ms": round(map_prefill_ms, 2),
                 "cached_lookup_ms": round(cached_ms, 3)},
-        "refresh": {"llm": refresh.llm, "status": refresh.status, "seconds": round(refresh_s, 2),
-                    "applied": len(refresh.applied), "error": refresh.error},
+        "refreshes": {**refreshes, "machine": machine},
         "machine": machine,
         "rows": summarise(records),
         "records": records,
@@ -178,6 +231,31 @@ def table_rows(rows: Sequence[dict[str, Any]]) -> list[list[Any]]:
              r["ttft_ms_median"]] for r in rows]
 
 
+def refresh_markdown(refreshes: dict[str, Any]) -> str:
+    """The refresh section's table: status counts and what the map gained, with a few added items."""
+    m = refreshes["machine"]
+    counts = ", ".join(f"`{k}` {v}" for k, v in sorted(refreshes["status_counts"].items()))
+    lines = [f"{refreshes['rounds']} refreshes ({refreshes['questions_per_round']} new questions before each), "
+             f"{m['model']}, {m['cpu_count']} CPUs, {m['torch_threads']} torch threads, load average "
+             f"{m['load_average'][0]:.1f} at the end, commit {m['git_commit']}, {m['measured_at']}.", "",
+             f"Status: {counts}. Items {refreshes['items_start']} -> {refreshes['items_end']} (end: "
+             + ", ".join(f"{k} {v}" for k, v in refreshes["sections_end"].items())
+             + f"); added {refreshes['added_total']}, replaced {refreshes['replaced_total']}, evicted "
+             f"{refreshes['evicted_total']}, refused {refreshes['rejected_total']}; median refresh "
+             f"{refreshes['seconds_median']:.1f} s.", "",
+             "| round | status | items before -> after | applied | evicted | refused | s |",
+             "|---:|---|---|---|---:|---:|---:|"]
+    for r in refreshes["per_round"]:
+        ops = ", ".join(f"{a['op']} {a['id']}" for a in r["applied"]) or "-"
+        lines.append(f"| {r['round']} | {r['status']} | {r['items_before']} -> {r['items_after']} | {ops} | "
+                     f"{len(r['evicted'])} | {len(r['rejected'])} | {r['seconds']:.1f} |")
+    examples = [a for r in refreshes["per_round"] for a in r["added"] if a["content"]][:4]
+    if examples:
+        lines += ["", "Items the refreshes added (first few):", ""]
+        lines += [f"- `{a['id']}`: {a['content']}" for a in examples]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_data_args(parser, default_questions=30)
@@ -185,19 +263,32 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=24, help="greedy answer length (default: 24)")
     parser.add_argument("--refresh-tokens", type=int, default=256,
                         help="longest answer the local refresh may write (default: 256)")
+    parser.add_argument("--refreshes", type=int, default=10, help="refresh rounds (default: 10)")
+    parser.add_argument("--per-round", type=int, default=2, help="new questions before each refresh (default: 2)")
+    parser.add_argument("--refresh-only", action="store_true",
+                        help="only the refresh rounds (the file's quality rows are kept)")
     args = parser.parse_args()
+    if args.refresh_only:
+        result = run_refresh_only(args)
+        path = write_json("context_map", result)
+        publish_doc_table("context_map_refresh", refresh_markdown(result["refreshes"]))
+        print(refresh_markdown(result["refreshes"]))
+        print(f"wrote {path}")
+        return
     result = run(args)
     path = write_json("context_map", result)
     save_figure(plot(result["rows"], result["map"]["tokens"]), "context_map")
-    m, r = result["map"], result["refresh"]
+    m, r = result["map"], result["refreshes"]
     print(f"map: {m['items']} items, {m['tokens']}/{m['budget_tokens']} tokens, prefilled once in "
-          f"{m['prefill_ms']:.0f} ms (cached lookup {m['cached_lookup_ms']:.2f} ms); local refresh: {r['status']} "
-          f"in {r['seconds']:.0f} s")
+          f"{m['prefill_ms']:.0f} ms (cached lookup {m['cached_lookup_ms']:.2f} ms); local refreshes: "
+          f"{r['status_counts']}")
     print_table(f"context map, k = {args.k}", TABLE_HEADERS, table_rows(result["rows"]))
     summary = (f"Map: {m['items']} roadmap items, {m['tokens']} of {m['budget_tokens']} tokens, prefilled once in "
-               f"{m['prefill_ms']:.0f} ms, then reused from memory. Local refresh (SmolLM2): `{r['status']}`.\n\n")
+               f"{m['prefill_ms']:.0f} ms, then reused from memory. Local refreshes (SmolLM2): "
+               f"{r['status_counts']}.\n\n")
     markdown = summary + doc_markdown(result, TABLE_HEADERS, table_rows(result["rows"]))
     publish_doc_table("context_map", markdown)
+    publish_doc_table("context_map_refresh", refresh_markdown(r))
     print(f"wrote {path}")
 
 

@@ -61,13 +61,15 @@ def _wait_ready(proc: subprocess.Popen[bytes], url: str, log: Path) -> None:
 
 
 @contextmanager
-def live_server(threads: int, **settings: Any) -> Iterator[LiveServer]:
-    """``kvrag serve`` with ``KVRAG_<NAME>`` for each keyword; stopped with SIGTERM (graceful) at the end."""
+def live_server(threads: int | None, **settings: Any) -> Iterator[LiveServer]:
+    """``kvrag serve`` with ``KVRAG_<NAME>`` for each keyword; stopped with SIGTERM (graceful) at the end.
+    ``threads`` None: the server's own default (what ``make serve`` gets), nothing set."""
     with tempfile.TemporaryDirectory(prefix="kvrag-bench-live-") as tmp:
         port, key = _free_port(), secrets.token_urlsafe(24)
         env = {**os.environ, "KVRAG_DATA_DIR": str(Path(tmp) / "data"), "KVRAG_ADMIN_KEY": key,
-               "KVRAG_TORCH_THREADS": str(threads), "OMP_NUM_THREADS": str(max(threads, 1)),
                "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+        if threads is not None:
+            env.update(KVRAG_TORCH_THREADS=str(threads), OMP_NUM_THREADS=str(max(threads, 1)))
         env.update({f"KVRAG_{name.upper()}": str(value) for name, value in settings.items()})
         log = Path(tmp) / "server.log"
         with open(log, "wb") as out:

@@ -46,6 +46,7 @@ from .errors import (
 from .index import BankIndex
 from .keysummary import KeySummaries
 from .kvbudget import KVBudget
+from .limits import limits_of
 from .memory import BlockInfo, MemoryManager, as_utc, block_page, expired_block_ids, record_access, tier_stats
 from .models import Embedder, LoadedModel, load_llm
 from .querylog import LoggedQuery, QueryLogEntry
@@ -69,6 +70,7 @@ from .types import (  # noqa: F401  (re-exported: kvstore.bank.Hit and friends s
     Timings,
     Usage,
 )
+from .warmup import warm_new_blocks
 
 log = logging.getLogger(__name__)
 
@@ -532,7 +534,12 @@ class BankStore:
             self.drop_unreferenced(s, old_blobs - {r.blob_id for r in rows})
             self.memory.enforce_budget(s, bank_row)
             self.context_map.on_ingest(bank, doc_id, text, agent)
-            return PutResult(_doc_info(doc, len(rows)), created=created, changed=True)
+            result = PutResult(_doc_info(doc, len(rows)), created=created, changed=True)
+            fingerprint, bank_id = bank_row.model_fingerprint, bank_row.id
+        if self.settings.hot_tier_on_ingest:  # outside the blob lock: decoding must not hold up other writers
+            warm_new_blocks(self.hot, bank_id, [(blob_id, data) for *_, blob_id, _, data in encoded], fingerprint,
+                            self.llm.device)
+        return result
 
     @staticmethod
     def _expiry(expires_at: datetime | None, ttl_s: float | None) -> datetime | None:
@@ -718,8 +725,11 @@ class BankStore:
             ids, scores = ids[keep][:k], scores[keep][:k]
         if len(ids) == 0:
             return []
+        # The index is derived data (a stale or misplaced snapshot may hold another bank's ids): a hit counts
+        # only if the catalog says the block is this bank's.
         rows = {b.id: (b, d) for b, d in s.execute(select(BlockRow, DocumentRow).join(
-            DocumentRow, DocumentRow.id == BlockRow.document_id).where(BlockRow.id.in_(ids.tolist()))).tuples()}
+            DocumentRow, DocumentRow.id == BlockRow.document_id).where(
+            BlockRow.bank_id == bank.id, BlockRow.id.in_(ids.tolist()))).tuples()}
         return [(rows[i][0], rows[i][1], float(sc)) for i, sc in zip(ids.tolist(), scores.tolist(), strict=True)
                 if i in rows]
 
@@ -778,6 +788,7 @@ class BankStore:
         data = encode_block(kv, bank.model_fingerprint, bank.codec)
         try:
             with self.blob_lock:
+                blob_gc_lock(s, exclusive=False)  # referenced when this commits: never collected in between
                 old = block.blob_id
                 blob_id = self.blobs.put(data, replace=True)
                 s.execute(update(BlockRow).where(BlockRow.id == block.id).values(
@@ -817,6 +828,8 @@ class BankStore:
             raise ValidationFailed(str(exc)) from None
         if not 0 <= max_new_tokens <= self.settings.max_new_tokens:
             raise ValidationFailed(f"max_new_tokens must be between 0 and {self.settings.max_new_tokens}")
+        limits = limits_of(self)
+        limits.check_question(question)  # before any model work: a huge question is a 413, not a stall
         with self.sessions() as s:
             bank_row = self.bank_row(s, bank)
             self._check_model(bank_row)
@@ -826,6 +839,9 @@ class BankStore:
             shown = self.context_map.prefill(s, bank_row) if context_map else None
             lead = [shown.kv] if shown is not None and shown.kv is not None else []
             lead_ids = shown.token_ids if lead and shown is not None else []
+            # Within the model's positions: the lowest-ranked blocks that would not fit are left out.
+            fixed = len(self.runner.prefix_ids) + len(lead_ids) + len(q_ids) + max_new_tokens
+            retrieved = retrieved[:limits.blocks_that_fit([b.token_count for b, _, _ in retrieved], fixed)]
             shares: list[float] | None = None
             if mode == "kv":
                 blocks = [self.load_block(s, bank_row, b) for b, _, _ in retrieved]
@@ -950,7 +966,7 @@ class BankStore:
     def maintain(self, bank: str, *, evict: bool = True, merge: bool = True, gc: bool = True, expire: bool = True,
                  reencode: bool = True) -> dict[str, Any]:
         """Maintenance of one bank (see :class:`kvstore.memory.MemoryManager`): remove expired documents,
-        re-encode after a model change and re-warm cold blocks the budget has room for, merge
+        re-encode after a model change and re-warm cold blocks the budget has room for, repair old merges, dedup
         near-duplicates, evict to the budget, delete orphan blobs. Returns a report."""
         return self.memory.maintain(bank, evict=evict, merge=merge, gc=gc, expire=expire, reencode=reencode)
 

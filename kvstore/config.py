@@ -83,6 +83,10 @@ class Settings(BaseSettings):
     kv_memory_bank_bytes: int | None = Field(
         default=None, ge=0, description="Optional cap of one bank's share of kv_memory_bytes. With banks x this <= "
                                         "kv_memory_bytes no bank's activity ever evicts another bank's KV.")
+    hot_tier_on_ingest: bool = Field(
+        default=True, description="Decode a new document's blocks into the hot tier's free room at ingest, so its "
+                                  "first query loads none (the first touch's block decode leaves the time to first "
+                                  "token).")
     device_cache_bytes: int = Field(
         default=4 << 30, ge=0, description="CUDA only: byte budget of blocks kept on the GPU, so a block used "
                                            "again is not copied from host memory again.")
@@ -103,11 +107,35 @@ class Settings(BaseSettings):
     max_json_depth: int = 32
     max_k: int = 100
     max_new_tokens: int = 1024
+    # Token caps of caller texts (kvstore/limits.py): over one, 413 payload_too_large before any model work.
+    # SmolLM2 has 8,192 positions: a 512-token question leaves a kv query room for 20+ blocks of 256 and the
+    # answer; a brief's 1,024-token task states a goal, not a document; an append of 2,048 tokens (8 pages) is a
+    # long tool result, and a bigger one is stored as a document (up to max_document_chars) or appended in parts.
+    max_question_tokens: int = Field(default=512, ge=1, le=32768, description="Longest question (query, chat).")
+    max_task_tokens: int = Field(default=1024, ge=1, le=32768, description="Longest session brief task or goal.")
+    max_segment_tokens: int = Field(default=2048, ge=1, le=32768, description="Longest session segment.")
+    max_append_tokens: int = Field(default=2048, ge=1, le=65536,
+                                   description="Most tokens of all segments of one session append.")
     queue_size: int = Field(default=32, ge=1, description="Model work waiting beyond this answers 503.")
     batch_max_size: int = Field(
         default=8, ge=1, description="kv queries waiting for the model whose questions are prefilled and decoded "
                                      "together, at most; 1 turns batching off (every query runs alone).")
     batch_job_threshold: int = Field(default=16, ge=1, description="Batches larger than this become jobs.")
+    job_lease_s: float = Field(
+        default=30.0, gt=0, description="A running job's lease: renewed every third of it while the job runs; "
+                                        "one not renewed this long (its server died) is resumed by any server.")
+    job_poll_s: float = Field(default=0.5, gt=0, description="How often an idle server looks for queued jobs.")
+    job_max_attempts: int = Field(
+        default=3, ge=1, description="Runs a job may start; one whose server died this often fails with that "
+                                     "reason instead of being resumed again.")
+    jobs_per_key: int = Field(
+        default=16, ge=1, description="Queued plus running jobs one key may have; beyond, a new one is a 429.")
+    job_retention_s: float = Field(
+        default=7 * 86400.0, gt=0, description="Finished jobs (and their results) are purged after this long.")
+    job_stop_grace_s: float = Field(
+        default=20.0, ge=0, description="At shutdown, how long the running job's current step may take to end "
+                                        "before the job is handed back to the queue anyway (it resumes at "
+                                        "the next start, or on another server).")
     idempotency_ttl_s: float = Field(
         default=86400.0, gt=0, description="How long an Idempotency-Key's answer is kept for retries (24 h); older "
                                            "records are ignored and purged.")
@@ -136,6 +164,20 @@ class Settings(BaseSettings):
     map_llm_api_key: str | None = Field(default=None, description="Bearer token for KVRAG_MAP_LLM_URL.")
     map_llm_timeout_s: float = Field(default=120.0, gt=0, description="Timeout of one KVRAG_MAP_LLM_URL call.")
     map_llm_max_tokens: int = Field(default=512, ge=16, description="Longest answer a map refresh asks the LLM for.")
+    context_map_refresh_max_removals: float = Field(
+        default=0.25, ge=0.0, le=1.0,
+        description="Share of the map's items one refresh may delete, replace or push out (evict) together, at "
+                    "least one while it is above 0; the refresh's further ones are refused and reported (stored "
+                    "text steers the distiller). Pinned items are never touched by a refresh.")
+    session_prune_max_fraction: float = Field(
+        default=0.5, gt=0.0, le=1.0,
+        description="Share of a session's live segments one prune may drop (at least one); the rest the judge "
+                    "or the attention named are kept and reported as held back.")
+    session_prune_retention_s: float = Field(
+        default=7 * 86400.0, ge=0.0,
+        description="How long a pruned segment's KV is kept so that it can be restored "
+                    "(POST .../sessions/{id}/restore); purged after (maintenance, or the session's next prune). "
+                    "0 drops it at once.")
 
     default_retrieval: str = Field(
         default="hybrid", pattern="^(embedding|kv|hybrid|hybrid_kv)$",

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import torch
 from transformers import DynamicCache, PreTrainedTokenizerBase
 
+from .compat import with_cache
 from .runner import Runner
 
 _LIST_PIECE = re.compile(r"[0-9, \]]+")
@@ -52,22 +53,24 @@ def list_tokens(tokenizer: PreTrainedTokenizerBase) -> dict[int, str]:
 def greedy_id_list(runner: Runner, prompt_ids: Sequence[int], opening: str, allowed: Sequence[int],
                    pieces: dict[int, str]) -> str:
     """``opening`` (e.g. ``{"needed": [``), then the model's greedy choice among the tokens that keep a list of
-    ``allowed`` ids well formed, closed with ``]}``: the whole reply. ``pieces`` comes from :func:`list_tokens`."""
+    ``allowed`` ids well formed, closed with ``]}``: the whole reply. ``pieces`` comes from :func:`list_tokens`.
+    The list names at least one id when there is one: an empty one asks to prune everything (refused)."""
     names = frozenset(str(i) for i in allowed)
     device = runner.llm.device
     ids = [*prompt_ids, *runner.tokenizer.encode(opening, add_special_tokens=False)]
     cache = DynamicCache()
-    out = runner.model(input_ids=torch.tensor([ids], device=device), past_key_values=cache, use_cache=True,
+    out = runner.model(input_ids=torch.tensor([ids], device=device), **with_cache(runner.model, cache), use_cache=True,
                        logits_to_keep=1)
     text = ""
     # Each id is at most a few tokens and none repeats, so the list closes well within this bound.
     for _ in range(8 * (len(names) + 1)):
-        valid = [t for t, p in pieces.items() if list_prefix_ok(text + p, names)]
+        valid = [t for t, p in pieces.items()
+                 if list_prefix_ok(text + p, names) and not (names and (text + p).startswith("]"))]
         scores = out.logits[0, -1, valid]  # [valid tokens]
         best = valid[int(scores.argmax())]
         text += pieces[best]
         if text.endswith("]"):
             break
-        out = runner.model(input_ids=torch.tensor([[best]], device=device), past_key_values=cache, use_cache=True,
-                           logits_to_keep=1)
+        out = runner.model(input_ids=torch.tensor([[best]], device=device), **with_cache(runner.model, cache),
+                           use_cache=True, logits_to_keep=1)
     return opening + text + "}"

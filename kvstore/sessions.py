@@ -39,14 +39,6 @@ import httpx
 import numpy as np
 import torch
 from sqlalchemy import (
-    JSON,
-    DateTime,
-    ForeignKey,
-    Integer,
-    LargeBinary,
-    String,
-    Text,
-    UniqueConstraint,
     case,
     delete,
     func,
@@ -54,9 +46,9 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Mapped, Session, mapped_column
+from sqlalchemy.orm import Session
 
-from .catalog import BankRow, Base, BigId, BlockRow, utcnow
+from .catalog import BankRow, BlockRow, utcnow
 from .codec import decode_block, encode_block
 from .compaction import (
     COMPACTION_SKIP_LAYERS,
@@ -70,8 +62,11 @@ from .compaction import (
 )
 from .constrained import greedy_id_list, list_tokens
 from .errors import Conflict, CorruptBlock, IncompatibleModel, NotFound, PayloadTooLarge, ValidationFailed
+from .limits import limits_of
 from .replication import blob_gc_lock
 from .runner import BlockKV, Context, Runner
+from .session_restore import RestorableSessions, bound_doomed, prune_cap
+from .session_rows import AgentSessionRow, SessionPageRow, SessionSegmentRow  # noqa: F401  (re-exported)
 from .storage.blobstore import BlobStore, open_blob_store
 
 if TYPE_CHECKING:
@@ -87,59 +82,6 @@ _JUDGE_SNIPPET_CHARS = 400  # how much of each segment the prune judge reads
 
 Role = Literal["orchestrator", "tool", "worker", "note"]
 PrunePolicy = Literal["model", "attention"]
-
-
-# -- catalog rows (created by migrations/versions/0004_sessions.py) -----------------------------
-
-
-class AgentSessionRow(Base):
-    """One session. ``positions`` is how many positions its segments used so far (pruned ones included)."""
-
-    __tablename__ = "agent_sessions"
-    __table_args__ = (UniqueConstraint("bank_id", "session_id", name="uq_agent_sessions_bank_session"),)
-
-    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
-    bank_id: Mapped[int] = mapped_column(ForeignKey("banks.id", ondelete="CASCADE"), index=True)
-    session_id: Mapped[str] = mapped_column(String(128))
-    meta: Mapped[dict[str, Any]] = mapped_column("metadata", JSON, default=dict)
-    agent: Mapped[str | None] = mapped_column(String(128), nullable=True)
-    positions: Mapped[int] = mapped_column(Integer, default=0)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-
-
-class SessionSegmentRow(Base):
-    """A segment: its text and tokens (kept after a prune, for audit), where it sits, its attention record."""
-
-    __tablename__ = "session_segments"
-    __table_args__ = (UniqueConstraint("session_pk", "ordinal", name="uq_session_segments_ordinal"),)
-
-    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
-    session_pk: Mapped[int] = mapped_column(ForeignKey("agent_sessions.id", ondelete="CASCADE"), index=True)
-    ordinal: Mapped[int] = mapped_column(Integer)
-    role: Mapped[str] = mapped_column(String(16))
-    agent: Mapped[str | None] = mapped_column(String(128), nullable=True)
-    text: Mapped[str] = mapped_column(Text)
-    token_ids: Mapped[bytes] = mapped_column(LargeBinary)  # int32 little-endian
-    start: Mapped[int] = mapped_column(Integer)  # first position, counted after the shared prefix
-    token_count: Mapped[int] = mapped_column(Integer)
-    attention: Mapped[list[Any]] = mapped_column(JSON, default=list)  # per brief: share of the attention / even share
-    pruned_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
-    prune_reason: Mapped[str | None] = mapped_column(String(32), nullable=True)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-
-
-class SessionPageRow(Base):
-    """A page of a live segment's KV (at most the bank's block size in tokens), one codec blob."""
-
-    __tablename__ = "session_pages"
-
-    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
-    segment_pk: Mapped[int] = mapped_column(ForeignKey("session_segments.id", ondelete="CASCADE"), index=True)
-    ordinal: Mapped[int] = mapped_column(Integer)
-    token_count: Mapped[int] = mapped_column(Integer)
-    blob_id: Mapped[str] = mapped_column(String(64), index=True)
-    stored_bytes: Mapped[int] = mapped_column(Integer)
 
 
 # -- public value types -------------------------------------------------------------------------
@@ -237,6 +179,7 @@ class PruneResult:
     tokens_after: int
     judge_ms: float = 0.0
     error: str | None = None  # the judge's answer was unusable: nothing was pruned
+    held_back: list[int] = field(default_factory=list)  # left out by the judge/attention, kept by the prune bound
 
 
 # -- the session's live KV ----------------------------------------------------------------------
@@ -435,8 +378,9 @@ def sessions_of(store: Engine) -> SessionStore:
         return found
 
 
-class SessionStore:
-    """Sessions of every bank of one ``BankStore``: same catalog, model and model lock."""
+class SessionStore(RestorableSessions):
+    """Sessions of every bank of one ``BankStore``: same catalog, model and model lock. Restore and purge of
+    pruned segments: :mod:`kvstore.session_restore`."""
 
     def __init__(self, store: Engine) -> None:
         self.store = store
@@ -668,6 +612,7 @@ class SessionStore:
         """
         t0 = time.perf_counter()
         segs = self._validate_segments(segments)
+        limits_of(self.store).check_segments([g.text for g in segs])
         runner = self.runner
         token_ids = [runner.tokenize(render_segment(g.role, g.text, g.agent or agent)) for g in segs]
         with self.store.sessions() as s, self._write_lock:
@@ -745,6 +690,7 @@ class SessionStore:
         t0 = started_at if started_at is not None else time.perf_counter()
         if not isinstance(task, str) or not task.strip():
             raise ValidationFailed("task must be a non-empty string")
+        limits_of(self.store).check_task(task)
         compaction: dict[str, Any] = {k: v for k, v in (("tau", tau), ("budget_tokens", budget_tokens))
                                       if v is not None}
         try:
@@ -763,7 +709,9 @@ class SessionStore:
             bank_row = self.bank_row(s, bank)
             session = self._session(s, bank_row, session_id)
             state = self._state(s, bank_row, session)
-            hits, docs = self._documents(s, bank, bank_row, task, include_documents)
+            # The documents go after the trajectory: only those that fit the model's positions are read.
+            fixed = len(runner.prefix_ids) + session.positions + len(task_ids) + max_new_tokens
+            hits, docs = self._documents(s, bank, bank_row, task, include_documents, fixed)
             t_loaded = time.perf_counter()
             with self.store.model_lock:
                 ctx, kept, scores = self._compact(state, session.positions, task_ids, spec, docs, selection)
@@ -825,14 +773,18 @@ class SessionStore:
         doc_positions = torch.arange(next_offset, next_offset + docs.tokens, device=state.positions.device)
         return self._context(kept, next_offset + docs.tokens, docs, doc_positions), kept.tokens, scores
 
-    def _documents(self, s: Session, bank: str, bank_row: BankRow, task: str, k: int
+    def _documents(self, s: Session, bank: str, bank_row: BankRow, task: str, k: int, fixed_tokens: int = 0
                    ) -> tuple[list[Hit], BlockKV | None]:
-        """The top-k bank blocks for the task and their KV, concatenated (None when k is 0 or nothing matched)."""
+        """The top-k bank blocks for the task that fit the model's positions after ``fixed_tokens``, and their KV
+        concatenated (None when k is 0 or nothing matched)."""
         if k == 0:
             return [], None
         hits = self.store.search(bank, task, k=k)
-        rows = {r.id: r for r in s.scalars(select(BlockRow).where(BlockRow.id.in_([h.block_id for h in hits])))}
-        blocks = [self.store.load_block(s, bank_row, rows[h.block_id]) for h in hits if h.block_id in rows]
+        rows = {r.id: r for r in s.scalars(select(BlockRow).where(
+            BlockRow.bank_id == bank_row.id, BlockRow.id.in_([h.block_id for h in hits])))}
+        hits = [h for h in hits if h.block_id in rows]
+        hits = hits[:limits_of(self.store).blocks_that_fit([rows[h.block_id].token_count for h in hits], fixed_tokens)]
+        blocks = [self.store.load_block(s, bank_row, rows[h.block_id]) for h in hits]
         return hits, (_concat(self.runner, blocks) if blocks else None)
 
     def _record_attention(self, s: Session, state: SessionKV, relative: Sequence[float]) -> None:
@@ -854,6 +806,11 @@ class SessionStore:
                              timeout_s=float(getattr(self.settings, "map_llm_timeout_s", 60.0)))
         return LocalJudge(self.runner, self.store.model_lock)
 
+    def prune_needs_model(self, policy: str) -> bool:
+        """Whether a prune with ``policy`` and the default judge runs the loaded model. Only then does it belong
+        on the model worker: a remote judge's network call (up to ``map_llm_timeout_s``) must not hold it."""
+        return policy == "model" and not getattr(self.settings, "map_llm_url", None)
+
     def prune(self, bank: str, session_id: str, *, policy: PrunePolicy = "model", goal: str | None = None,
               window: int = 16, threshold: float = 0.25, judge: Judge | None = None) -> PruneResult:
         """Drop the KV of segments no longer useful; their text stays. ``model``: the judge (an auxiliary
@@ -870,10 +827,13 @@ class SessionStore:
             raise ValidationFailed("threshold must be a non-negative number")
         if goal is not None and not isinstance(goal, str):
             raise ValidationFailed("goal must be a string")
+        if goal is not None:
+            limits_of(self.store).check_task(goal)  # the judge reads it: capped like a brief's task
         with self.store.sessions() as s:
             bank_row = self.bank_row(s, bank)
             session = self._session(s, bank_row, session_id)
             live = self._segments(s, session, live_only=True)
+        self.purge_pruned(session.id)  # pages past their retention go before new ones are kept
         before = sum(g.token_count for g in live)
         judge_ms, error = 0.0, None
         if policy == "model":
@@ -883,20 +843,30 @@ class SessionStore:
                 reply = (judge or self.default_judge())(judge_prompt(goal, [(g.ordinal, g.role, g.text) for g in live]),
                                                         live_ids)
                 needed = parse_needed(reply, live_ids)
+                if live and not needed:  # stored text can steer the judge: "nothing is needed" is never obeyed
+                    raise JudgeError("the judge named no segment as needed; refusing to prune the whole session")
             except JudgeError as exc:
                 needed, error = [g.ordinal for g in live], str(exc)
             judge_ms = _ms(time.perf_counter() - t0)
-            doomed = [g.id for g in live if g.ordinal not in set(needed)]
+            doomed = [g.id for g in live if g.ordinal not in set(needed)]  # oldest first
         else:
-            doomed = [g.id for g in live if low_attention(g.attention or [], window, threshold)]
+            low = [g for g in live if low_attention(g.attention or [], window, threshold)]
+            window_mean = {g.id: sum((g.attention or [])[-window:]) / max(1, len((g.attention or [])[-window:]))
+                           for g in low}
+            doomed = [g.id for g in sorted(low, key=lambda g: (window_mean[g.id], g.ordinal))]  # least attended first
+        cap = prune_cap(len(live), float(getattr(self.settings, "session_prune_max_fraction", 1.0)))
+        doomed, spared = bound_doomed(doomed, cap)
+        if policy == "attention":
             needed = [g.ordinal for g in live if g.id not in set(doomed)]
+        ordinal_of = {g.id: g.ordinal for g in live}
         pruned = self._drop(bank, session_id, doomed, reason=policy)
         after = before - sum(g.token_count for g in live if g.ordinal in set(pruned))
         return PruneResult(policy=policy, pruned=pruned, needed=needed, tokens_before=before, tokens_after=after,
-                           judge_ms=judge_ms, error=error)
+                           judge_ms=judge_ms, error=error, held_back=sorted(ordinal_of[i] for i in spared))
 
     def _drop(self, bank: str, session_id: str, segment_pks: Sequence[int], reason: str) -> list[int]:
-        """Mark segments pruned and delete their pages (and blobs no one else uses); their ordinals."""
+        """Mark segments pruned; their pages are kept for restore during the retention period (deleted at once,
+        with blobs no one else uses, when it is 0). Returns their ordinals."""
         if not segment_pks:
             return []
         with self.store.sessions() as s, self._write_lock:
@@ -906,8 +876,10 @@ class SessionStore:
                 SessionSegmentRow.id.in_(list(segment_pks)), SessionSegmentRow.session_pk == session.id,
                 SessionSegmentRow.pruned_at.is_(None))).all()
             ids = [r.id for r in rows]
-            blob_ids = set(s.scalars(select(SessionPageRow.blob_id).where(SessionPageRow.segment_pk.in_(ids))))
-            s.execute(delete(SessionPageRow).where(SessionPageRow.segment_pk.in_(ids)))
+            blob_ids: set[str] = set()
+            if not self.keeps_pages():  # else kept for restore until the retention ends (session_restore.py)
+                blob_ids = set(s.scalars(select(SessionPageRow.blob_id).where(SessionPageRow.segment_pk.in_(ids))))
+                s.execute(delete(SessionPageRow).where(SessionPageRow.segment_pk.in_(ids)))
             now = utcnow()
             for r in rows:
                 r.pruned_at, r.prune_reason = now, reason

@@ -7,7 +7,7 @@ option. Responses mirror the engine's dataclasses.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -174,16 +174,24 @@ class DocumentPage(BaseModel):
 
 
 class JobOut(BaseModel):
+    """A durable job: ``done`` of ``total`` (documents of an ingest, steps of a maintenance run) with the current
+    ``step``; the ``result`` once it succeeded, the ``error`` (and any partial result) once it failed."""
+
     id: str
     kind: str
     bank: str
-    status: Literal["queued", "running", "succeeded", "failed"]
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
     total: int
     done: int
+    step: str | None = None
     result: dict[str, Any]
     error: str | None
+    attempts: int = Field(default=0, description="Runs started; above 1 the job was resumed after a stop.")
+    cancel_requested: bool = False
     created_at: datetime | None = None
     updated_at: datetime | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
 
 
 class JobPage(BaseModel):
@@ -321,6 +329,7 @@ class MapItemOut(BaseModel):
     stale: bool
     created_at: datetime
     updated_at: datetime
+    pinned: bool = Field(default=False, description="Pinned by an owner: no edit, refresh or eviction removes it.")
 
 
 class ContextMapOut(BaseModel):
@@ -474,3 +483,19 @@ class PruneOut(BaseModel):
     tokens_after: int
     judge_ms: float
     error: str | None
+    held_back: list[int] = Field(default_factory=list, description=(
+        "Segments the judge or the attention left out but this prune kept: one prune drops at most "
+        "KVRAG_SESSION_PRUNE_MAX_FRACTION of the live segments."))
+
+
+class RestoreIn(Request):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"segments": [2, 3]}, {}]})
+
+    segments: list[Annotated[int, Field(ge=0, le=2**31 - 1)]] | None = Field(default=None, max_length=10_000,
+                                       description="Segment ids to restore; default: every restorable one.")
+
+
+class RestoreOut(BaseModel):
+    restored: list[int] = Field(description="Segments made live again by this call.")
+    tokens: int = Field(description="Live KV tokens after it.")
+    expired: list[int] = Field(description="Pruned longer ago than KVRAG_SESSION_PRUNE_RETENTION_S: KV gone.")

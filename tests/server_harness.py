@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from kvstore.bank import BankStore
@@ -78,3 +80,26 @@ def sse_events(text: str) -> list[tuple[str, str]]:
         fields = dict(line.split(": ", 1) for line in block.splitlines() if ": " in line)
         events.append((fields.get("event", "message"), fields.get("data", "")))
     return events
+
+
+def wait_job(client: httpx.Client, job_id: str, timeout: float = 120.0) -> dict[str, Any]:
+    """Poll ``GET /v1/jobs/{job_id}`` until the job is finished; returns its last state."""
+    deadline = time.monotonic() + timeout
+    while True:
+        r = client.get(f"/v1/jobs/{job_id}")
+        assert r.status_code == 200, r.text
+        job = r.json()
+        if job["status"] in ("succeeded", "failed", "cancelled"):
+            return job
+        if time.monotonic() > deadline:
+            raise AssertionError(f"job {job_id} still {job['status']} after {timeout} s: {job}")
+        time.sleep(0.02)
+
+
+def maintain(client: httpx.Client, bank: str, timeout: float = 120.0, **options: Any) -> dict[str, Any]:
+    """Run maintenance over HTTP (a job: 202, then poll) and return its report."""
+    r = client.post(f"/v1/banks/{bank}/maintenance", json=options)
+    assert r.status_code == 202, r.text
+    job = wait_job(client, r.json()["job_id"], timeout)
+    assert job["status"] == "succeeded", job
+    return job["result"]

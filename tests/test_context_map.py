@@ -387,12 +387,18 @@ class StubLLM:
     def __init__(self) -> None:
         self.reply = ""
         self.requests: list[dict[str, Any]] = []
+        self.refuse_formats: set[str] = set()  # response_format types answered 400, as endpoints that lack them
         stub = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:  # noqa: N802 - the http.server API
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 stub.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), **body})
+                if (body.get("response_format") or {}).get("type") in stub.refuse_formats:
+                    self.send_response(400)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 data = json.dumps({"id": "x", "object": "chat.completion", "choices": [
                     {"index": 0, "message": {"role": "assistant", "content": stub.reply}, "finish_reason": "stop"}]})
                 self.send_response(200)
@@ -478,13 +484,18 @@ def test_refresh_reports_an_unreachable_endpoint(tmp_path: Path, tiny_llm: Loade
     st_.sessions.kw["bind"].dispose()
 
 
-def test_refresh_with_the_local_model(store: BankStore, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The tiny random model writes noise: it must be reported as unparseable and change nothing."""
-    monkeypatch.setattr(store.settings, "map_llm_max_tokens", 16)
+def test_refresh_with_the_local_model(store: BankStore) -> None:
+    """Even the tiny random model yields valid edits: its decoding is constrained to the edit schema, and a
+    question the map does not cover makes the first edit an add of its answer, so the map gains an item."""
     bank = new_bank(store)
     store.put_document(bank, "paris", PARIS)
-    store.query(bank, "Where is the Seine?", k=1, max_new_tokens=2)
+    store.query(bank, "Where does the Seine river flow?", k=1, max_new_tokens=2)
     before = store.context_map.get(bank)
     report = store.context_map.refresh(bank)
-    assert report.llm == "local" and report.status == "unparseable" and report.raw is not None
-    assert store.context_map.get(bank) == before
+    assert report.llm == "local" and report.status in ("applied", "unchanged") and report.raw is None, report
+    assert report.applied and report.applied[0]["op"] == "add", report
+    after = store.context_map.get(bank)
+    assert after.version == before.version + 1
+    added = next(i for i in after.items if i.id == report.applied[0]["id"])
+    assert added.section == "reusable_results" and added.content.startswith("Q: Where does the Seine river flow? A: ")
+    assert added.id not in {i.id for i in before.items}

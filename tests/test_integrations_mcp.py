@@ -26,8 +26,8 @@ from kvstore.models import Embedder, LoadedModel  # noqa: E402
 from .server_harness import LiveServer, live_server, make_key  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-TOOLS = {"remember", "recall", "ask", "forget", "context_map", "context_map_edit", "session_append",
-         "session_brief"}
+TOOLS = {"remember", "recall", "ask", "forget", "context_map", "context_map_edit", "context_map_pin",
+         "session_append", "session_brief", "session_restore"}
 ALPHA = "Paris is the capital and most populous city of France. The Seine flows through it."
 BETA = "Photosynthesis converts light energy into chemical energy stored in glucose."
 

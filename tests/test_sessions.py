@@ -141,7 +141,7 @@ def test_a_brief_keeps_by_default_what_the_segment_selection_picks(sessions: Ses
     sessions.append("agents", "s", SEGMENTS)
     budget = sessions.get("agents", "s").tokens // 2
     with sessions.store.sessions() as s:
-        bank = sessions._bank(s, "agents")
+        bank = sessions.bank_row(s, "agents")
         session = sessions._session(s, bank, "s")
         state, positions = sessions._state(s, bank, session), session.positions
     with sessions.store.model_lock:
@@ -261,7 +261,7 @@ def test_model_prune_never_drops_a_needed_segment(sessions: SessionStore, judge_
     assert [g.pruned for g in after.segments] == [False, False, True, True, False]
     assert after.segments[2].text == SEGMENTS[2]["text"]  # the text stays for audit
     assert result.tokens_before == before.tokens and result.tokens_after == after.tokens < before.tokens
-    assert after.stored_bytes < before.stored_bytes
+    assert after.stored_bytes == before.stored_bytes  # the pruned KV is kept for restore (tests/test_hole6.py)
     # The judge's tokens never entered the trajectory; positions continue after the pruned ones.
     appended = sessions.append("agents", "s", [{"role": "note", "text": "Normandy is in France."}])
     assert appended.segment_ids == [5] and sessions.get("agents", "s").segments[5].start == before.total_tokens
@@ -278,7 +278,7 @@ def test_model_prune_never_drops_what_any_judge_reply_names(sessions: SessionSto
     """Replies naming different subsets, one after another: a named live segment is never pruned."""
     sessions.create("agents", "s")
     sessions.append("agents", "s", SEGMENTS)
-    for named in ([4, 0, 2], [0, 2], [2], []):
+    for named in ([4, 0, 2], [0, 2], [2]):  # an empty list is refused (tests/test_hole6.py)
         live = {g.id for g in sessions.get("agents", "s").segments if not g.pruned}
         result = sessions.prune("agents", "s", policy="model",
                                 judge=lambda _prompt, _ids, n=named: json.dumps({"needed": n}))
@@ -299,7 +299,8 @@ def test_local_judge_replies_parse_even_from_a_random_model(sessions: SessionSto
     live = {g.id for g in sessions.get("agents", "s").segments if not g.pruned}
     result = sessions.prune("agents", "s", policy="model", goal="who were the Normans")
     assert result.error is None
-    assert set(result.needed) <= live and set(result.pruned) == live - set(result.needed)
+    assert set(result.needed) <= live and set(result.pruned) | set(result.held_back) == live - set(result.needed)
+    assert result.needed and len(result.pruned) <= len(live) // 2  # never everything, at most half in one prune
 
 
 def test_model_prune_uses_the_map_llm_endpoint_when_configured(make_store, judge_server) -> None:
@@ -409,7 +410,7 @@ def test_appends_from_two_processes_continue_one_trajectory(make_store: Callable
     whole = _whole_prefill(a)
     for ss in (a, b):
         with ss.store.session() as s:
-            bank = ss._bank(s, "agents")
+            bank = ss.bank_row(s, "agents")
             state = ss._state(s, bank, ss._session(s, bank, "s"))
         assert state.positions.tolist() == list(range(whole.tokens))
         assert (state.kv.k - whole.k).abs().max() <= 2e-3 * whole.k.abs().max()

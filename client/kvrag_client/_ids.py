@@ -46,6 +46,14 @@ def opaque_id(kind: str, value: object) -> str:
     return _checked(kind, OPAQUE_ID, value)
 
 
+# Context-map item ids: cr-N, cu-N, rr-N.
+MAP_ITEM_ID = re.compile(r"(cr|cu|rr)-[1-9][0-9]{0,8}")
+
+
+def map_item_id(value: object) -> str:
+    return _checked("context-map item id", MAP_ITEM_ID, value)
+
+
 def segment(value: str) -> str:
     """A checked id as one path segment (percent-encoded all the same: the check is the guard, this the habit)."""
     return quote(value, safe="")

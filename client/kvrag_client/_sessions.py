@@ -19,7 +19,7 @@ from ._operations import _bank_path, _drop_none, _none
 from .types import Hit, Model
 
 __all__ = ["Segment", "SegmentInput", "Session", "AppendResult", "BriefTimings", "BriefResult", "PruneResult",
-           "Role", "PrunePolicy", "Selection"]
+           "RestoreResult", "Role", "PrunePolicy", "Selection"]
 
 Role = Literal["orchestrator", "tool", "worker", "note"]
 PrunePolicy = Literal["model", "attention"]
@@ -103,6 +103,13 @@ class PruneResult(Model):
     tokens_after: int = 0
     judge_ms: float = 0.0
     error: str | None = None
+    held_back: list[int] = Field(default_factory=list)  # left out by the judge but kept: one prune drops a share
+
+
+class RestoreResult(Model):
+    restored: list[int] = Field(default_factory=list)
+    tokens: int = 0
+    expired: list[int] = Field(default_factory=list)  # pruned longer ago than the server's retention: KV gone
 
 
 SegmentLike = SegmentInput | Mapping[str, Any]
@@ -143,6 +150,11 @@ def brief_call(bank: str, session_id: str, task: str, budget_tokens: int | None,
                        "include_documents": include_documents, "max_new_tokens": max_new_tokens})
     # A brief only reads the trajectory (it records attention statistics), so resending is harmless.
     return Call("POST", f"{_path(bank, session_id)}/brief", BriefResult.model_validate, json=body, idempotent=True)
+
+
+def restore_call(bank: str, session_id: str, segments: Iterable[int] | None) -> Call[RestoreResult]:
+    body = {} if segments is None else {"segments": [int(i) for i in segments]}
+    return Call("POST", f"{_path(bank, session_id)}/restore", RestoreResult.model_validate, json=body, keyed=True)
 
 
 def prune_call(bank: str, session_id: str, policy: PrunePolicy, goal: str | None, window: int | None,

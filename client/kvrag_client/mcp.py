@@ -101,6 +101,15 @@ class SessionBrief(BaseModel):
     ttft_ms: float
 
 
+class SessionRestored(BaseModel):
+    """``restored``: segments live again; ``expired``: pruned too long ago, their KV is gone."""
+
+    session_id: str
+    restored: list[int]
+    tokens: int
+    expired: list[int]
+
+
 class ContextMap(BaseModel):
     """The bank's context map as the server returns it (``items`` keep every field the server sends)."""
 
@@ -319,6 +328,39 @@ def build_server(connect: Connector, name: str = "kvrag") -> MCPServer:
             async with connect(ctx) as mem:
                 await mem.kv.context_map.edit(mem.bank, changes, feedback=votes, base_version=base_version)
                 return await get_context_map(mem.kv, mem.bank)  # the map as it now stands, evictions included
+
+        return await _guarded(run)
+
+    @server.tool(annotations=ToolAnnotations(destructive_hint=False, idempotent_hint=True, open_world_hint=False))
+    async def context_map_pin(
+        ctx: Context,
+        item_id: Annotated[str, Field(min_length=1, max_length=16, description="The item, e.g. cu-3.")],
+        pinned: Annotated[bool, Field(description="true pins the item, false unpins it.")] = True,
+    ) -> Annotated[CallToolResult, ContextMap]:
+        """Pin (or unpin) a context-map item: while pinned, no edit, refresh or eviction removes or replaces it.
+        Needs an owner key."""
+
+        async def run() -> ContextMap:
+            async with connect(ctx) as mem:
+                await (mem.kv.context_map.pin if pinned else mem.kv.context_map.unpin)(mem.bank, item_id)
+                return await get_context_map(mem.kv, mem.bank)
+
+        return await _guarded(run)
+
+    @server.tool(annotations=ToolAnnotations(destructive_hint=False, idempotent_hint=True, open_world_hint=False))
+    async def session_restore(
+        ctx: Context,
+        session_id: Annotated[str, Field(min_length=1, max_length=128, description="The agent session.")],
+        segments: Annotated[list[int] | None, Field(description="Pruned segment ids to bring back (default: every "
+                                                                "one still restorable).")] = None,
+    ) -> Annotated[CallToolResult, SessionRestored]:
+        """Bring pruned segments of an agent session back into its live KV, exactly as they were."""
+
+        async def run() -> SessionRestored:
+            async with connect(ctx) as mem:
+                result = await mem.kv.sessions.restore(mem.bank, session_id, segments)
+            return SessionRestored(session_id=session_id, restored=result.restored, tokens=result.tokens,
+                                   expired=result.expired)
 
         return await _guarded(run)
 

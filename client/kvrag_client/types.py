@@ -51,9 +51,10 @@ class MaintenanceReport(Model):
 
     bank: str
     expired_documents: list[str] = []
+    repaired_merges: int = 0  # blocks an old near-duplicate merge had pointed at another block's KV, re-encoded
     rebound_model: bool = False
     reencoded: int = 0
-    merged: int = 0
+    merged: int = 0  # blocks pointed at an older block's blob because their tokens are identical
     evicted: int = 0
     over_budget: bool = False  # pinned documents alone exceed the budget
     orphan_blobs_removed: int = 0
@@ -229,7 +230,8 @@ StreamEvent = TokenEvent | DoneEvent
 
 
 class Job(Model):
-    """A background job (large batch ingest)."""
+    """A background job (a large batch ingest, a maintenance run): ``done`` of ``total`` (documents, or steps)
+    with the current ``step``; ``result`` once succeeded, ``error`` once failed."""
 
     id: str
     kind: str | None = None
@@ -237,10 +239,15 @@ class Job(Model):
     status: Literal["queued", "running", "succeeded", "failed", "cancelled"] | str
     total: int | None = None
     done: int | None = None
+    step: str | None = None
     result: Any = None
     error: Any = None
+    attempts: int | None = None  # runs started: above 1 the job was resumed after its server stopped
+    cancel_requested: bool | None = None
     created_at: datetime | None = None
     updated_at: datetime | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
 
     @property
     def finished(self) -> bool:
@@ -260,6 +267,7 @@ class ContextMapItem(Model):
     stale: bool = False
     created_at: datetime | None = None
     updated_at: datetime | None = None
+    pinned: bool = False  # an owner pinned it: no edit, refresh or eviction removes or replaces it
 
 
 class ContextMap(Model):

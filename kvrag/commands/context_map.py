@@ -1,4 +1,4 @@
-"""``kvrag map``: show, edit and refresh a bank's context map."""
+"""``kvrag map``: show, edit, refresh a bank's context map, and pin or unpin its items."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def _print_map(cmap: ContextMap) -> None:
             typer.echo(f"[{section}]")
         for item in items:
             typer.echo(f"  {item.id}  (+{item.helpful}/-{item.harmful}, score {item.score:.2f}"
-                       f"{', stale' if item.stale else ''})  {item.content}")
+                       f"{', stale' if item.stale else ''}{', pinned' if item.pinned else ''})  {item.content}")
 
 
 def _pairs(values: list[str], option: str) -> list[tuple[str, str]]:
@@ -112,3 +112,24 @@ def map_refresh(bank: Bank, json_out: JsonOut = False, url: Url = DEFAULT_URL, a
             typer.echo(f"  evicted {', '.join(report.evicted)}")
     if report.status in ("unparseable", "llm_error"):
         raise fail(report.error or f"refresh {report.status}")
+
+
+ItemId = Annotated[str, typer.Argument(help="The item: cr-N, cu-N or rr-N.", show_default=False)]
+
+
+@app.command("pin")
+def map_pin(bank: Bank, item_id: ItemId, json_out: JsonOut = False, url: Url = DEFAULT_URL,
+            api_key: ApiKey = None) -> None:
+    """Pin an item (owner key): no edit, refresh or eviction removes or replaces it until it is unpinned."""
+    with connect(url, api_key) as kv:
+        cmap = kv.context_map.pin(bank, item_id)
+    print_json(cmap.model_dump(mode="json")) if json_out else _print_map(cmap)
+
+
+@app.command("unpin")
+def map_unpin(bank: Bank, item_id: ItemId, json_out: JsonOut = False, url: Url = DEFAULT_URL,
+              api_key: ApiKey = None) -> None:
+    """Unpin an item (owner key)."""
+    with connect(url, api_key) as kv:
+        cmap = kv.context_map.unpin(bank, item_id)
+    print_json(cmap.model_dump(mode="json")) if json_out else _print_map(cmap)

@@ -1,4 +1,4 @@
-"""``kvrag sessions``: create, append, brief, prune, get, delete."""
+"""``kvrag sessions``: create, append, brief, prune, restore, get, delete."""
 
 from __future__ import annotations
 
@@ -91,8 +91,26 @@ def sessions_prune(bank: Bank, session_id: SessionId,
         print_json(result.model_dump(mode="json"))
         return
     typer.echo(f"pruned {result.pruned or 'nothing'}: {result.tokens_before} -> {result.tokens_after} tokens")
+    if result.held_back:
+        typer.echo(f"  held back {result.held_back} (one prune drops a bounded share)")
     if result.error:
         typer.echo(f"  {result.error}", err=True)
+
+
+@app.command("restore")
+def sessions_restore(bank: Bank, session_id: SessionId,
+                     segment: Annotated[list[int] | None, typer.Option(
+                         help="A pruned segment to restore (repeatable); default: every restorable one.")] = None,
+                     url: Url = DEFAULT_URL, api_key: ApiKey = None, json_out: JsonOut = False) -> None:
+    """Make pruned segments live again with the KV they had (kept for the server's retention period)."""
+    with connect(url, api_key) as kv:
+        result = kv.sessions.restore(bank, session_id, segment or None)
+    if json_out:
+        print_json(result.model_dump(mode="json"))
+        return
+    typer.echo(f"restored {result.restored or 'nothing'}: {result.tokens} live tokens")
+    if result.expired:
+        typer.echo(f"  past the retention period (KV gone): {result.expired}", err=True)
 
 
 @app.command("get")

@@ -19,8 +19,9 @@ from ..schemas import ErrorOut
 ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorOut, "description": text} for status, text in (
         (400, "Unparseable request"), (401, "Missing or invalid API key"), (403, "Role too low"),
-        (404, "Not found (or outside the key's scope)"), (409, "Conflict"), (413, "Body too large"),
-        (422, "Invalid input"), (503, "Busy or starting; see Retry-After"))
+        (404, "Not found (or outside the key's scope)"), (409, "Conflict"),
+        (413, "Body too large, or a text over its token cap"), (422, "Invalid input"),
+        (503, "Busy or starting; see Retry-After"))
 }
 
 

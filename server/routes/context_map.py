@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Path, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from kvstore.contextmap import MapView
 
-from ..auth import Owner, Reader, Writer
+from ..auth import Owner, Principal, Reader, Writer
 from ..deps import Store, Worker, plain
 from ..errors import client_detail, redact, request_id_of
 from ..schemas import ContextMapOut, MapEditsIn, MapEditsOut, MapRefreshOut, MapUpdate
@@ -86,3 +86,32 @@ async def update_context_map(bank: str, body: MapUpdate, request: Request, store
         return _out(await run_in_threadpool(run))
 
     return await replayable(request, store, bank, idempotency_key, body.model_dump(mode="json"), work)
+
+
+ItemId = Annotated[str, Path(max_length=16, description="cr-N, cu-N or rr-N")]
+
+
+async def _set_pin(bank: str, item_id: str, pinned: bool, request: Request, store: Store, principal: Principal,
+                   idempotency_key: str | None) -> Response:
+    def run() -> MapView:
+        return store.context_map.pin(bank, item_id, pinned, agent=principal.agent)
+
+    async def work() -> ContextMapOut:
+        return _out(await run_in_threadpool(run))
+
+    return await replayable(request, store, bank, idempotency_key, {"item": item_id, "pinned": pinned}, work)
+
+
+@router.post("/items/{item_id}/pin", operation_id="pin_context_map_item", response_model=ContextMapOut)
+async def pin_item(bank: str, item_id: ItemId, request: Request, store: Store, principal: Owner,
+                   idempotency_key: IdempotencyKey = None) -> Response:
+    """Pin an item (owner): until unpinned, no edit, refresh or eviction deletes or replaces it (edits naming it
+    are a 409; a refresh's are refused and reported). Pinning a pinned item changes nothing."""
+    return await _set_pin(bank, item_id, True, request, store, principal, idempotency_key)
+
+
+@router.post("/items/{item_id}/unpin", operation_id="unpin_context_map_item", response_model=ContextMapOut)
+async def unpin_item(bank: str, item_id: ItemId, request: Request, store: Store, principal: Owner,
+                     idempotency_key: IdempotencyKey = None) -> Response:
+    """Unpin an item (owner): it can be edited, refreshed and evicted again."""
+    return await _set_pin(bank, item_id, False, request, store, principal, idempotency_key)

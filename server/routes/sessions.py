@@ -1,4 +1,4 @@
-"""Agent sessions: create, append (prefill only the new tokens), brief a worker, prune, get, delete.
+"""Agent sessions: create, append (prefill only the new tokens), brief a worker, prune, restore, get, delete.
 
 Appends, briefs and prunes run on the model worker; the orchestrator writes with a write key and
 workers brief with read keys, so one session is shared under the bank's scopes. A session belongs to the
@@ -17,12 +17,24 @@ from starlette.concurrency import run_in_threadpool
 
 from kvstore.bank import BankStore
 from kvstore.errors import Forbidden
+from kvstore.limits import limits_of
 from kvstore.sessions import BriefResult, SegmentInput, sessions_of
 
 from ..auth import Principal, Reader, Writer
 from ..deps import Store, Worker, plain
 from ..errors import redact
-from ..schemas import AppendIn, AppendOut, BriefIn, BriefOut, PruneIn, PruneOut, SessionCreate, SessionOut
+from ..schemas import (
+    AppendIn,
+    AppendOut,
+    BriefIn,
+    BriefOut,
+    PruneIn,
+    PruneOut,
+    RestoreIn,
+    RestoreOut,
+    SessionCreate,
+    SessionOut,
+)
 from .common import ERRORS, IdempotencyKey, replayable
 from .retrieval import stream_events
 
@@ -94,6 +106,8 @@ async def append(bank: str, session_id: str, body: AppendIn, request: Request, s
     segments = [SegmentInput(role=g.role, text=g.text, agent=g.agent) for g in body.segments]
 
     async def work() -> AppendOut:
+        # Over a token cap: 413 before the append queues behind model work.
+        await run_in_threadpool(limits_of(store).check_segments, [g.text for g in segments])
         call = partial(sessions_of(store).append, bank, session_id, segments, agent=writer.agent)
         return AppendOut(**plain(await worker.run(call)))
 
@@ -107,6 +121,7 @@ async def brief(bank: str, session_id: str, body: BriefIn, request: Request, sto
                 _reader: Reader) -> Any:
     """Answer ``task`` from the trajectory compacted to what the task attends to (Latent Briefing):
     ``budget_tokens`` and/or ``tau`` bound what is kept; neither keeps all of it."""
+    await run_in_threadpool(limits_of(store).check_task, body.task)  # 413 before queueing
     call = partial(sessions_of(store).brief, bank, session_id, body.task, budget_tokens=body.budget_tokens,
                    tau=body.tau, selection=body.selection, include_documents=body.include_documents,
                    max_new_tokens=body.max_new_tokens,
@@ -128,9 +143,27 @@ async def prune(bank: str, session_id: str, body: PruneIn, request: Request, sto
 
     async def work() -> PruneOut:
         await _check_manages(store, bank, session_id, writer)
-        result = await worker.run(call)
+        # A remote judge (KVRAG_MAP_LLM_URL) or the attention policy needs no model: off the worker, so the
+        # judge's network call never holds up the queries and appends queued behind it.
+        needs_model = sessions_of(store).prune_needs_model(body.policy)
+        result = await (worker.run(call) if needs_model else run_in_threadpool(call))
         if result.error:
             result.error = redact(result.error)
         return PruneOut(**plain(result))
+
+    return await replayable(request, store, bank, idempotency_key, body.model_dump(mode="json"), work)
+
+
+@router.post("/{session_id}/restore", operation_id="restore_session", response_model=RestoreOut)
+async def restore(bank: str, session_id: str, body: RestoreIn, request: Request, store: Store, writer: Writer,
+                  idempotency_key: IdempotencyKey = None) -> Response:
+    """Make pruned segments live again, with the KV and positions they had (``segments``; default every
+    restorable one). A prune keeps their KV for KVRAG_SESSION_PRUNE_RETENTION_S; naming one pruned longer ago
+    is a 409. Like prune, a write key restores only its own agent's sessions."""
+    call = partial(sessions_of(store).restore, bank, session_id, body.segments)
+
+    async def work() -> RestoreOut:
+        await _check_manages(store, bank, session_id, writer)
+        return RestoreOut(**plain(await run_in_threadpool(call)))
 
     return await replayable(request, store, bank, idempotency_key, body.model_dump(mode="json"), work)

@@ -27,7 +27,8 @@ ROLES = list(ROLE_RANK)
 TEXT = "The Normans gave their name to Normandy, a region in France."
 SCOPE = ["alpha", "scratch", "newbank", "ownedbank"]
 # Path values; bodies where the role check happens after the body is read (the bank named in it).
-PATH_VALUES = {"bank": "alpha", "doc_id": "d1", "session_id": "s1", "key_id": "abc", "job_id": "abc"}
+PATH_VALUES = {"bank": "alpha", "doc_id": "d1", "session_id": "s1", "key_id": "abc", "job_id": "abc",
+               "item_id": "cr-1"}
 BODIES: dict[str, dict[str, Any]] = {
     "POST /v1/banks": {"name": "newbank"},
     "POST /v1/keys": {"name": "x", "agent": "x", "role": "read", "banks": ["*"]},
@@ -135,7 +136,7 @@ def test_a_write_key_cannot_reconfigure_or_delete_its_bank(live: LiveServer, key
         assert w.post("/v1/banks", json={"name": "ownedbank"}).status_code == 403
         # Writing documents, maintenance and context-map refreshes stay with write.
         assert w.put("/v1/banks/alpha/documents/w1", json={"text": TEXT + " Written."}).status_code == 201
-        assert w.post("/v1/banks/alpha/maintenance", json={"merge": False}).status_code == 200
+        assert w.post("/v1/banks/alpha/maintenance", json={"merge": False}).status_code == 202
         assert w.post("/v1/banks/alpha/context-map/refresh").status_code == 200
         assert w.delete("/v1/banks/alpha/documents/w1").status_code == 204
     with live.admin() as c:
