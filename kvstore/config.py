@@ -42,6 +42,16 @@ class Settings(BaseSettings):
     blob_allow_http: bool = Field(
         default=False, description="Object store only: allow a plain-HTTP AWS_ENDPOINT_URL that is not on loopback "
                                    "(loopback is always allowed; anything else needs HTTPS unless this is set).")
+    replica_staleness_s: float = Field(
+        default=1.0, gt=0, le=60, description="PostgreSQL catalog: longest a write acknowledged by another replica "
+                                              "takes to become searchable here (LISTEN/NOTIFY on the op log, and a "
+                                              "poll every half of this when a notification is lost).")
+    replica_heartbeat_s: float = Field(
+        default=5.0, gt=0, description="PostgreSQL catalog: how often a replica marks itself alive in the replica "
+                                       "registry; one silent for 3 beats no longer counts at another's start.")
+    replica_gap_s: float = Field(
+        default=30.0, gt=0, description="PostgreSQL catalog: how long a missing op-log seq (a write committed out of "
+                                        "order, or rolled back) is waited for before it is taken as rolled back.")
     model: str = Field(default=PACKAGED_LLM, description="LLM: the packaged SmolLM2 or a local HF model dir.")
     embedder: str = Field(default=PACKAGED_EMBEDDER, description="sentence-transformers model dir.")
     model_cache_dir: Path | None = Field(

@@ -48,6 +48,7 @@ from .cache import HotCache
 from .catalog import BankRow, BlockRow, DocumentRow, utcnow
 from .codec import encode_block
 from .dedup import ids_bytes, misattributed, plan_dedup, share_blob
+from .replication import blob_gc_lock
 from .runner import BlockKV, Context
 from .sessions import sessions_of
 
@@ -432,6 +433,7 @@ class MemoryManager:
             return 0
         store = self.store
         with store.blob_lock:
+            blob_gc_lock(s, exclusive=False)  # these blobs are referenced when this transaction commits
             for row, kv in cold:
                 data = encode_block(kv, bank.model_fingerprint, bank.codec)
                 blob_id = store.blobs.put(data)
@@ -532,6 +534,7 @@ class MemoryManager:
                     kvs = store.runner.encode([np.frombuffer(b.token_ids, dtype="<i4").tolist() for b in part], batch)
                 full = False
                 with store.blob_lock:
+                    blob_gc_lock(s, exclusive=False)
                     warmed = 0
                     for block, kv in zip(part, kvs, strict=True):
                         data = encode_block(kv, row.model_fingerprint, row.codec)
@@ -579,6 +582,7 @@ class MemoryManager:
                                   store.runner.tokenize)
             batch = store.settings.encode_batch_size
             with store.blob_lock:
+                blob_gc_lock(s, exclusive=False)  # the re-encoded blobs are referenced when this commits
                 old_blobs = set()
                 for start in range(0, len(wrong), batch):
                     part = wrong[start:start + batch]
@@ -602,24 +606,24 @@ class MemoryManager:
             return len(wrong)
 
     def collect_orphans(self) -> int:
-        """Delete blob files no block of any bank references, older than the grace period (an ingest
-        writes its blobs before its catalog transaction)."""
+        """Delete blobs no block of any bank references, older than the grace period (an ingest writes its blobs
+        before its catalog transaction). Safe with several writer processes: the listing and the references are
+        read under the collection lock (kvstore.replication.blob_gc_lock), which a transaction about to reference a
+        blob holds shared from its (re)put of that blob to its commit."""
         store = self.store
         cutoff = time.time() - self.config.orphan_grace_s
         removed = 0
         with store.sessions() as s, store.blob_lock:
+            blob_gc_lock(s, exclusive=True)
+            old = list(store.blobs.ids_older_than(cutoff))
             referenced = set(s.scalars(select(BlockRow.blob_id).where(BlockRow.blob_id.is_not(None)).distinct()))
-            for blob_id in list(store.blobs.ids()):
+            for blob_id in old:
                 if blob_id in referenced:
-                    continue
-                try:
-                    if store.blobs._path(blob_id).stat().st_mtime > cutoff:
-                        continue
-                except FileNotFoundError:
                     continue
                 store.blobs.delete(blob_id)
                 store.hot.discard_everywhere(blob_id)
                 removed += 1
+            s.commit()
         return removed
 
     def sources(self, block_id: int) -> list[int]:

@@ -48,7 +48,6 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from .blobs import LocalBlobStore
 from .catalog import BankRow, BlockRow, utcnow
 from .codec import decode_block, encode_block
 from .compaction import (
@@ -64,9 +63,11 @@ from .compaction import (
 from .constrained import greedy_id_list, list_tokens
 from .errors import Conflict, CorruptBlock, IncompatibleModel, NotFound, PayloadTooLarge, ValidationFailed
 from .limits import limits_of
+from .replication import blob_gc_lock
 from .runner import BlockKV, Context, Runner
 from .session_restore import RestorableSessions, bound_doomed, prune_cap
 from .session_rows import AgentSessionRow, SessionPageRow, SessionSegmentRow  # noqa: F401  (re-exported)
+from .storage.blobstore import BlobStore, open_blob_store
 
 if TYPE_CHECKING:
     from .ports import Engine
@@ -385,7 +386,10 @@ class SessionStore(RestorableSessions):
         self.store = store
         self.settings = store.settings
         self.runner: Runner = store.runner
-        self.blobs = LocalBlobStore(store.settings.data_dir / "session-blobs")
+        settings = store.settings
+        self.blobs: BlobStore = open_blob_store(settings.blob_url, settings.data_dir / "session-blobs",
+                                                cache_bytes=settings.blob_cache_bytes,
+                                                allow_http=settings.blob_allow_http)
         self._write_lock = threading.Lock()  # appends and prunes of this process, one at a time
         self._states = store.kv_memory
 
@@ -511,15 +515,14 @@ class SessionStore(RestorableSessions):
         cutoff = time.time() - grace_s
         removed = 0
         with self.store.sessions() as s, self._write_lock:
+            blob_gc_lock(s, exclusive=True)  # appends on other replicas hold it shared from their puts to commit
+            old = list(self.blobs.ids_older_than(cutoff))
             referenced = set(s.scalars(select(SessionPageRow.blob_id).distinct()))
-            for blob_id in list(self.blobs.ids()):
-                try:
-                    if blob_id in referenced or self.blobs._path(blob_id).stat().st_mtime > cutoff:
-                        continue
-                except FileNotFoundError:
-                    continue
-                self.blobs.delete(blob_id)
-                removed += 1
+            for blob_id in old:
+                if blob_id not in referenced:
+                    self.blobs.delete(blob_id)
+                    removed += 1
+            s.commit()
         return removed
 
     def _info(self, s: Session, bank: BankRow, row: AgentSessionRow, with_text: bool = True) -> SessionInfo:
@@ -622,6 +625,7 @@ class SessionStore(RestorableSessions):
                 new = runner.extend(ctx, [t for ids in token_ids for t in ids])
             t_prefill = time.perf_counter()
             # Blobs first (atomic, fsynced), then one transaction: a crash in between leaves only orphan blobs.
+            blob_gc_lock(s, exclusive=False)
             written: list[list[tuple[str, int, int]]] = []  # per segment: (blob id, tokens, bytes) per page
             decoded: list[BlockKV] = []
             row = 0
@@ -885,6 +889,10 @@ class SessionStore(RestorableSessions):
             return sorted(r.ordinal for r in rows)
 
     def drop_unreferenced(self, s: Session, blob_ids: set[str]) -> None:
+        if not blob_ids:
+            return
+        blob_gc_lock(s, exclusive=True)
         for blob_id in blob_ids:
             if not s.scalar(select(func.count()).select_from(SessionPageRow).where(SessionPageRow.blob_id == blob_id)):
                 self.blobs.delete(blob_id)
+        s.commit()

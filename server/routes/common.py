@@ -69,8 +69,9 @@ async def idempotent(request: Request, store: BankStore, bank: str, key: str | N
     if stored is not None:
         return stored.status_code, stored.body
     status, body = await work()
-    await run_in_threadpool(idempotency.save, store.sessions, bank, owner, key, req_hash, status, body, ttl_s)
-    return status, body
+    # A twin of this request that finished first (on any replica) keeps the key: answer as it did.
+    kept = await run_in_threadpool(idempotency.save, store.sessions, bank, owner, key, req_hash, status, body, ttl_s)
+    return kept.status_code, kept.body
 
 
 async def replayable(request: Request, store: BankStore, bank: str, key: str | None, payload: Any,
