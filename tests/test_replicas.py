@@ -221,7 +221,7 @@ def test_replicas_starting_together_migrate_once(postgres_url: str) -> None:
     engine = make_engine(postgres_url)
     with engine.connect() as conn:
         assert conn.execute(text("SELECT count(*) FROM alembic_version")).scalar() == 1
-        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0012_replicas"
+        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0011_replicas"
     engine.dispose()
 
 
