@@ -219,6 +219,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--no-llama-cpp", action="store_true", help="with --http: skip the llama.cpp baseline")
     parser.add_argument("--quick", action="store_true", help="with --http: 10 questions, no llama.cpp, nothing "
                         "written (~3 minutes): prints the ratios")
+    parser.add_argument("--baseline-root", type=Path, default=None, help="with --http: also time first touch on a "
+                        "fresh server running this checkout's code (e.g. `git worktree add /tmp/old COMMIT`), in the "
+                        "same run: a before/after of one change")
     ttft_shape.add_args(parser)
     args = parser.parse_args(argv)
     given = sys.argv[1:] if argv is None else list(argv)

@@ -67,11 +67,12 @@ def _sample(name: str, q: Question, got: Any) -> dict[str, Any]:
             "sources": [h["text"] for h in got.server.get("sources", [])]}
 
 
-def measure_server(server: LiveServer, questions: Sequence[Question]) -> list[dict[str, Any]]:
+def measure_server(server: LiveServer, questions: Sequence[Question],
+                   phases: Sequence[str] = ("first touch", "warm")) -> list[dict[str, Any]]:
     """First touch (kv then text per question, nothing asked before), then the same questions warm."""
     samples: list[dict[str, Any]] = []
     with server.client() as c:
-        for phase in ("first touch", "warm"):
+        for phase in phases:
             for q in tqdm(questions, desc=phase, unit="q"):
                 for mode in ("kv", "text"):
                     got = streamed_query(c, q.text, k=K, mode=mode, max_new_tokens=1)
@@ -231,9 +232,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if threads is not None:
         os.environ["KVRAG_TORCH_THREADS"] = str(threads)
     load_before = os.getloadavg()
+    baseline_root = getattr(args, "baseline_root", None)
+    samples: list[dict[str, Any]] = []
+    if baseline_root is not None:  # the same fresh-server first touch on an older checkout, in this run
+        with live_server(threads, root=baseline_root) as server:
+            ingest_http(server, squad.paragraphs)
+            samples += [{**s, "variant": f"{s['variant']} (baseline {baseline_root.name})"}
+                        for s in measure_server(server, questions, phases=("first touch",))]
     with live_server(threads) as server:
         ingest_http(server, squad.paragraphs)
-        samples = measure_server(server, questions)
+        samples += measure_server(server, questions)
     kv_first = [s for s in samples if s["variant"] == "kv, first touch"]
     samples += measure_floor(questions, kv_first)
     llama = None if quick or args.no_llama_cpp else _llama_cpp(max(Settings().torch_threads, 0) or os.cpu_count() or 1)
