@@ -202,7 +202,11 @@ def goals(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     if floor is not None:
         measured = round(by["kv, warm"]["ttft_ms_median"] / floor["ttft_ms_median"], 2)
         out["floor"] = {"goal": f"warm kv within {FLOOR_GOAL}x of the floor (p50)", "measured": measured,
-                        "met": measured <= FLOOR_GOAL}
+                        "met": 1.0 <= measured <= FLOOR_GOAL}
+        if measured < 1.0:
+            # The server's whole path cannot beat its own forward pass: the floor's process was slowed (seen on a
+            # box with a load of ~16 on 2 cores: OpenMP's 2 threads took 5-9 s for a forward of 0.2 s CPU time).
+            out["floor"]["invalid"] = "the floor measured slower than the server's whole path: not assessed"
     return out
 
 
@@ -279,7 +283,7 @@ def report(result: dict[str, Any], publish: bool = True) -> None:
     print_table(f"TTFT through the HTTP API (ms), fresh server, k = {K}, {result['questions']} questions, "
                 f"server threads: {result['server_threads']}", HEADERS, table_rows(result["rows"]))
     for name, goal in result["goals"].items():
-        verdict = "met" if goal["met"] else "NOT met"
+        verdict = goal.get("invalid") or ("met" if goal["met"] else "NOT met")
         print(f"goal ({name}): {goal['goal']}: measured {goal['measured']:.2f}x -> {verdict}")
     print(f"llama.cpp baseline: {result['llama_cpp']}")
     if result["quick"] or not publish:

@@ -34,3 +34,10 @@ def test_goals_not_met_and_no_llama_row() -> None:
                      + _samples("kv, warm", [300]))
     got = goals(rows)
     assert set(got) == {"text"} and got["text"]["measured"] == 4.0 and not got["text"]["met"]
+
+
+def test_a_floor_slower_than_the_server_is_not_a_met_goal() -> None:
+    rows = summarise(_samples("kv, first touch", [300]) + _samples("kv, warm", [250])
+                     + _samples("floor: question forward, in process", [5000]))
+    floor = goals(rows)["floor"]
+    assert floor["measured"] == 0.05 and not floor["met"] and "not assessed" in floor["invalid"]
