@@ -171,7 +171,7 @@ def time_renders(base: str, urls: dict[str, str], loads: int) -> dict[str, Any]:
 
 def chromium_loads(base: str, urls: dict[str, str], screenshot: Path | None, shot_page: str) -> dict[str, Any]:
     """One load of each page in chromium (navigation timing), and the screenshot."""
-    from tests.server.console.browser import chromium
+    from server.testing import chromium
 
     out = {}
     with chromium() as browser:
@@ -201,8 +201,8 @@ def main() -> None:
     parser.add_argument("--shot-page", default="bank", help="which page the screenshot shows (default: bank)")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "console.json")
     args = parser.parse_args()
-    from tests.conftest import build_tiny
-    from tests.server_harness import serve
+    from kvstore.testing.tiny import build_tiny
+    from server.testing import serve
 
     data_dir = Path(tempfile.mkdtemp(prefix="kvrag-bench-console-"))
     settings = Settings(data_dir=data_dir, admin_key=ADMIN, torch_threads=1)

@@ -189,7 +189,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ingest(store, squad.paragraphs)
         view = store.context_map.get(BANK)
         with store.session() as s:
-            bank_row = store._bank(s, BANK)
+            bank_row = store.bank_row(s, BANK)
             t0 = time.perf_counter()
             first: MapPrefill = store.context_map.prefill(s, bank_row)
             map_prefill_ms = (time.perf_counter() - t0) * 1000

@@ -157,7 +157,7 @@ def clone_bank(store: BankStore, src: str, dst: str, policy: str) -> None:
     keeps the source's codec, so blocks re-warmed after eviction are stored as the reference stored them."""
     store.create_bank(dst, eviction=policy, codec=store.get_bank(src).codec)
     with store.session() as s:
-        src_row, dst_row = store._bank(s, src), store._bank(s, dst)
+        src_row, dst_row = store.bank_row(s, src), store.bank_row(s, dst)
         docs = s.scalars(select(DocumentRow).where(DocumentRow.bank_id == src_row.id)).all()
         copies = {d.id: DocumentRow(bank_id=dst_row.id, doc_id=d.doc_id, version=d.version, text=d.text,
                                     content_hash=d.content_hash, meta=d.meta, tags=d.tags, agent=d.agent,
@@ -175,7 +175,7 @@ def clone_bank(store: BankStore, src: str, dst: str, policy: str) -> None:
         s.flush()
         s.add(OpLogRow(bank_id=dst_row.id, op="clone", added=[r.id for r in rows], removed=[]))
         s.commit()
-        store._add_rows(store._index(dst_row), s, [r.id for r in rows])
+        store._add_rows(store.bank_index(dst_row), s, [r.id for r in rows])
 
 
 def run_stream(store: BankStore, bank: str, stream: Sequence[tuple[str, bool]], k: int, max_new_tokens: int,
@@ -223,7 +223,7 @@ def retrieval_trace(store: BankStore, stream: Sequence[tuple[str, bool]], k: int
     """Block ids each query retrieves from the reference bank: the same under every policy and budget, since
     cold blocks stay searchable (only their KV is dropped)."""
     with store.sessions() as s:
-        bank = store._bank(s, REFERENCE)
+        bank = store.bank_row(s, REFERENCE)
         return [[b.id for b, _, _ in store._retrieve(s, bank, text, k, None)] for text, _ in stream]
 
 
@@ -272,7 +272,7 @@ def replay(store: BankStore, trace: Sequence[Sequence[int]], policy: str, budget
     cfg = store.memory.config
     with store.sessions() as s:
         rows = s.execute(select(BlockRow.id, BlockRow.blob_id, BlockRow.stored_bytes, BlockRow.created_at).where(
-            BlockRow.bank_id == store._bank(s, REFERENCE).id, BlockRow.blob_id.is_not(None))).all()
+            BlockRow.bank_id == store.bank_row(s, REFERENCE).id, BlockRow.blob_id.is_not(None))).all()
     cands = {r.id: Candidate(block_id=r.id, blob_id=r.blob_id, stored_bytes=int(r.stored_bytes),
                              touched=r.created_at.timestamp(), access_count=0, importance=0.0, prior=0.0,
                              pinned=False) for r in rows}
@@ -391,7 +391,7 @@ def saved_or_run(runs_dir: Path | None, name: str, setting: dict[str, Any], mode
 
 def _tiny() -> Any:
     """The random-weight tiny Llama of the tests: same code path, negligible model cost."""
-    from tests.conftest import build_tiny
+    from kvstore.testing.tiny import build_tiny
 
     return build_tiny("llama")
 

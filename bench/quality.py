@@ -318,7 +318,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         store = open_store(Path(tmp), torch_threads=args.threads)
         ingest(store, squad.paragraphs)
         with store.session() as s:
-            env = Env(store, s, store._bank(s, BANK))
+            env = Env(store, s, store.bank_row(s, BANK))
             cases = retrieve_cases(env, questions, ks)
             records = evaluate(env, cases, variants, args.max_new_tokens)
         stats = store.stats(BANK)

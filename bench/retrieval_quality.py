@@ -67,7 +67,7 @@ def recall(ranks: list[int | None], k: int) -> float:
 def answer(store: BankStore, question: str, block_ids: tuple[int, ...], max_new_tokens: int) -> str:
     """Greedy kv-mode answer from these blocks (the query path without its bookkeeping)."""
     with store.session() as s:
-        bank = store._bank(s, BANK)
+        bank = store.bank_row(s, BANK)
         rows = {r.id: r for r in s.scalars(select(BlockRow).where(BlockRow.id.in_(block_ids)))}
         kvs = [store.load_block(s, bank, rows[i]) for i in block_ids]
     runner = store.runner
@@ -111,7 +111,7 @@ def kv_shortlists(store: BankStore, questions: list[Question], candidates: int
     """Per question: the embedding top-N and the KV-utility score of each of its blocks."""
     out = []
     with store.session() as s:
-        bank = store._bank(s, BANK)
+        bank = store.bank_row(s, BANK)
         for q in questions:
             hits = store.search(BANK, q.text, k=candidates, retrieval="embedding")
             rows = {r.id: r for r in s.scalars(select(BlockRow).where(BlockRow.id.in_([h.block_id for h in hits])))}
@@ -137,7 +137,7 @@ def verbatim_check(store: BankStore, paragraphs: tuple[str, ...], candidates: in
     should get the most attention among the embedding top-N. Returns the share where it does."""
     top = []
     with store.session() as s:
-        bank = store._bank(s, BANK)
+        bank = store.bank_row(s, BANK)
         for i, text in enumerate(paragraphs):
             sentence = text.split(". ")[0]
             hits = store.search(BANK, sentence, k=candidates, retrieval="embedding")

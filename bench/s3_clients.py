@@ -111,7 +111,7 @@ def main() -> None:
         if args.bucket:
             env, bucket = dict(os.environ), args.bucket
         else:
-            from tests.seaweed import start_seaweed
+            from kvstore.testing.seaweed import start_seaweed
 
             server = start_seaweed(Path(tmp))
             env, bucket = server.env(), server.create_bucket("bench")

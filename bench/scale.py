@@ -164,7 +164,7 @@ def main() -> None:
         if args.bucket:
             env, bucket, where = dict(os.environ), args.bucket, os.environ.get("AWS_ENDPOINT_URL", "AWS S3")
         else:
-            from tests.seaweed import start_seaweed
+            from kvstore.testing.seaweed import start_seaweed
 
             server = start_seaweed(root / "seaweed")
             env, bucket, where = server.env(), server.create_bucket("scale"), "SeaweedFS on loopback"

@@ -237,7 +237,7 @@ def _retrieval(store: BankStore, index: int, question: Question, reference: torc
     result = store.query(BANK, question.text, k=RETRIEVAL_K, mode="kv", max_new_tokens=max_new_tokens,
                          recompute=0.0)
     with store.session() as s:
-        bank = store._bank(s, BANK)
+        bank = store.bank_row(s, BANK)
         rows = {r.id: r for r in s.query(BlockRow).filter(BlockRow.id.in_([h.block_id for h in result.sources]))}
         blocks = [store.load_block(s, bank, rows[h.block_id]) for h in result.sources]
     logprobs = _logprobs(store, store.runner.assemble(blocks), forced)

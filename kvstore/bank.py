@@ -15,7 +15,6 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
@@ -27,10 +26,10 @@ from sqlalchemy.orm import Session, sessionmaker
 from .attention_bias import measured_block_bias
 from .batching import BatchRequest, QuestionBatcher
 from .blobs import LocalBlobStore
-from .cache import HotCache
+from .cache import HotCache, bank_of_resident_key
 from .catalog import BankRow, BlockRow, DocumentRow, OpLogRow, open_catalog, utcnow
 from .chunking import chunk_text
-from .codec import decode_block, default_codec, encode_block, get_preset
+from .codec import check_choosable, decode_block, default_codec, encode_block, get_preset
 from .compaction import CompactionSpec, compact, prefill_attention
 from .config import Settings
 from .contextmap import ContextMaps
@@ -47,6 +46,7 @@ from .errors import (
 )
 from .index import BankIndex
 from .keysummary import KeySummaries
+from .kvbudget import KVBudget
 from .memory import BlockInfo, MemoryManager, as_utc, block_page, expired_block_ids, record_access, tier_stats
 from .models import Embedder, LoadedModel, load_llm
 from .querylog import LoggedQuery, QueryLogEntry
@@ -56,6 +56,17 @@ from .recompute import blend, blend_and_ask, default_ratio
 from .rerank import KV_MODES, RETRIEVAL_MODES, rerank_scores
 from .runner import BlockKV, Runner, set_threads
 from .sessions import sessions_of
+from .types import (  # noqa: F401  (re-exported: kvstore.bank.Hit and friends stay importable)
+    BankInfo,
+    BankStats,
+    DocumentInfo,
+    Hit,
+    PutResult,
+    QueryResult,
+    SearchFilter,
+    Timings,
+    Usage,
+)
 
 log = logging.getLogger(__name__)
 
@@ -64,116 +75,6 @@ DOC_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 EVICTION_POLICIES = ("lru", "importance", "hybrid")
 Mode = Literal["kv", "text"]
 _SNAPSHOT_EVERY_OPS = 256
-
-
-# -- public value types ---------------------------------------------------------------------------
-
-
-@dataclass
-class BankInfo:
-    name: str
-    codec: str
-    model: str
-    model_fingerprint: str
-    block_tokens: int
-    budget_bytes: int | None
-    max_blocks: int | None
-    eviction: str
-    created_at: datetime
-
-
-@dataclass
-class BankStats:
-    name: str
-    documents: int
-    blocks: int
-    tokens: int
-    raw_bytes: int
-    stored_bytes: int
-    compression_ratio: float
-    budget_bytes: int | None
-    max_blocks: int | None
-    eviction: str
-    evictions: int
-    merges: int
-    quarantined_blocks: int
-    index_entries: int
-    reencodes: int = 0
-    tiers: dict[str, dict[str, int]] = field(default_factory=dict)  # hot / warm / cold: blocks and bytes
-
-
-@dataclass
-class DocumentInfo:
-    doc_id: str
-    version: int
-    metadata: dict[str, Any]
-    tags: list[str]
-    agent: str | None
-    pinned: bool
-    blocks: int
-    tokens: int
-    content_hash: str
-    created_at: datetime
-    updated_at: datetime
-    text: str | None = None
-
-
-@dataclass
-class PutResult:
-    document: DocumentInfo
-    created: bool
-    changed: bool
-
-
-@dataclass
-class SearchFilter:
-    """Applied before top-k: agent equality, all tags present, metadata equality per key."""
-
-    agent: str | None = None
-    tags: list[str] = field(default_factory=list)
-    metadata: dict[str, Any] = field(default_factory=dict)
-
-    def is_empty(self) -> bool:
-        return self.agent is None and not self.tags and not self.metadata
-
-
-@dataclass
-class Hit:
-    doc_id: str
-    block_id: int
-    score: float
-    text: str
-    metadata: dict[str, Any]
-    agent: str | None
-    ordinal: int
-
-
-@dataclass
-class Timings:
-    retrieve_ms: float = 0.0
-    load_ms: float = 0.0
-    prefill_ms: float = 0.0
-    ttft_ms: float = 0.0
-    total_ms: float = 0.0
-
-
-@dataclass
-class Usage:
-    context_tokens: int = 0
-    question_tokens: int = 0
-    generated_tokens: int = 0
-    recomputed_tokens: int = 0  # context tokens whose KV was recomputed through every layer
-    kept_tokens: int = 0  # context tokens the answer was generated from, after compaction
-    map_prefill_tokens: int = 0  # context-map tokens prefilled for this query (0: its KV was cached)
-
-
-@dataclass
-class QueryResult:
-    answer: str
-    mode: str
-    sources: list[Hit]
-    timings: Timings
-    usage: Usage
 
 
 # -- helpers --------------------------------------------------------------------------------------
@@ -228,7 +129,9 @@ class BankStore:
         self.sessions: sessionmaker[Session] = open_catalog(self.settings.resolved_database_url(), migrate=migrate,
                                                               settings=self.settings)
         self.blobs = LocalBlobStore(self.settings.data_dir / "blobs")
-        self.hot = HotCache(self.settings.hot_tier_bytes)
+        # Every KV kept in memory (hot tier, context-map KV, session states) shares one budget, per bank.
+        self.kv_memory = KVBudget(self.settings.kv_memory_bytes, bank_bytes=self.settings.kv_memory_bank_bytes)
+        self.hot = HotCache(self.settings.hot_tier_bytes, kv=self.kv_memory)
         self.memory = MemoryManager(self)
         self.context_map = ContextMaps(self)
         self.embedder = embedder or Embedder(self.settings)
@@ -241,7 +144,7 @@ class BankStore:
         self.summaries = KeySummaries(self)
         if self.llm.device.type == "cuda":
             self.hot.pin_dtype = self.llm.dtype
-        self._blob_lock = threading.Lock()
+        self.blob_lock = threading.Lock()
         self._indexes: dict[int, BankIndex] = {}
         self._index_lock = threading.Lock()
         self._ops_since_snapshot: dict[int, int] = {}
@@ -272,9 +175,9 @@ class BankStore:
                 except Exception as exc:  # noqa: BLE001 - isolate the damage to this bank
                     s.rollback()
                     log.exception("bank %s: index could not be loaded; retrying on first use", bank.name)
-                    self._note(bank.name, "index", f"failed to load: {type(exc).__name__}")
+                    self.note(bank.name, "index", f"failed to load: {type(exc).__name__}")
 
-    def _note(self, bank: str, what: str, value: Any = 1) -> None:
+    def note(self, bank: str, what: str, value: Any = 1) -> None:
         """Record damage found in ``bank``: a message, or a count when ``value`` is a number."""
         with self._integrity_lock:
             entry = self._integrity.setdefault(bank, {})
@@ -308,11 +211,11 @@ class BankStore:
         if path.exists():
             log.warning("bank %s: index snapshot damaged; rebuilt from the catalog (%d blocks)", bank.name,
                         index.ntotal)
-            self._note(bank.name, "index", "snapshot damaged; rebuilt from the catalog")
+            self.note(bank.name, "index", "snapshot damaged; rebuilt from the catalog")
         elif index.seq:
             # Normal after a crash before the first snapshot; worth reporting if snapshots were deleted.
             log.warning("bank %s: no index snapshot; rebuilt from the catalog (%d blocks)", bank.name, index.ntotal)
-            self._note(bank.name, "index", "snapshot missing; rebuilt from the catalog")
+            self.note(bank.name, "index", "snapshot missing; rebuilt from the catalog")
         return index
 
     def _add_rows(self, index: BankIndex, s: Session, block_ids: list[int]) -> None:
@@ -331,7 +234,7 @@ class BankStore:
             index.save(self._index_path(bank), max(seq, index.seq))
         self._ops_since_snapshot[bank.id] = 0
 
-    def _index(self, bank: BankRow) -> BankIndex:
+    def bank_index(self, bank: BankRow) -> BankIndex:
         with self._index_lock:
             if bank.id not in self._indexes:
                 with self.sessions() as s:
@@ -340,7 +243,7 @@ class BankStore:
 
     # -- banks ------------------------------------------------------------------------------------
 
-    def _bank(self, s: Session, name: str) -> BankRow:
+    def bank_row(self, s: Session, name: str) -> BankRow:
         if not isinstance(name, str) or not BANK_NAME.match(name):
             raise NotFound(f"bank {name!r} not found")
         row = s.scalar(select(BankRow).where(BankRow.name == name))
@@ -355,6 +258,7 @@ class BankStore:
         validate_bank_name(name)
         if context_map_budget_tokens is not None:
             self.context_map.check_budget(context_map_budget_tokens)
+        check_choosable(codec or self.settings.default_codec)
         codec = self._resolve_codec(codec or self.settings.default_codec)
         get_preset(codec)
         if eviction not in EVICTION_POLICIES:
@@ -384,7 +288,7 @@ class BankStore:
 
     def get_bank(self, name: str) -> BankInfo:
         with self.sessions() as s:
-            return _bank_info(self._bank(s, name))
+            return _bank_info(self.bank_row(s, name))
 
     def _resolve_codec(self, codec: str) -> str:
         """``auto`` as this store's model gets it (:func:`kvstore.codec.default_codec`); other names as given."""
@@ -397,8 +301,9 @@ class BankStore:
         if context_map_budget_tokens is not None:
             self.context_map.check_budget(context_map_budget_tokens)
         with self.sessions() as s:
-            row = self._bank(s, name)
+            row = self.bank_row(s, name)
             if codec is not None:
+                check_choosable(codec)
                 codec = self._resolve_codec(codec)
                 get_preset(codec)
                 row.codec = codec
@@ -413,7 +318,7 @@ class BankStore:
                     raise ValidationFailed(f"eviction must be one of {EVICTION_POLICIES}")
                 row.eviction = eviction
             s.commit()
-            with self._blob_lock:
+            with self.blob_lock:
                 self.memory.enforce_budget(s, row)
         if context_map_budget_tokens is not None:
             self.context_map.configure(name, budget_tokens=context_map_budget_tokens)
@@ -421,8 +326,8 @@ class BankStore:
 
     def delete_bank(self, name: str) -> None:
         """Delete a bank with its documents, blocks, index, agent sessions and unreferenced blobs."""
-        with self.sessions() as s, self._blob_lock:
-            row = self._bank(s, name)
+        with self.sessions() as s, self.blob_lock:
+            row = self.bank_row(s, name)
             blob_ids = set(s.scalars(select(BlockRow.blob_id).where(BlockRow.bank_id == row.id)).all())
             with sessions_of(self).deleting_bank(s, row.id):
                 s.execute(delete(BlockRow).where(BlockRow.bank_id == row.id))
@@ -430,7 +335,9 @@ class BankStore:
                 s.execute(delete(OpLogRow).where(OpLogRow.bank_id == row.id))
                 s.delete(row)
                 s.commit()
-            self._drop_unreferenced(s, blob_ids)
+            self.kv_memory.drop_bank(row.id)  # its hot blocks, map KV and session states
+            self.runner.resident.discard_where(bank_of_resident_key(row.id))  # and its GPU-resident copies
+            self.drop_unreferenced(s, blob_ids)
             with self._index_lock:
                 self._indexes.pop(row.id, None)
             path = self._index_path(row)
@@ -439,7 +346,7 @@ class BankStore:
 
     def stats(self, name: str) -> BankStats:
         with self.sessions() as s:
-            bank = self._bank(s, name)
+            bank = self.bank_row(s, name)
             docs = s.scalar(select(func.count()).select_from(DocumentRow).where(DocumentRow.bank_id == bank.id)) or 0
             live = (BlockRow.bank_id == bank.id, BlockRow.status == "live")
             n_blocks, tokens, raw = s.execute(select(func.count(), func.coalesce(func.sum(BlockRow.token_count), 0),
@@ -456,8 +363,9 @@ class BankStore:
                              compression_ratio=round(raw / stored, 4) if stored else 0.0,
                              budget_bytes=bank.budget_bytes, max_blocks=bank.max_blocks, eviction=bank.eviction,
                              evictions=bank.evictions, merges=bank.merges, quarantined_blocks=int(quarantined),
-                             index_entries=self._index(bank).ntotal, reencodes=int(bank.reencodes or 0),
-                             tiers=tier_stats(s, bank.id, self.hot, bank.model_fingerprint))
+                             index_entries=self.bank_index(bank).ntotal, reencodes=int(bank.reencodes or 0),
+                             tiers=tier_stats(s, bank.id, self.hot, bank.model_fingerprint),
+                             memory=self.kv_memory.usage(bank.id))
 
     # -- documents --------------------------------------------------------------------------------
 
@@ -505,7 +413,7 @@ class BankStore:
             raise ValidationFailed("importance must be a non-negative number")
         content_hash = hashlib.sha256(text.encode()).hexdigest()
         with self.sessions() as s:
-            bank_row = self._bank(s, bank)
+            bank_row = self.bank_row(s, bank)
             self._check_model(bank_row)
             doc = self._doc(s, bank_row, doc_id, required=False)
             self._check_if_match(doc, if_match)
@@ -524,12 +432,12 @@ class BankStore:
                 n = self._block_count(s, doc.id)
                 return PutResult(_doc_info(doc, n), created=False, changed=meta_changed)
         encoded = self._encode_blocks(bank_row, text)
-        with self.sessions() as s, self._blob_lock:
+        with self.sessions() as s, self.blob_lock:
             # The blobs were written outside the lock: since then a delete or orphan collection may have removed
             # a file of the same content (blobs are shared by content). Writing again is a no-op when present.
             for *_, data in encoded:
                 self.blobs.put(data)
-            bank_row = self._bank(s, bank)
+            bank_row = self.bank_row(s, bank)
             doc = self._doc(s, bank_row, doc_id, required=False)
             self._check_if_match(doc, if_match)
             created = doc is None
@@ -568,7 +476,7 @@ class BankStore:
                 s.rollback()
                 raise VersionMismatch(f"document {doc_id!r} was written concurrently; retry") from None
             self._apply_to_index(s, bank_row, op, rows)
-            self._drop_unreferenced(s, old_blobs - {r.blob_id for r in rows})
+            self.drop_unreferenced(s, old_blobs - {r.blob_id for r in rows})
             self.memory.enforce_budget(s, bank_row)
             self.context_map.on_ingest(bank, doc_id, text, agent)
             return PutResult(_doc_info(doc, len(rows)), created=created, changed=True)
@@ -599,7 +507,7 @@ class BankStore:
             raise VersionMismatch(f"document version is {current}, not {if_match}")
 
     def _apply_to_index(self, s: Session, bank: BankRow, op: OpLogRow, rows: list[BlockRow]) -> None:
-        index = self._index(bank)
+        index = self.bank_index(bank)
         with index.lock:
             index.remove(np.asarray(op.removed or [], dtype=np.int64))
             if rows:
@@ -611,14 +519,16 @@ class BankStore:
         if count >= _SNAPSHOT_EVERY_OPS:
             self._snapshot(s, bank)
 
-    def _drop_unreferenced(self, s: Session, blob_ids: Iterable[str | None]) -> None:
+    def drop_unreferenced(self, s: Session, blob_ids: Iterable[str | None]) -> None:
         """Delete blob files no block references any more (callers hold the blob lock)."""
         for blob_id in blob_ids:
             if not blob_id:
                 continue
-            if s.scalar(select(func.count()).select_from(BlockRow).where(BlockRow.blob_id == blob_id)) == 0:
+            holders = set(s.scalars(select(BlockRow.bank_id).where(BlockRow.blob_id == blob_id).distinct()))
+            if not holders:
                 self.blobs.delete(blob_id)
-                self.hot.discard(blob_id)
+            # Only the banks that no longer reference it lose their decoded copy: another bank's copy is its own.
+            self.hot.discard_everywhere(blob_id, keep=holders)
 
     def _doc(self, s: Session, bank: BankRow, doc_id: str, required: bool = True) -> DocumentRow | None:
         row = s.scalar(select(DocumentRow).where(DocumentRow.bank_id == bank.id, DocumentRow.doc_id == doc_id))
@@ -633,7 +543,7 @@ class BankStore:
 
     def get_document(self, bank: str, doc_id: str) -> DocumentInfo:
         with self.sessions() as s:
-            row = self._doc(s, self._bank(s, bank), doc_id)
+            row = self._doc(s, self.bank_row(s, bank), doc_id)
             assert row is not None
             return _doc_info(row, self._block_count(s, row.id), with_text=True)
 
@@ -643,7 +553,7 @@ class BankStore:
         if limit < 1 or limit > 1000:
             raise ValidationFailed("limit must be between 1 and 1000")
         with self.sessions() as s:
-            bank_row = self._bank(s, bank)
+            bank_row = self.bank_row(s, bank)
             q = select(DocumentRow).where(DocumentRow.bank_id == bank_row.id)
             if cursor:
                 q = q.where(DocumentRow.doc_id > cursor)
@@ -660,15 +570,15 @@ class BankStore:
         if limit < 1 or limit > 1000:
             raise ValidationFailed("limit must be between 1 and 1000")
         with self.sessions() as s:
-            bank_row = self._bank(s, bank)
+            bank_row = self.bank_row(s, bank)
             doc = self._doc(s, bank_row, doc_id) if doc_id is not None else None
             return block_page(s, bank_row, self.hot, self.memory.config, cursor=cursor, limit=limit,
                               document_pk=doc.id if doc is not None else None)
 
     def delete_document(self, bank: str, doc_id: str, *, if_match: int | None = None,
                         agent: str | None = None) -> None:
-        with self.sessions() as s, self._blob_lock:
-            bank_row = self._bank(s, bank)
+        with self.sessions() as s, self.blob_lock:
+            bank_row = self.bank_row(s, bank)
             doc = self._doc(s, bank_row, doc_id)
             assert doc is not None
             self._check_if_match(doc, if_match)
@@ -680,7 +590,7 @@ class BankStore:
             s.add(op)
             s.commit()
             self._apply_to_index(s, bank_row, op, [])
-            self._drop_unreferenced(s, {r.blob_id for r in old if r.blob_id})
+            self.drop_unreferenced(s, {r.blob_id for r in old if r.blob_id})
 
     # -- retrieval --------------------------------------------------------------------------------
 
@@ -729,7 +639,7 @@ class BankStore:
         if len(expired) and allowed is not None:
             allowed = np.setdiff1d(allowed, expired)
         # Without a filter, over-fetch by the expired count: the top k + E always holds k unexpired blocks.
-        ids, scores = self._index(bank).search(vec, k + (len(expired) if allowed is None else 0), allowed)
+        ids, scores = self.bank_index(bank).search(vec, k + (len(expired) if allowed is None else 0), allowed)
         if len(expired) and allowed is None:
             keep = ~np.isin(ids, expired)
             ids, scores = ids[keep][:k], scores[keep][:k]
@@ -750,7 +660,7 @@ class BankStore:
         """Top-k blocks by embedding similarity (filters applied before top-k), or of the embedding's
         ``rerank_candidates`` reranked by ``retrieval`` (default ``Settings.default_retrieval``)."""
         with self.sessions() as s:
-            bank_row = self._bank(s, bank)
+            bank_row = self.bank_row(s, bank)
             return [self._hit(b, d, sc) for b, d, sc in self._retrieve(s, bank_row, query, k, filter, retrieval)]
 
     # -- loading blocks ---------------------------------------------------------------------------
@@ -761,15 +671,14 @@ class BankStore:
         if block.blob_id is None:
             return self.memory.load_cold(bank, block)
         if block.blob_id:
-            cached = self.hot.get(block.blob_id)
+            cached = self.hot.get(bank.id, block.blob_id)
             if cached is not None:
                 self.memory.counters.hot_hits += 1
                 return cached
             try:
                 # Decoded where the model runs: on CUDA the compact sections cross the bus, not the dense KV.
                 kv = decode_block(self.blobs.get(block.blob_id), bank.model_fingerprint, device=self.llm.device)
-                kv.key = block.blob_id
-                self.hot.put(block.blob_id, kv)
+                kv = self.hot.put(bank.id, block.blob_id, kv)
                 self.memory.counters.warm_loads += 1
                 return kv
             except IncompatibleModel:
@@ -777,7 +686,7 @@ class BankStore:
             except CorruptBlock as exc:
                 self._quarantine(s, bank, block, exc.detail)
         kv = self._rebuild_block(s, bank, block)
-        self._note(bank.name, "rebuilt_blocks")
+        self.note(bank.name, "rebuilt_blocks")
         return kv
 
     def _quarantine(self, s: Session, bank: BankRow, block: BlockRow, reason: str) -> None:
@@ -786,8 +695,8 @@ class BankStore:
         s.execute(update(BlockRow).where(BlockRow.id == block.id).values(status="quarantined"))
         s.commit()
         if block.blob_id:
-            self.hot.discard(block.blob_id)
-        self._note(bank.name, "corrupt_blocks")
+            self.hot.discard(bank.id, block.blob_id)
+        self.note(bank.name, "corrupt_blocks")
 
     def _rebuild_block(self, s: Session, bank: BankRow, block: BlockRow) -> BlockKV:
         ids = _bytes_ids(block.token_ids)
@@ -795,7 +704,7 @@ class BankStore:
             kv = self.runner.encode([ids])[0]
         data = encode_block(kv, bank.model_fingerprint, bank.codec)
         try:
-            with self._blob_lock:
+            with self.blob_lock:
                 old = block.blob_id
                 blob_id = self.blobs.put(data, replace=True)
                 s.execute(update(BlockRow).where(BlockRow.id == block.id).values(
@@ -803,13 +712,11 @@ class BankStore:
                     kv_summary=self.summaries.build(kv, bank.model_fingerprint)))
                 s.commit()
                 if old and old != blob_id:
-                    self._drop_unreferenced(s, {old})
+                    self.drop_unreferenced(s, {old})
         except Exception as exc:  # noqa: BLE001 - a failed rebuild must not hide the answer we have
             s.rollback()
             raise CorruptBlock(f"block {block.id} could not be rebuilt: {exc}") from exc
-        decoded = decode_block(data, bank.model_fingerprint)
-        self.hot.put(blob_id, decoded)
-        return decoded
+        return self.hot.put(bank.id, blob_id, decode_block(data, bank.model_fingerprint))
 
     # -- query ------------------------------------------------------------------------------------
 
@@ -838,7 +745,7 @@ class BankStore:
         if not 0 <= max_new_tokens <= self.settings.max_new_tokens:
             raise ValidationFailed(f"max_new_tokens must be between 0 and {self.settings.max_new_tokens}")
         with self.sessions() as s:
-            bank_row = self._bank(s, bank)
+            bank_row = self.bank_row(s, bank)
             self._check_model(bank_row)
             retrieved = self._retrieve(s, bank_row, question, k, filter, retrieval)
             t_retrieved = time.perf_counter()
@@ -934,14 +841,14 @@ class BankStore:
                             total_ms=t.total_ms, context_tokens=u.context_tokens, question_tokens=u.question_tokens,
                             generated_tokens=u.generated_tokens)
         with self.sessions() as s:
-            record_log(s, self._bank(s, bank).id, entry, self.settings.query_log_keep)
+            record_log(s, self.bank_row(s, bank).id, entry, self.settings.query_log_keep)
 
     def recent_queries(self, bank: str, *, limit: int = 200) -> list[QueryLogEntry]:
         """The bank's newest logged queries (at most ``limit``), oldest first."""
         if limit < 1 or limit > 1000:
             raise ValidationFailed("limit must be between 1 and 1000")
         with self.sessions() as s:
-            return recent_log(s, self._bank(s, bank).id, limit)
+            return recent_log(s, self.bank_row(s, bank).id, limit)
 
     # -- integrity --------------------------------------------------------------------------------
 
@@ -949,7 +856,7 @@ class BankStore:
         """Check every block's blob; quarantine and rebuild the damaged ones from the stored text."""
         checked = rebuilt = 0
         with self.sessions() as s:
-            bank_row = self._bank(s, bank)
+            bank_row = self.bank_row(s, bank)
             # Cold blocks have no blob by design: nothing to check, they are prefilled from text when used.
             for block in s.scalars(select(BlockRow).where(BlockRow.bank_id == bank_row.id,
                                                           BlockRow.blob_id.is_not(None))).all():
@@ -961,7 +868,7 @@ class BankStore:
                 except CorruptBlock as exc:
                     self._quarantine(s, bank_row, block, exc.detail)
                     self._rebuild_block(s, bank_row, block)
-                    self._note(bank_row.name, "rebuilt_blocks")
+                    self.note(bank_row.name, "rebuilt_blocks")
                     rebuilt += 1
         return {"checked": checked, "rebuilt": rebuilt}
 

@@ -168,7 +168,13 @@ class IdempotencyRow(Base):
 
 
 class JobRow(Base):
+    """A durable job (kvstore.jobs): its input is stored before the 202, any replica claims it, and a lease
+    that stops being renewed hands it to another runner (resume from ``state``) or fails it with a reason."""
+
     __tablename__ = "jobs"
+    __table_args__ = (Index("ix_jobs_status_created", "status", "created_at"),
+                      Index("ix_jobs_bank_created", "bank", "created_at"),
+                      Index("ix_jobs_owner_status", "owner", "status"))
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     kind: Mapped[str] = mapped_column(String(32))
@@ -180,6 +186,17 @@ class JobRow(Base):
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+    step: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    input: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)  # dropped once finished
+    state: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)  # the resume checkpoint
+    owner: Mapped[str | None] = mapped_column(String(64), nullable=True)  # key id; "root": the admin key
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    lease_owner: Mapped[str | None] = mapped_column(String(96), nullable=True)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 
 class ContextMapRow(Base):

@@ -92,6 +92,19 @@ def default_codec(setting: str, layers: int, kv_heads: int, head_dim: int) -> st
     return CALIBRATED_DEFAULT if calibrated else UNCALIBRATED_DEFAULT
 
 
+# What a new bank or a bank update may choose. Every other preset in PRESETS stays registered so blocks (and
+# banks) written with it keep decoding and writing; by docs/BENCHMARKS.md's codec table each of them is
+# either a research variant or beaten on both ratio and agreement, so users are not offered them.
+CHOOSABLE = ("auto", "fp16", "int8", "tklt5")
+
+
+def check_choosable(name: str) -> None:
+    """Refuse a codec a bank may not newly choose (a 4xx), before anything is stored."""
+    if name not in CHOOSABLE:
+        raise ValidationFailed(f"codec {name!r} can't be chosen for a bank; choose one of {', '.join(CHOOSABLE)} "
+                               "(blocks stored with other presets keep decoding)")
+
+
 def get_preset(name: str) -> Preset:
     try:
         return PRESETS[name]

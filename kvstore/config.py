@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator
@@ -51,8 +51,8 @@ class Settings(BaseSettings):
     torch_threads: int = Field(default=0, description="torch intra-op threads; 0 = number of cores.")
 
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
-    default_codec: str = Field(
-        default="auto", description="Codec of a new bank's blocks (docs/BENCHMARKS.md, codec presets). auto: tklt5 "
+    default_codec: Literal["auto", "fp16", "int8", "tklt5"] = Field(
+        default="auto", description="Codec of a new bank's blocks (kvstore.codec.CHOOSABLE). auto: tklt5 "
                                     "for a model kvstore/codec_weights calibrates (SmolLM2: 5.0x smaller than fp16, "
                                     "90% of greedy answers identical), else int8 (1.9x, every answer kept).")
     block_tokens: int = Field(default=256, ge=16, le=4096, description="Token budget of one KV block.")
@@ -64,7 +64,15 @@ class Settings(BaseSettings):
                     "none for a model not measured. A value given here applies on every layer; 0 turns it off.")
     encode_batch_size: int = Field(default=8, ge=1)
     max_document_chars: int = Field(default=200_000, ge=1)
-    hot_tier_bytes: int = Field(default=1 << 30, ge=0, description="Byte budget of decoded blocks in RAM.")
+    hot_tier_bytes: int = Field(default=1 << 30, ge=0, description="Byte budget of decoded blocks in RAM (within "
+                                                                   "kv_memory_bytes).")
+    kv_memory_bytes: int = Field(
+        default=2 << 30, ge=0, description="One byte budget over every KV kept in memory: hot-tier blocks, context-map "
+                                           "KV and agent sessions' live KV, least recently used of the bank holding "
+                                           "the most out first; an evicted entry is recomputed when next needed.")
+    kv_memory_bank_bytes: int | None = Field(
+        default=None, ge=0, description="Optional cap of one bank's share of kv_memory_bytes. With banks x this <= "
+                                        "kv_memory_bytes no bank's activity ever evicts another bank's KV.")
     device_cache_bytes: int = Field(
         default=4 << 30, ge=0, description="CUDA only: byte budget of blocks kept on the GPU, so a block used "
                                            "again is not copied from host memory again.")
@@ -90,6 +98,21 @@ class Settings(BaseSettings):
         default=8, ge=1, description="kv queries waiting for the model whose questions are prefilled and decoded "
                                      "together, at most; 1 turns batching off (every query runs alone).")
     batch_job_threshold: int = Field(default=16, ge=1, description="Batches larger than this become jobs.")
+    job_lease_s: float = Field(
+        default=30.0, gt=0, description="A running job's lease: renewed every third of it while the job runs; "
+                                        "one not renewed this long (its server died) is resumed by any server.")
+    job_poll_s: float = Field(default=0.5, gt=0, description="How often an idle server looks for queued jobs.")
+    job_max_attempts: int = Field(
+        default=3, ge=1, description="Runs a job may start; one whose server died this often fails with that "
+                                     "reason instead of being resumed again.")
+    jobs_per_key: int = Field(
+        default=16, ge=1, description="Queued plus running jobs one key may have; beyond, a new one is a 429.")
+    job_retention_s: float = Field(
+        default=7 * 86400.0, gt=0, description="Finished jobs (and their results) are purged after this long.")
+    job_stop_grace_s: float = Field(
+        default=20.0, ge=0, description="At shutdown, how long the running job's current step may take to end "
+                                        "before the job is handed back to the queue anyway (it resumes at "
+                                        "the next start, or on another server).")
     idempotency_ttl_s: float = Field(
         default=86400.0, gt=0, description="How long an Idempotency-Key's answer is kept for retries (24 h); older "
                                            "records are ignored and purged.")

@@ -48,7 +48,7 @@ from .maprefresh import ask_for, complete_local, complete_remote, new_hint
 from .pins import bounded_apply, check_pinned_fit, check_unpinned, removal_allowance, screen_refresh, set_pinned
 
 if TYPE_CHECKING:
-    from .bank import BankStore
+    from .ports import Engine
     from .runner import BlockKV
 
 log = logging.getLogger(__name__)
@@ -416,10 +416,18 @@ class _CachedKV:
     token_ids: list[int]
     kv: BlockKV
 
+    @property
+    def nbytes(self) -> int:
+        return self.kv.nbytes
 
-def _kv_key(bank: BankRow) -> tuple[int, str]:
-    """Bank id and creation time: a deleted bank's id may come back (SQLite), its creation time does not."""
-    return bank.id, str(bank.created_at)
+
+_KIND = "map"  # its share of the process's KV budget (kvstore.kvbudget): evicted, it is prefilled again
+
+
+def _kv_key(bank: BankRow) -> str:
+    """Within the bank's partition, its creation time: a deleted bank's id may come back (SQLite), its creation
+    time does not."""
+    return str(bank.created_at)
 
 
 def _views(state: MapState) -> list[MapItem]:
@@ -458,10 +466,9 @@ def distill_prompt(state: MapState, records: Sequence[ContextMapQueryRow]) -> st
 class ContextMaps:
     """Context maps of every bank of a BankStore: reads, edits, refresh, bootstrap, query records, KV."""
 
-    def __init__(self, store: BankStore) -> None:
+    def __init__(self, store: Engine) -> None:
         self.store = store
-        self._kv: dict[tuple[int, str], _CachedKV] = {}
-        self._kv_lock = threading.Lock()
+        self._kv = store.kv_memory
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
 
@@ -514,7 +521,7 @@ class ContextMaps:
         with self._lock(bank):
             for _ in range(_WRITE_ATTEMPTS):
                 with self.store.sessions() as s:
-                    bank_row = self.store._bank(s, bank)
+                    bank_row = self.store.bank_row(s, bank)
                     head = self._head(s, bank_row)
                     current = self._snapshot(s, bank_row.id, head.version)
                     state = MapState.from_json(current.state)
@@ -540,8 +547,7 @@ class ContextMaps:
                         s.rollback()  # a concurrent writer took this version (or held the SQLite lock)
                         continue
                     if render(result.state) != before:
-                        with self._kv_lock:
-                            self._kv.pop(_kv_key(bank_row), None)
+                        self._kv.discard(bank_row.id, _KIND, _kv_key(bank_row))
                     fresh = s.get(ContextMapRow, bank_row.id, populate_existing=True)
                     assert fresh is not None
                     return fresh, result
@@ -552,7 +558,7 @@ class ContextMaps:
     def get(self, bank: str, version: int | None = None) -> MapView:
         """The current map, or an old ``version``."""
         with self.store.sessions() as s:
-            bank_row = self.store._bank(s, bank)
+            bank_row = self.store.bank_row(s, bank)
             head = self._head(s, bank_row)
             if version is not None and (version < 0 or version > head.version):
                 raise NotFound(f"context-map version {version} not found (current: {head.version})")
@@ -567,7 +573,7 @@ class ContextMaps:
         if limit < 1 or limit > 500:
             raise ValidationFailed("limit must be between 1 and 500")
         with self.store.sessions() as s:
-            bank_row = self.store._bank(s, bank)
+            bank_row = self.store.bank_row(s, bank)
             self._head(s, bank_row)
             q = select(ContextMapVersionRow).where(ContextMapVersionRow.bank_id == bank_row.id)
             if before is not None:
@@ -607,7 +613,7 @@ class ContextMaps:
 
     def _tokens_of(self, bank: str, version: int) -> int:
         with self.store.sessions() as s:
-            return self._snapshot(s, self.store._bank(s, bank).id, version).tokens
+            return self._snapshot(s, self.store.bank_row(s, bank).id, version).tokens
 
     def configure(self, bank: str, *, frozen: bool | None = None, budget_tokens: int | None = None,
                   agent: str | None = None) -> MapView:
@@ -688,7 +694,7 @@ class ContextMaps:
         """Distill the recent query records into edits with the LLM and apply them as one version (scores
         decay by 0.85). Unparseable output or a failed LLM call changes nothing and is reported."""
         with self.store.sessions() as s:
-            bank_row = self.store._bank(s, bank)
+            bank_row = self.store.bank_row(s, bank)
             head = self._head(s, bank_row)
             if head.frozen:
                 raise Conflict("the context map is frozen; unfreeze it to refresh")
@@ -769,20 +775,17 @@ class ContextMaps:
         this map text has not been prefilled before."""
         head = self._head(s, bank)
         key = _kv_key(bank)
-        with self._kv_lock:
-            cached = self._kv.get(key)
+        cached = self._kv.get(bank.id, _KIND, key)
         if cached is not None and cached.version == head.version:
             return MapPrefill(head.version, cached.token_ids, cached.kv, 0)
         text = render(MapState.from_json(self._snapshot(s, bank.id, head.version).state))
         if not text:
             return MapPrefill(head.version, [], None, 0)
         if cached is not None and cached.text == text:  # e.g. only feedback changed: same text, same KV
-            with self._kv_lock:
-                self._kv[key] = replace(cached, version=head.version)
+            self._kv.put(bank.id, _KIND, key, replace(cached, version=head.version))
             return MapPrefill(head.version, cached.token_ids, cached.kv, 0)
         ids = self.store.runner.tokenize(text)
         with self.store.model_lock:
             kv = self.store.runner.encode([ids])[0]
-        with self._kv_lock:
-            self._kv[key] = _CachedKV(head.version, text, ids, kv)
+        self._kv.put(bank.id, _KIND, key, _CachedKV(head.version, text, ids, kv))
         return MapPrefill(head.version, ids, kv, len(ids))

@@ -54,7 +54,7 @@ from .forward import StopForward, attention_implementation
 from .runner import BlockKV, Runner
 
 if TYPE_CHECKING:
-    from .bank import BankStore
+    from .ports import Engine
 
 log = logging.getLogger(__name__)
 
@@ -266,7 +266,7 @@ class KeySummaries:
     """Key summaries of one store's blocks: built with the block's KV, kept in ``blocks.kv_summary``,
     verified when read, and rebuilt from the block's KV when missing, stale or damaged."""
 
-    def __init__(self, store: BankStore) -> None:
+    def __init__(self, store: Engine) -> None:
         self.store = store
         runner = store.runner
         config = runner.model.config.get_text_config(decoder=True)
@@ -295,7 +295,7 @@ class KeySummaries:
                     summary = decode_summary(data)
                 except CorruptBlock as exc:
                     log.error("bank %s block %d: %s; rebuilding the key summary", bank.name, block.id, exc.detail)
-                    self.store._note(bank.name, "corrupt_summaries")
+                    self.store.note(bank.name, "corrupt_summaries")
             if summary is None or not self._usable(summary, bank, block):
                 summary = self.rebuild(s, bank, block)
             out.append(summary)
@@ -306,7 +306,7 @@ class KeySummaries:
         summary = summarize(self.store.load_block(s, bank, block), self.plan, bank.model_fingerprint)
         s.execute(update(BlockRow).where(BlockRow.id == block.id).values(kv_summary=encode_summary(summary)))
         s.commit()
-        self.store._note(bank.name, "rebuilt_summaries")
+        self.store.note(bank.name, "rebuilt_summaries")
         return summary
 
     def scores(self, s: Session, bank: BankRow, question: str, blocks: Sequence[BlockRow]) -> np.ndarray:

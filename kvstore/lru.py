@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Generic, Protocol, TypeVar
 
 
@@ -78,3 +79,11 @@ class ByteBudgetLRU(Generic[T]):
             old = self._items.pop(key, None)
             if old is not None:
                 self._bytes -= old.nbytes
+
+    def discard_where(self, doomed: Callable[[str], bool]) -> int:
+        """Drop every key ``doomed`` accepts (e.g. all of a deleted bank's); how many went."""
+        with self._lock:
+            keys = [key for key in self._items if doomed(key)]
+            for key in keys:
+                self._bytes -= self._items.pop(key).nbytes
+            return len(keys)

@@ -2,8 +2,8 @@
 
 Tiers of a block:
 
-- **hot**: decoded KV in RAM (:class:`~kvstore.cache.HotCache`, keyed by blob id, LRU under
-  ``KVRAG_HOT_TIER_BYTES``);
+- **hot**: decoded KV in RAM (:class:`~kvstore.cache.HotCache`, per bank, keyed by blob id, LRU under
+  ``KVRAG_HOT_TIER_BYTES`` within the process's KV budget, :mod:`kvstore.kvbudget`);
 - **warm**: the compressed blob on disk (``BlockRow.blob_id`` set);
 - **cold**: text, token ids and embedding only (``blob_id`` None). A query that retrieves a cold
   block prefills its tokens after the shared prefix on the fly, which is exactly how the block was
@@ -50,7 +50,7 @@ from .runner import BlockKV, Context
 from .sessions import sessions_of
 
 if TYPE_CHECKING:
-    from .bank import BankStore
+    from .ports import Engine
 
 POLICIES = ("lru", "importance", "hybrid")
 
@@ -304,7 +304,8 @@ def plan_merges(ids: np.ndarray, vectors: np.ndarray, tokens: dict[int, list[int
 
 
 def cold_key(fingerprint: str, token_ids: bytes) -> str:
-    """Hot-tier key of a cold block's on-the-fly KV: by content, so duplicates share it."""
+    """Hot-tier key of a cold block's on-the-fly KV: by content, so duplicates within a bank share it (the
+    hot tier is partitioned by bank, so other banks never do)."""
     return "cold-" + hashlib.sha256(fingerprint.encode() + token_ids).hexdigest()
 
 
@@ -323,7 +324,7 @@ def tier_stats(s: Session, bank_id: int, hot: HotCache, fingerprint: str) -> dic
     hot_blocks = warm_blocks = cold_blocks = cold_bytes = 0
     for blob_id, stored, token_ids, text_len, emb_len in rows:
         key = blob_id or cold_key(fingerprint, token_ids)
-        if key in hot:
+        if hot.contains(bank_id, key):  # this bank's copy only: another bank's use of the text never shows
             hot_blocks += 1
             hot_keys.add(key)
         if blob_id:
@@ -332,7 +333,7 @@ def tier_stats(s: Session, bank_id: int, hot: HotCache, fingerprint: str) -> dic
         else:
             cold_blocks += 1
             cold_bytes += len(token_ids) + int(text_len or 0) + int(emb_len or 0)
-    return {"hot": {"blocks": hot_blocks, "bytes": sum(hot.size_of(k) for k in hot_keys)},
+    return {"hot": {"blocks": hot_blocks, "bytes": sum(hot.size_of(bank_id, k) for k in hot_keys)},
             "warm": {"blocks": warm_blocks, "bytes": sum(warm_bytes.values())},
             "cold": {"blocks": cold_blocks, "bytes": cold_bytes}}
 
@@ -373,7 +374,7 @@ def block_page(s: Session, bank: BankRow, hot: HotCache, config: MemoryConfig, *
     page = []
     for r in rows[:limit]:
         key = r.blob_id or cold_key(bank.model_fingerprint, r.token_ids)
-        tier = "hot" if key in hot else ("warm" if r.blob_id else "cold")
+        tier = "hot" if hot.contains(bank.id, key) else ("warm" if r.blob_id else "cold")
         page.append(BlockInfo(block_id=r.id, doc_id=r.doc_id, ordinal=r.ordinal, tokens=r.token_count, tier=tier,
                               status=r.status, codec=r.codec, raw_bytes=int(r.raw_bytes),
                               stored_bytes=int(r.stored_bytes) if r.blob_id else 0,
@@ -404,7 +405,7 @@ class MemoryManager:
     and keeps its write order: blobs first, then one catalog transaction, then derived state.
     """
 
-    def __init__(self, store: BankStore, config: MemoryConfig | None = None) -> None:
+    def __init__(self, store: Engine, config: MemoryConfig | None = None) -> None:
         self.store = store
         self.config = config or MemoryConfig()
         self.counters = TierCounters()
@@ -415,16 +416,15 @@ class MemoryManager:
         """KV of a cold block: prefill its tokens after the prefix (as at ingest), cached in the hot tier."""
         store = self.store
         key = cold_key(bank.model_fingerprint, block.token_ids)
-        kv = store.hot.get(key)
+        kv = store.hot.get(bank.id, key)
         if kv is not None:
             self.counters.hot_hits += 1
             return kv
         ids = np.frombuffer(block.token_ids, dtype="<i4").astype(int).tolist()
         with store.model_lock:
             kv = store.runner.encode([ids])[0]
-        store.hot.put(key, kv)
         self.counters.cold_encodes += 1
-        return kv
+        return store.hot.put(bank.id, key, kv)
 
     def attention_shares(self, ctx: Context, question_ids: Sequence[int], kvs: Sequence[BlockKV],
                          recorded: Callable[[], torch.Tensor | None] | None = None) -> list[float] | None:
@@ -468,15 +468,15 @@ class MemoryManager:
         if not cold:
             return 0
         store = self.store
-        with store._blob_lock:
+        with store.blob_lock:
             for row, kv in cold:
                 data = encode_block(kv, bank.model_fingerprint, bank.codec)
                 blob_id = store.blobs.put(data)
                 s.execute(update(BlockRow).where(BlockRow.id == row.id, BlockRow.blob_id.is_(None)).values(
                     blob_id=blob_id, stored_bytes=len(data), codec=bank.codec,
                     kv_summary=store.summaries.build(kv, bank.model_fingerprint)))
-                store.hot.discard(cold_key(bank.model_fingerprint, row.token_ids))
-                store.hot.put(blob_id, kv)
+                store.hot.discard(bank.id, cold_key(bank.model_fingerprint, row.token_ids))
+                store.hot.put(bank.id, blob_id, kv)
             s.execute(update(BankRow).where(BankRow.id == bank.id).values(reencodes=BankRow.reencodes + len(cold)))
             s.commit()
             self.counters.rewarms += len(cold)
@@ -489,7 +489,7 @@ class MemoryManager:
         """Evict to the bank's budget and drop blobs nothing references any more (caller holds the blob lock)."""
         plan = evict_to_budget(s, bank, self.config, utcnow())
         if plan.blob_ids:
-            self.store._drop_unreferenced(s, plan.blob_ids)
+            self.store.drop_unreferenced(s, plan.blob_ids)
         return plan
 
     # -- maintenance ------------------------------------------------------------------------------
@@ -502,7 +502,7 @@ class MemoryManager:
                                   "merged": 0, "evicted": 0, "over_budget": False, "orphan_blobs_removed": 0}
         if expire:
             with store.sessions() as s:
-                doomed = expired_doc_ids(s, store._bank(s, bank).id, utcnow())
+                doomed = expired_doc_ids(s, store.bank_row(s, bank).id, utcnow())
             for doc_id in doomed:
                 store.delete_document(bank, doc_id, agent="maintenance")
             report["expired_documents"] = doomed
@@ -512,8 +512,8 @@ class MemoryManager:
         if merge:
             report["merged"] = self._merge(bank)
         if evict:
-            with store.sessions() as s, store._blob_lock:
-                plan = self.enforce_budget(s, store._bank(s, bank))
+            with store.sessions() as s, store.blob_lock:
+                plan = self.enforce_budget(s, store.bank_row(s, bank))
             report["evicted"], report["over_budget"] = len(plan.block_ids), plan.over_budget
         if gc:
             report["orphan_blobs_removed"] = self.collect_orphans()
@@ -526,8 +526,8 @@ class MemoryManager:
         (every block goes cold, so queries re-encode lazily) and bind the bank to the loaded model."""
         store = self.store
         llm, runner = store.llm, store.runner
-        with store.sessions() as s, store._blob_lock:
-            row = store._bank(s, bank)
+        with store.sessions() as s, store.blob_lock:
+            row = store.bank_row(s, bank)
             if row.model_fingerprint == llm.fingerprint:
                 return False
             blocks = s.scalars(select(BlockRow).where(BlockRow.bank_id == row.id)).all()
@@ -540,14 +540,14 @@ class MemoryManager:
                 b.kv_summary = None  # keys of the old model: rebuilt from the new KV when next needed
             row.model_fingerprint, row.model_name = llm.fingerprint, llm.name
             s.commit()
-            store._drop_unreferenced(s, old_blobs)
+            store.drop_unreferenced(s, old_blobs)
         return True
 
     def _rewarm_cold(self, bank: str) -> int:
         """Encode cold blocks back to warm while the budget has room, most used and most important first."""
         store = self.store
         with store.sessions() as s:
-            row = store._bank(s, bank)
+            row = store.bank_row(s, bank)
             cold = s.scalars(select(BlockRow).where(
                 BlockRow.bank_id == row.id, BlockRow.status == "live", BlockRow.blob_id.is_(None)).order_by(
                 BlockRow.access_count.desc(), BlockRow.importance.desc(), BlockRow.id.desc())).all()
@@ -563,7 +563,7 @@ class MemoryManager:
                 with store.model_lock:
                     kvs = store.runner.encode([np.frombuffer(b.token_ids, dtype="<i4").tolist() for b in part], batch)
                 full = False
-                with store._blob_lock:
+                with store.blob_lock:
                     warmed = 0
                     for block, kv in zip(part, kvs, strict=True):
                         data = encode_block(kv, row.model_fingerprint, row.codec)
@@ -589,8 +589,8 @@ class MemoryManager:
         under its own document, metadata and filters."""
         store = self.store
         cfg = self.config
-        with store.sessions() as s, store._blob_lock:
-            row = store._bank(s, bank)
+        with store.sessions() as s, store.blob_lock:
+            row = store.bank_row(s, bank)
             blocks = {b.id: b for b in s.scalars(select(BlockRow).where(
                 BlockRow.bank_id == row.id, BlockRow.status == "live", BlockRow.blob_id.is_not(None),
                 BlockRow.merged_into.is_(None)))}
@@ -598,7 +598,7 @@ class MemoryManager:
                 return 0
             ids = np.asarray(sorted(blocks), dtype=np.int64)
             vectors = np.stack([np.frombuffer(blocks[i].embedding, dtype="<f4") for i in ids.tolist()])
-            index = store._index(row)
+            index = store.bank_index(row)
             with index.lock:
                 cosines, neighbours = index.index.search(vectors, min(cfg.merge_neighbours + 1, index.ntotal))
             neighbours = np.where(np.isin(neighbours, ids), neighbours, -1)  # cold or merged blocks do not take part
@@ -618,7 +618,7 @@ class MemoryManager:
             if pairs:
                 row.merges += len(pairs)
                 s.commit()
-                store._drop_unreferenced(s, freed)
+                store.drop_unreferenced(s, freed)
             return len(pairs)
 
     def collect_orphans(self) -> int:
@@ -627,7 +627,7 @@ class MemoryManager:
         store = self.store
         cutoff = time.time() - self.config.orphan_grace_s
         removed = 0
-        with store.sessions() as s, store._blob_lock:
+        with store.sessions() as s, store.blob_lock:
             referenced = set(s.scalars(select(BlockRow.blob_id).where(BlockRow.blob_id.is_not(None)).distinct()))
             for blob_id in list(store.blobs.ids()):
                 if blob_id in referenced:
@@ -638,7 +638,7 @@ class MemoryManager:
                 except FileNotFoundError:
                     continue
                 store.blobs.delete(blob_id)
-                store.hot.discard(blob_id)
+                store.hot.discard_everywhere(blob_id)
                 removed += 1
         return removed
 

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,11 +100,30 @@ def _convert_packaged_smollm2(cache_dir: Path) -> Path:
         return _convert_locked(target)
 
 
+class _ConversionProgress:
+    """Log lines with a percentage through the conversion's phases (the first start takes ~35 s and a server
+    log shows no terminal progress bar; transformers' own bar covers the de-quantization on a terminal)."""
+
+    # (phase, percent done when it starts): weights dominate the time, measured on the 2-core box.
+    PHASES = {"tokenizer": 0, "weights": 10, "save": 85, "done": 100}
+
+    def __init__(self) -> None:
+        self._started = time.monotonic()
+
+    def __call__(self, phase: str) -> None:
+        log.info("converting the packaged model: %3d%% %s (%.1f s)", self.PHASES[phase], phase,
+                 time.monotonic() - self._started)
+
+
 def _convert_locked(target: Path) -> Path:
     src = package_dir(SMOLLM2_PACKAGE)
     log.info("converting packaged GGUF %s once into %s", SMOLLM2_GGUF, target)
+    progress = _ConversionProgress()
+    progress("tokenizer")
     tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
+    progress("weights")
     model = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    progress("save")
     tmp = target.with_name(target.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
     # transformers refuses save_pretrained on a GGUF-loaded model; drop the quantizer's marks first.
@@ -118,6 +138,7 @@ def _convert_locked(target: Path) -> Path:
     if target.exists():
         shutil.rmtree(target)
     os.replace(tmp, target)
+    progress("done")
     return target
 
 

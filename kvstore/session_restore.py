@@ -30,9 +30,9 @@ from .errors import Conflict, NotFound, ValidationFailed
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
-    from .bank import BankStore
     from .catalog import BankRow
     from .config import Settings
+    from .ports import Engine
     from .sessions import AgentSessionRow
 
 
@@ -56,15 +56,15 @@ def bound_doomed(doomed: Sequence[int], cap: int) -> tuple[list[int], list[int]]
 class RestorableSessions:
     """The restore and purge half of ``SessionStore`` (kvstore/sessions.py), which mixes this in."""
 
-    store: BankStore
+    store: Engine
     settings: Settings
     _write_lock: threading.Lock
 
     if TYPE_CHECKING:  # provided by SessionStore
-        def _bank(self, s: Session, name: str) -> BankRow: ...
+        def bank_row(self, s: Session, name: str) -> BankRow: ...
         def _session(self, s: Session, bank: BankRow, session_id: str) -> AgentSessionRow: ...
-        def _forget_state(self, session_pk: int) -> None: ...
-        def _drop_unreferenced(self, s: Session, blob_ids: set[str]) -> None: ...
+        def _forget_state(self, bank_id: int, session_pk: int) -> None: ...
+        def drop_unreferenced(self, s: Session, blob_ids: set[str]) -> None: ...
 
     def keeps_pages(self) -> bool:
         """Whether a prune keeps the pages for a later restore (a retention of 0 drops them at once)."""
@@ -92,7 +92,7 @@ class RestorableSessions:
             blob_ids = set(s.scalars(select(SessionPageRow.blob_id).where(SessionPageRow.segment_pk.in_(ids))))
             s.execute(delete(SessionPageRow).where(SessionPageRow.segment_pk.in_(ids)))
             s.commit()
-            self._drop_unreferenced(s, blob_ids)
+            self.drop_unreferenced(s, blob_ids)
             return len(ids)
 
     def restore(self, bank: str, session_id: str, segments: Sequence[int] | None = None) -> RestoreResult:
@@ -104,7 +104,7 @@ class RestorableSessions:
                 isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 2**31 for i in segments)):
             raise ValidationFailed("segments must be a list of segment ids")
         with self.store.sessions() as s, self._write_lock:
-            bank_row = self._bank(s, bank)
+            bank_row = self.bank_row(s, bank)
             session = self._session(s, bank_row, session_id)
             rows = list(s.scalars(select(SessionSegmentRow).where(SessionSegmentRow.session_pk == session.id)
                                   .order_by(SessionSegmentRow.ordinal)))
@@ -127,7 +127,7 @@ class RestorableSessions:
             if restorable:
                 session.updated_at = utcnow()
             s.commit()
-            self._forget_state(session.id)
+            self._forget_state(bank_row.id, session.id)
             live = s.scalar(select(func.coalesce(func.sum(SessionSegmentRow.token_count), 0)).where(
                 SessionSegmentRow.session_pk == session.id, SessionSegmentRow.pruned_at.is_(None))) or 0
             return RestoreResult(restored=sorted(r.ordinal for r in restorable), tokens=int(live), expired=expired)

@@ -28,7 +28,6 @@ import re
 import threading
 import time
 import uuid
-from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -76,13 +75,14 @@ from .runner import BlockKV, Context, Runner
 from .session_restore import RestorableSessions, bound_doomed, prune_cap
 
 if TYPE_CHECKING:
-    from .bank import BankStore, Hit
+    from .ports import Engine
+    from .types import Hit
 
 ROLES = ("orchestrator", "tool", "worker", "note")
 SESSION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 MAX_SEGMENTS_PER_APPEND = 256
 ATTENTION_HISTORY = 64  # per-segment brief records kept; the attention prune looks at the last ``window``
-_STATE_CACHE_SESSIONS = 8  # live KV states kept decoded in memory (the sessions being worked on)
+_STATE_KIND = "sessions"  # live KV states are kept within the process's KV budget (kvstore.kvbudget)
 _JUDGE_SNIPPET_CHARS = 400  # how much of each segment the prune judge reads
 
 Role = Literal["orchestrator", "tool", "worker", "note"]
@@ -256,6 +256,10 @@ class SessionKV:
     def tokens(self) -> int:
         return self.kv.tokens
 
+    @property
+    def nbytes(self) -> int:
+        return self.kv.nbytes + self.positions.numel() * self.positions.element_size()
+
 
 def _concat(runner: Runner, parts: Sequence[BlockKV]) -> BlockKV:
     """The parts one after another, fp32 on the model's device."""
@@ -419,11 +423,11 @@ class HttpJudge:
 # -- the store ----------------------------------------------------------------------------------
 
 
-_STORES: WeakKeyDictionary[BankStore, SessionStore] = WeakKeyDictionary()
+_STORES: WeakKeyDictionary[Engine, SessionStore] = WeakKeyDictionary()
 _STORES_LOCK = threading.Lock()
 
 
-def sessions_of(store: BankStore) -> SessionStore:
+def sessions_of(store: Engine) -> SessionStore:
     """The one ``SessionStore`` of a ``BankStore`` (made on first use)."""
     with _STORES_LOCK:
         found = _STORES.get(store)
@@ -436,18 +440,17 @@ class SessionStore(RestorableSessions):
     """Sessions of every bank of one ``BankStore``: same catalog, model and model lock. Restore and purge of
     pruned segments: :mod:`kvstore.session_restore`."""
 
-    def __init__(self, store: BankStore) -> None:
+    def __init__(self, store: Engine) -> None:
         self.store = store
         self.settings = store.settings
         self.runner: Runner = store.runner
         self.blobs = LocalBlobStore(store.settings.data_dir / "session-blobs")
         self._write_lock = threading.Lock()  # appends and prunes of this process, one at a time
-        self._states: OrderedDict[int, SessionKV] = OrderedDict()
-        self._states_lock = threading.Lock()
+        self._states = store.kv_memory
 
     # -- rows -------------------------------------------------------------------------------------
 
-    def _bank(self, s: Session, name: str) -> BankRow:
+    def bank_row(self, s: Session, name: str) -> BankRow:
         row = s.scalar(select(BankRow).where(BankRow.name == name)) if isinstance(name, str) else None
         if row is None:
             raise NotFound(f"bank {name!r} not found")
@@ -482,7 +485,7 @@ class SessionStore(RestorableSessions):
         if metadata and len(json.dumps(metadata)) > self.settings.max_metadata_bytes:
             raise ValidationFailed(f"metadata exceeds {self.settings.max_metadata_bytes} bytes")
         with self.store.sessions() as s:
-            bank_row = self._bank(s, bank)
+            bank_row = self.bank_row(s, bank)
             row = AgentSessionRow(bank_id=bank_row.id, session_id=session_id, meta=metadata or {}, agent=agent,
                                   positions=0)
             s.add(row)
@@ -494,7 +497,7 @@ class SessionStore(RestorableSessions):
 
     def get(self, bank: str, session_id: str, *, with_text: bool = True) -> SessionInfo:
         with self.store.sessions() as s:
-            bank_row = self._bank(s, bank)
+            bank_row = self.bank_row(s, bank)
             return self._info(s, bank_row, self._session(s, bank_row, session_id), with_text)
 
     def list_sessions(self, bank: str, *, cursor: str | None = None, limit: int = 50
@@ -504,7 +507,7 @@ class SessionStore(RestorableSessions):
         if limit < 1 or limit > 1000:
             raise ValidationFailed("limit must be between 1 and 1000")
         with self.store.sessions() as s:
-            bank_row = self._bank(s, bank)
+            bank_row = self.bank_row(s, bank)
             q = select(AgentSessionRow).where(AgentSessionRow.bank_id == bank_row.id)
             if cursor:
                 q = q.where(AgentSessionRow.session_id > cursor)
@@ -531,7 +534,7 @@ class SessionStore(RestorableSessions):
     def delete(self, bank: str, session_id: str) -> None:
         """Delete a session with its segments and the blobs no other session shares."""
         with self.store.sessions() as s, self._write_lock:
-            bank_row = self._bank(s, bank)
+            bank_row = self.bank_row(s, bank)
             row = self._session(s, bank_row, session_id)
             blob_ids = set(s.scalars(select(SessionPageRow.blob_id).join(
                 SessionSegmentRow, SessionSegmentRow.id == SessionPageRow.segment_pk).where(
@@ -541,8 +544,8 @@ class SessionStore(RestorableSessions):
             s.execute(delete(SessionSegmentRow).where(SessionSegmentRow.session_pk == row.id))
             s.delete(row)
             s.commit()
-            self._forget_state(row.id)
-            self._drop_unreferenced(s, blob_ids)
+            self._forget_state(bank_row.id, row.id)
+            self.drop_unreferenced(s, blob_ids)
 
     @contextmanager
     def deleting_bank(self, s: Session, bank_id: int) -> Iterator[None]:
@@ -557,8 +560,8 @@ class SessionStore(RestorableSessions):
                 SessionSegmentRow.session_pk.in_(session_pks)))) if session_pks else set()
             yield
             for pk in session_pks:
-                self._forget_state(pk)
-            self._drop_unreferenced(s, blob_ids)
+                self._forget_state(bank_id, pk)
+            self.drop_unreferenced(s, blob_ids)
 
     def collect_orphans(self, grace_s: float) -> int:
         """Delete session blobs no page references, older than ``grace_s`` seconds: an append writes its
@@ -593,24 +596,19 @@ class SessionStore(RestorableSessions):
 
     # -- live KV ----------------------------------------------------------------------------------
 
-    def _forget_state(self, session_pk: int) -> None:
-        with self._states_lock:
-            self._states.pop(session_pk, None)
+    def _forget_state(self, bank_id: int, session_pk: int) -> None:
+        self._states.discard(bank_id, _STATE_KIND, session_pk)
 
-    def _remember_state(self, session_pk: int, state: SessionKV) -> None:
-        with self._states_lock:
-            self._states[session_pk] = state
-            self._states.move_to_end(session_pk)
-            while len(self._states) > _STATE_CACHE_SESSIONS:
-                self._states.popitem(last=False)
+    def _remember_state(self, bank_id: int, session_pk: int, state: SessionKV) -> None:
+        """Keep the state within the KV budget; evicted, it is decoded from the blobs again when next used."""
+        self._states.put(bank_id, _STATE_KIND, session_pk, state)
 
     def _state(self, s: Session, bank: BankRow, session: AgentSessionRow) -> SessionKV:
         """The live KV: the in-memory copy when it matches the catalog's live segments, else from the blobs."""
         live = self._segments(s, session, live_only=True)
         ids = tuple(g.id for g in live)
-        with self._states_lock:
-            cached = self._states.get(session.id)
-        if cached is not None and cached.segment_ids == ids:
+        cached = self._states.get(bank.id, _STATE_KIND, session.id)
+        if isinstance(cached, SessionKV) and cached.segment_ids == ids:
             return cached
         pages = s.scalars(select(SessionPageRow).where(SessionPageRow.segment_pk.in_(ids)).order_by(
             SessionPageRow.segment_pk, SessionPageRow.ordinal)).all() if ids else []
@@ -633,7 +631,7 @@ class SessionStore(RestorableSessions):
                           positions=torch.cat(positions) if positions else torch.zeros(
                               0, dtype=torch.long, device=self.runner.llm.device),
                           spans=spans)
-        self._remember_state(session.id, state)
+        self._remember_state(bank.id, session.id, state)
         return state
 
     def _context(self, state: SessionKV, next_offset: int, extra: BlockKV | None = None,
@@ -673,7 +671,7 @@ class SessionStore(RestorableSessions):
         runner = self.runner
         token_ids = [runner.tokenize(render_segment(g.role, g.text, g.agent or agent)) for g in segs]
         with self.store.sessions() as s, self._write_lock:
-            bank_row = self._bank(s, bank)
+            bank_row = self.bank_row(s, bank)
             session = self._session(s, bank_row, session_id)
             state = self._state(s, bank_row, session)
             base = session.positions
@@ -726,7 +724,7 @@ class SessionStore(RestorableSessions):
             spans = list(state.spans)
             for ids in token_ids:
                 spans.append((spans[-1][0] + spans[-1][1] if spans else 0, len(ids)))
-            self._remember_state(session.id, SessionKV(
+            self._remember_state(bank_row.id, session.id, SessionKV(
                 segment_ids=state.segment_ids + tuple(r.id for r in rows), kv=_concat(runner, [state.kv, *decoded]),
                 positions=torch.cat((state.positions, torch.arange(base, start, device=state.positions.device))),
                 spans=spans))
@@ -761,7 +759,7 @@ class SessionStore(RestorableSessions):
         runner = self.runner
         task_ids = runner.question_ids(task)
         with self.store.sessions() as s:
-            bank_row = self._bank(s, bank)
+            bank_row = self.bank_row(s, bank)
             session = self._session(s, bank_row, session_id)
             state = self._state(s, bank_row, session)
             hits, docs = self._documents(s, bank, bank_row, task, include_documents)
@@ -788,7 +786,7 @@ class SessionStore(RestorableSessions):
         spec = CompactionSpec(tau=tau, budget_tokens=budget_tokens) if tau is not None or budget_tokens is not None \
             else None
         with self.store.sessions() as s:
-            bank_row = self._bank(s, bank)
+            bank_row = self.bank_row(s, bank)
             session = self._session(s, bank_row, session_id)
             state = self._state(s, bank_row, session)
             with self.store.model_lock:
@@ -872,7 +870,7 @@ class SessionStore(RestorableSessions):
         if goal is not None and not isinstance(goal, str):
             raise ValidationFailed("goal must be a string")
         with self.store.sessions() as s:
-            bank_row = self._bank(s, bank)
+            bank_row = self.bank_row(s, bank)
             session = self._session(s, bank_row, session_id)
             live = self._segments(s, session, live_only=True)
         self.purge_pruned(session.id)  # pages past their retention go before new ones are kept
@@ -912,7 +910,7 @@ class SessionStore(RestorableSessions):
         if not segment_pks:
             return []
         with self.store.sessions() as s, self._write_lock:
-            bank_row = self._bank(s, bank)
+            bank_row = self.bank_row(s, bank)
             session = self._session(s, bank_row, session_id)
             rows = s.scalars(select(SessionSegmentRow).where(
                 SessionSegmentRow.id.in_(list(segment_pks)), SessionSegmentRow.session_pk == session.id,
@@ -927,10 +925,10 @@ class SessionStore(RestorableSessions):
                 r.pruned_at, r.prune_reason = now, reason
             session.updated_at = now
             s.commit()
-            self._drop_unreferenced(s, blob_ids)
+            self.drop_unreferenced(s, blob_ids)
             return sorted(r.ordinal for r in rows)
 
-    def _drop_unreferenced(self, s: Session, blob_ids: set[str]) -> None:
+    def drop_unreferenced(self, s: Session, blob_ids: set[str]) -> None:
         for blob_id in blob_ids:
             if not s.scalar(select(func.count()).select_from(SessionPageRow).where(SessionPageRow.blob_id == blob_id)):
                 self.blobs.delete(blob_id)

@@ -19,10 +19,22 @@ from . import console, mcp_http
 from .auth import route_role
 from .browser import BrowserGuard, is_loopback_name
 from .errors import install_error_handlers
+from .jobs import HANDLERS, JobRunner
 from .metrics import Metrics
 from .middleware import RequestContextMiddleware
 from .path_guard import DotSegmentGuard
-from .routes import banks, context_map, documents, keys, maintenance, openai_compat, retrieval, sessions, system
+from .routes import (
+    banks,
+    context_map,
+    documents,
+    jobs,
+    keys,
+    maintenance,
+    openai_compat,
+    retrieval,
+    sessions,
+    system,
+)
 from .worker import ModelWorker
 
 log = logging.getLogger(__name__)
@@ -40,6 +52,7 @@ def _load_in_background(app: FastAPI, settings: Settings) -> asyncio.Task[None]:
     async def load() -> None:
         try:
             app.state.store = _attached(await asyncio.to_thread(BankStore, settings), app.state.worker)
+            _start_jobs(app)
             log.info("kvrag is ready")
         except Exception as exc:  # noqa: BLE001 - reported by /readyz; the process stays up to say so
             log.exception("loading the store failed")
@@ -48,17 +61,28 @@ def _load_in_background(app: FastAPI, settings: Settings) -> asyncio.Task[None]:
     return asyncio.create_task(load())
 
 
+def _start_jobs(app: FastAPI) -> None:
+    """Start claiming durable jobs (this server's, and any a stopped server left) once the store is open."""
+    app.state.jobs = JobRunner(app.state.store, app.state.worker, app.state.settings, HANDLERS)
+    app.state.jobs.start()
+
+
 def create_app(settings: Settings, store: BankStore | None = None) -> FastAPI:
     """The kvrag API over ``store``, or over a store loaded from ``settings`` at startup."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         loader = None if store is not None else _load_in_background(app, settings)
+        if store is not None:
+            _start_jobs(app)
         yield
-        for task in list(app.state.tasks):
-            task.cancel()
         if loader is not None:
             await loader  # a thread cannot be interrupted; let it finish so the store closes cleanly
+        runner: JobRunner | None = app.state.jobs
+        if runner is not None:
+            await runner.stop()  # the running job ends its step and goes back to the queue, never left running
+        for task in list(app.state.tasks):
+            task.cancel()
         await asyncio.to_thread(app.state.worker.shutdown)
         loaded: BankStore | None = getattr(app.state, "store", None)
         if loaded is not None:
@@ -75,13 +99,14 @@ def create_app(settings: Settings, store: BankStore | None = None) -> FastAPI:
     app.state.store = _attached(store, worker) if store is not None else None
     app.state.load_error = None
     app.state.tasks = set()
+    app.state.jobs = None
     app.state.metrics = metrics = Metrics(queue_depth=lambda: worker.depth,
                                           hot=lambda: app.state.store.hot if app.state.store else None,
                                           batches=lambda: app.state.store.batcher.stats if app.state.store else None)
     install_error_handlers(app)
     _add_middleware(app, settings, metrics)
-    for module in (system, keys, banks, documents, retrieval, maintenance, context_map, sessions, openai_compat,
-                   mcp_http):
+    for module in (system, keys, banks, documents, jobs, retrieval, maintenance, context_map, sessions,
+                   openai_compat, mcp_http):
         _publish_roles(module.router)
         app.include_router(module.router)
     console.install(app)

@@ -111,6 +111,13 @@ def any_key(principal: CurrentPrincipal) -> Principal:
     return principal
 
 
+def require_writer(principal: CurrentPrincipal) -> Principal:
+    """The write role; the route checks the bank it acts on (e.g. a job's) against the key's scope."""
+    if not principal.has_role("write"):
+        raise Forbidden("this needs a write key")
+    return principal
+
+
 def require_owner(principal: CurrentPrincipal) -> Principal:
     """The owner role; the route checks the bank named in the body against the key's scope."""
     if not principal.has_role("owner"):
@@ -144,6 +151,7 @@ def bank_owner(bank: str, principal: CurrentPrincipal) -> Principal:
 Admin = Annotated[Principal, Depends(require_admin)]
 AnyKey = Annotated[Principal, Depends(any_key)]
 OwnerRole = Annotated[Principal, Depends(require_owner)]
+WriteRole = Annotated[Principal, Depends(require_writer)]
 Reader = Annotated[Principal, Depends(bank_reader)]
 Writer = Annotated[Principal, Depends(bank_writer)]
 Owner = Annotated[Principal, Depends(bank_owner)]
@@ -151,7 +159,8 @@ Owner = Annotated[Principal, Depends(bank_owner)]
 # The dependencies that state a route's role. ``resolve_principal`` alone is not one: a route that only
 # authenticates has no role, and the role check in tests/server/test_roles.py fails for it.
 ROLE_OF: dict[Callable[..., Any], str] = {any_key: "read", bank_reader: "read", bank_writer: "write",
-                                          require_owner: "owner", bank_owner: "owner", require_admin: "admin"}
+                                          require_writer: "write", require_owner: "owner", bank_owner: "owner",
+                                          require_admin: "admin"}
 NO_ROLE = "none"  # a route with no principal at all (health, readiness)
 
 

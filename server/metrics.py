@@ -10,6 +10,7 @@ from prometheus_client.registry import Collector
 
 from kvstore.batching import BatchStats
 from kvstore.cache import HotCache
+from kvstore.kvbudget import KINDS
 
 
 class _HotTierCollector(Collector):
@@ -32,6 +33,14 @@ class _HotTierCollector(Collector):
         budget.add_metric([], float(hot.budget_bytes if hot else 0))
         yield held
         yield budget
+        # The hot tier is one kind of the process's KV budget (kvstore.kvbudget): every kind, and the cap.
+        kinds = GaugeMetricFamily("kvrag_kv_memory_bytes", "Bytes of KV kept in memory, per kind.", labels=["kind"])
+        for kind in KINDS:
+            kinds.add_metric([kind], float(hot.kv.kind_nbytes(kind) if hot else 0))
+        cap = GaugeMetricFamily("kvrag_kv_memory_budget_bytes", "The byte budget of all KV kept in memory.")
+        cap.add_metric([], float(hot.kv.total_bytes if hot else 0))
+        yield kinds
+        yield cap
 
 
 class _BatchCollector(Collector):

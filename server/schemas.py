@@ -48,15 +48,18 @@ class KeyList(BaseModel):
 # -- banks ----------------------------------------------------------------------------------------
 
 
+# kvstore.codec.CHOOSABLE: the only codecs a bank may newly choose (others stay decodable).
+CodecChoice = Literal["auto", "fp16", "int8", "tklt5"]
+
+
 class BankCreate(Request):
     model_config = ConfigDict(json_schema_extra={"examples": [{"name": "notes", "codec": "fp16",
                                                                 "eviction": "lru"}]})
 
     name: str = Field(max_length=63, description="[a-z0-9][a-z0-9_-]{0,62}")
-    codec: str | None = Field(default=None, description="Codec preset of the bank's new blocks (README: "
-                                                        "KVRAG_DEFAULT_CODEC lists them); auto or omitted: the "
-                                                        "server's default for its model (auto: tklt5 where "
-                                                        "calibrated, else int8).")
+    codec: CodecChoice | None = Field(default=None, description="Codec of the bank's new blocks; auto or "
+                                                                "omitted: the server's default for its model "
+                                                                "(tklt5 where calibrated, else int8).")
     budget_bytes: int | None = Field(default=None, gt=0)
     max_blocks: int | None = Field(default=None, gt=0)
     eviction: Literal["lru", "importance", "hybrid"] | None = None
@@ -67,7 +70,7 @@ class BankCreate(Request):
 class BankUpdate(Request):
     model_config = ConfigDict(json_schema_extra={"examples": [{"budget_bytes": 1 << 30}]})
 
-    codec: str | None = None
+    codec: CodecChoice | None = None
     budget_bytes: int | None = Field(default=None, gt=0)
     max_blocks: int | None = Field(default=None, gt=0)
     eviction: Literal["lru", "importance", "hybrid"] | None = None
@@ -101,6 +104,10 @@ class BankDetail(BankOut):
     reencodes: int = 0
     tiers: dict[str, dict[str, int]] = Field(
         default_factory=dict, description="hot / warm / cold tiers, each with its blocks and bytes")
+    memory: dict[str, dict[str, int]] = Field(
+        default_factory=dict, description="KV this bank holds in memory, per kind (blocks: the hot tier, map: the "
+                                          "context map's KV, sessions: agent sessions' live KV), each with its "
+                                          "entries and bytes; within KVRAG_KV_MEMORY_BYTES")
 
 
 class BankList(BaseModel):
@@ -167,16 +174,24 @@ class DocumentPage(BaseModel):
 
 
 class JobOut(BaseModel):
+    """A durable job: ``done`` of ``total`` (documents of an ingest, steps of a maintenance run) with the current
+    ``step``; the ``result`` once it succeeded, the ``error`` (and any partial result) once it failed."""
+
     id: str
     kind: str
     bank: str
-    status: Literal["queued", "running", "succeeded", "failed"]
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
     total: int
     done: int
+    step: str | None = None
     result: dict[str, Any]
     error: str | None
+    attempts: int = Field(default=0, description="Runs started; above 1 the job was resumed after a stop.")
+    cancel_requested: bool = False
     created_at: datetime | None = None
     updated_at: datetime | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
 
 
 class JobPage(BaseModel):

@@ -8,28 +8,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import ByteLevelBPETokenizer
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from kvstore.bank import BankStore
 from kvstore.config import Settings
-from kvstore.models import Embedder, LoadedModel, load_llm, tiny_model_config, wrap_model
+from kvstore.models import Embedder, LoadedModel, load_llm
+from kvstore.testing.tiny import CHAT_TEMPLATE, CORPUS, TINY_FAMILIES, build_tiny, build_tokenizer  # noqa: F401  (re-exported for tests)
 from tests.seaweed import s3_bucket, s3_env, seaweed  # noqa: F401  (a real SeaweedFS: one a session, a bucket a test)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-CORPUS = [
-    "The Normans were the people who in the 10th and 11th centuries gave their name to Normandy, a region in France.",
-    "They were descended from Norse raiders and pirates from Denmark, Iceland and Norway.",
-    "Paris is the capital and most populous city of France. The Seine flows through it.",
-    "Photosynthesis converts light energy into chemical energy stored in glucose.",
-    "Question: Answer: Passages: You are a helpful assistant. 0123456789 who what when where why how",
-]
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -40,33 +27,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
-
-
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    """A real byte-level BPE tokenizer with a chat template, trained in milliseconds."""
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(CORPUS * 4, vocab_size=600, min_frequency=1,
-                            special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|im_end|>",
-                                  pad_token="<|endoftext|>", bos_token="<|endoftext|>")
-    tok.chat_template = CHAT_TEMPLATE
-    return tok
-
-
-def build_tiny(kind: str = "llama", seed: int = 0, **overrides: object) -> LoadedModel:
-    """A tiny random-weight decoder of the given family, fp32, with the test tokenizer."""
-    torch.manual_seed(seed)
-    tok = build_tokenizer()
-    cfg = tiny_model_config(kind, vocab_size=640, **overrides)
-    model = AutoModelForCausalLM.from_config(cfg).float().eval()
-    return wrap_model(model, tok, name=f"tiny-{kind}")
-
-
-TINY_FAMILIES: dict[str, dict[str, object]] = {
-    "llama": {},
-    "qwen2": {},
-    "gemma3_text": {"sliding_window": 8, "layer_types": ["sliding_attention", "full_attention"], "head_dim": 16},
-}
 
 
 @pytest.fixture(scope="session")

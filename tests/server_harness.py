@@ -2,73 +2,24 @@
 
 from __future__ import annotations
 
-import socket
-import threading
 import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
-from fastapi import FastAPI
 
 from kvstore.bank import BankStore
 from kvstore.config import Settings
 from kvstore.models import Embedder, LoadedModel
 from server.app import create_app
+from server.testing import LiveServer, serve  # noqa: F401  (re-exported for tests)
 
 ADMIN_KEY = "test-admin-key-0123456789"
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
-
-
-@dataclass
-class LiveServer:
-    url: str
-    app: FastAPI
-
-    @property
-    def settings(self) -> Settings:
-        return self.app.state.settings
-
-    @property
-    def store(self) -> BankStore:
-        return self.app.state.store
-
-    def client(self, key: str | None = None, **kwargs: Any) -> httpx.Client:
-        """A client sending ``key`` as a bearer token (none when ``key`` is None)."""
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
-        return httpx.Client(base_url=self.url, headers=headers, timeout=30.0, **kwargs)
-
-    def admin(self) -> httpx.Client:
-        return self.client(self.settings.admin_key)
-
-
-@contextmanager
-def serve(app: FastAPI) -> Iterator[LiveServer]:
-    """Run ``app`` on 127.0.0.1:<free port> until the block ends."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("the test server did not start")
-        time.sleep(0.01)
-    try:
-        yield LiveServer(url=f"http://127.0.0.1:{port}", app=app)
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-        sock.close()
 
 
 @contextmanager
@@ -129,3 +80,26 @@ def sse_events(text: str) -> list[tuple[str, str]]:
         fields = dict(line.split(": ", 1) for line in block.splitlines() if ": " in line)
         events.append((fields.get("event", "message"), fields.get("data", "")))
     return events
+
+
+def wait_job(client: httpx.Client, job_id: str, timeout: float = 120.0) -> dict[str, Any]:
+    """Poll ``GET /v1/jobs/{job_id}`` until the job is finished; returns its last state."""
+    deadline = time.monotonic() + timeout
+    while True:
+        r = client.get(f"/v1/jobs/{job_id}")
+        assert r.status_code == 200, r.text
+        job = r.json()
+        if job["status"] in ("succeeded", "failed", "cancelled"):
+            return job
+        if time.monotonic() > deadline:
+            raise AssertionError(f"job {job_id} still {job['status']} after {timeout} s: {job}")
+        time.sleep(0.02)
+
+
+def maintain(client: httpx.Client, bank: str, timeout: float = 120.0, **options: Any) -> dict[str, Any]:
+    """Run maintenance over HTTP (a job: 202, then poll) and return its report."""
+    r = client.post(f"/v1/banks/{bank}/maintenance", json=options)
+    assert r.status_code == 202, r.text
+    job = wait_job(client, r.json()["job_id"], timeout)
+    assert job["status"] == "succeeded", job
+    return job["result"]

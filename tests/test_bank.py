@@ -238,5 +238,19 @@ def test_auto_named_on_create_or_update_resolves_like_the_default(make_store: Ca
     assert store.create_bank("named", codec="auto").codec == "int8"
     store.update_bank("named", codec="fp16")
     assert store.update_bank("named", codec="auto").codec == "int8"
-    with pytest.raises(ValidationFailed, match="unknown codec"):
+    with pytest.raises(ValidationFailed, match="can't be chosen"):
         store.create_bank("bad", codec="zip")
+
+
+@pytest.mark.parametrize("research", ["int4", "svd", "wf3", "mix3", "klt5"])
+def test_a_new_bank_may_choose_only_the_four_codecs(make_store: Callable[..., BankStore], research: str) -> None:
+    """auto, fp16, int8 and tklt5 are offered; a research preset is refused on create and update, storing nothing."""
+    store = make_store()
+    for codec in ("auto", "fp16", "int8", "tklt5"):
+        assert store.create_bank(f"ok-{codec}", codec=codec).codec in {"fp16", "int8", "tklt5"}
+    with pytest.raises(ValidationFailed, match="can't be chosen"):
+        store.create_bank("research", codec=research)
+    assert "research" not in {b.name for b in store.list_banks()}
+    with pytest.raises(ValidationFailed, match="can't be chosen"):
+        store.update_bank("ok-fp16", codec=research)
+    assert store.get_bank("ok-fp16").codec == "fp16"

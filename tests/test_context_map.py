@@ -351,7 +351,7 @@ def test_cached_map_kv_equals_a_text_prefill(store: BankStore) -> None:
     bank = new_bank(store)
     store.put_document(bank, "normans", NORMANS)
     with store.session() as s:
-        shown = store.context_map.prefill(s, store._bank(s, bank))
+        shown = store.context_map.prefill(s, store.bank_row(s, bank))
     assert shown.kv is not None
     runner = store.runner
     q = runner.question_ids("Who were the Normans?")

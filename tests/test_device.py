@@ -111,8 +111,8 @@ def test_device_setting() -> None:
 def test_cpu_hot_tier_keeps_blocks_as_they_are() -> None:
     hot = HotCache(1 << 20)
     block = BlockKV(k=torch.ones(1, 1, 2, 4), v=torch.ones(1, 1, 2, 4))
-    hot.put("x", block)
-    assert hot.get("x") is block
+    assert hot.put(1, "x", block) is block
+    assert hot.get(1, "x") is block and hot.get(2, "x") is None
 
 
 # -- CUDA -----------------------------------------------------------------------------------------
@@ -133,8 +133,8 @@ def test_cuda_layered_assembly_matches_the_cpu_reference(kind: str) -> None:
               for i, b in enumerate(runner.encode([runner.tokenize(t) for t in BLOCKS]))]
     hot = HotCache(1 << 30, pin_dtype=torch.bfloat16)
     for b in blocks:
-        hot.put(str(b.key), b)
-    pinned_blocks = [hot.get(str(b.key)) for b in blocks]
+        hot.put(1, str(b.key), b)
+    pinned_blocks = [hot.get(1, str(b.key)) for b in blocks]
     assert all(b is not None and b.k.is_pinned() and b.k.dtype == torch.bfloat16 for b in pinned_blocks)
     ctx = runner.assemble([b for b in pinned_blocks if b is not None])
     assert runner.resident.copies == 3 and runner.resident.hits == 0

@@ -170,16 +170,17 @@ def test_pruned_segments_restore_exactly_until_the_retention_ends(sessions: Sess
     store = sessions.store
     before = sessions.get("agents", "s")
     with store.sessions() as s:
-        state = sessions._state(s, sessions._bank(s, "agents"), sessions._session(s, sessions._bank(s, "agents"), "s"))
+        bank = sessions.bank_row(s, "agents")
+        state = sessions._state(s, bank, sessions._session(s, bank, "s"))
         kv_before = (state.kv.k.clone(), state.kv.v.clone(), state.positions.clone())
     sessions.prune("agents", "s", policy="model", judge=lambda _p, _ids: '{"needed": [0, 1, 2, 4]}')
     assert _live(sessions) == [0, 1, 2, 4]
     restored = sessions.restore("agents", "s")
     assert restored.restored == [3, 5] and restored.expired == [] and restored.tokens == before.tokens
     assert _live(sessions) == list(range(len(SEGMENTS)))
-    sessions._states.clear()  # read the live KV back from the stored pages
+    store.kv_memory.drop_kind("sessions")  # read the live KV back from the stored pages
     with store.sessions() as s:
-        bank = sessions._bank(s, "agents")
+        bank = sessions.bank_row(s, "agents")
         state = sessions._state(s, bank, sessions._session(s, bank, "s"))
         assert torch.equal(state.kv.k, kv_before[0]) and torch.equal(state.kv.v, kv_before[1])
         assert torch.equal(state.positions, kv_before[2])

@@ -65,7 +65,7 @@ def _blocks(store: BankStore, bank: str) -> dict[str, BlockRow]:
     with store.session() as s:
         return {d.doc_id: b for b, d in s.execute(select(BlockRow, DocumentRow).join(
             DocumentRow, DocumentRow.id == BlockRow.document_id).where(BlockRow.ordinal == 0)).tuples()
-            if b.bank_id == store._bank(s, bank).id}
+            if b.bank_id == store.bank_row(s, bank).id}
 
 
 def _stored(store: BankStore, block_id: int) -> bytes | None:
@@ -159,7 +159,7 @@ def test_kv_retrieval_ranks_by_the_stored_summaries(make_store: Callable[..., Ba
         store.put_document("b", f"d{i}", text)
     blocks = _blocks(store, "b")
     with store.session() as s:
-        bank = store._bank(s, "b")
+        bank = store.bank_row(s, "b")
         scores = store.summaries.scores(s, bank, QUESTION, [blocks["d0"], blocks["d1"], blocks["d2"]])
     assert scores[0] == max(scores)
     for mode in ("kv", "hybrid_kv"):
@@ -287,7 +287,7 @@ def test_packaged_model_attends_most_to_the_block_holding_the_question(
     blocks = _blocks(store, "b")
     rows = [blocks[f"d{i}"] for i in range(len(NORMANS))]
     with store.session() as s:
-        bank = store._bank(s, "b")
+        bank = store.bank_row(s, "b")
         for i, question in ((0, "Who were the Norse raiders and pirates descended from?"),
                             (1, "What were the Normans famed for?"),
                             (2, "Which river flows through Paris?")):

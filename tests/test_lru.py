@@ -45,3 +45,11 @@ def test_counters_and_peek() -> None:
     assert (lru.hits, lru.misses) == (1, 1)
     lru.put("c", Item(10))  # "b" was least recently used: peek did not refresh it, get refreshed "a"
     assert "b" not in lru and "a" in lru
+
+
+def test_discard_where_drops_the_matching_keys_and_their_bytes() -> None:
+    lru: ByteBudgetLRU[Item] = ByteBudgetLRU(1000)
+    for key in ("1/a", "1/b", "12/a"):
+        lru.put(key, Item(100))
+    assert lru.discard_where(lambda k: k.startswith("1/")) == 2
+    assert "12/a" in lru and "1/a" not in lru and lru.nbytes == 100

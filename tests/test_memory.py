@@ -42,7 +42,7 @@ def _bank(store: BankStore, **kwargs: object) -> str:
 def _tier(store: BankStore, bank: str, doc_id: str) -> list[str]:
     """Tier of each block of a document: warm (blob on disk) or cold."""
     with store.session() as s:
-        doc = store._doc(s, store._bank(s, bank), doc_id)
+        doc = store._doc(s, store.bank_row(s, bank), doc_id)
         assert doc is not None
         blobs = s.scalars(select(BlockRow.blob_id).where(BlockRow.document_id == doc.id).order_by(BlockRow.ordinal))
         return ["warm" if b else "cold" for b in blobs]
@@ -53,7 +53,7 @@ def _unprotected_warm(store: BankStore, bank: str) -> int:
     with store.session() as s:
         rows = s.execute(select(BlockRow.blob_id, DocumentRow.pinned).join(
             DocumentRow, DocumentRow.id == BlockRow.document_id).where(
-            BlockRow.bank_id == store._bank(s, bank).id, BlockRow.blob_id.is_not(None))).all()
+            BlockRow.bank_id == store.bank_row(s, bank).id, BlockRow.blob_id.is_not(None))).all()
     pinned = {r.blob_id for r in rows if r.pinned}
     return sum(r.blob_id not in pinned for r in rows)
 
@@ -141,7 +141,7 @@ def test_plan_eviction_moves_shared_blobs_together_and_respects_pins() -> None:
 def _age_accesses(store: BankStore, bank: str, doc_id: str, by: timedelta) -> None:
     """Move a document's last access back in time, as if its queries had come ``by`` earlier."""
     with store.session() as s:
-        doc = store._doc(s, store._bank(s, bank), doc_id)
+        doc = store._doc(s, store.bank_row(s, bank), doc_id)
         assert doc is not None
         for block in s.scalars(select(BlockRow).where(BlockRow.document_id == doc.id)):
             assert block.last_access_at is not None
@@ -162,7 +162,7 @@ def test_hybrid_keeps_a_block_used_often_a_while_ago_over_one_used_once_just_now
     store.query(bank, QUESTIONS[1], k=1, max_new_tokens=1)  # b: one hit, just now (a one-hit scan)
     with store.session() as s:
         heat = {r.text: r.heat for r in s.execute(select(BlockRow.text, BlockRow.heat).where(
-            BlockRow.bank_id == store._bank(s, bank).id))}
+            BlockRow.bank_id == store.bank_row(s, bank).id))}
     assert heat[TEXTS[0]] == pytest.approx(5.0, rel=1e-3) and heat[TEXTS[1]] == pytest.approx(1.0)
     store.update_bank(bank, max_blocks=1)
     assert (_tier(store, bank, kept), _tier(store, bank, evicted)) == (["warm"], ["cold"])
@@ -245,7 +245,7 @@ def test_importance_ranks_the_attended_block_above_the_ignored_one(store: BankSt
     assert imp["long"] + imp["short"] == pytest.approx(2.0, abs=1e-3)  # normalized per query, two queries
     # The shares match an independent measurement with transformers' eager attention.
     with store.session() as s:
-        row = store._bank(s, bank)
+        row = store.bank_row(s, bank)
         blocks = [store.load_block(s, row, b) for b in s.scalars(select(BlockRow).where(BlockRow.bank_id == row.id)
                                                                  .order_by(BlockRow.id))]
     q_ids = store.runner.question_ids(question)

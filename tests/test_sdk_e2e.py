@@ -164,7 +164,10 @@ def test_sync_lifecycle(live_server: Callable[..., LiveServer]) -> None:
 
         assert admin.banks.update("notes", eviction="importance").eviction == "importance"
         admin.banks.update("notes", max_blocks=1)
-        report = admin.banks.maintain("notes", merge=False)
+        handle = admin.banks.maintain("notes", merge=False)  # a job: the handle comes back at once
+        steps: list[tuple[str, int | None, str | None]] = []
+        report = handle.wait(poll_interval=0.02, progress=lambda j: steps.append((j.status, j.done, j.step)))
+        assert handle.job.status == "succeeded" and steps[-1][0] == "succeeded" and handle.job.kind == "maintenance"
         assert report.bank == "notes" and not report.over_budget and report.merged == 0
         stats = admin.banks.get("notes")
         assert stats.tiers is not None and stats.blocks is not None
@@ -199,7 +202,8 @@ def test_async_lifecycle(live_server: Callable[..., LiveServer]) -> None:
             with pytest.raises(NotFound):
                 await kv.documents.get("memory", "normans")
             assert [b.name for b in await kv.banks.list()] == ["memory"]
-            report = await kv.banks.maintain("memory", rebuild=True)
+            handle = await kv.banks.maintain("memory", rebuild=True)
+            report = await handle.wait(poll_interval=0.02)
             assert report.bank == "memory" and report.verify is not None and report.evicted == 0
             await kv.banks.delete("memory")
 

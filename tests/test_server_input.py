@@ -67,6 +67,7 @@ BAD_BODIES: list[tuple[str, str, Any, int, str]] = [
     ("POST", "/v1/banks", {"name": "-x"}, 422, "validation_error"),
     ("POST", "/v1/banks", {"name": "ok", "eviction": "random"}, 422, "validation_error"),
     ("POST", "/v1/banks", {"name": "ok", "codec": "nonsense"}, 422, "validation_error"),
+    ("POST", "/v1/banks", {"name": "ok", "codec": "int4"}, 422, "validation_error"),  # research preset: not offered
     ("POST", "/v1/keys", {"name": "k", "agent": "a", "role": "root", "banks": ["*"]}, 422, "validation_error"),
     ("POST", "/v1/keys", {"name": "k", "agent": "a", "role": "read", "banks": ["../x"]}, 422, "validation_error"),
 ]

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.server_harness import LiveServer, live_server
+from tests.server_harness import LiveServer, live_server, maintain
 
 TEXTS = {
     "normans": "The Normans were the people who gave their name to Normandy, a region in France.",
@@ -30,9 +30,7 @@ def test_budget_patch_and_maintenance_report(live: LiveServer) -> None:
         budget = full["stored_bytes"] // 2
         patched = c.patch("/v1/banks/m", json={"budget_bytes": budget})
         assert patched.status_code == 200 and patched.json()["stored_bytes"] <= budget
-        report = c.post("/v1/banks/m/maintenance", json={"rebuild": True})
-        assert report.status_code == 200, report.text
-        body = report.json()
+        body = maintain(c, "m", rebuild=True)
         assert body["bank"] == "m" and body["over_budget"] is False and body["verify"]["rebuilt"] == 0
         stats = c.get("/v1/banks/m").json()
         assert stats["stored_bytes"] <= budget and stats["tiers"]["cold"]["blocks"] >= 1

@@ -82,7 +82,7 @@ def test_appending_segment_by_segment_equals_one_whole_prefill(sessions: Session
 
         bank = s.query(BankRow).filter_by(name="agents").one()
         row = s.query(AgentSessionRow).filter_by(session_id="s").one()
-        sessions._states.clear()  # from the blobs, not the in-memory copy
+        sessions.store.kv_memory.drop_kind("sessions")  # from the blobs, not the in-memory copy
         state = sessions._state(s, bank, row)
     assert state.positions.tolist() == list(range(whole.tokens))
     for got, want in ((state.kv.k, whole.k), (state.kv.v, whole.v)):
@@ -141,7 +141,7 @@ def test_a_brief_keeps_by_default_what_the_segment_selection_picks(sessions: Ses
     sessions.append("agents", "s", SEGMENTS)
     budget = sessions.get("agents", "s").tokens // 2
     with sessions.store.sessions() as s:
-        bank = sessions._bank(s, "agents")
+        bank = sessions.bank_row(s, "agents")
         session = sessions._session(s, bank, "s")
         state, positions = sessions._state(s, bank, session), session.positions
     with sessions.store.model_lock:
@@ -203,7 +203,7 @@ def test_identical_sessions_share_blobs_safely(sessions: SessionStore) -> None:
     blobs = set(sessions.blobs.ids())
     sessions.delete("agents", "a")
     assert set(sessions.blobs.ids()) == blobs  # b still uses the same content-addressed pages
-    sessions._states.clear()
+    sessions.store.kv_memory.drop_kind("sessions")
     assert sessions.brief("agents", "b", TASK, max_new_tokens=2).kept_tokens > 0
 
 
@@ -265,7 +265,7 @@ def test_model_prune_never_drops_a_needed_segment(sessions: SessionStore, judge_
     # The judge's tokens never entered the trajectory; positions continue after the pruned ones.
     appended = sessions.append("agents", "s", [{"role": "note", "text": "Normandy is in France."}])
     assert appended.segment_ids == [5] and sessions.get("agents", "s").segments[5].start == before.total_tokens
-    sessions._states.clear()
+    sessions.store.kv_memory.drop_kind("sessions")
     assert appended.tokens == after.tokens + appended.token_counts[0]
     assert sessions.brief("agents", "s", TASK, max_new_tokens=2).session_tokens == appended.tokens
     # An unusable reply prunes nothing and says why.
@@ -410,7 +410,7 @@ def test_appends_from_two_processes_continue_one_trajectory(make_store: Callable
     whole = _whole_prefill(a)
     for ss in (a, b):
         with ss.store.session() as s:
-            bank = ss._bank(s, "agents")
+            bank = ss.bank_row(s, "agents")
             state = ss._state(s, bank, ss._session(s, bank, "s"))
         assert state.positions.tolist() == list(range(whole.tokens))
         assert (state.kv.k - whole.k).abs().max() <= 2e-3 * whole.k.abs().max()
@@ -439,7 +439,7 @@ def test_deleting_a_bank_collects_its_session_blobs_but_not_shared_ones(sessions
     assert set(sessions.blobs.ids()) == others == _page_blobs(sessions)  # the catalog cascaded; shared pages stay
     with store.session() as s:
         assert [r.session_id for r in s.scalars(select(AgentSessionRow))] == ["s"]
-    sessions._states.clear()
+    sessions.store.kv_memory.drop_kind("sessions")
     assert sessions.brief("other", "s", TASK, max_new_tokens=2).kept_tokens == sessions.get("other", "s").tokens
 
     # A new bank and session of the same names start empty: nothing of the deleted one's live KV is reused.
@@ -476,7 +476,7 @@ def test_orphan_session_blobs_are_collected_after_the_grace_period(sessions: Ses
     assert sessions.collect_orphans(grace_s=3600) == 0 and orphan in set(sessions.blobs.ids())  # maybe in flight
     assert sessions.collect_orphans(grace_s=0) == 1
     assert set(sessions.blobs.ids()) == referenced
-    sessions._states.clear()
+    sessions.store.kv_memory.drop_kind("sessions")
     assert sessions.brief("agents", "s", TASK, max_new_tokens=1).kept_tokens == sessions.get("agents", "s").tokens
     report = sessions.store.maintain("agents")
     assert report["session_orphan_blobs_removed"] == 0

@@ -9,6 +9,7 @@
 """
 
 from ._async_client import AsyncKVRag, AsyncQueryStream
+from ._async_resources import AsyncJobHandle
 from ._base import RawResponse
 from ._client import KVRag, QueryStream
 from ._exceptions import (
@@ -22,6 +23,7 @@ from ._exceptions import (
     IncompatibleModel,
     InternalServerError,
     InvalidId,
+    JobCancelled,
     JobFailed,
     KVRagError,
     NotFound,
@@ -32,6 +34,7 @@ from ._exceptions import (
     ValidationError,
     VersionMismatch,
 )
+from ._resources import JobHandle
 from ._sessions import (
     AppendResult,
     BriefResult,
@@ -75,10 +78,11 @@ from .types import (
 )
 
 __all__ = [
-    "__version__", "KVRag", "AsyncKVRag", "QueryStream", "AsyncQueryStream", "RawResponse", "KVRagError", "APIError",
+    "__version__", "KVRag", "AsyncKVRag", "QueryStream", "AsyncQueryStream", "JobHandle", "AsyncJobHandle",
+    "RawResponse", "KVRagError", "APIError",
     "APIConnectionError", "APITimeoutError", "BadRequest", "AuthenticationError", "PermissionDenied", "NotFound",
     "Conflict", "VersionMismatch", "IncompatibleModel", "PayloadTooLarge", "ValidationError", "InvalidId",
-    "RateLimited", "InternalServerError", "CorruptBlock", "Unavailable", "JobFailed", "ApiKey", "Bank",
+    "RateLimited", "InternalServerError", "CorruptBlock", "Unavailable", "JobFailed", "JobCancelled", "ApiKey", "Bank",
     "BankOptions", "Eviction", "KeyRole", "Mode", "Document", "DocumentInput", "Health", "Hit", "Job",
     "MaintenanceReport", "PutResult", "QueryResult", "QueryKnobs", "Retrieval", "SearchFilter", "StreamEvent",
     "Timings", "TokenEvent", "DoneEvent", "Usage", "ContextMap", "ContextMapItem", "ContextMapEdit",

@@ -12,11 +12,11 @@ import asyncio
 import builtins
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from . import _operations as ops
 from ._base import TimeoutLike, async_raw_wrapper
-from ._exceptions import APITimeoutError, JobFailed
+from ._exceptions import APITimeoutError, JobCancelled, JobFailed
 from ._sessions import (
     AppendResult,
     BriefResult,
@@ -53,6 +53,7 @@ if TYPE_CHECKING:
     from ._async_client import AsyncKVRag
 
 ProgressCallback = Callable[[Job], object]
+R = TypeVar("R")
 
 
 class _AsyncResource:
@@ -111,18 +112,56 @@ class AsyncBanks(_AsyncResource):
 
     async def maintain(self, name: str, *, evict: bool | None = None, merge: bool | None = None,
                        gc: bool | None = None, expire: bool | None = None, reencode: bool | None = None,
-                       rebuild: bool | None = None, timeout: TimeoutLike | None = None) -> MaintenanceReport:
-        """Run maintenance now and return its report. Steps (each on unless set False): ``evict`` to the budget,
-        ``merge`` near-duplicates, ``gc`` orphan blobs, ``expire`` documents past ``expires_at``, ``reencode``
-        after a model change (and re-warm cold blocks the budget has room for); ``rebuild=True`` also checks
-        every block's checksum and rebuilds damaged ones from their text."""
+                       rebuild: bool | None = None,
+                       timeout: TimeoutLike | None = None) -> AsyncJobHandle[MaintenanceReport]:
+        """Start maintenance (a server-side job) and return its handle at once: ``await handle.wait(progress=...)``
+        gives the report. Steps (each on unless set False): ``evict`` to the budget, ``merge`` near-duplicates,
+        ``gc`` orphan blobs, ``expire`` documents past ``expires_at``, ``reencode`` after a model change (and
+        re-warm cold blocks the budget has room for); ``rebuild=True`` also checks every block's checksum and
+        rebuilds damaged ones from their text."""
         steps = {"evict": evict, "merge": merge, "gc": gc, "expire": expire, "reencode": reencode,
                  "rebuild": rebuild}
-        return await self._client._call(ops.maintain_bank(name, steps), timeout)
+        job = await self._client._call(ops.maintain_bank(name, steps), timeout)
+        return AsyncJobHandle(self._client, job, ops.maintenance_report)
+
+
+class AsyncJobHandle(Generic[R]):
+    """A job the server accepted: ``wait`` for its result, or look at (``get``) or ``cancel`` it meanwhile."""
+
+    def __init__(self, client: AsyncKVRag, job: Job, parse: Callable[[Any], R]) -> None:
+        self._client, self._parse = client, parse
+        self.job = job  # the last state seen
+
+    @property
+    def id(self) -> str:
+        return self.job.id
+
+    async def get(self) -> Job:
+        """The job's current state."""
+        self.job = await self._client.jobs.get(self.id)
+        return self.job
+
+    async def cancel(self) -> Job:
+        """Cancel it (a running job stops at its next step)."""
+        self.job = await self._client.jobs.cancel(self.id)
+        return self.job
+
+    async def wait(self, *, poll_interval: float = 0.5, timeout: float = 600.0,
+                   progress: ProgressCallback | None = None) -> R:
+        """Wait until it finishes and return its result; ``JobFailed`` if it failed, ``JobCancelled`` if it was
+        cancelled. ``progress(job)`` sees each change of status, ``done`` or ``step``."""
+        self.job = await self._client.jobs.wait(self.id, poll_interval=poll_interval, timeout=timeout,
+                                                progress=progress)
+        if self.job.status == "cancelled":
+            raise JobCancelled(self.id)
+        return self._parse(self.job.result)
+
+    def __repr__(self) -> str:
+        return f"<JobHandle {self.id} {self.job.kind or ''} {self.job.status}>"
 
 
 class AsyncJobs(_AsyncResource):
-    """Background jobs (large batch ingests)."""
+    """Background jobs (large batch ingests, maintenance): get, list, cancel, wait with progress."""
 
     async def get(self, job_id: str, *, timeout: TimeoutLike | None = None) -> Job:
         """A job's current state (``done`` of ``total``)."""
@@ -139,18 +178,25 @@ class AsyncJobs(_AsyncResource):
                 return
             cursor = page.next_cursor
 
+    async def cancel(self, job_id: str, *, timeout: TimeoutLike | None = None) -> Job:
+        """Cancel a job: a queued one at once, a running one at its next step (``cancel_requested`` until then).
+        Cancelling a finished job is a ``Conflict``."""
+        return await self._client._call(ops.cancel_job(job_id), timeout)
+
     async def wait(self, job_id: str, *, poll_interval: float = 0.5, timeout: float = 600.0,
-                   on_progress: ProgressCallback | None = None) -> Job:
-        """Poll until the job finishes; raise ``JobFailed`` if it failed, ``APITimeoutError`` after ``timeout``
-        seconds in all. ``on_progress(job)`` is called with the first state seen and each change of status or
-        ``done`` (e.g. to move a progress bar)."""
+                   progress: ProgressCallback | None = None, on_progress: ProgressCallback | None = None) -> Job:
+        """Poll until the job finishes (succeeded or cancelled: the job is returned); raise ``JobFailed`` if it
+        failed, ``APITimeoutError`` after ``timeout`` seconds in all. ``progress(job)`` (``on_progress``, its
+        older name) is called with the first state seen and each change of status, ``done`` or ``step`` (e.g.
+        to move a progress bar)."""
+        callback = progress or on_progress
         deadline = time.monotonic() + timeout
-        seen: tuple[str, int | None] | None = None
+        seen: tuple[str, int | None, str | None] | None = None
         while True:
             job = await self.get(job_id)
-            if on_progress is not None and (job.status, job.done) != seen:
-                seen = (job.status, job.done)
-                on_progress(job)
+            if callback is not None and (job.status, job.done, job.step) != seen:
+                seen = (job.status, job.done, job.step)
+                callback(job)
             if job.status == "failed":
                 raise JobFailed(job.id, job.error)
             if job.finished:
@@ -301,6 +347,7 @@ class AsyncBanksWithRawResponse:
 class AsyncJobsWithRawResponse:
     def __init__(self, jobs: AsyncJobs) -> None:
         self.get = async_raw_wrapper(jobs.get)
+        self.cancel = async_raw_wrapper(jobs.cancel)
 
 
 class AsyncDocumentsWithRawResponse:

@@ -14,7 +14,7 @@ __all__ = [
     "KVRagError", "APIError", "APIConnectionError", "APITimeoutError", "BadRequest", "AuthenticationError",
     "PermissionDenied", "NotFound", "Conflict", "VersionMismatch", "IncompatibleModel", "PayloadTooLarge",
     "ValidationError", "InvalidId", "RateLimited", "InternalServerError", "CorruptBlock", "Unavailable", "JobFailed",
-    "error_from_response",
+    "JobCancelled", "error_from_response",
 ]
 
 
@@ -118,12 +118,21 @@ class Unavailable(APIError):
 
 
 class JobFailed(KVRagError):
-    """A background job (a large batch ingest) ended with status ``failed``."""
+    """A background job (a large batch ingest, a maintenance run) ended with status ``failed``."""
 
     def __init__(self, job_id: str, error: Any) -> None:
         super().__init__(f"job {job_id} failed: {error}")
         self.job_id = job_id
         self.error = error
+
+
+class JobCancelled(JobFailed):
+    """A job whose result was waited for was cancelled (its finished steps stay done)."""
+
+    def __init__(self, job_id: str) -> None:
+        KVRagError.__init__(self, f"job {job_id} was cancelled")
+        self.job_id = job_id
+        self.error = "cancelled"
 
 
 _BY_CODE: dict[str, type[APIError]] = {

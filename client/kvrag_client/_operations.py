@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from pydantic import BaseModel
@@ -133,10 +133,22 @@ def delete_bank(name: str) -> Call[None]:
     return Call("DELETE", _bank_path(name), _none)
 
 
-def maintain_bank(name: str, steps: Mapping[str, bool | None]) -> Call[MaintenanceReport]:
-    # Running maintenance twice leaves the bank as once, so a lost reply may be retried.
-    return Call("POST", f"{_bank_path(name)}/maintenance", MaintenanceReport.model_validate, json=_drop_none(steps),
+def _accepted(kind: str, bank: str) -> Callable[[Mapping[str, Any]], Job]:
+    def parse(data: Mapping[str, Any]) -> Job:
+        return Job(id=data["job_id"], kind=kind, bank=bank, status=data.get("status", "queued"))
+
+    return parse
+
+
+def maintain_bank(name: str, steps: Mapping[str, bool | None]) -> Call[Job]:
+    # A job (202): the Idempotency-Key makes a resend after a lost answer get the same job, not a second run.
+    return Call("POST", f"{_bank_path(name)}/maintenance", _accepted("maintenance", name), json=_drop_none(steps),
                 keyed=True)
+
+
+def maintenance_report(result: Any) -> MaintenanceReport:
+    """A finished maintenance job's result as the report."""
+    return MaintenanceReport.model_validate(result)
 
 
 # -- documents --------------------------------------------------------------------------------------
@@ -194,6 +206,12 @@ def delete_document(bank: str, doc_id: str, if_match: int | str | None) -> Call[
 
 def get_job(job_id: str) -> Call[Job]:
     return Call("GET", f"/v1/jobs/{ids.segment(ids.opaque_id('job id', job_id))}", Job.model_validate)
+
+
+def cancel_job(job_id: str) -> Call[Job]:
+    # Cancelling twice answers as once (a cancelled job stays cancelled), so a lost answer may be resent.
+    return Call("POST", f"/v1/jobs/{ids.segment(ids.opaque_id('job id', job_id))}/cancel", Job.model_validate,
+                idempotent=True)
 
 
 def list_jobs(bank: str, cursor: str | None, limit: int | None) -> Call[JobPage]:

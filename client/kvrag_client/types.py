@@ -96,6 +96,7 @@ class Bank(Model):
     merges: int | None = None
     reencodes: int | None = None
     tiers: dict[str, dict[str, int]] | None = None  # hot / warm / cold: {"blocks": n, "bytes": n}
+    memory: dict[str, dict[str, int]] | None = None  # KV in server memory: blocks / map / sessions: entries, bytes
     quarantined_blocks: int | None = None
     index_entries: int | None = None
     context_map_budget_tokens: int | None = None
@@ -228,7 +229,8 @@ StreamEvent = TokenEvent | DoneEvent
 
 
 class Job(Model):
-    """A background job (large batch ingest)."""
+    """A background job (a large batch ingest, a maintenance run): ``done`` of ``total`` (documents, or steps)
+    with the current ``step``; ``result`` once succeeded, ``error`` once failed."""
 
     id: str
     kind: str | None = None
@@ -236,10 +238,15 @@ class Job(Model):
     status: Literal["queued", "running", "succeeded", "failed", "cancelled"] | str
     total: int | None = None
     done: int | None = None
+    step: str | None = None
     result: Any = None
     error: Any = None
+    attempts: int | None = None  # runs started: above 1 the job was resumed after its server stopped
+    cancel_requested: bool | None = None
     created_at: datetime | None = None
     updated_at: datetime | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
 
     @property
     def finished(self) -> bool:

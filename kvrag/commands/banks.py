@@ -16,9 +16,11 @@ from .common import (
     MaxBlocks,
     Url,
     connect,
+    fail,
     print_json,
     value,
 )
+from .jobs import wait_with_bar
 
 app = typer.Typer(help="List, create, inspect and delete banks (no subcommand: list).")
 Name = Annotated[str, typer.Argument(help="The bank.", show_default=False)]
@@ -90,12 +92,20 @@ def banks_maintain(name: Name,
                    expire: Annotated[bool, typer.Option(help="Delete documents past their expires_at.")] = True,
                    reencode: Annotated[bool, typer.Option(help="Re-encode after a model change; re-warm.")] = True,
                    rebuild: Annotated[bool, typer.Option(help="Check every checksum; rebuild damaged blocks.")] = False,
+                   wait: Annotated[bool, typer.Option(help="Wait for the job (progress bar on stderr) and print "
+                                                          "its report; --no-wait prints the job at once.")] = True,
                    json_out: AlwaysJson = False, url: Url = DEFAULT_URL, api_key: ApiKey = None) -> None:
-    """Run a bank's maintenance now (it queues behind queries) and print its report as JSON."""
+    """Run a bank's maintenance (a server-side job, queued behind queries) and print its report as JSON."""
     with connect(url, api_key) as kv:
-        report = kv.banks.maintain(name, evict=evict, merge=merge, gc=gc, expire=expire, reencode=reencode,
+        handle = kv.banks.maintain(name, evict=evict, merge=merge, gc=gc, expire=expire, reencode=reencode,
                                    rebuild=rebuild)
-    print_json(report.model_dump(mode="json"))
+        if not wait:
+            print_json({"job_id": handle.id, "status": handle.job.status})
+            return
+        job = wait_with_bar(kv, handle.id)
+    if job.status != "succeeded":
+        raise fail(f"maintenance job {job.id} {job.status}" + (f": {job.error}" if job.error else ""))
+    print_json(job.result)
 
 
 @app.command("delete")

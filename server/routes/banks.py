@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response, status
 from starlette.concurrency import run_in_threadpool
 
+from kvstore import jobs
 from kvstore.bank import BankStore
 from kvstore.errors import Forbidden
 
@@ -77,5 +78,7 @@ async def update_bank(bank: str, body: BankUpdate, request: Request, store: Stor
 def delete_bank(bank: str, store: Store, _owner: Owner) -> Response:
     """Delete a bank with all its documents and blocks (owner). (No Idempotency-Key: its record would go with the
     bank.)"""
+    store.get_bank(bank)  # 404 before touching its jobs
+    jobs.cancel_bank_jobs(store.sessions, bank)  # a job queued for it must never run on a new bank of that name
     store.delete_bank(bank)
     return Response(status_code=status.HTTP_204_NO_CONTENT)

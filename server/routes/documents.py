@@ -2,24 +2,22 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-import logging
 from functools import partial
 from typing import Annotated, Any
 
-from fastapi import APIRouter, FastAPI, Header, Query, Request, Response, status
+from fastapi import APIRouter, Header, Query, Request, Response, status
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from kvstore import jobs
-from kvstore.bank import BankStore, PutResult, validate_doc_id
+from kvstore.bank import validate_doc_id
 from kvstore.config import Settings
-from kvstore.errors import KVRagError, NotFound, PayloadTooLarge, Unavailable, ValidationFailed
+from kvstore.errors import PayloadTooLarge, ValidationFailed
 
-from ..auth import AnyKey, Reader, Writer
+from ..auth import Reader, Writer
 from ..deps import Store, Worker, plain
-from ..errors import redact
+from ..jobs import ingest
+from ..jobs.submit import JOB_RESPONSES, submit
 from ..schemas import (
     BatchOut,
     DocumentBatch,
@@ -28,22 +26,12 @@ from ..schemas import (
     DocumentOut,
     DocumentPage,
     DocumentPut,
-    JobAccepted,
-    JobOut,
-    JobPage,
     PutOut,
 )
-from ..worker import ModelWorker
 from .common import ERRORS, IdempotencyKey, etag, idempotent, parse_if_match, replayable
-
-log = logging.getLogger(__name__)
 
 router = APIRouter(tags=["documents"], responses=ERRORS)
 IfMatch = Annotated[str | None, Header(description="The version you last saw; 0 = must not exist yet.")]
-
-
-def _put_out(result: PutResult) -> dict[str, Any]:
-    return PutOut(**plain(result)).model_dump(mode="json")
 
 
 def _precheck(settings: Settings, item: DocumentItem) -> None:
@@ -57,12 +45,6 @@ def _precheck(settings: Settings, item: DocumentItem) -> None:
         raise ValidationFailed(f"document {item.id!r}: metadata exceeds {settings.max_metadata_bytes} bytes")
 
 
-def _put_call(store: BankStore, bank: str, doc: DocumentPut, doc_id: str, agent: str | None,
-              if_match: int | None = None) -> partial[PutResult]:
-    return partial(store.put_document, bank, doc_id, doc.text, metadata=doc.metadata, tags=doc.tags,
-                   pinned=doc.pinned, agent=agent, if_match=if_match)
-
-
 @router.put("/v1/banks/{bank}/documents/{doc_id}", operation_id="put_document", response_model=PutOut,
             responses={201: {"model": PutOut, "description": "Created"}})
 async def put_document(bank: str, doc_id: str, body: DocumentPut, request: Request, store: Store, worker: Worker,
@@ -73,8 +55,8 @@ async def put_document(bank: str, doc_id: str, body: DocumentPut, request: Reque
     version = parse_if_match(if_match)
 
     async def work() -> tuple[int, dict[str, Any]]:
-        result = await worker.run(_put_call(store, bank, body, doc_id, principal.agent, version))
-        return (status.HTTP_201_CREATED if result.created else status.HTTP_200_OK), _put_out(result)
+        result = await worker.run(ingest.put_call(store, bank, body, doc_id, principal.agent, version))
+        return (status.HTTP_201_CREATED if result.created else status.HTTP_200_OK), ingest.put_out(result)
 
     payload = {"body": body.model_dump(mode="json"), "if_match": version}
     code, out = await idempotent(request, store, bank, idempotency_key, payload, work)
@@ -82,10 +64,11 @@ async def put_document(bank: str, doc_id: str, body: DocumentPut, request: Reque
 
 
 @router.post("/v1/banks/{bank}/documents", operation_id="put_documents", response_model=BatchOut,
-             responses={202: {"model": JobAccepted, "description": "Accepted as a background job"}})
+             responses=JOB_RESPONSES)
 async def put_documents(bank: str, body: DocumentBatch, request: Request, store: Store, worker: Worker,
                         principal: Writer, idempotency_key: IdempotencyKey = None) -> JSONResponse:
-    """Store many documents: answered in place up to the batch threshold, else as a job to poll."""
+    """Store many documents: answered in place up to the batch threshold, else as a durable job to poll
+    (``GET /v1/jobs/{job_id}``; 429 when the key already has ``KVRAG_JOBS_PER_KEY`` jobs unfinished)."""
     settings: Settings = request.app.state.settings
     for item in body.documents:
         _precheck(settings, item)
@@ -93,73 +76,16 @@ async def put_documents(bank: str, body: DocumentBatch, request: Request, store:
 
     async def work() -> tuple[int, dict[str, Any]]:
         if len(body.documents) <= settings.batch_job_threshold:
-            results = [_put_out(await worker.run(_put_call(store, bank, d, d.id, principal.agent)))
+            results = [ingest.put_out(await worker.run(ingest.put_call(store, bank, d, d.id, principal.agent)))
                        for d in body.documents]
             return status.HTTP_200_OK, {"results": results}
-        job = await run_in_threadpool(partial(jobs.create_job, store.sessions, kind="ingest", bank=bank,
-                                              total=len(body.documents)))
-        _spawn(request.app, _ingest_job(store, worker, job.id, bank, body.documents, principal.agent))
-        return status.HTTP_202_ACCEPTED, JobAccepted(job_id=job.id, status=job.status).model_dump()
+        return status.HTTP_202_ACCEPTED, await submit(request, store, principal, kind=ingest.KIND, bank=bank,
+                                                      input=ingest.job_input(body.documents, principal.agent),
+                                                      total=len(body.documents))
 
     code, out = await idempotent(request, store, bank, idempotency_key, body.model_dump(mode="json"), work)
-    return JSONResponse(out, status_code=code)
-
-
-def _spawn(app: FastAPI, coro: Any) -> None:
-    """Run a job in the background, holding a reference so it is not collected, cancelled at shutdown."""
-    task = asyncio.create_task(coro)
-    app.state.tasks.add(task)
-    task.add_done_callback(app.state.tasks.discard)
-
-
-async def _run_when_free(worker: ModelWorker, call: partial[PutResult], retry_s: float = 0.05) -> PutResult:
-    """A job yields to interactive requests: when the queue is full it waits instead of failing."""
-    while True:
-        try:
-            return await worker.run(call)
-        except Unavailable:
-            await asyncio.sleep(retry_s)
-
-
-async def _ingest_job(store: BankStore, worker: ModelWorker, job_id: str, bank: str, docs: list[DocumentItem],
-                      agent: str | None) -> None:
-    """Write the documents one worker call at a time, recording progress; stop at the first failure."""
-    update = partial(jobs.update_job, store.sessions, job_id)
-    results: list[dict[str, Any]] = []
-    try:
-        await run_in_threadpool(partial(update, status="running"))
-        for done, doc in enumerate(docs, start=1):
-            results.append(_put_out(await _run_when_free(worker, _put_call(store, bank, doc, doc.id, agent))))
-            await run_in_threadpool(partial(update, done=done))
-        await run_in_threadpool(partial(update, status="succeeded", result={"results": results}))
-    except KVRagError as exc:
-        await run_in_threadpool(partial(update, status="failed", error=f"{exc.code}: {exc.detail}",
-                                        result={"results": results}))
-    except Exception:  # noqa: BLE001 - a job must end in a recorded state, whatever happened
-        log.exception("ingest job %s failed", job_id)
-        await run_in_threadpool(partial(update, status="failed", error="internal error",
-                                        result={"results": results}))
-
-
-@router.get("/v1/jobs/{job_id}", operation_id="get_job", response_model=JobOut)
-def get_job(job_id: str, store: Store, principal: AnyKey) -> JobOut:
-    """A background job's status and progress (404 for a job on a bank outside the key's scope)."""
-    job = jobs.get_job(store.sessions, job_id)
-    if not principal.can_see(job.bank):
-        raise NotFound(f"job {job_id!r} not found")
-    out = JobOut(**plain(job))
-    out.error = redact(out.error) if out.error else out.error
-    return out
-
-
-@router.get("/v1/banks/{bank}/jobs", operation_id="list_jobs", response_model=JobPage)
-def list_jobs(bank: str, store: Store, _reader: Reader,
-              cursor: Annotated[str | None, Query(max_length=128)] = None,
-              limit: Annotated[int, Query(ge=1, le=1000)] = 50) -> JobPage:
-    """The bank's background jobs, newest first, a page at a time; pass ``next_cursor`` back for the next."""
-    store.get_bank(bank)  # 404 for a bank that does not exist, as every bank route answers
-    page, next_cursor = jobs.list_jobs(store.sessions, bank, cursor=cursor, limit=limit)
-    return JobPage(jobs=[JobOut(**plain(j)) for j in page], next_cursor=next_cursor)
+    headers = {"Location": f"/v1/jobs/{out['job_id']}"} if code == status.HTTP_202_ACCEPTED else None
+    return JSONResponse(out, status_code=code, headers=headers)
 
 
 @router.get("/v1/banks/{bank}/documents", operation_id="list_documents", response_model=DocumentPage)

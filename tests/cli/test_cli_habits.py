@@ -170,8 +170,10 @@ def test_json_output_of_every_command_parses(served: Live, tmp_path: Path, monke
 
     with KVRag(served.url) as kv:  # a batch over the threshold (2) becomes a job, as the ingest above did
         kv.documents.put_many("notes", [{"id": f"j{i}", "text": f"Job document {i}."} for i in range(4)])
-    jobs = js("jobs", "ls", "-b", "notes")
-    assert [(j["status"], j["total"]) for j in jobs] == [("succeeded", 4), ("succeeded", 3)]  # newest first
+    listed = js("jobs", "ls", "-b", "notes")
+    assert [(j["kind"], j["status"], j["total"]) for j in listed] == [  # newest first; maintenance: 5 steps
+        ("ingest", "succeeded", 4), ("maintenance", "succeeded", 5), ("ingest", "succeeded", 3)]
+    jobs = [j for j in listed if j["kind"] == "ingest"]
     assert js("jobs", "get", jobs[1]["id"])["total"] == 3
     assert js("jobs", "wait", jobs[0]["id"])["done"] == 4
     assert js("banks", "delete", "notes", "--yes") == {"deleted": "notes"}
@@ -206,3 +208,11 @@ def test_documents_and_jobs_commands_print_for_people(served: Live) -> None:
     waited = runner.invoke(app, ["jobs", "wait", job_id], env=env)
     assert waited.exit_code == 0 and "3/3" in waited.stdout and "job" in waited.stderr  # the progress bar
     assert "404 not_found" in _one_error_line(runner.invoke(app, ["jobs", "get", "f" * 32], env=env), 1)
+    # Maintenance is a job: a progress bar in steps on stderr, the report on stdout; finished jobs cannot be cancelled.
+    maintained = runner.invoke(app, ["banks", "maintain", "notes", "--no-merge"], env=env)
+    assert maintained.exit_code == 0 and json.loads(maintained.stdout)["bank"] == "notes"
+    assert "step" in maintained.stderr and "5/5" in maintained.stderr, maintained.stderr
+    queued = runner.invoke(app, ["banks", "maintain", "notes", "--no-wait"], env=env)
+    maint_id = json.loads(queued.stdout)["job_id"]
+    assert runner.invoke(app, ["jobs", "wait", maint_id], env=env).exit_code == 0
+    assert "409 conflict" in _one_error_line(runner.invoke(app, ["jobs", "cancel", maint_id], env=env), 1)

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,12 +147,19 @@ class ForkServer:
         self._stderr.close()
 
 
-RESULTS = ROOT / "bench" / "results" / "reliability.json"
+
+
+def results_path() -> Path:
+    """Where measured figures go: a temp file, so a test run never rewrites a tracked file;
+    ``KVRAG_RELIABILITY_RESULTS=bench/results/reliability.json`` regenerates the published one."""
+    chosen = os.environ.get("KVRAG_RELIABILITY_RESULTS")
+    return Path(chosen) if chosen else Path(tempfile.gettempdir()) / "kvrag-reliability.json"
 
 
 def record_figures(section: str, figures: dict[str, Any]) -> None:
-    """Merge one test's measured figures into ``bench/results/reliability.json`` (docs/RELIABILITY.md)."""
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    data = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    """Merge one test's measured figures into :func:`results_path` (docs/RELIABILITY.md shows the tracked copy)."""
+    results = results_path()
+    results.parent.mkdir(parents=True, exist_ok=True)
+    data = json.loads(results.read_text()) if results.exists() else {}
     data[section] = {**figures, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    RESULTS.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    results.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")

@@ -15,7 +15,7 @@ from sqlalchemy import select
 
 from kvstore.catalog import BankRow, BlockRow
 from server.errors import redact
-from tests.server_harness import LiveServer, live_server
+from tests.server_harness import LiveServer, live_server, wait_job
 
 PASSWORD = "hunter2-map-password"
 TOKEN = "topsecret-query-token"
@@ -92,9 +92,13 @@ def test_an_unrebuildable_block_names_no_server_path(live: LiveServer, caplog: p
     parent.write_bytes(b"a file where the blob's directory was")
     with live.admin() as c:
         r = c.post("/v1/banks/blobs/maintenance", json={"rebuild": True, "merge": False})
-    assert r.status_code == 500 and r.json()["code"] == "corrupt_block", r.text
-    assert "could not be rebuilt" in r.json()["detail"]
-    _no_secret(r.text, live)
+        assert r.status_code == 202, r.text
+        job = wait_job(c, r.json()["job_id"])
+        listed = c.get("/v1/banks/blobs/jobs").text
+    assert job["status"] == "failed" and job["error"].startswith("corrupt_block: "), job
+    assert "could not be rebuilt" in job["error"]
+    _no_secret(job["error"], live)
+    _no_secret(listed, live)
     assert str(parent) in caplog.text
 
 

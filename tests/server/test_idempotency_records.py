@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy import create_engine, func, inspect, select, text, update
 
 from kvstore.catalog import IdempotencyRow, upgrade, utcnow
-from tests.server_harness import LiveServer, live_server, make_key
+from tests.server_harness import LiveServer, live_server, maintain, make_key
 
 BANK = "idem"
 T1 = "The harbour ledger is kept in the archive."
@@ -75,7 +75,7 @@ def test_expired_records_are_ignored_replaced_and_purged(live: LiveServer, keys:
     assert status == 201
     _age(live, "retry-3", live.settings.idempotency_ttl_s + 60)
     with live.admin() as c:
-        report = c.post(f"/v1/banks/{BANK}/maintenance", json={"merge": False}).json()
+        report = maintain(c, BANK, merge=False)
     assert report["idempotency_expired"] == 1
     assert _records(live, "retry-3") == 0 and _records(live, "retry-2") == 1
 

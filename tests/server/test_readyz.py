@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy import select
 
 from kvstore.catalog import BlockRow
-from tests.server_harness import LiveServer, live_server, make_key
+from tests.server_harness import LiveServer, live_server, maintain, make_key
 
 BANK = "tenant-secret-name"
 TEXT = "The harbour ledger is kept in the archive under the third arch."
@@ -30,7 +30,7 @@ def live(tmp_path_factory: pytest.TempPathFactory, tiny_llm, embedder) -> Iterat
         damaged[len(damaged) // 2] ^= 0xFF
         path.write_bytes(bytes(damaged))
         with server.admin() as c:
-            report = c.post(f"/v1/banks/{BANK}/maintenance", json={"rebuild": True, "merge": False}).json()
+            report = maintain(c, BANK, rebuild=True, merge=False)
         assert report["verify"]["rebuilt"] == 1
         yield server
 

@@ -12,7 +12,7 @@ from kvstore.blobs import blob_id_of
 from kvstore.errors import CorruptBlock, StorageUnavailable, Unavailable, ValidationFailed
 from kvstore.storage.blobstore import open_blob_store
 from kvstore.storage.s3 import S3BlobStore, S3Endpoint, S3Location
-from tests.seaweed import SECRET_KEY, FaultProxy, Seaweed, free_ports, start_seaweed
+from kvstore.testing.seaweed import SECRET_KEY, FaultProxy, Seaweed, free_ports, start_seaweed
 
 
 def s3_store(url: str, env: dict[str, str], tmp_path: Path, *, cache_bytes: int = 0,
