@@ -61,17 +61,23 @@ def _wait_ready(proc: subprocess.Popen[bytes], url: str, log: Path) -> None:
 
 
 @contextmanager
-def live_server(threads: int, **settings: Any) -> Iterator[LiveServer]:
-    """``kvrag serve`` with ``KVRAG_<NAME>`` for each keyword; stopped with SIGTERM (graceful) at the end."""
+def live_server(threads: int | None, root: Path | None = None, **settings: Any) -> Iterator[LiveServer]:
+    """``kvrag serve`` with ``KVRAG_<NAME>`` for each keyword; stopped with SIGTERM (graceful) at the end.
+    ``threads`` None: the server's own default (what ``make serve`` gets), nothing set. ``root``: serve another
+    checkout's code (e.g. a git worktree of an older commit) with this venv, for a before/after in one run."""
     with tempfile.TemporaryDirectory(prefix="kvrag-bench-live-") as tmp:
         port, key = _free_port(), secrets.token_urlsafe(24)
         env = {**os.environ, "KVRAG_DATA_DIR": str(Path(tmp) / "data"), "KVRAG_ADMIN_KEY": key,
-               "KVRAG_TORCH_THREADS": str(threads), "OMP_NUM_THREADS": str(max(threads, 1)),
                "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+        if threads is not None:
+            env.update(KVRAG_TORCH_THREADS=str(threads), OMP_NUM_THREADS=str(max(threads, 1)))
         env.update({f"KVRAG_{name.upper()}": str(value) for name, value in settings.items()})
+        if root is not None:
+            env["PYTHONPATH"] = os.pathsep.join([str(root), str(root / "client")])
         log = Path(tmp) / "server.log"
         with open(log, "wb") as out:
-            proc = subprocess.Popen([sys.executable, "-m", "kvrag.cli", "serve", "--port", str(port)], cwd=REPO_ROOT,
+            proc = subprocess.Popen([sys.executable, "-m", "kvrag.cli", "serve", "--port", str(port)],
+                                    cwd=root or REPO_ROOT,
                                     env=env, stdout=out, stderr=subprocess.STDOUT)
         url = f"http://127.0.0.1:{port}"
         try:

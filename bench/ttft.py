@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -216,8 +217,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--http", action="store_true", help="time kv vs text (and llama.cpp) end to end through "
                         "a real server's HTTP API at k = 5 instead (bench/ttft_http.py)")
     parser.add_argument("--no-llama-cpp", action="store_true", help="with --http: skip the llama.cpp baseline")
+    parser.add_argument("--quick", action="store_true", help="with --http: 10 questions, no llama.cpp, nothing "
+                        "written (~3 minutes): prints the ratios")
+    parser.add_argument("--baseline-root", type=Path, default=None, help="with --http: also time first touch on a "
+                        "fresh server running this checkout's code (e.g. `git worktree add /tmp/old COMMIT`), in the "
+                        "same run: a before/after of one change")
     ttft_shape.add_args(parser)
     args = parser.parse_args(argv)
+    given = sys.argv[1:] if argv is None else list(argv)
+    # --http runs the server on its own default threads (what `make serve` gets) unless --threads is given.
+    args.threads_given = any(a == "--threads" or a.startswith("--threads=") for a in given)
     if args.shape:
         shaped = ttft_shape.run(args)
         ttft_shape.report(shaped, f"ttft_shape_{shaped['device'].split(':')[0]}")

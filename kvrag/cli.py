@@ -1,6 +1,6 @@
 """The ``kvrag`` command: run the server, migrate the catalog, and use a server through the SDK.
 
-``serve`` and ``db`` load the engine; every other command only needs the light SDK, so they start fast.
+``serve``, ``db`` and ``blobs`` load the engine; every other command only needs the light SDK, so they start fast.
 Each group lives in ``kvrag.commands``; exit codes and error lines are ``kvrag.commands.common``'s.
 """
 
@@ -13,8 +13,8 @@ import kvrag_client
 import typer
 
 from . import __version__
-from .commands import banks, context_map, db, documents, jobs, keys, sessions
-from .commands.common import DEFAULT_URL, ApiKey, Bank, ErrorLineGroup, Url
+from .commands import banks, blobs, context_map, db, documents, jobs, keys, sessions
+from .commands.common import DEFAULT_URL, ApiKey, Bank, ErrorLineGroup, Url, fail
 from .commands.ingest import Doc, collect_documents, doc_id_for, ingest
 from .commands.retrieval import query, search
 
@@ -22,8 +22,8 @@ __all__ = ["app", "Doc", "collect_documents", "doc_id_for"]
 
 app = typer.Typer(cls=ErrorLineGroup, rich_markup_mode=None, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="kvrag: a memory database for LLM agents that stores documents as their KV cache.")
-for group, name in ((db.app, "db"), (banks.app, "banks"), (documents.app, "documents"), (jobs.app, "jobs"),
-                    (keys.app, "keys"), (context_map.app, "map"), (sessions.app, "sessions")):
+for group, name in ((db.app, "db"), (blobs.app, "blobs"), (banks.app, "banks"), (documents.app, "documents"),
+                    (jobs.app, "jobs"), (keys.app, "keys"), (context_map.app, "map"), (sessions.app, "sessions")):
     app.add_typer(group, name=name)
 app.command()(ingest)
 app.command()(query)
@@ -49,10 +49,19 @@ def serve(host: Annotated[str, typer.Option(help="Address to bind; not loopback 
                                                         "./kvrag-data).", show_default=False)] = None) -> None:
     """Run the kvrag HTTP server (API, model worker, catalog, blobs and indexes in one process)."""
     from kvstore.config import Settings
-    from server.app import run
+    from kvstore.storage import lock
 
     settings = Settings(data_dir=data_dir) if data_dir is not None else Settings()
-    run(settings, host, port)
+    try:  # before the web stack and torch load: a second server on this data dir stops at once, in one line
+        held = lock.acquire(settings.data_dir)
+    except lock.DataDirInUse as exc:
+        raise fail(exc.detail) from None
+    from server.app import run
+
+    try:
+        run(settings, host, port)
+    finally:
+        held.release()
 
 
 @app.command("mcp")

@@ -117,7 +117,29 @@ def _biased_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor
                  key_bias_scale: torch.Tensor | None = None, **kwargs: object) -> tuple[torch.Tensor, None]:
     """sdpa, with the layer's ``key_bias`` (when given) added to the mask."""
     attention_mask = layer_mask(module, attention_mask, query, key, key_bias, key_bias_scale)
+    groups = int(getattr(module, "num_key_value_groups", 1))
+    if attention_mask is not None and groups > 1 and query.shape[2] > 1 and not module.training and _plain(kwargs):
+        return grouped_sdpa(query, key, value, attention_mask, kwargs.get("scaling")), None  # type: ignore[arg-type]
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)  # type: ignore[arg-type]
+
+
+def _plain(kwargs: dict[str, object]) -> bool:
+    """No attention feature :func:`grouped_sdpa` leaves out (softcap, a position bias, dropout)."""
+    return kwargs.get("softcap") is None and kwargs.get("position_bias") is None and not kwargs.get("dropout")
+
+
+def grouped_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
+                 scaling: float | None) -> torch.Tensor:
+    """sdpa over grouped-query heads as they are (``enable_gqa``), the output ``[batch, tokens, heads, dim]``.
+
+    transformers copies every key and value head once per query head of its group (``repeat_kv``) whenever a mask
+    is given, and kv mode always gives one (the block bias): on SmolLM2 (3 query heads a key head) that copy of
+    the whole context costs ~10% of a question's forward on the CPU (issue 33). A mask shared by the heads
+    (``[batch, 1, queries, keys]``) needs no copy.
+    """
+    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling,
+                                                           enable_gqa=True)
+    return out.transpose(1, 2).contiguous()
 
 
 AttentionInterface.register(BIASED_SDPA, _biased_sdpa)

@@ -13,7 +13,7 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
@@ -25,7 +25,6 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from .attention_bias import measured_block_bias
 from .batching import BatchRequest, QuestionBatcher
-from .blobs import LocalBlobStore
 from .cache import HotCache, bank_of_resident_key
 from .catalog import BankRow, BlockRow, DocumentRow, OpLogRow, open_catalog, utcnow
 from .chunking import chunk_text
@@ -47,15 +46,19 @@ from .errors import (
 from .index import BankIndex
 from .keysummary import KeySummaries
 from .kvbudget import KVBudget
+from .limits import limits_of
 from .memory import BlockInfo, MemoryManager, as_utc, block_page, expired_block_ids, record_access, tier_stats
 from .models import Embedder, LoadedModel, load_llm
 from .querylog import LoggedQuery, QueryLogEntry
 from .querylog import recent as recent_log
 from .querylog import record as record_log
 from .recompute import blend, blend_and_ask, default_ratio
+from .replication import Replication, blob_gc_lock, claim_version, open_replication
 from .rerank import KV_MODES, RETRIEVAL_MODES, rerank_scores
 from .runner import BlockKV, Runner, set_threads
 from .sessions import sessions_of
+from .storage import lock as data_dir_lock
+from .storage.blobstore import BlobStore, open_blob_store
 from .types import (  # noqa: F401  (re-exported: kvstore.bank.Hit and friends stay importable)
     BankInfo,
     BankStats,
@@ -67,6 +70,7 @@ from .types import (  # noqa: F401  (re-exported: kvstore.bank.Hit and friends s
     Timings,
     Usage,
 )
+from .warmup import warm_new_blocks
 
 log = logging.getLogger(__name__)
 
@@ -124,11 +128,25 @@ class BankStore:
     def __init__(self, settings: Settings | None = None, *, llm: LoadedModel | None = None,
                  embedder: Embedder | None = None, migrate: bool = True) -> None:
         self.settings = settings or Settings()
-        self.settings.data_dir.mkdir(parents=True, exist_ok=True)
+        # One process per data dir (kvstore.storage.lock): refused before anything is opened or migrated.
+        self._dir_lock = data_dir_lock.acquire(self.settings.data_dir)
+        self._catalog_lock: data_dir_lock.DataDirLock | None = None
+        try:
+            self._catalog_lock = data_dir_lock.acquire_sqlite_catalog(self.settings.resolved_database_url())
+            self._open(llm, embedder, migrate)
+        except BaseException:  # a refused or failed start leaves the data dir (and catalog) free
+            if self._catalog_lock is not None:
+                self._catalog_lock.release()
+            self._dir_lock.release()
+            raise
+
+    def _open(self, llm: LoadedModel | None, embedder: Embedder | None, migrate: bool) -> None:
         set_threads(self.settings.torch_threads)
         self.sessions: sessionmaker[Session] = open_catalog(self.settings.resolved_database_url(), migrate=migrate,
                                                               settings=self.settings)
-        self.blobs = LocalBlobStore(self.settings.data_dir / "blobs")
+        self.blobs: BlobStore = open_blob_store(self.settings.blob_url, self.settings.data_dir / "blobs",
+                                                cache_bytes=self.settings.blob_cache_bytes,
+                                                allow_http=self.settings.blob_allow_http)
         # Every KV kept in memory (hot tier, context-map KV, session states) shares one budget, per bank.
         self.kv_memory = KVBudget(self.settings.kv_memory_bytes, bank_bytes=self.settings.kv_memory_bank_bytes)
         self.hot = HotCache(self.settings.hot_tier_bytes, kv=self.kv_memory)
@@ -150,17 +168,30 @@ class BankStore:
         self._ops_since_snapshot: dict[int, int] = {}
         self._integrity: dict[str, dict[str, Any]] = {}  # per bank: damage found and repaired since start
         self._integrity_lock = threading.Lock()
+        # On PostgreSQL: join the replicas (refused on another model or blob store) before loading the indexes, so
+        # the follower's watermark never passes an op the loaded indexes lack.
+        self.replication: Replication | None = open_replication(self.sessions, self.settings, self.llm,
+                                                                self.apply_ops)
         self.load_indexes()
+        if self.replication is not None:
+            self.replication.start()
 
     # -- lifecycle --------------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Snapshot every index so the next start replays nothing."""
+        """Snapshot every index so the next start replays nothing; leave the replicas; free the data dir."""
+        if self.replication is not None:
+            self.replication.stop()
         with self.sessions() as s:
             for bank in s.scalars(select(BankRow)):
                 if bank.id in self._indexes:
                     self._snapshot(s, bank)
+        if self.replication is not None:
+            self.replication.registry.unregister()
         self.sessions.kw["bind"].dispose()
+        if self._catalog_lock is not None:
+            self._catalog_lock.release()
+        self._dir_lock.release()
 
     def _index_path(self, bank: BankRow):
         return self.settings.data_dir / "indexes" / f"bank-{bank.id}.faiss"
@@ -212,6 +243,9 @@ class BankStore:
             log.warning("bank %s: index snapshot damaged; rebuilt from the catalog (%d blocks)", bank.name,
                         index.ntotal)
             self.note(bank.name, "index", "snapshot damaged; rebuilt from the catalog")
+        elif index.seq and self.replication is not None:
+            # A replica: normal for a bank another replica created, or one this replica has not snapshotted yet.
+            log.info("bank %s: index built from the catalog (%d blocks)", bank.name, index.ntotal)
         elif index.seq:
             # Normal after a crash before the first snapshot; worth reporting if snapshots were deleted.
             log.warning("bank %s: no index snapshot; rebuilt from the catalog (%d blocks)", bank.name, index.ntotal)
@@ -230,9 +264,28 @@ class BankStore:
     def _snapshot(self, s: Session, bank: BankRow) -> None:
         index = self._indexes[bank.id]
         with index.lock:
-            seq = s.scalar(select(func.max(OpLogRow.seq)).where(OpLogRow.bank_id == bank.id)) or 0
-            index.save(self._index_path(bank), max(seq, index.seq))
+            if self.replication is not None:
+                # Other replicas' ops above the follower's watermark may not be applied yet: claim no more.
+                seq = self.replication.follower.through
+            else:
+                seq = max(s.scalar(select(func.max(OpLogRow.seq)).where(OpLogRow.bank_id == bank.id)) or 0,
+                          index.seq)
+            index.save(self._index_path(bank), seq)
         self._ops_since_snapshot[bank.id] = 0
+
+    def apply_ops(self, s: Session, ops: Sequence[OpLogRow]) -> None:
+        """Apply op-log entries (another replica's writes) to the loaded indexes; idempotent, and only blocks still
+        live in the catalog are added. A bank not loaded here is skipped: it loads from the catalog when used."""
+        for op in ops:
+            # Under the index lock: a bank loading right now (its catalog read maybe older than this op) is
+            # waited for and then updated, never skipped.
+            with self._index_lock:
+                index = self._indexes.get(op.bank_id)
+            if index is None:
+                continue
+            with index.lock:
+                index.remove(np.asarray(op.removed or [], dtype=np.int64))
+                self._add_rows(index, s, [int(i) for i in op.added or []])
 
     def bank_index(self, bank: BankRow) -> BankIndex:
         with self._index_lock:
@@ -422,9 +475,9 @@ class BankStore:
                                                 or as_utc(doc.expires_at) != expires_at)
             if doc is not None and doc.content_hash == content_hash:
                 if meta_changed:
+                    self._claim(s, doc, doc_id, if_match)
                     doc.meta, doc.tags, doc.pinned = metadata or {}, tags or [], pinned
                     doc.importance, doc.expires_at = importance, expires_at
-                    doc.version += 1
                     doc.updated_at = utcnow()
                     if agent is not None:
                         doc.agent = agent
@@ -433,8 +486,10 @@ class BankStore:
                 return PutResult(_doc_info(doc, n), created=False, changed=meta_changed)
         encoded = self._encode_blocks(bank_row, text)
         with self.sessions() as s, self.blob_lock:
-            # The blobs were written outside the lock: since then a delete or orphan collection may have removed
-            # a file of the same content (blobs are shared by content). Writing again is a no-op when present.
+            # The blobs were written outside the lock: since then a delete or orphan collection (here or on another
+            # replica) may have removed a blob of the same content (blobs are shared by content). Writing again
+            # under the collection lock, held until this transaction commits, keeps them until it references them.
+            blob_gc_lock(s, exclusive=False)
             for *_, data in encoded:
                 self.blobs.put(data)
             bank_row = self.bank_row(s, bank)
@@ -448,11 +503,11 @@ class BankStore:
                 doc = DocumentRow(bank_id=bank_row.id, doc_id=doc_id, version=1, created_at=now)
                 s.add(doc)
             else:
+                self._claim(s, doc, doc_id, if_match)  # before its blocks go: the loser must change nothing
                 old = s.execute(select(BlockRow.id, BlockRow.blob_id).where(BlockRow.document_id == doc.id)).all()
                 removed = [r.id for r in old]
                 old_blobs = {r.blob_id for r in old if r.blob_id}
                 s.execute(delete(BlockRow).where(BlockRow.document_id == doc.id))
-                doc.version += 1
             doc.text, doc.content_hash, doc.meta, doc.tags = text, content_hash, metadata or {}, tags or []
             doc.pinned, doc.agent, doc.updated_at = pinned, agent, now
             doc.importance, doc.expires_at = importance, expires_at
@@ -479,7 +534,12 @@ class BankStore:
             self.drop_unreferenced(s, old_blobs - {r.blob_id for r in rows})
             self.memory.enforce_budget(s, bank_row)
             self.context_map.on_ingest(bank, doc_id, text, agent)
-            return PutResult(_doc_info(doc, len(rows)), created=created, changed=True)
+            result = PutResult(_doc_info(doc, len(rows)), created=created, changed=True)
+            fingerprint, bank_id = bank_row.model_fingerprint, bank_row.id
+        if self.settings.hot_tier_on_ingest:  # outside the blob lock: decoding must not hold up other writers
+            warm_new_blocks(self.hot, bank_id, [(blob_id, data) for *_, blob_id, _, data in encoded], fingerprint,
+                            self.llm.device)
+        return result
 
     @staticmethod
     def _expiry(expires_at: datetime | None, ttl_s: float | None) -> datetime | None:
@@ -499,6 +559,17 @@ class BankStore:
                                     f"{self.llm.name!r}")
 
     @staticmethod
+    def _claim(s: Session, doc: DocumentRow, doc_id: str, if_match: int | None) -> None:
+        """Take the document's next version in the database (a conditional UPDATE, kvstore.replication): a
+        writer that lost the race to another process answers as a failed If-Match does, and changes nothing."""
+        seen = doc.version
+        if not claim_version(s, doc, seen):
+            s.rollback()
+            if if_match is not None:
+                raise VersionMismatch(f"document version is no longer {if_match}: written concurrently")
+            raise VersionMismatch(f"document {doc_id!r} was written concurrently; retry")
+
+    @staticmethod
     def _check_if_match(doc: DocumentRow | None, if_match: int | None) -> None:
         if if_match is None:
             return
@@ -514,21 +585,28 @@ class BankStore:
                 index.add(np.asarray([r.id for r in rows], dtype=np.int64),
                           np.stack([np.frombuffer(r.embedding, dtype="<f4") for r in rows]))
             index.seq = max(index.seq, op.seq)
+        if self.replication is not None:
+            self.replication.follower.applied(op.seq)
         count = self._ops_since_snapshot.get(bank.id, 0) + 1
         self._ops_since_snapshot[bank.id] = count
         if count >= _SNAPSHOT_EVERY_OPS:
             self._snapshot(s, bank)
 
     def drop_unreferenced(self, s: Session, blob_ids: Iterable[str | None]) -> None:
-        """Delete blob files no block references any more (callers hold the blob lock)."""
-        for blob_id in blob_ids:
-            if not blob_id:
-                continue
+        """Delete blobs no block references any more (callers hold the blob lock, and have committed: the check
+        and the delete run in a transaction of their own under the collection lock, which a writer about to
+        reference one of these blobs on another replica waits for)."""
+        candidates = [b for b in blob_ids if b]
+        if not candidates:
+            return
+        blob_gc_lock(s, exclusive=True)
+        for blob_id in candidates:
             holders = set(s.scalars(select(BlockRow.bank_id).where(BlockRow.blob_id == blob_id).distinct()))
             if not holders:
                 self.blobs.delete(blob_id)
             # Only the banks that no longer reference it lose their decoded copy: another bank's copy is its own.
             self.hot.discard_everywhere(blob_id, keep=holders)
+        s.commit()
 
     def _doc(self, s: Session, bank: BankRow, doc_id: str, required: bool = True) -> DocumentRow | None:
         row = s.scalar(select(DocumentRow).where(DocumentRow.bank_id == bank.id, DocumentRow.doc_id == doc_id))
@@ -582,10 +660,12 @@ class BankStore:
             doc = self._doc(s, bank_row, doc_id)
             assert doc is not None
             self._check_if_match(doc, if_match)
+            version = doc.version
+            self._claim(s, doc, doc_id, if_match)
             old = s.execute(select(BlockRow.id, BlockRow.blob_id).where(BlockRow.document_id == doc.id)).all()
             s.execute(delete(BlockRow).where(BlockRow.document_id == doc.id))
             s.delete(doc)
-            op = OpLogRow(bank_id=bank_row.id, op="delete", doc_id=doc_id, version=doc.version, added=[],
+            op = OpLogRow(bank_id=bank_row.id, op="delete", doc_id=doc_id, version=version, added=[],
                           removed=[r.id for r in old], agent=agent)
             s.add(op)
             s.commit()
@@ -645,8 +725,11 @@ class BankStore:
             ids, scores = ids[keep][:k], scores[keep][:k]
         if len(ids) == 0:
             return []
+        # The index is derived data (a stale or misplaced snapshot may hold another bank's ids): a hit counts
+        # only if the catalog says the block is this bank's.
         rows = {b.id: (b, d) for b, d in s.execute(select(BlockRow, DocumentRow).join(
-            DocumentRow, DocumentRow.id == BlockRow.document_id).where(BlockRow.id.in_(ids.tolist()))).tuples()}
+            DocumentRow, DocumentRow.id == BlockRow.document_id).where(
+            BlockRow.bank_id == bank.id, BlockRow.id.in_(ids.tolist()))).tuples()}
         return [(rows[i][0], rows[i][1], float(sc)) for i, sc in zip(ids.tolist(), scores.tolist(), strict=True)
                 if i in rows]
 
@@ -705,6 +788,7 @@ class BankStore:
         data = encode_block(kv, bank.model_fingerprint, bank.codec)
         try:
             with self.blob_lock:
+                blob_gc_lock(s, exclusive=False)  # referenced when this commits: never collected in between
                 old = block.blob_id
                 blob_id = self.blobs.put(data, replace=True)
                 s.execute(update(BlockRow).where(BlockRow.id == block.id).values(
@@ -744,6 +828,8 @@ class BankStore:
             raise ValidationFailed(str(exc)) from None
         if not 0 <= max_new_tokens <= self.settings.max_new_tokens:
             raise ValidationFailed(f"max_new_tokens must be between 0 and {self.settings.max_new_tokens}")
+        limits = limits_of(self)
+        limits.check_question(question)  # before any model work: a huge question is a 413, not a stall
         with self.sessions() as s:
             bank_row = self.bank_row(s, bank)
             self._check_model(bank_row)
@@ -753,6 +839,9 @@ class BankStore:
             shown = self.context_map.prefill(s, bank_row) if context_map else None
             lead = [shown.kv] if shown is not None and shown.kv is not None else []
             lead_ids = shown.token_ids if lead and shown is not None else []
+            # Within the model's positions: the lowest-ranked blocks that would not fit are left out.
+            fixed = len(self.runner.prefix_ids) + len(lead_ids) + len(q_ids) + max_new_tokens
+            retrieved = retrieved[:limits.blocks_that_fit([b.token_count for b, _, _ in retrieved], fixed)]
             shares: list[float] | None = None
             if mode == "kv":
                 blocks = [self.load_block(s, bank_row, b) for b, _, _ in retrieved]
@@ -877,7 +966,7 @@ class BankStore:
     def maintain(self, bank: str, *, evict: bool = True, merge: bool = True, gc: bool = True, expire: bool = True,
                  reencode: bool = True) -> dict[str, Any]:
         """Maintenance of one bank (see :class:`kvstore.memory.MemoryManager`): remove expired documents,
-        re-encode after a model change and re-warm cold blocks the budget has room for, merge
+        re-encode after a model change and re-warm cold blocks the budget has room for, repair old merges, dedup
         near-duplicates, evict to the budget, delete orphan blobs. Returns a report."""
         return self.memory.maintain(bank, evict=evict, merge=merge, gc=gc, expire=expire, reencode=reencode)
 

@@ -26,6 +26,7 @@ import torch
 from transformers import DynamicCache
 
 from .compaction import batch_prefill_attention, prefill_attention
+from .compat import with_cache
 from .runner import BlockKV, Generation, Runner, TokenStream
 
 
@@ -120,7 +121,7 @@ def prefill_batch(runner: Runner, requests: Sequence[BatchRequest]) -> BatchPref
     bias = runner.key_bias_kwargs(batch.bias)
     with recorder as votes_of:
         out = runner.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                           past_key_values=batch.cache, use_cache=True, logits_to_keep=1, **bias)
+                           **with_cache(runner.model, batch.cache), use_cache=True, logits_to_keep=1, **bias)
     seconds = time.perf_counter() - t0
     votes: list[Callable[[], torch.Tensor | None]] = []
     for row, r in enumerate(requests):
@@ -174,7 +175,7 @@ def _decode(runner: Runner, requests: Sequence[BatchRequest], prefill: BatchPref
             break
         mask = torch.cat((mask, mask.new_ones(rows, 1)), dim=1)
         out = runner.model(input_ids=torch.tensor(step_ids, device=device)[:, None], attention_mask=mask,
-                           position_ids=positions, past_key_values=prefill.cache, use_cache=True,
+                           position_ids=positions, **with_cache(runner.model, prefill.cache), use_cache=True,
                            logits_to_keep=1, **prefill.bias)
         logits = out.logits[:, -1]
         positions = positions + 1

@@ -88,6 +88,14 @@ class HotCache:
         self.kv.put(bank, KIND, key, kept)
         return block
 
+    def free_bytes(self, bank: int) -> int:
+        """Room the bank's blocks can take without evicting anything: the least of what is left under the hot
+        tier's cap, the process's KV budget and the bank's share (warming at ingest must not push out KV in use)."""
+        free = [self.budget_bytes - self.nbytes, self.kv.total_bytes - self.kv.nbytes]
+        if self.kv.bank_bytes is not None:
+            free.append(self.kv.bank_bytes - sum(part["bytes"] for part in self.kv.usage(bank).values()))
+        return min(free)
+
     def discard(self, bank: int, key: str) -> None:
         self.kv.discard(bank, KIND, key)
 

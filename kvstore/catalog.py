@@ -23,6 +23,7 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     event,
+    false,
 )
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import DBAPIError
@@ -63,6 +64,9 @@ class BankRow(Base):
     evictions: Mapped[int] = mapped_column(BigInteger, default=0)
     merges: Mapped[int] = mapped_column(BigInteger, default=0)
     reencodes: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    # Set by migration 0010 on banks the old near-duplicate merge touched; the next maintenance re-encodes their
+    # misattributed blocks and clears it (kvstore/dedup.py).
+    merge_repair: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
 
@@ -91,7 +95,7 @@ class DocumentRow(Base):
 
 class BlockRow(Base):
     """A block of a document. Tiers: warm (``blob_id`` set) or cold (``blob_id`` None: text and
-    embedding only). A merged near-duplicate shares its ``merged_into`` block's blob."""
+    embedding only). A block with the same token ids as an older one shares its blob (``merged_into``)."""
 
     __tablename__ = "blocks"
     # (bank_id, id): a bank's blocks a page at a time in id order (the console's block list).
@@ -269,6 +273,21 @@ class QueryLogRow(Base):
     generated_tokens: Mapped[int] = mapped_column(Integer)
 
 
+class ReplicaRow(Base):
+    """A running kvrag process on this catalog (kvstore.replication): what it serves, and when it was last alive."""
+
+    __tablename__ = "replicas"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    model_fingerprint: Mapped[str] = mapped_column(String(64))
+    model_name: Mapped[str] = mapped_column(String(200))
+    blob_url: Mapped[str] = mapped_column(String(1024))  # "" = local files
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    heartbeat_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
 def _sqlite_pragmas(dbapi_conn, _record) -> None:
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")
@@ -294,6 +313,9 @@ def make_engine(url: str) -> Engine:
 _LOCK_SQLSTATES = frozenset({"55P03", "40P01"})
 _FIRST_PAUSE_S = 0.25
 _MAX_PAUSE_S = 4.0
+# pg_advisory_xact_lock key of startup migrations ("kvrag" + 1): replicas starting together migrate one at a time,
+# and the ones after the first find the schema at head and change nothing.
+MIGRATION_LOCK_KEY = 0x6B7672616701
 
 
 def upgrade(url: str, settings: Settings | None = None) -> None:
@@ -338,6 +360,8 @@ def _upgrade_postgres(cfg: Config, url: str, lock_timeout_s: float, budget_s: fl
                 with engine.begin() as connection:
                     # LOCAL: the setting ends with this transaction, so no pooled connection keeps it.
                     connection.exec_driver_sql(f"SET LOCAL lock_timeout = {wait_ms}")
+                    # Bounded by the lock_timeout above like any lock; released when this transaction ends.
+                    connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK_KEY})")
                     cfg.attributes["connection"] = connection
                     command.upgrade(cfg, "head")
                 return

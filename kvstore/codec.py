@@ -39,6 +39,9 @@ _PREAMBLE = struct.Struct("<4sHI")
 _DIGEST = 32
 _ZSTD_LEVEL = 3
 _ALLOWED_DTYPES = {"float16", "float32", "int8", "uint8", "int16", "int32"}
+# Largest block a header may declare (K values; V as many): 2^28 is 1 GiB of fp32 K. A block holds at most
+# ``block_tokens`` (4096) tokens, a session page fewer, so real blocks stay far below it.
+MAX_BLOCK_VALUES = 1 << 28
 
 
 Sections = dict[str, np.ndarray]
@@ -149,7 +152,11 @@ def encode_block(block: BlockKV, fingerprint: str, codec: str) -> bytes:
 
 
 def read_header(data: bytes) -> tuple[BlockHeader, dict[str, Any], bytes]:
-    """Verify magic, version and checksum; return the header and the compressed payload."""
+    """Verify magic, version and checksum; return the header and the compressed payload.
+
+    Anything wrong with the bytes is a :class:`CorruptBlock` (the caller quarantines and rebuilds), never a
+    raw exception: a block with a valid checksum may still have been written by someone else.
+    """
     if len(data) < _PREAMBLE.size + _DIGEST:
         raise CorruptBlock("block is truncated")
     body, digest = data[:-_DIGEST], data[-_DIGEST:]
@@ -160,41 +167,142 @@ def read_header(data: bytes) -> tuple[BlockHeader, dict[str, Any], bytes]:
         raise CorruptBlock(f"unsupported block format version {version}")
     if hashlib.sha256(body).digest() != digest:
         raise CorruptBlock("block checksum mismatch")
+    if _PREAMBLE.size + head_len > len(body):
+        raise CorruptBlock("block header longer than the block")
     try:
         raw_header = json.loads(body[_PREAMBLE.size:_PREAMBLE.size + head_len])
+        if not isinstance(raw_header, dict):
+            raise TypeError("header is not an object")
+        params = raw_header.get("params", {})
+        if not isinstance(params, dict):
+            raise TypeError("params is not an object")
         header = BlockHeader(
-            fingerprint=str(raw_header["fingerprint"]), layers=int(raw_header["layers"]),
-            kv_heads=int(raw_header["kv_heads"]), tokens=int(raw_header["tokens"]),
-            head_dim=int(raw_header["head_dim"]), codec=str(raw_header["codec"]),
-            params=dict(raw_header.get("params", {})), key_convention=str(raw_header["key_convention"]),
+            fingerprint=str(raw_header["fingerprint"]), layers=_count(raw_header["layers"]),
+            kv_heads=_count(raw_header["kv_heads"]), tokens=_count(raw_header["tokens"]),
+            head_dim=_count(raw_header["head_dim"]), codec=str(raw_header["codec"]),
+            params=dict(params), key_convention=str(raw_header["key_convention"]),
         )
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, OverflowError) as exc:
         raise CorruptBlock(f"unreadable block header: {exc}") from None
+    section_specs(raw_header)
     return header, raw_header, body[_PREAMBLE.size + head_len:]
 
 
+def _count(value: Any) -> int:
+    """A non-negative integer field of the header (JSON allows floats, strings, NaN and Infinity: refused)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{value!r} is not a non-negative integer")
+    return value
+
+
+@dataclass(frozen=True)
+class SectionSpec:
+    """One payload section as the header declares it, checked: its decoded size is known before decompressing."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    stored: int | None  # compressed size (version 2); None in version 1's single frame
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize if self.shape else self.dtype.itemsize
+
+
+def section_specs(raw_header: dict[str, Any]) -> list[SectionSpec]:
+    """The header's sections, each a known dtype and shape, together no larger than the block's KV can be.
+
+    The bound is what makes decompression safe: the payload may never decode to more than these sizes, so a
+    zstd bomb (a tiny frame claiming gigabytes) is refused before anything is allocated.
+    """
+    try:
+        return _section_specs(raw_header)
+    except (ValueError, KeyError, TypeError, OverflowError) as exc:
+        raise CorruptBlock(f"unreadable block sections: {exc}") from None
+
+
+def _section_specs(raw_header: dict[str, Any]) -> list[SectionSpec]:
+    raw = raw_header.get("sections")
+    if not isinstance(raw, list):
+        raise TypeError("sections is not a list")
+    values = 1
+    for key in ("layers", "kv_heads", "tokens", "head_dim"):
+        values *= _count(raw_header[key])
+    if values > MAX_BLOCK_VALUES:
+        raise CorruptBlock(f"block shape exceeds {MAX_BLOCK_VALUES} values")
+    specs, total = [], 0
+    for spec in raw:
+        if not isinstance(spec, dict):
+            raise TypeError("section is not an object")
+        dtype = str(spec["dtype"])
+        if dtype not in _ALLOWED_DTYPES:
+            raise CorruptBlock(f"section dtype {dtype!r} not allowed")
+        shape = spec["shape"]
+        if not isinstance(shape, list):
+            raise TypeError("section shape is not a list")
+        dims = tuple(_count(d) for d in shape)
+        stored = _count(spec["stored"]) if "stored" in spec else None
+        size = 1
+        for dim in dims:
+            size *= dim
+            if size > _section_budget(values):
+                raise CorruptBlock("block sections larger than its shape allows")
+        section = SectionSpec(name=str(spec["name"]), dtype=np.dtype(dtype).newbyteorder("<"), shape=dims,
+                              stored=stored)
+        total += section.nbytes
+        if total > _section_budget(values):
+            raise CorruptBlock("block sections larger than its shape allows")
+        specs.append(section)
+    return specs
+
+
+def _section_budget(values: int) -> int:
+    """Decoded bytes a block of ``values`` K (and as many V) values may hold: both in fp32, plus room for the
+    presets' small side tables (scales, widths, bases)."""
+    return 2 * 4 * values + (1 << 20)
+
+
+def _decompress(decompressor: zstandard.ZstdDecompressor, frame: bytes, expected: int) -> bytes:
+    """One zstd frame that must decode to exactly ``expected`` bytes, never allocating more.
+
+    python-zstandard ignores ``max_output_size`` when the frame header states its content size (it allocates
+    that size), so the stated size is checked first.
+    """
+    stated = zstandard.frame_content_size(frame)
+    if stated not in (-1, expected):
+        raise CorruptBlock(f"block payload claims {stated} bytes where the header declares {expected}")
+    if expected == 0:
+        out = b""
+    else:
+        out = decompressor.decompress(frame, max_output_size=expected)
+    if len(out) != expected:
+        raise CorruptBlock(f"block payload decodes to {len(out)} bytes where the header declares {expected}")
+    return out
+
+
 def payload_bytes(raw_header: dict[str, Any], payload: bytes) -> bytes:
-    """The sections' raw bytes, concatenated in header order, from either payload layout."""
+    """The sections' raw bytes, concatenated in header order, from either payload layout (bounded: see
+    :func:`section_specs`)."""
     decompressor = zstandard.ZstdDecompressor()
+    specs = section_specs(raw_header)
     try:
         compression = raw_header.get("compression", "zstd")
         if compression == "zstd":
-            return decompressor.decompress(payload)
+            return _decompress(decompressor, payload, sum(spec.nbytes for spec in specs))
         if compression != "zstd-sections":
             raise CorruptBlock(f"unknown block compression {compression!r}")
         parts, offset = [], 0
-        for spec in raw_header["sections"]:
-            stored = int(spec["stored"])
-            if stored < 0 or offset + stored > len(payload):
+        for spec in specs:
+            if spec.stored is None or offset + spec.stored > len(payload):
                 raise CorruptBlock("block payload shorter than its header says")
-            parts.append(decompressor.decompress(payload[offset:offset + stored]))
-            offset += stored
+            parts.append(_decompress(decompressor, payload[offset:offset + spec.stored], spec.nbytes))
+            offset += spec.stored
         if offset != len(payload):
             raise CorruptBlock("block payload longer than its sections")
         return b"".join(parts)
     except zstandard.ZstdError as exc:
         raise CorruptBlock(f"block payload does not decompress: {exc}") from None
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:
         raise CorruptBlock(f"unreadable block sections: {exc}") from None
 
 
@@ -215,19 +323,12 @@ def decode_block(data: bytes, fingerprint: str | None = None, device: torch.devi
     raw = payload_bytes(raw_header, payload)
     sections: dict[str, torch.Tensor] = {}
     offset = 0
-    for spec in raw_header["sections"]:
-        dtype = str(spec["dtype"])
-        if dtype not in _ALLOWED_DTYPES:
-            raise CorruptBlock(f"section dtype {dtype!r} not allowed")
-        shape = tuple(int(s) for s in spec["shape"])
-        count = int(np.prod(shape)) if shape else 1
-        np_dtype = np.dtype(dtype).newbyteorder("<")
-        end = offset + count * np_dtype.itemsize
-        if end > len(raw):
-            raise CorruptBlock("block payload shorter than its header says")
-        arr = np.frombuffer(raw, dtype=np_dtype, count=count, offset=offset).reshape(shape)
+    for spec in section_specs(raw_header):
+        end = offset + spec.nbytes
+        count = spec.nbytes // spec.dtype.itemsize
+        arr = np.frombuffer(raw, dtype=spec.dtype, count=count, offset=offset).reshape(spec.shape)
         section = torch.from_numpy(arr.astype(arr.dtype.newbyteorder("="), copy=True))
-        sections[str(spec["name"])] = section if device is None else section.to(device)
+        sections[spec.name] = section if device is None else section.to(device)
         offset = end
     try:
         # Factory calls inside a preset (index tensors, scratch buffers) land on the sections' device too.
@@ -235,5 +336,6 @@ def decode_block(data: bytes, fingerprint: str | None = None, device: torch.devi
             return preset.decode(sections, header.params, header.shape)
     except torch.OutOfMemoryError:
         raise  # the device is full, the block is fine: quarantining it would lose good data
-    except (KeyError, RuntimeError, TypeError, ValueError) as exc:
+    except (ArithmeticError, AttributeError, IndexError, KeyError, RuntimeError, TypeError, ValueError) as exc:
+        # The params are whatever JSON the header holds: any way a preset trips over them is a corrupt block.
         raise CorruptBlock(f"block sections do not match preset {header.codec!r}: {exc}") from None

@@ -27,6 +27,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .attention_bias import causal_seen, layer_mask
+from .compat import with_cache
 from .forward import attention_implementation
 from .runner import Context, Runner
 
@@ -196,7 +197,7 @@ def question_votes(runner: Runner, ctx: Context, question_ids: Sequence[int]
     with _scoring(runner) as collector:
         # The decoder alone: only the attention is wanted, the LM head over the vocabulary would be wasted.
         decoder(input_ids=torch.tensor([list(question_ids)], device=device), position_ids=positions[None],
-                past_key_values=ctx.cache, use_cache=True)
+                **with_cache(decoder, ctx.cache), use_cache=True)
     for layer in ctx.cache.layers:
         layer.keys, layer.values = layer.keys[:, :, :rows], layer.values[:, :, :rows]
 

@@ -42,6 +42,16 @@ class Settings(BaseSettings):
     blob_allow_http: bool = Field(
         default=False, description="Object store only: allow a plain-HTTP AWS_ENDPOINT_URL that is not on loopback "
                                    "(loopback is always allowed; anything else needs HTTPS unless this is set).")
+    replica_staleness_s: float = Field(
+        default=1.0, gt=0, le=60, description="PostgreSQL catalog: longest a write acknowledged by another replica "
+                                              "takes to become searchable here (LISTEN/NOTIFY on the op log, and a "
+                                              "poll every half of this when a notification is lost).")
+    replica_heartbeat_s: float = Field(
+        default=5.0, gt=0, description="PostgreSQL catalog: how often a replica marks itself alive in the replica "
+                                       "registry; one silent for 3 beats no longer counts at another's start.")
+    replica_gap_s: float = Field(
+        default=30.0, gt=0, description="PostgreSQL catalog: how long a missing op-log seq (a write committed out of "
+                                        "order, or rolled back) is waited for before it is taken as rolled back.")
     model: str = Field(default=PACKAGED_LLM, description="LLM: the packaged SmolLM2 or a local HF model dir.")
     embedder: str = Field(default=PACKAGED_EMBEDDER, description="sentence-transformers model dir.")
     model_cache_dir: Path | None = Field(
@@ -73,6 +83,10 @@ class Settings(BaseSettings):
     kv_memory_bank_bytes: int | None = Field(
         default=None, ge=0, description="Optional cap of one bank's share of kv_memory_bytes. With banks x this <= "
                                         "kv_memory_bytes no bank's activity ever evicts another bank's KV.")
+    hot_tier_on_ingest: bool = Field(
+        default=True, description="Decode a new document's blocks into the hot tier's free room at ingest, so its "
+                                  "first query loads none (the first touch's block decode leaves the time to first "
+                                  "token).")
     device_cache_bytes: int = Field(
         default=4 << 30, ge=0, description="CUDA only: byte budget of blocks kept on the GPU, so a block used "
                                            "again is not copied from host memory again.")
@@ -93,6 +107,15 @@ class Settings(BaseSettings):
     max_json_depth: int = 32
     max_k: int = 100
     max_new_tokens: int = 1024
+    # Token caps of caller texts (kvstore/limits.py): over one, 413 payload_too_large before any model work.
+    # SmolLM2 has 8,192 positions: a 512-token question leaves a kv query room for 20+ blocks of 256 and the
+    # answer; a brief's 1,024-token task states a goal, not a document; an append of 2,048 tokens (8 pages) is a
+    # long tool result, and a bigger one is stored as a document (up to max_document_chars) or appended in parts.
+    max_question_tokens: int = Field(default=512, ge=1, le=32768, description="Longest question (query, chat).")
+    max_task_tokens: int = Field(default=1024, ge=1, le=32768, description="Longest session brief task or goal.")
+    max_segment_tokens: int = Field(default=2048, ge=1, le=32768, description="Longest session segment.")
+    max_append_tokens: int = Field(default=2048, ge=1, le=65536,
+                                   description="Most tokens of all segments of one session append.")
     queue_size: int = Field(default=32, ge=1, description="Model work waiting beyond this answers 503.")
     batch_max_size: int = Field(
         default=8, ge=1, description="kv queries waiting for the model whose questions are prefilled and decoded "

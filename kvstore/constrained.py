@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import torch
 from transformers import DynamicCache, PreTrainedTokenizerBase
 
+from .compat import with_cache
 from .runner import Runner
 
 _LIST_PIECE = re.compile(r"[0-9, \]]+")
@@ -58,7 +59,7 @@ def greedy_id_list(runner: Runner, prompt_ids: Sequence[int], opening: str, allo
     device = runner.llm.device
     ids = [*prompt_ids, *runner.tokenizer.encode(opening, add_special_tokens=False)]
     cache = DynamicCache()
-    out = runner.model(input_ids=torch.tensor([ids], device=device), past_key_values=cache, use_cache=True,
+    out = runner.model(input_ids=torch.tensor([ids], device=device), **with_cache(runner.model, cache), use_cache=True,
                        logits_to_keep=1)
     text = ""
     # Each id is at most a few tokens and none repeats, so the list closes well within this bound.
@@ -70,6 +71,6 @@ def greedy_id_list(runner: Runner, prompt_ids: Sequence[int], opening: str, allo
         text += pieces[best]
         if text.endswith("]"):
             break
-        out = runner.model(input_ids=torch.tensor([[best]], device=device), past_key_values=cache, use_cache=True,
-                           logits_to_keep=1)
+        out = runner.model(input_ids=torch.tensor([[best]], device=device), **with_cache(runner.model, cache),
+                           use_cache=True, logits_to_keep=1)
     return opening + text + "}"

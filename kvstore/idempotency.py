@@ -72,21 +72,29 @@ def lookup(sessions: sessionmaker[Session], bank: str, owner: str, key: str, req
 
 
 def save(sessions: sessionmaker[Session], bank: str, owner: str, key: str, req_hash: str, status_code: int,
-         body: dict[str, Any], ttl_s: float) -> None:
-    """Remember a successful answer (purging the bank's expired records first); a concurrent twin that saved
-    first wins (both did the same write)."""
+         body: dict[str, Any], ttl_s: float) -> StoredResponse:
+    """Remember a successful answer (purging the bank's expired records first) and return the answer the key
+    keeps: a concurrent twin (on this replica or another) that saved first wins the primary key, and its answer
+    is returned here too, so both callers get the same one (both did the same write)."""
+    mine = StoredResponse(status_code=status_code, body=body)
     with sessions() as s:
         bank_id = _bank_id(s, bank)
         if bank_id is None:
-            return
+            return mine
         s.execute(delete(IdempotencyRow).where(IdempotencyRow.bank_id == bank_id,
                                                IdempotencyRow.created_at <= _cutoff(ttl_s)))
         s.add(IdempotencyRow(bank_id=bank_id, owner=owner, key=key, request_hash=req_hash, status_code=status_code,
                              response=body, created_at=utcnow()))
         try:
             s.commit()
+            return mine
         except IntegrityError:
             s.rollback()
+    try:
+        first = lookup(sessions, bank, owner, key, req_hash, ttl_s)
+    except Conflict:  # a different request won the key meanwhile: this write is done, answer as it went
+        return mine
+    return first if first is not None else mine
 
 
 def purge_expired(sessions: sessionmaker[Session], bank: str, ttl_s: float) -> int:

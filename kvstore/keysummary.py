@@ -49,6 +49,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .catalog import BankRow, BlockRow
+from .compat import with_cache
 from .errors import CorruptBlock, ValidationFailed
 from .forward import StopForward, attention_implementation
 from .runner import BlockKV, Runner
@@ -218,7 +219,7 @@ def question_queries(runner: Runner, question: str, plan: HeadPlan) -> torch.Ten
     with _capturing(runner, plan.last_layer) as seen:
         try:
             runner.model(input_ids=torch.tensor([ids], device=device), position_ids=positions[None],
-                         past_key_values=runner.prefix_cache(), use_cache=True, logits_to_keep=1)
+                         **with_cache(runner.model, runner.prefix_cache()), use_cache=True, logits_to_keep=1)
         except StopForward:
             pass
     # Every layer's slot, so that models with per-layer rotary parameters unrotate each layer with its own

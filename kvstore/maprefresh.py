@@ -29,7 +29,7 @@ import httpx
 if TYPE_CHECKING:
     from .catalog import ContextMapQueryRow
     from .config import Settings
-    from .contextmap import MapState
+    from .mapstate import MapState
     from .runner import Runner
 
 REFRESH_EDITS = 3  # edits one refresh may propose: a small map changes a little at a time

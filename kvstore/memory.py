@@ -1,4 +1,4 @@
-"""Memory management: tiers, eviction policies, attention importance, near-duplicate merging, expiry.
+"""Memory management: tiers, eviction policies, attention importance, dedup, expiry.
 
 Tiers of a block:
 
@@ -32,6 +32,7 @@ sessions and write order.
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -46,11 +47,15 @@ from sqlalchemy.orm import Session
 from .cache import HotCache
 from .catalog import BankRow, BlockRow, DocumentRow, utcnow
 from .codec import encode_block
+from .dedup import ids_bytes, misattributed, plan_dedup, share_blob
+from .replication import blob_gc_lock
 from .runner import BlockKV, Context
 from .sessions import sessions_of
 
 if TYPE_CHECKING:
     from .ports import Engine
+
+log = logging.getLogger(__name__)
 
 POLICIES = ("lru", "importance", "hybrid")
 
@@ -66,9 +71,6 @@ class MemoryConfig:
     hybrid_weights: tuple[float, float] = (0.7, 0.3)  # heat, attention importance (each scaled to [0, 1])
     track_importance: bool = True  # one extra question pass after the answer; never delays the first token
     rewarm_on_access: bool = True  # a cold block a query used goes back to warm (then the budget is enforced)
-    merge_cosine: float = 0.95  # near-duplicates: embedding cosine at least this ...
-    merge_overlap: float = 0.7  # ... and token-bigram Jaccard overlap at least this
-    merge_neighbours: int = 5
     orphan_grace_s: float = 3600.0  # unreferenced blobs younger than this may belong to an ingest in flight
 
 
@@ -262,44 +264,6 @@ def record_access(s: Session, block_ids: Sequence[int], shares: Sequence[float] 
         s.execute(update(BlockRow).where(BlockRow.id == r.id).values(**values))
 
 
-# -- merging --------------------------------------------------------------------------------------
-
-
-def token_overlap(a: Sequence[int], b: Sequence[int]) -> float:
-    """Jaccard overlap of two blocks' token bigrams: word order counts, and a small vocabulary (where any two
-    texts share most single tokens) does not make unrelated blocks look alike."""
-    sa, sb = set(zip(a, a[1:], strict=False)), set(zip(b, b[1:], strict=False))
-    return len(sa & sb) / len(sa | sb) if sa or sb else 1.0
-
-
-def plan_merges(ids: np.ndarray, vectors: np.ndarray, tokens: dict[int, list[int]], blobs: dict[int, str],
-                neighbours: np.ndarray, cosines: np.ndarray, cfg: MemoryConfig) -> list[tuple[int, int]]:
-    """(canonical, duplicate) pairs: cosine and token overlap above thresholds, strongest pairs first.
-
-    ``neighbours``/``cosines`` are each block's nearest blocks (``[n, m]``, as ids). The older block
-    (lower id) is canonical; a block is either a canonical or a duplicate, never both, so merges do not
-    chain into content that drifts from every source.
-    """
-    pairs = []
-    for row, block_id in enumerate(ids.tolist()):
-        for other, cos in zip(neighbours[row].tolist(), cosines[row].tolist(), strict=True):
-            if other < 0 or other == block_id or cos < cfg.merge_cosine or blobs[other] == blobs[block_id]:
-                continue
-            pairs.append((cos, min(block_id, other), max(block_id, other)))
-    canonical: set[int] = set()
-    merged: set[int] = set()
-    out = []
-    for _, keep, dup in sorted(set(pairs), reverse=True):
-        if keep in merged or dup in merged or dup in canonical:
-            continue
-        if token_overlap(tokens[keep], tokens[dup]) < cfg.merge_overlap:
-            continue
-        canonical.add(keep)
-        merged.add(dup)
-        out.append((keep, dup))
-    return out
-
-
 # -- tiers, expiry, garbage -----------------------------------------------------------------------
 
 
@@ -399,7 +363,7 @@ def expired_doc_ids(s: Session, bank_id: int, now: datetime) -> list[str]:
 
 
 class MemoryManager:
-    """Tiers, budgets, importance, merging, expiry, re-encoding and garbage collection of a BankStore.
+    """Tiers, budgets, importance, dedup, expiry, re-encoding and garbage collection of a BankStore.
 
     It works through the store's own catalog sessions, blob store, hot tier, index and model lock,
     and keeps its write order: blobs first, then one catalog transaction, then derived state.
@@ -469,6 +433,7 @@ class MemoryManager:
             return 0
         store = self.store
         with store.blob_lock:
+            blob_gc_lock(s, exclusive=False)  # these blobs are referenced when this transaction commits
             for row, kv in cold:
                 data = encode_block(kv, bank.model_fingerprint, bank.codec)
                 blob_id = store.blobs.put(data)
@@ -496,10 +461,12 @@ class MemoryManager:
 
     def maintain(self, bank: str, *, evict: bool = True, merge: bool = True, gc: bool = True, expire: bool = True,
                  reencode: bool = True) -> dict[str, Any]:
-        """Expire, re-encode (model change, spare budget), merge near-duplicates, evict, collect orphans."""
+        """Expire, repair old near-duplicate merges, re-encode (model change, spare budget), share the blobs of
+        blocks with identical tokens, evict, collect orphans."""
         store = self.store
-        report: dict[str, Any] = {"bank": bank, "expired_documents": [], "rebound_model": False, "reencoded": 0,
-                                  "merged": 0, "evicted": 0, "over_budget": False, "orphan_blobs_removed": 0}
+        report: dict[str, Any] = {"bank": bank, "expired_documents": [], "repaired_merges": 0, "rebound_model": False,
+                                  "reencoded": 0, "merged": 0, "evicted": 0, "over_budget": False,
+                                  "orphan_blobs_removed": 0}
         if expire:
             with store.sessions() as s:
                 doomed = expired_doc_ids(s, store.bank_row(s, bank).id, utcnow())
@@ -508,6 +475,9 @@ class MemoryManager:
             report["expired_documents"] = doomed
         if reencode:
             report["rebound_model"] = self._rebind_model(bank)
+        # Not optional: until it runs, a bank the old code merged answers with other documents' facts.
+        report["repaired_merges"] = self._repair_merges(bank)
+        if reencode:
             report["reencoded"] = self._rewarm_cold(bank)
         if merge:
             report["merged"] = self._merge(bank)
@@ -564,6 +534,7 @@ class MemoryManager:
                     kvs = store.runner.encode([np.frombuffer(b.token_ids, dtype="<i4").tolist() for b in part], batch)
                 full = False
                 with store.blob_lock:
+                    blob_gc_lock(s, exclusive=False)
                     warmed = 0
                     for block, kv in zip(part, kvs, strict=True):
                         data = encode_block(kv, row.model_fingerprint, row.codec)
@@ -584,62 +555,75 @@ class MemoryManager:
             return done
 
     def _merge(self, bank: str) -> int:
-        """Point each near-duplicate warm block at its canonical block's blob (it then serves that KV and
-        lists it in ``merged_into``); the duplicate's own blob is freed. Every source stays searchable
-        under its own document, metadata and filters."""
+        """Point each warm block at the blob of the oldest block with identical token ids (dedup; see
+        :mod:`kvstore.dedup`): the answers stay exactly what each block's own tokens give."""
         store = self.store
-        cfg = self.config
         with store.sessions() as s, store.blob_lock:
             row = store.bank_row(s, bank)
-            blocks = {b.id: b for b in s.scalars(select(BlockRow).where(
-                BlockRow.bank_id == row.id, BlockRow.status == "live", BlockRow.blob_id.is_not(None),
-                BlockRow.merged_into.is_(None)))}
-            if len(blocks) < 2:
-                return 0
-            ids = np.asarray(sorted(blocks), dtype=np.int64)
-            vectors = np.stack([np.frombuffer(blocks[i].embedding, dtype="<f4") for i in ids.tolist()])
-            index = store.bank_index(row)
-            with index.lock:
-                cosines, neighbours = index.index.search(vectors, min(cfg.merge_neighbours + 1, index.ntotal))
-            neighbours = np.where(np.isin(neighbours, ids), neighbours, -1)  # cold or merged blocks do not take part
-            tokens = {i: np.frombuffer(b.token_ids, dtype="<i4").tolist() for i, b in blocks.items()}
-            blob_of = {i: b.blob_id or "" for i, b in blocks.items()}
-            pairs = plan_merges(ids, vectors, tokens, blob_of, neighbours, cosines, cfg)
-            freed = set()
-            for keep, dup in pairs:
-                canon, alias = blocks[keep], blocks[dup]
-                freed.add(alias.blob_id)
-                alias.blob_id, alias.stored_bytes, alias.merged_into = canon.blob_id, canon.stored_bytes, canon.id
-                # The duplicate now serves the canonical KV, so its tokens are the canonical ones (text mode,
-                # recompute and a cold re-encode then all see the same content); its own text stays.
-                alias.token_ids, alias.token_count = canon.token_ids, canon.token_count
-                alias.raw_bytes = canon.raw_bytes
-                alias.kv_summary = canon.kv_summary  # it ranks by the keys it now serves
+            blocks = s.scalars(select(BlockRow).where(
+                BlockRow.bank_id == row.id, BlockRow.status == "live", BlockRow.blob_id.is_not(None))).all()
+            pairs = plan_dedup(blocks)
+            freed = {share_blob(keep, dup) for keep, dup in pairs}
             if pairs:
                 row.merges += len(pairs)
                 s.commit()
                 store.drop_unreferenced(s, freed)
             return len(pairs)
 
+    def _repair_merges(self, bank: str) -> int:
+        """Re-encode, from its own text, every block of a bank the old near-duplicate merge touched (flagged by
+        migration 0010): its stored token ids and KV were another block's. Returns how many were repaired."""
+        store = self.store
+        with store.sessions() as s:
+            row = store.bank_row(s, bank)
+            if not row.merge_repair or row.model_fingerprint != store.llm.fingerprint:
+                return 0  # another model's bank: rebinding it to this model re-tokenizes every block anyway
+            wrong = misattributed(s.scalars(select(BlockRow).where(BlockRow.bank_id == row.id)).all(),
+                                  store.runner.tokenize)
+            batch = store.settings.encode_batch_size
+            with store.blob_lock:
+                blob_gc_lock(s, exclusive=False)  # the re-encoded blobs are referenced when this commits
+                old_blobs = set()
+                for start in range(0, len(wrong), batch):
+                    part = wrong[start:start + batch]
+                    with store.model_lock:
+                        kvs = store.runner.encode([m.token_ids for m in part], batch)
+                    for fix, kv in zip(part, kvs, strict=True):
+                        block, data = fix.block, encode_block(kv, row.model_fingerprint, row.codec)
+                        old_blobs.add(block.blob_id)
+                        block.token_ids = ids_bytes(fix.token_ids)
+                        block.token_count = len(fix.token_ids)
+                        block.raw_bytes = len(fix.token_ids) * store.runner.bytes_per_token_fp16
+                        block.blob_id, block.stored_bytes, block.codec = store.blobs.put(data), len(data), row.codec
+                        block.kv_summary = store.summaries.build(kv, row.model_fingerprint)
+                        block.merged_into = None
+                row.merge_repair = False
+                s.commit()
+                store.drop_unreferenced(s, old_blobs)
+            if wrong:
+                log.warning("bank %s: re-encoded %d blocks that near-duplicate merging had pointed at another "
+                            "block's KV", bank, len(wrong))
+            return len(wrong)
+
     def collect_orphans(self) -> int:
-        """Delete blob files no block of any bank references, older than the grace period (an ingest
-        writes its blobs before its catalog transaction)."""
+        """Delete blobs no block of any bank references, older than the grace period (an ingest writes its blobs
+        before its catalog transaction). Safe with several writer processes: the listing and the references are
+        read under the collection lock (kvstore.replication.blob_gc_lock), which a transaction about to reference a
+        blob holds shared from its (re)put of that blob to its commit."""
         store = self.store
         cutoff = time.time() - self.config.orphan_grace_s
         removed = 0
         with store.sessions() as s, store.blob_lock:
+            blob_gc_lock(s, exclusive=True)
+            old = list(store.blobs.ids_older_than(cutoff))
             referenced = set(s.scalars(select(BlockRow.blob_id).where(BlockRow.blob_id.is_not(None)).distinct()))
-            for blob_id in list(store.blobs.ids()):
+            for blob_id in old:
                 if blob_id in referenced:
-                    continue
-                try:
-                    if store.blobs._path(blob_id).stat().st_mtime > cutoff:
-                        continue
-                except FileNotFoundError:
                     continue
                 store.blobs.delete(blob_id)
                 store.hot.discard_everywhere(blob_id)
                 removed += 1
+            s.commit()
         return removed
 
     def sources(self, block_id: int) -> list[int]:

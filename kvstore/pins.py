@@ -19,21 +19,15 @@ import math
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from .errors import Conflict, NotFound, ValidationFailed
+from .errors import NotFound, ValidationFailed
 
 if TYPE_CHECKING:
-    from .contextmap import Applied, Edit, Item, MapState
-
-
-def check_unpinned(item: Item) -> None:
-    """An edit may not delete or replace a pinned item."""
-    if item.pinned:
-        raise Conflict(f"context-map item {item.id} is pinned; an owner must unpin it before it is changed")
+    from .mapstate import Applied, Edit, MapState
 
 
 def set_pinned(state: MapState, item_id: str, pinned: bool) -> bool:
     """Pin or unpin ``item_id`` in ``state``; whether anything changed."""
-    from .contextmap import ITEM_ID
+    from .mapstate import ITEM_ID
 
     if not isinstance(item_id, str) or not ITEM_ID.match(item_id):
         raise ValidationFailed(f"{item_id!r} is not a context-map item id (cr-N, cu-N or rr-N)")
@@ -48,8 +42,8 @@ def set_pinned(state: MapState, item_id: str, pinned: bool) -> bool:
 
 def check_pinned_fit(state: MapState, budget: int, count_tokens: Callable[[str], int]) -> None:
     """A budget must hold the pinned items: eviction never removes them."""
-    from .contextmap import MapState as State
-    from .contextmap import render
+    from .mapstate import MapState as State
+    from .mapstate import render
 
     pinned = State({k: v for k, v in state.items.items() if v.pinned}, budget_tokens=budget)
     need = count_tokens(render(pinned)) if pinned.items else 0

@@ -15,7 +15,6 @@ from typing import Any, Protocol
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from .blobs import LocalBlobStore
 from .cache import HotCache
 from .catalog import BankRow, BlockRow
 from .config import Settings
@@ -23,6 +22,7 @@ from .index import BankIndex
 from .kvbudget import KVBudget
 from .models import LoadedModel
 from .runner import BlockKV, Runner
+from .storage.blobstore import BlobStore
 from .types import Hit, SearchFilter
 
 
@@ -37,7 +37,7 @@ class Engine(Protocol):
 
     settings: Settings
     sessions: sessionmaker[Session]
-    blobs: LocalBlobStore
+    blobs: BlobStore  # local files or an object store (kvstore.storage)
     hot: HotCache
     kv_memory: KVBudget  # one byte budget over every KV kept in RAM, partitioned by bank
     llm: LoadedModel

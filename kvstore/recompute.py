@@ -64,6 +64,7 @@ from transformers.masking_utils import (
 
 from .attention_bias import BIASED_SDPA
 from .compaction import token_scores
+from .compat import with_cache
 from .forward import StopForward, start_at, stop_before
 from .runner import Context, Runner
 
@@ -196,7 +197,7 @@ def _forward(runner: Runner, cache: _ScatterCache, positions: torch.Tensor, inpu
         extra.update(runner.bias_kwargs(biased))
     with start_at(runner, start):
         try:
-            out = run(**given, position_ids=positions[None], past_key_values=cache, use_cache=True,
+            out = run(**given, position_ids=positions[None], **with_cache(run, cache), use_cache=True,
                       attention_mask=_masks(runner, positions, kv_length), **extra)
         except StopForward:
             return None

@@ -16,6 +16,7 @@ import torch
 from transformers import DynamicCache
 
 from . import attention_bias
+from .compat import with_cache
 from .device import Assembled, PendingLayer, ResidentBlocks, assemble_layers
 from .models import LoadedModel
 from .rope import ModelRope
@@ -188,7 +189,7 @@ class Runner:
         cache = DynamicCache()
         ids = torch.tensor([self.prefix_ids], device=self.llm.device)
         pos = torch.arange(len(self.prefix_ids), device=self.llm.device)[None]
-        self.model(input_ids=ids, position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        self.model(input_ids=ids, position_ids=pos, **with_cache(self.model, cache), use_cache=True, logits_to_keep=1)
         k = torch.stack([cache.layers[i].keys[0] for i in range(self.num_layers)])
         v = torch.stack([cache.layers[i].values[0] for i in range(self.num_layers)])
         return k, v  # post-RoPE, [layers, kv_heads, prefix, head_dim]
@@ -231,8 +232,8 @@ class Runner:
                 ids[row, : len(b)] = torch.tensor(list(b), dtype=torch.long)
             positions = torch.arange(p, p + width, device=device)
             cache = self.prefix_cache(len(batch))
-            self.model(input_ids=ids, position_ids=positions[None].expand(len(batch), -1), past_key_values=cache,
-                       use_cache=True, logits_to_keep=1)
+            self.model(input_ids=ids, position_ids=positions[None].expand(len(batch), -1),
+                       **with_cache(self.model, cache), use_cache=True, logits_to_keep=1)
             k_all = torch.stack([cache.layers[i].keys[:, :, p:] for i in range(self.num_layers)], dim=1)
             v_all = torch.stack([cache.layers[i].values[:, :, p:] for i in range(self.num_layers)], dim=1)
             # k_all, v_all: [batch, layers, kv_heads, width, head_dim]
@@ -360,7 +361,7 @@ class Runner:
         rows = ctx.cache.get_seq_length()
         positions = torch.arange(ctx.next_position, ctx.next_position + n, device=device)
         self.model(input_ids=torch.tensor([list(input_ids)], device=device), position_ids=positions[None],
-                   past_key_values=ctx.cache, use_cache=True, logits_to_keep=1, **self.bias_kwargs(ctx))
+                   **with_cache(self.model, ctx.cache), use_cache=True, logits_to_keep=1, **self.bias_kwargs(ctx))
         k = torch.stack([ctx.cache.layers[i].keys[0, :, rows:] for i in range(self.num_layers)])
         v = torch.stack([ctx.cache.layers[i].values[0, :, rows:] for i in range(self.num_layers)])
         ctx.next_position += n
@@ -379,7 +380,7 @@ class Runner:
         device = self.llm.device
         ids = torch.tensor([list(input_ids)], device=device)
         pos = torch.arange(ctx.next_position, ctx.next_position + len(input_ids), device=device)[None]
-        out = self.model(input_ids=ids, position_ids=pos, past_key_values=ctx.cache, use_cache=True,
+        out = self.model(input_ids=ids, position_ids=pos, **with_cache(self.model, ctx.cache), use_cache=True,
                          **self.bias_kwargs(ctx))
         return out.logits[0].float()
 
@@ -390,7 +391,7 @@ class Runner:
         device = self.llm.device
         ids = torch.tensor([list(input_ids)], device=device)
         positions = torch.arange(ctx.next_position, ctx.next_position + len(input_ids), device=device)[None]
-        out = self.model(input_ids=ids, position_ids=positions, past_key_values=ctx.cache, use_cache=True,
+        out = self.model(input_ids=ids, position_ids=positions, **with_cache(self.model, ctx.cache), use_cache=True,
                          logits_to_keep=1, **self.bias_kwargs(ctx))
         return out.logits[0, -1]
 
@@ -430,8 +431,9 @@ class Runner:
         for step in range(max(0, max_new_tokens)):
             if step > 0:
                 out = self.model(input_ids=torch.tensor([[tokens[-1]]], device=device),
-                                 position_ids=torch.tensor([[position]], device=device), past_key_values=ctx.cache,
-                                 use_cache=True, logits_to_keep=1, **self.bias_kwargs(ctx))
+                                 position_ids=torch.tensor([[position]], device=device),
+                                 **with_cache(self.model, ctx.cache), use_cache=True, logits_to_keep=1,
+                                 **self.bias_kwargs(ctx))
                 logits = out.logits[0, -1]
                 position += 1
             nxt = int(logits.argmax())

@@ -26,6 +26,7 @@ from sqlalchemy import delete, func, select
 
 from .catalog import utcnow
 from .errors import Conflict, NotFound, ValidationFailed
+from .session_rows import AgentSessionRow, SessionPageRow, SessionSegmentRow
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -33,7 +34,6 @@ if TYPE_CHECKING:
     from .catalog import BankRow
     from .config import Settings
     from .ports import Engine
-    from .sessions import AgentSessionRow
 
 
 @dataclass
@@ -77,8 +77,6 @@ class RestorableSessions:
     def purge_pruned(self, session_pk: int | None = None, now: datetime | None = None) -> int:
         """Delete the KV pages of segments pruned longer ago than the retention (of one session, or all);
         how many segments lost theirs."""
-        from .sessions import SessionPageRow, SessionSegmentRow
-
         cutoff = (now or utcnow()) - self.retention
         with self.store.sessions() as s, self._write_lock:
             q = select(SessionSegmentRow.id).join(SessionPageRow, SessionPageRow.segment_pk == SessionSegmentRow.id
@@ -98,8 +96,6 @@ class RestorableSessions:
     def restore(self, bank: str, session_id: str, segments: Sequence[int] | None = None) -> RestoreResult:
         """Make pruned segments live again (all restorable ones when ``segments`` is None). A named segment
         that does not exist is a 404, one whose KV was purged a 409; live ones are left as they are."""
-        from .sessions import SessionPageRow, SessionSegmentRow
-
         if segments is not None and (not isinstance(segments, list | tuple) or not all(
                 isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 2**31 for i in segments)):
             raise ValidationFailed("segments must be a list of segment ids")

@@ -39,14 +39,6 @@ import httpx
 import numpy as np
 import torch
 from sqlalchemy import (
-    JSON,
-    DateTime,
-    ForeignKey,
-    Integer,
-    LargeBinary,
-    String,
-    Text,
-    UniqueConstraint,
     case,
     delete,
     func,
@@ -54,10 +46,9 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Mapped, Session, mapped_column
+from sqlalchemy.orm import Session
 
-from .blobs import LocalBlobStore
-from .catalog import BankRow, Base, BigId, BlockRow, utcnow
+from .catalog import BankRow, BlockRow, utcnow
 from .codec import decode_block, encode_block
 from .compaction import (
     COMPACTION_SKIP_LAYERS,
@@ -71,8 +62,12 @@ from .compaction import (
 )
 from .constrained import greedy_id_list, list_tokens
 from .errors import Conflict, CorruptBlock, IncompatibleModel, NotFound, PayloadTooLarge, ValidationFailed
+from .limits import limits_of
+from .replication import blob_gc_lock
 from .runner import BlockKV, Context, Runner
 from .session_restore import RestorableSessions, bound_doomed, prune_cap
+from .session_rows import AgentSessionRow, SessionPageRow, SessionSegmentRow  # noqa: F401  (re-exported)
+from .storage.blobstore import BlobStore, open_blob_store
 
 if TYPE_CHECKING:
     from .ports import Engine
@@ -87,59 +82,6 @@ _JUDGE_SNIPPET_CHARS = 400  # how much of each segment the prune judge reads
 
 Role = Literal["orchestrator", "tool", "worker", "note"]
 PrunePolicy = Literal["model", "attention"]
-
-
-# -- catalog rows (created by migrations/versions/0004_sessions.py) -----------------------------
-
-
-class AgentSessionRow(Base):
-    """One session. ``positions`` is how many positions its segments used so far (pruned ones included)."""
-
-    __tablename__ = "agent_sessions"
-    __table_args__ = (UniqueConstraint("bank_id", "session_id", name="uq_agent_sessions_bank_session"),)
-
-    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
-    bank_id: Mapped[int] = mapped_column(ForeignKey("banks.id", ondelete="CASCADE"), index=True)
-    session_id: Mapped[str] = mapped_column(String(128))
-    meta: Mapped[dict[str, Any]] = mapped_column("metadata", JSON, default=dict)
-    agent: Mapped[str | None] = mapped_column(String(128), nullable=True)
-    positions: Mapped[int] = mapped_column(Integer, default=0)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-
-
-class SessionSegmentRow(Base):
-    """A segment: its text and tokens (kept after a prune, for audit), where it sits, its attention record."""
-
-    __tablename__ = "session_segments"
-    __table_args__ = (UniqueConstraint("session_pk", "ordinal", name="uq_session_segments_ordinal"),)
-
-    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
-    session_pk: Mapped[int] = mapped_column(ForeignKey("agent_sessions.id", ondelete="CASCADE"), index=True)
-    ordinal: Mapped[int] = mapped_column(Integer)
-    role: Mapped[str] = mapped_column(String(16))
-    agent: Mapped[str | None] = mapped_column(String(128), nullable=True)
-    text: Mapped[str] = mapped_column(Text)
-    token_ids: Mapped[bytes] = mapped_column(LargeBinary)  # int32 little-endian
-    start: Mapped[int] = mapped_column(Integer)  # first position, counted after the shared prefix
-    token_count: Mapped[int] = mapped_column(Integer)
-    attention: Mapped[list[Any]] = mapped_column(JSON, default=list)  # per brief: share of the attention / even share
-    pruned_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
-    prune_reason: Mapped[str | None] = mapped_column(String(32), nullable=True)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-
-
-class SessionPageRow(Base):
-    """A page of a live segment's KV (at most the bank's block size in tokens), one codec blob."""
-
-    __tablename__ = "session_pages"
-
-    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
-    segment_pk: Mapped[int] = mapped_column(ForeignKey("session_segments.id", ondelete="CASCADE"), index=True)
-    ordinal: Mapped[int] = mapped_column(Integer)
-    token_count: Mapped[int] = mapped_column(Integer)
-    blob_id: Mapped[str] = mapped_column(String(64), index=True)
-    stored_bytes: Mapped[int] = mapped_column(Integer)
 
 
 # -- public value types -------------------------------------------------------------------------
@@ -444,7 +386,10 @@ class SessionStore(RestorableSessions):
         self.store = store
         self.settings = store.settings
         self.runner: Runner = store.runner
-        self.blobs = LocalBlobStore(store.settings.data_dir / "session-blobs")
+        settings = store.settings
+        self.blobs: BlobStore = open_blob_store(settings.blob_url, settings.data_dir / "session-blobs",
+                                                cache_bytes=settings.blob_cache_bytes,
+                                                allow_http=settings.blob_allow_http)
         self._write_lock = threading.Lock()  # appends and prunes of this process, one at a time
         self._states = store.kv_memory
 
@@ -570,15 +515,14 @@ class SessionStore(RestorableSessions):
         cutoff = time.time() - grace_s
         removed = 0
         with self.store.sessions() as s, self._write_lock:
+            blob_gc_lock(s, exclusive=True)  # appends on other replicas hold it shared from their puts to commit
+            old = list(self.blobs.ids_older_than(cutoff))
             referenced = set(s.scalars(select(SessionPageRow.blob_id).distinct()))
-            for blob_id in list(self.blobs.ids()):
-                try:
-                    if blob_id in referenced or self.blobs._path(blob_id).stat().st_mtime > cutoff:
-                        continue
-                except FileNotFoundError:
-                    continue
-                self.blobs.delete(blob_id)
-                removed += 1
+            for blob_id in old:
+                if blob_id not in referenced:
+                    self.blobs.delete(blob_id)
+                    removed += 1
+            s.commit()
         return removed
 
     def _info(self, s: Session, bank: BankRow, row: AgentSessionRow, with_text: bool = True) -> SessionInfo:
@@ -668,6 +612,7 @@ class SessionStore(RestorableSessions):
         """
         t0 = time.perf_counter()
         segs = self._validate_segments(segments)
+        limits_of(self.store).check_segments([g.text for g in segs])
         runner = self.runner
         token_ids = [runner.tokenize(render_segment(g.role, g.text, g.agent or agent)) for g in segs]
         with self.store.sessions() as s, self._write_lock:
@@ -680,6 +625,7 @@ class SessionStore(RestorableSessions):
                 new = runner.extend(ctx, [t for ids in token_ids for t in ids])
             t_prefill = time.perf_counter()
             # Blobs first (atomic, fsynced), then one transaction: a crash in between leaves only orphan blobs.
+            blob_gc_lock(s, exclusive=False)
             written: list[list[tuple[str, int, int]]] = []  # per segment: (blob id, tokens, bytes) per page
             decoded: list[BlockKV] = []
             row = 0
@@ -744,6 +690,7 @@ class SessionStore(RestorableSessions):
         t0 = started_at if started_at is not None else time.perf_counter()
         if not isinstance(task, str) or not task.strip():
             raise ValidationFailed("task must be a non-empty string")
+        limits_of(self.store).check_task(task)
         compaction: dict[str, Any] = {k: v for k, v in (("tau", tau), ("budget_tokens", budget_tokens))
                                       if v is not None}
         try:
@@ -762,7 +709,9 @@ class SessionStore(RestorableSessions):
             bank_row = self.bank_row(s, bank)
             session = self._session(s, bank_row, session_id)
             state = self._state(s, bank_row, session)
-            hits, docs = self._documents(s, bank, bank_row, task, include_documents)
+            # The documents go after the trajectory: only those that fit the model's positions are read.
+            fixed = len(runner.prefix_ids) + session.positions + len(task_ids) + max_new_tokens
+            hits, docs = self._documents(s, bank, bank_row, task, include_documents, fixed)
             t_loaded = time.perf_counter()
             with self.store.model_lock:
                 ctx, kept, scores = self._compact(state, session.positions, task_ids, spec, docs, selection)
@@ -824,14 +773,18 @@ class SessionStore(RestorableSessions):
         doc_positions = torch.arange(next_offset, next_offset + docs.tokens, device=state.positions.device)
         return self._context(kept, next_offset + docs.tokens, docs, doc_positions), kept.tokens, scores
 
-    def _documents(self, s: Session, bank: str, bank_row: BankRow, task: str, k: int
+    def _documents(self, s: Session, bank: str, bank_row: BankRow, task: str, k: int, fixed_tokens: int = 0
                    ) -> tuple[list[Hit], BlockKV | None]:
-        """The top-k bank blocks for the task and their KV, concatenated (None when k is 0 or nothing matched)."""
+        """The top-k bank blocks for the task that fit the model's positions after ``fixed_tokens``, and their KV
+        concatenated (None when k is 0 or nothing matched)."""
         if k == 0:
             return [], None
         hits = self.store.search(bank, task, k=k)
-        rows = {r.id: r for r in s.scalars(select(BlockRow).where(BlockRow.id.in_([h.block_id for h in hits])))}
-        blocks = [self.store.load_block(s, bank_row, rows[h.block_id]) for h in hits if h.block_id in rows]
+        rows = {r.id: r for r in s.scalars(select(BlockRow).where(
+            BlockRow.bank_id == bank_row.id, BlockRow.id.in_([h.block_id for h in hits])))}
+        hits = [h for h in hits if h.block_id in rows]
+        hits = hits[:limits_of(self.store).blocks_that_fit([rows[h.block_id].token_count for h in hits], fixed_tokens)]
+        blocks = [self.store.load_block(s, bank_row, rows[h.block_id]) for h in hits]
         return hits, (_concat(self.runner, blocks) if blocks else None)
 
     def _record_attention(self, s: Session, state: SessionKV, relative: Sequence[float]) -> None:
@@ -853,6 +806,11 @@ class SessionStore(RestorableSessions):
                              timeout_s=float(getattr(self.settings, "map_llm_timeout_s", 60.0)))
         return LocalJudge(self.runner, self.store.model_lock)
 
+    def prune_needs_model(self, policy: str) -> bool:
+        """Whether a prune with ``policy`` and the default judge runs the loaded model. Only then does it belong
+        on the model worker: a remote judge's network call (up to ``map_llm_timeout_s``) must not hold it."""
+        return policy == "model" and not getattr(self.settings, "map_llm_url", None)
+
     def prune(self, bank: str, session_id: str, *, policy: PrunePolicy = "model", goal: str | None = None,
               window: int = 16, threshold: float = 0.25, judge: Judge | None = None) -> PruneResult:
         """Drop the KV of segments no longer useful; their text stays. ``model``: the judge (an auxiliary
@@ -869,6 +827,8 @@ class SessionStore(RestorableSessions):
             raise ValidationFailed("threshold must be a non-negative number")
         if goal is not None and not isinstance(goal, str):
             raise ValidationFailed("goal must be a string")
+        if goal is not None:
+            limits_of(self.store).check_task(goal)  # the judge reads it: capped like a brief's task
         with self.store.sessions() as s:
             bank_row = self.bank_row(s, bank)
             session = self._session(s, bank_row, session_id)
@@ -929,6 +889,10 @@ class SessionStore(RestorableSessions):
             return sorted(r.ordinal for r in rows)
 
     def drop_unreferenced(self, s: Session, blob_ids: set[str]) -> None:
+        if not blob_ids:
+            return
+        blob_gc_lock(s, exclusive=True)
         for blob_id in blob_ids:
             if not s.scalar(select(func.count()).select_from(SessionPageRow).where(SessionPageRow.blob_id == blob_id)):
                 self.blobs.delete(blob_id)
+        s.commit()

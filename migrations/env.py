@@ -3,6 +3,7 @@
 from alembic import context
 from sqlalchemy.engine import Connection
 
+import kvstore.session_rows  # noqa: F401  (registers the session tables with Base.metadata)
 from kvstore.catalog import Base, make_engine
 from kvstore.config import Settings
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -14,6 +16,8 @@ from starlette.middleware.cors import CORSMiddleware
 
 from kvstore.bank import BankStore
 from kvstore.config import Settings
+from kvstore.replication import ReplicaRefused
+from kvstore.storage import lock as data_dir_lock
 
 from . import console, mcp_http
 from .auth import route_role
@@ -54,6 +58,12 @@ def _load_in_background(app: FastAPI, settings: Settings) -> asyncio.Task[None]:
             app.state.store = _attached(await asyncio.to_thread(BankStore, settings), app.state.worker)
             _start_jobs(app)
             log.info("kvrag is ready")
+        except (ReplicaRefused, data_dir_lock.DataDirInUse) as exc:
+            # Not a state to wait in: this process can never serve here. One line, then stop (run() exits 1).
+            log.error("%s", exc.detail)
+            app.state.load_error = type(exc).__name__
+            app.state.fatal = exc.detail
+            os.kill(os.getpid(), signal.SIGTERM)
         except Exception as exc:  # noqa: BLE001 - reported by /readyz; the process stays up to say so
             log.exception("loading the store failed")
             app.state.load_error = type(exc).__name__
@@ -98,11 +108,13 @@ def create_app(settings: Settings, store: BankStore | None = None) -> FastAPI:
     app.state.worker = worker = ModelWorker(settings.queue_size, threads=threads)
     app.state.store = _attached(store, worker) if store is not None else None
     app.state.load_error = None
+    app.state.fatal = None
     app.state.tasks = set()
     app.state.jobs = None
     app.state.metrics = metrics = Metrics(queue_depth=lambda: worker.depth,
                                           hot=lambda: app.state.store.hot if app.state.store else None,
-                                          batches=lambda: app.state.store.batcher.stats if app.state.store else None)
+                                          batches=lambda: app.state.store.batcher.stats if app.state.store else None,
+                                          store=lambda: app.state.store)
     install_error_handlers(app)
     _add_middleware(app, settings, metrics)
     for module in (system, keys, banks, documents, jobs, retrieval, maintenance, context_map, sessions,
@@ -157,4 +169,14 @@ def run(settings: Settings, host: str = "127.0.0.1", port: int = 8000) -> None:
     if settings.admin_key is None:
         log.warning("no admin key configured (KVRAG_ADMIN_KEY): accepting unauthenticated requests on %s only",
                     host)
-    uvicorn.run(create_app(settings), host=host, port=port, timeout_graceful_shutdown=30)
+    try:  # a second process on this data dir is refused before the model loads; the store shares this lock
+        held = data_dir_lock.acquire(settings.data_dir)
+    except data_dir_lock.DataDirInUse as exc:
+        raise SystemExit(f"error: {exc.detail}") from None
+    app = create_app(settings)
+    try:
+        uvicorn.run(app, host=host, port=port, timeout_graceful_shutdown=30)
+    finally:
+        held.release()
+    if app.state.fatal:
+        raise SystemExit(f"error: {app.state.fatal}")

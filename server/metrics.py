@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -62,12 +64,46 @@ class _BatchCollector(Collector):
         yield largest
 
 
+class _ReplicaCollector(Collector):
+    """A replica's op-log follower (PostgreSQL catalog) and its blob store's object fetches and cache, read at
+    scrape time. Nothing is exported for what this process does not have (SQLite, local files)."""
+
+    def __init__(self, store: Callable[[], Any]) -> None:
+        self._store = store
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        store = self._store()
+        replication = getattr(store, "replication", None) if store is not None else None
+        if replication is not None:
+            follower = replication.follower
+            through = GaugeMetricFamily("kvrag_replica_oplog_through", "Op-log seq up to which every change is in "
+                                                                       "this replica's indexes.")
+            through.add_metric([], float(follower.through))
+            age = GaugeMetricFamily("kvrag_replica_catchup_age_seconds", "Seconds since this replica last caught "
+                                                                         "up with the op log (alert above the "
+                                                                         "staleness bound).")
+            age.add_metric([], time.monotonic() - follower.last_caught_up)
+            applied = CounterMetricFamily("kvrag_replica_ops_applied", "Other replicas' op-log entries applied here.")
+            applied.add_metric([], float(follower.ops_applied))
+            yield through
+            yield age
+            yield applied
+        stats = getattr(getattr(store, "blobs", None), "stats", None)
+        if callable(stats):  # an object store: fetches (cache misses) and the cache in front of it
+            for name, value in stats().items():
+                kind = GaugeMetricFamily if name == "cache_bytes" else CounterMetricFamily
+                family = kind(f"kvrag_blob_{name}", f"Object store blob {name.replace('_', ' ')}.")
+                family.add_metric([], float(value))
+                yield family
+
+
 class Metrics:
     """Request counts and latency per route, model queue depth, hot-tier hits, misses and bytes, question
     batches (their mean size is requests / batches)."""
 
     def __init__(self, queue_depth: Callable[[], float], hot: Callable[[], HotCache | None],
-                 batches: Callable[[], BatchStats | None] = lambda: None) -> None:
+                 batches: Callable[[], BatchStats | None] = lambda: None,
+                 store: Callable[[], Any] = lambda: None) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter("kvrag_requests", "HTTP requests answered.", ["method", "route", "status"],
                                 registry=self.registry)
@@ -77,6 +113,7 @@ class Metrics:
         self.queue_depth.set_function(queue_depth)
         self.registry.register(_HotTierCollector(hot))
         self.registry.register(_BatchCollector(batches))
+        self.registry.register(_ReplicaCollector(store))
 
     def observe(self, method: str, route: str, status: int, seconds: float) -> None:
         """Count one answered request."""

@@ -19,6 +19,7 @@ from kvstore.compaction import (
     segment_keep_mask,
     token_scores,
 )
+from kvstore.compat import with_cache
 from kvstore.runner import BlockKV, Context, Runner
 
 from .conftest import TINY_FAMILIES, build_tiny
@@ -58,7 +59,8 @@ def test_scores_are_the_attention_eager_attention_reports() -> None:
     llm.model.set_attn_implementation("eager")
     try:
         with torch.inference_mode():
-            out = llm.model(input_ids=torch.tensor([question]), past_key_values=ctx.cache, output_attentions=True,
+            out = llm.model(input_ids=torch.tensor([question]), **with_cache(llm.model, ctx.cache),
+                            output_attentions=True,
                             position_ids=torch.arange(ctx.next_position, ctx.next_position + len(question))[None])
     finally:
         llm.model.set_attn_implementation("sdpa")

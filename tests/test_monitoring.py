@@ -98,7 +98,8 @@ def test_compose_monitoring_profile_scrapes_with_the_admin_key() -> None:
     mounts = {m.split(":")[1]: m.split(":")[0] for m in prometheus["volumes"] if m.startswith("./")}
     config = yaml.safe_load((ROOT / mounts["/etc/prometheus/prometheus.yml"]).read_text())
     job = config["scrape_configs"][0]
-    assert job["metrics_path"] == "/metrics" and job["static_configs"][0]["targets"] == ["api:8000"]
+    # Every replica is scraped itself (not through the proxy): lag and hot tier are per replica.
+    assert job["metrics_path"] == "/metrics" and job["static_configs"][0]["targets"] == ["api:8000", "api2:8000"]
     assert job["authorization"] == {"type": "Bearer", "credentials_file": "/run/secrets/kvrag_admin_key"}
     grafana = services["grafana"]
     gmounts = {m.split(":")[1]: ROOT / m.split(":")[0] for m in grafana["volumes"] if m.startswith("./")}

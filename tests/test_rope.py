@@ -7,6 +7,7 @@ import torch
 from transformers import DynamicCache
 
 from kvstore.codec import decode_block, encode_block
+from kvstore.compat import with_cache
 from kvstore.runner import Runner
 
 from .conftest import TINY_FAMILIES, build_tiny
@@ -24,7 +25,7 @@ def runner(request: pytest.FixtureRequest) -> Runner:
 @torch.inference_mode()
 def _text_logits(runner: Runner, ids: list[int], last: int) -> torch.Tensor:
     """Ground truth: one plain forward over the whole sequence, no cache tricks."""
-    out = runner.model(input_ids=torch.tensor([ids]), past_key_values=DynamicCache())
+    out = runner.model(input_ids=torch.tensor([ids]), **with_cache(runner.model, DynamicCache()))
     return out.logits[0, -last:].float()
 
 
@@ -40,7 +41,7 @@ def test_unrotate_then_rotate_elsewhere_equals_key_computed_there(runner: Runner
     seq = runner.prefix_ids + ids
     with torch.inference_mode():
         runner.model(input_ids=torch.tensor([seq]), position_ids=torch.arange(shift, shift + len(seq))[None],
-                     past_key_values=cache)
+                     **with_cache(runner.model, cache))
     direct = torch.stack([cache.layers[i].keys[0, :, p:] for i in range(runner.num_layers)])
     assert torch.allclose(moved, direct, atol=1e-5), (moved - direct).abs().max()
 
@@ -79,7 +80,7 @@ def test_two_blocks_get_the_positions_a_text_prefill_gives(runner: Runner) -> No
     seq = runner.prefix_ids + b
     with torch.inference_mode():
         runner.model(input_ids=torch.tensor([seq]), position_ids=torch.arange(len(a), len(a) + len(seq))[None],
-                     past_key_values=cache)
+                     **with_cache(runner.model, cache))
     direct_b = torch.stack([cache.layers[i].keys[0, :, p:] for i in range(runner.num_layers)])
     assert torch.allclose(k_ctx[:, :, p + len(a):], direct_b, atol=1e-5)
 

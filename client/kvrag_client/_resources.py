@@ -112,10 +112,10 @@ class Banks(_Resource):
                        rebuild: bool | None = None,
                        timeout: TimeoutLike | None = None) -> JobHandle[MaintenanceReport]:
         """Start maintenance (a server-side job) and return its handle at once: ``handle.wait(progress=...)``
-        gives the report. Steps (each on unless set False): ``evict`` to the budget, ``merge`` near-duplicates,
-        ``gc`` orphan blobs, ``expire`` documents past ``expires_at``, ``reencode`` after a model change (and
-        re-warm cold blocks the budget has room for); ``rebuild=True`` also checks every block's checksum and
-        rebuilds damaged ones from their text."""
+        gives the report. Steps (each on unless set False): ``evict`` to the budget, ``merge`` blocks with
+        identical tokens into one blob, ``gc`` orphan blobs, ``expire`` documents past ``expires_at``,
+        ``reencode`` after a model change (and re-warm cold blocks the budget has room for); ``rebuild=True``
+        also checks every block's checksum and rebuilds damaged ones from their text."""
         steps = {"evict": evict, "merge": merge, "gc": gc, "expire": expire, "reencode": reencode,
                  "rebuild": rebuild}
         job = self._client._call(ops.maintain_bank(name, steps), timeout)

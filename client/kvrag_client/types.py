@@ -51,9 +51,10 @@ class MaintenanceReport(Model):
 
     bank: str
     expired_documents: list[str] = []
+    repaired_merges: int = 0  # blocks an old near-duplicate merge had pointed at another block's KV, re-encoded
     rebound_model: bool = False
     reencoded: int = 0
-    merged: int = 0
+    merged: int = 0  # blocks pointed at an older block's blob because their tokens are identical
     evicted: int = 0
     over_budget: bool = False  # pinned documents alone exceed the budget
     orphan_blobs_removed: int = 0

@@ -87,7 +87,7 @@ def banks_update(name: Name,
 @app.command("maintain")
 def banks_maintain(name: Name,
                    evict: Annotated[bool, typer.Option(help="Evict down the tiers to the budget.")] = True,
-                   merge: Annotated[bool, typer.Option(help="Merge near-duplicate blocks.")] = True,
+                   merge: Annotated[bool, typer.Option(help="Point blocks with identical tokens at one blob.")] = True,
                    gc: Annotated[bool, typer.Option(help="Delete blob files no block references.")] = True,
                    expire: Annotated[bool, typer.Option(help="Delete documents past their expires_at.")] = True,
                    reencode: Annotated[bool, typer.Option(help="Re-encode after a model change; re-warm.")] = True,

@@ -19,8 +19,9 @@ from ..schemas import ErrorOut
 ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorOut, "description": text} for status, text in (
         (400, "Unparseable request"), (401, "Missing or invalid API key"), (403, "Role too low"),
-        (404, "Not found (or outside the key's scope)"), (409, "Conflict"), (413, "Body too large"),
-        (422, "Invalid input"), (503, "Busy or starting; see Retry-After"))
+        (404, "Not found (or outside the key's scope)"), (409, "Conflict"),
+        (413, "Body too large, or a text over its token cap"), (422, "Invalid input"),
+        (503, "Busy or starting; see Retry-After"))
 }
 
 
@@ -68,8 +69,9 @@ async def idempotent(request: Request, store: BankStore, bank: str, key: str | N
     if stored is not None:
         return stored.status_code, stored.body
     status, body = await work()
-    await run_in_threadpool(idempotency.save, store.sessions, bank, owner, key, req_hash, status, body, ttl_s)
-    return status, body
+    # A twin of this request that finished first (on any replica) keeps the key: answer as it did.
+    kept = await run_in_threadpool(idempotency.save, store.sessions, bank, owner, key, req_hash, status, body, ttl_s)
+    return kept.status_code, kept.body
 
 
 async def replayable(request: Request, store: BankStore, bank: str, key: str | None, payload: Any,

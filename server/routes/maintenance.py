@@ -27,7 +27,7 @@ router = APIRouter(prefix="/v1/banks/{bank}", tags=["maintenance"], responses=ER
 
 class MaintenanceIn(Request):
     evict: bool = Field(default=True, description="Evict down the tiers until the bank fits its budget.")
-    merge: bool = Field(default=True, description="Merge near-duplicate blocks into one blob.")
+    merge: bool = Field(default=True, description="Point blocks with identical tokens at one blob (dedup).")
     gc: bool = Field(default=True, description="Delete blob files no block references (after a grace period).")
     expire: bool = Field(default=True, description="Delete documents past their expires_at.")
     reencode: bool = Field(default=True, description="Re-encode after a model change; re-warm cold blocks.")

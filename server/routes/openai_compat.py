@@ -25,9 +25,10 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
-from kvstore.bank import QueryResult
+from kvstore.bank import BankStore, QueryResult
 from kvstore.config import Settings
-from kvstore.errors import KVRagError, NotFound, ValidationFailed
+from kvstore.errors import KVRagError, NotFound, PayloadTooLarge, ValidationFailed
+from kvstore.limits import limits_of
 
 from ..auth import AnyKey, check_bank
 from ..deps import Store, Worker
@@ -43,6 +44,7 @@ DEFAULT_MAX_TOKENS = 256
 # Earlier turns are context, not the question: keep the most recent part so the question stays in view
 # of a small model's window and of retrieval, which embeds the whole text.
 HISTORY_CHARS = 2000
+_FRAMING_TOKENS = 32  # "Earlier in this conversation:" ... "Now:" around the history
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                404: "not_found_error", 409: "conflict_error", 413: "invalid_request_error",
                429: "rate_limit_error", 503: "server_error"}
@@ -175,15 +177,30 @@ def _bank_for(model: str, settings: Settings) -> str:
     raise OpenAIError(NotFound(f"model {model!r} not found: use {MODEL_PREFIX}<bank>"), "model", "model_not_found")
 
 
-def question_text(messages: list[ChatMessage]) -> str:
-    """The last user message, after the earlier turns (most recent ``HISTORY_CHARS``) as context."""
+def question_text(messages: list[ChatMessage], history_bytes: int = HISTORY_CHARS) -> str:
+    """The last user message, after the earlier turns (the most recent ``HISTORY_CHARS`` characters, and at most
+    ``history_bytes`` UTF-8 bytes) as context."""
     last = messages[-1]
     if last.role != "user" or not last.text().strip():
         raise OpenAIError(ValidationFailed("the last message must be a user message with text"), "messages")
     history = "\n".join(f"{m.role}: {m.text()}" for m in messages[:-1] if m.text().strip())
-    if not history:
+    history = history[-HISTORY_CHARS:].encode()[-history_bytes:].decode(errors="ignore") if history_bytes > 0 else ""
+    if not history.strip():
         return last.text()
-    return f"Earlier in this conversation:\n{history[-HISTORY_CHARS:]}\n\nNow: {last.text()}"
+    return f"Earlier in this conversation:\n{history}\n\nNow: {last.text()}"
+
+
+def capped_question(messages: list[ChatMessage], store: BankStore) -> str:
+    """:func:`question_text` within the question's token cap: the last message alone must fit (else 413); the
+    history gets the room left. A token never spells less than one byte, so history bytes bound its tokens."""
+    limits = limits_of(store)
+    try:
+        last_tokens = limits.check_question(messages[-1].text()) if messages[-1].role == "user" else 0
+        question = question_text(messages, max(0, limits.caps.question - last_tokens - _FRAMING_TOKENS))
+        limits.check_question(question)
+    except PayloadTooLarge as exc:
+        raise OpenAIError(exc, "messages") from None
+    return question
 
 
 def _max_new_tokens(body: ChatCompletionIn, settings: Settings) -> int:
@@ -285,7 +302,7 @@ async def chat_completions(body: ChatCompletionIn, request: Request, store: Stor
         raise OpenAIError(ValidationFailed(f"k must be at most {settings.max_k}"), "k")
     max_new_tokens = _max_new_tokens(body, settings)
     stops = _stops(body)
-    question = question_text(body.messages)
+    question = await run_in_threadpool(capped_question, body.messages, store)  # a 413 before queueing
     call = logged(partial(store.query, bank, question, k=body.k, mode="kv", max_new_tokens=max_new_tokens,
                           started_at=request.state.started_at), store, bank, question, k=body.k,
                   agent=principal.agent, door="openai")

@@ -16,6 +16,7 @@ from starlette.concurrency import run_in_threadpool
 from kvstore.bank import QueryResult, SearchFilter
 from kvstore.config import Settings
 from kvstore.errors import KVRagError, ValidationFailed
+from kvstore.limits import limits_of
 
 from ..auth import Reader
 from ..deps import Store, Worker, plain
@@ -66,6 +67,7 @@ async def query(bank: str, body: QueryIn, request: Request, store: Store, worker
     ``ttft_ms`` counts from the request's arrival, queueing included."""
     started_at: float = request.state.started_at
     _check_limits(request.app.state.settings, body.k, body.max_new_tokens)
+    await run_in_threadpool(limits_of(store).check_question, body.question)  # 413 now, not after the queue
     call = partial(store.query, bank, body.question, k=body.k, mode=body.mode, max_new_tokens=body.max_new_tokens,
                    filter=_filter(body.filter), started_at=started_at, context_map=body.context_map,
                    retrieval=body.retrieval,
@@ -74,8 +76,12 @@ async def query(bank: str, body: QueryIn, request: Request, store: Store, worker
     call = logged(call, store, bank, body.question, k=body.k, agent=reader.agent)
     if not body.stream:
         return _query_out(await worker.run(call))
-    await run_in_threadpool(store.get_bank, bank)  # a missing bank is a 404, not an error event
-    return stream_events(request, worker, call)
+    # The model work starts first and the bank check runs beside it, not before it (issue 33: a catalog hop on
+    # the time to first token). A missing bank is still a 404, not an error event: the answer is not sent yet,
+    # and the work's own NotFound is read and dropped by the stream's done callback.
+    response = stream_events(request, worker, call)
+    await run_in_threadpool(store.get_bank, bank)
+    return response
 
 
 def _sse(event: str, data: dict[str, Any]) -> bytes:

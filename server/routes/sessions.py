@@ -17,6 +17,7 @@ from starlette.concurrency import run_in_threadpool
 
 from kvstore.bank import BankStore
 from kvstore.errors import Forbidden
+from kvstore.limits import limits_of
 from kvstore.sessions import BriefResult, SegmentInput, sessions_of
 
 from ..auth import Principal, Reader, Writer
@@ -105,6 +106,8 @@ async def append(bank: str, session_id: str, body: AppendIn, request: Request, s
     segments = [SegmentInput(role=g.role, text=g.text, agent=g.agent) for g in body.segments]
 
     async def work() -> AppendOut:
+        # Over a token cap: 413 before the append queues behind model work.
+        await run_in_threadpool(limits_of(store).check_segments, [g.text for g in segments])
         call = partial(sessions_of(store).append, bank, session_id, segments, agent=writer.agent)
         return AppendOut(**plain(await worker.run(call)))
 
@@ -118,6 +121,7 @@ async def brief(bank: str, session_id: str, body: BriefIn, request: Request, sto
                 _reader: Reader) -> Any:
     """Answer ``task`` from the trajectory compacted to what the task attends to (Latent Briefing):
     ``budget_tokens`` and/or ``tau`` bound what is kept; neither keeps all of it."""
+    await run_in_threadpool(limits_of(store).check_task, body.task)  # 413 before queueing
     call = partial(sessions_of(store).brief, bank, session_id, body.task, budget_tokens=body.budget_tokens,
                    tau=body.tau, selection=body.selection, include_documents=body.include_documents,
                    max_new_tokens=body.max_new_tokens,
@@ -139,7 +143,10 @@ async def prune(bank: str, session_id: str, body: PruneIn, request: Request, sto
 
     async def work() -> PruneOut:
         await _check_manages(store, bank, session_id, writer)
-        result = await worker.run(call)
+        # A remote judge (KVRAG_MAP_LLM_URL) or the attention policy needs no model: off the worker, so the
+        # judge's network call never holds up the queries and appends queued behind it.
+        needs_model = sessions_of(store).prune_needs_model(body.policy)
+        result = await (worker.run(call) if needs_model else run_in_threadpool(call))
         if result.error:
             result.error = redact(result.error)
         return PruneOut(**plain(result))

@@ -107,10 +107,11 @@ class ForkServer:
         raise RuntimeError(f"fork server did not answer {word!r}: {(self.log_dir / 'forkserver.log').read_text()}")
 
     def start(self, data_dir: Path, database_url: str | None = None, ready: bool = True,
-              **settings: Any) -> ServerLife:
-        """Fork a new server life on ``data_dir`` (and wait until it is ready unless told not to)."""
+              env: dict[str, str] | None = None, **settings: Any) -> ServerLife:
+        """Fork a new server life on ``data_dir`` (and wait until it is ready unless told not to); ``env`` is added
+        to the life's environment."""
         assert self.proc.stdin is not None
-        spec = {"data_dir": str(data_dir), "database_url": database_url, "settings": settings}
+        spec = {"data_dir": str(data_dir), "database_url": database_url, "settings": settings, "env": env or {}}
         self.proc.stdin.write(f"serve {json.dumps(spec)}\n")
         self.proc.stdin.flush()
         parts = self._expect("pid", 30.0)

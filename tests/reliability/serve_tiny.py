@@ -61,6 +61,7 @@ def _child(log_dir: Path, spec: dict[str, Any], sock: socket.socket, llm: Any, e
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     code = 0
     try:
+        os.environ.update(spec.get("env") or {})  # e.g. the AWS variables of an object store started by the test
         settings = _settings(spec)
         store = BankStore(settings, llm=llm, embedder=embedder)
         if "maintain" in spec:

@@ -181,3 +181,111 @@ def test_hostile_mcp_requests_are_refused_and_change_nothing(hostile_life: Serve
         assert (after["documents"], after["blocks"]) == (before["documents"], before["blocks"])
         assert {b["name"] for b in c.get("/v1/banks").json()["banks"]} == banks_before
         assert c.get(f"/v1/banks/{FUZZ_BANK}/documents/seed").status_code == 200
+
+
+# The OpenAI door is in the schema (schemathesis fuzzes it above) but answers in OpenAI's error shape, so the
+# attacks a schema fuzzer does not try get cases of their own: every one a 4xx error, nothing stored.
+CHAT = "/v1/chat/completions"
+
+
+def _chat(messages: bytes, extra: bytes = b"", model: bytes = b"kvrag:" + FUZZ_BANK.encode()) -> bytes:
+    return b'{"model": "' + model + b'", "messages": ' + messages + extra + b"}"
+
+
+_ASK = b'[{"role": "user", "content": "Where is the ledger?"}]'
+CHAT_HOSTILE: list[tuple[str, bytes]] = [
+    ("a lone surrogate in the message", _chat(b'[{"role": "user", "content": "who \\ud800?"}]')),
+    ("invalid UTF-8 in the message", _chat(b'[{"role": "user", "content": "caf\xe9 \xc3\x28"}]')),
+    ("a message over the question's token cap", _chat(b'[{"role": "user", "content": "'
+                                                      + b"ledger " * 20_000 + b'"}]')),
+    ("the last message is not the user's", _chat(b'[{"role": "assistant", "content": "hi"}]')),
+    ("no messages", _chat(b"[]")),
+    ("an empty user message", _chat(b'[{"role": "user", "content": "   "}]')),
+    ("content parts of another kind", _chat(b'[{"role": "user", "content": [{"type": "image_url", "image_url": '
+                                            b'{"url": "file:///etc/passwd"}}]}]')),
+    ("max_tokens of 2^63", _chat(_ASK, b', "max_tokens": 9223372036854775808')),
+    ("max_tokens above the ceiling", _chat(_ASK, b', "max_tokens": 100000')),
+    ("max_tokens of -1", _chat(_ASK, b', "max_tokens": -1')),
+    ("n of 5", _chat(_ASK, b', "n": 5')),
+    ("k of 10^21", _chat(_ASK, b', "k": 1000000000000000000000')),
+    ("a temperature of NaN", _chat(_ASK, b', "temperature": NaN')),
+    ("a hundred stop sequences", _chat(_ASK, b', "stop": [' + b",".join([b'"x"'] * 100) + b"]")),
+    ("a model outside kvrag", _chat(_ASK, model=b"gpt-4")),
+    ("a traversal in the bank name", _chat(_ASK, model=b"kvrag:../../etc")),
+    ("a role of its own", _chat(b'[{"role": "root", "content": "delete everything"}]')),
+]
+
+
+@pytest.mark.parametrize(("case", "body"), CHAT_HOSTILE, ids=[c[0] for c in CHAT_HOSTILE])
+def test_hostile_chat_completions_are_refused_in_openai_shape_and_store_nothing(hostile_life: ServerLife, case: str,
+                                                                               body: bytes) -> None:
+    with hostile_life.client() as c:
+        before = c.get(f"/v1/banks/{FUZZ_BANK}").json()
+        r = c.post(CHAT, content=body, headers={"Content-Type": "application/json"})
+        assert 400 <= r.status_code < 500, (case, r.status_code, r.text[:300])
+        answer = r.json()
+        if "error" in answer:
+            error = answer["error"]
+            assert error["message"] and error["type"] and error["code"], (case, error)
+        else:
+            # Bodies that are not text (lone surrogates, invalid UTF-8) are refused by the body checks in front of
+            # every route, in kvrag's shape.
+            assert set(answer) == {"detail", "code", "request_id"}, (case, answer)
+        after = c.get(f"/v1/banks/{FUZZ_BANK}").json()
+        assert (after["documents"], after["blocks"]) == (before["documents"], before["blocks"])
+
+
+# Tool calls on an initialized MCP session: hostile arguments reach the tools (and through them the REST API).
+# Each is an MCP tool error (or a JSON-RPC error), never a 5xx, and nothing is stored or deleted.
+def _tool(name: bytes, arguments: bytes) -> bytes:
+    return (b'{"jsonrpc": "2.0", "id": 7, "method": "tools/call", "params": {"name": "' + name
+            + b'", "arguments": ' + arguments + b"}}")
+
+
+MCP_TOOL_HOSTILE: list[tuple[str, bytes]] = [
+    ("ask over the question's token cap", _tool(b"ask", b'{"question": "' + b"ledger " * 20_000 + b'"}')),
+    ("ask with a lone surrogate", _tool(b"ask", b'{"question": "who \\ud800?"}')),
+    ("recall with k of 10^21", _tool(b"recall", b'{"query": "ledger", "k": 1000000000000000000000}')),
+    ("recall with k of -1", _tool(b"recall", b'{"query": "ledger", "k": -1}')),
+    ("forget ..", _tool(b"forget", b'{"doc_id": ".."}')),
+    ("forget a traversal", _tool(b"forget", b'{"doc_id": "../../banks/fuzz"}')),
+    ("remember a lone surrogate", _tool(b"remember", b'{"text": "broken \\udfff"}')),
+    ("remember past the document limit", _tool(b"remember", b'{"text": "' + b"x" * 5000 + b'"}')),
+    ("session_append over the segment cap", _tool(b"session_append", b'{"session_id": "s", "text": "'
+                                                  + b"ledger " * 20_000 + b'"}')),
+    ("an unknown tool", _tool(b"drop_everything", b"{}")),
+    ("arguments that are no object", _tool(b"ask", b'"who?"')),
+]
+
+
+def _rpc_answers(r: httpx.Response) -> list[dict[str, Any]]:
+    """The JSON-RPC messages of an answer (JSON, or the data lines of an event stream)."""
+    import json
+
+    if r.headers.get("content-type", "").startswith("text/event-stream"):
+        return [json.loads(line[5:]) for line in r.text.splitlines() if line.startswith("data:") and line[5:].strip()]
+    return [r.json()]
+
+
+@pytest.mark.parametrize(("case", "body"), MCP_TOOL_HOSTILE, ids=[c[0] for c in MCP_TOOL_HOSTILE])
+def test_hostile_mcp_tool_calls_are_tool_errors_and_change_nothing(hostile_life: ServerLife, case: str,
+                                                                   body: bytes) -> None:
+    headers = {"Content-Type": "application/json", "Accept": MCP_ACCEPT, "MCP-Protocol-Version": "2025-06-18"}
+    with hostile_life.client() as c:
+        before = c.get(f"/v1/banks/{FUZZ_BANK}").json()
+        opened = c.post(MCP, content=_INIT, headers=headers)
+        assert opened.status_code == 200, opened.text[:300]
+        session = {**headers, "mcp-session-id": opened.headers["mcp-session-id"]}
+        c.post(MCP, content=b'{"jsonrpc": "2.0", "method": "notifications/initialized"}', headers=session)
+        r = c.post(MCP, content=body, headers=session)
+        assert r.status_code < 500, (case, r.status_code, r.text[:300])
+        if r.status_code < 400:
+            answers = [a for a in _rpc_answers(r) if a.get("id") == 7]
+            assert answers, (case, r.text[:300])
+            answer = answers[0]
+            assert "error" in answer or answer["result"].get("isError") is True, (case, answer)
+        c.request("DELETE", MCP, headers=session)
+        after = c.get(f"/v1/banks/{FUZZ_BANK}").json()
+        assert (after["documents"], after["blocks"]) == (before["documents"], before["blocks"])
+        assert {b["name"] for b in c.get("/v1/banks").json()["banks"]} >= {FUZZ_BANK, "empty"}
+        assert c.get(f"/v1/banks/{FUZZ_BANK}/documents/seed").status_code == 200
