@@ -178,7 +178,7 @@ def test_pruned_segments_restore_exactly_until_the_retention_ends(sessions: Sess
     restored = sessions.restore("agents", "s")
     assert restored.restored == [3, 5] and restored.expired == [] and restored.tokens == before.tokens
     assert _live(sessions) == list(range(len(SEGMENTS)))
-    sessions._states.clear()  # read the live KV back from the stored pages
+    store.kv_memory.drop_kind("sessions")  # read the live KV back from the stored pages
     with store.sessions() as s:
         bank = sessions.bank_row(s, "agents")
         state = sessions._state(s, bank, sessions._session(s, bank, "s"))
