@@ -55,12 +55,15 @@ def test_maintenance_of_1000_documents_answers_at_once_moves_and_matches_the_syn
     shutil.copytree(served, copy)
 
     with live_server("sqlite", served, tiny_llm, embedder, job_poll_s=0.05) as live, live.admin() as c:
-        started = time.monotonic()
         r = c.post(f"/v1/banks/{BANK}/maintenance", json=OPTIONS)
-        accepted_s = time.monotonic() - started
         assert r.status_code == 202, r.text
-        assert accepted_s < 1.0, f"the request took {accepted_s:.2f} s: maintenance ran inside it"
-        job_id = r.json()["job_id"]
+        # The answer came before the work was done (no timing: speed lives in benchmarks): the job it names is
+        # still queued, and the first poll still finds steps left.
+        accepted = r.json()
+        assert accepted["status"] == "queued", accepted
+        first = c.get(f"/v1/jobs/{accepted['job_id']}").json()
+        assert first["status"] in ("queued", "running") and first["done"] < first["total"], first
+        job_id = accepted["job_id"]
         seen: list[tuple[str, int, str | None]] = []
         deadline = time.monotonic() + 300
         while True:
