@@ -1,7 +1,7 @@
 """replicas: a registry of the kvrag processes on one catalog, and an op-log notification (issue 28)
 
 Revision ID: 0012_replicas
-Revises: 0008_query_log
+Revises: 0010_repair_merges
 Create Date: 2026-12-07 04:30:00
 
 ``replicas`` holds one row per running server (its model fingerprint, blob store and heartbeat): a replica
@@ -17,7 +17,7 @@ import sqlalchemy as sa
 
 # revision identifiers, used by Alembic.
 revision: str = '0012_replicas'
-down_revision: Union[str, Sequence[str], None] = '0008'
+down_revision: Union[str, Sequence[str], None] = '0010_repair_merges'
 branch_labels: Union[str, Sequence[str], None] = None
 depends_on: Union[str, Sequence[str], None] = None
 
