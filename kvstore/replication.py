@@ -185,6 +185,10 @@ class OpLogFollower:
             old = utcnow() - timedelta(seconds=gap_s)
             self.through: int = int(s.scalar(select(func.max(OpLogRow.seq)).where(OpLogRow.created_at < old)) or 0)
 
+    def alive(self) -> bool:
+        """Whether the store this follower updates still exists (one dropped without close() ends the thread)."""
+        return self._apply() is not None
+
     def applied(self, seq: int) -> None:
         """This replica applied ``seq`` itself (its own write): no need to read it back."""
         with self._lock:
@@ -247,6 +251,7 @@ class Replication:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="kvrag-replication", daemon=True)
         self._conn: Any = None
+        self._listen_failing = False
 
     def start(self) -> None:
         self._thread.start()
@@ -268,9 +273,12 @@ class Replication:
             try:
                 self._conn = self._listen()
             except Exception as exc:  # noqa: BLE001 - polling keeps the bound meanwhile
-                log.warning("replication: LISTEN %s failed (%s); polling every %.2f s", CHANNEL, exc, self.poll_s)
+                if not self._listen_failing:  # one line per outage, not one per poll
+                    log.warning("replication: LISTEN %s failed (%s); polling every %.2f s", CHANNEL, exc, self.poll_s)
+                self._listen_failing = True
                 self._stop.wait(self.poll_s)
                 return
+            self._listen_failing = False
         try:
             for _ in self._conn.notifies(timeout=self.poll_s, stop_after=1):
                 pass
@@ -289,7 +297,7 @@ class Replication:
     def _run(self) -> None:
         beat = time.monotonic()
         failing = False
-        while not self._stop.is_set():
+        while not self._stop.is_set() and self.follower.alive():
             self._wait()
             if self._stop.is_set():
                 break
