@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from transformers import DynamicCache, PreTrainedTokenizerBase
 
+from .compat import with_cache
 from .runner import Runner
 
 # Compact JSON: a flexible-whitespace grammar lets a small model pad forever with spaces and newlines.
@@ -84,8 +85,8 @@ def greedy_json(runner: Runner, prompt_ids: Sequence[int], schema: dict[str, Any
             produced += forced
         if matcher.is_stopped() or len(produced) >= max_tokens:
             break
-        out = runner.model(input_ids=torch.tensor([feed], device=device), past_key_values=cache, use_cache=True,
-                           logits_to_keep=1)
+        out = runner.model(input_ids=torch.tensor([feed], device=device), **with_cache(runner.model, cache),
+                           use_cache=True, logits_to_keep=1)
         logits = out.logits[0, -1].float()
         mask = torch.from_numpy(allowed_tokens(matcher, logits.shape[0])).to(logits.device)
         best = int(logits.masked_fill(~mask, float("-inf")).argmax())
