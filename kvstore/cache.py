@@ -90,7 +90,11 @@ class HotCache:
 
     def free_bytes(self, bank: int) -> int:
         """Room the bank's blocks can take without evicting anything: the least of what is left under the hot
-        tier's cap, the process's KV budget and the bank's share (warming at ingest must not push out KV in use)."""
+        tier's cap, the process's KV budget and the bank's share (warming at ingest must not push out KV in use).
+
+        The two global rooms depend on other banks' use (volume, never content: the same residual as the global
+        cap's eviction, issue 26 hole 5). With ``kv_memory_bank_bytes`` x banks <= both global caps they never
+        bind before the bank's own share does, so whether a bank's blocks are warmed depends on it alone."""
         free = [self.budget_bytes - self.nbytes, self.kv.total_bytes - self.kv.nbytes]
         if self.kv.bank_bytes is not None:
             free.append(self.kv.bank_bytes - sum(part["bytes"] for part in self.kv.usage(bank).values()))

@@ -82,7 +82,8 @@ class Settings(BaseSettings):
                                            "the most out first; an evicted entry is recomputed when next needed.")
     kv_memory_bank_bytes: int | None = Field(
         default=None, ge=0, description="Optional cap of one bank's share of kv_memory_bytes. With banks x this <= "
-                                        "kv_memory_bytes no bank's activity ever evicts another bank's KV.")
+                                        "kv_memory_bytes and hot_tier_bytes no bank's activity ever evicts another "
+                                        "bank's KV or changes whether its new blocks are warmed at ingest.")
     hot_tier_on_ingest: bool = Field(
         default=True, description="Decode a new document's blocks into the hot tier's free room at ingest, so its "
                                   "first query loads none (the first touch's block decode leaves the time to first "

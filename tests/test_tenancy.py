@@ -43,7 +43,10 @@ def _seen(store: BankStore, bank: str) -> dict[str, Any]:
 # -- hole 5: another bank's use of the same text is not observable ---------------------------------
 
 
-def test_a_bank_sees_a_cold_first_touch_whatever_another_bank_did_with_the_same_text(store: BankStore) -> None:
+def test_a_bank_sees_a_cold_first_touch_whatever_another_bank_did_with_the_same_text(
+        make_store: Callable[..., BankStore]) -> None:
+    # Warm-at-ingest off: b's block must start cold, so a hot tier shared with "a" would show as a hot hit.
+    store = make_store(hot_tier_on_ingest=False)
     # The control: bank "b" alone, nobody else ever held the text.
     store.create_bank("b")
     store.put_document("b", "d", SECRET)
@@ -63,6 +66,31 @@ def test_a_bank_sees_a_cold_first_touch_whatever_another_bank_did_with_the_same_
     assert _seen(store, "b") == alone_before
     assert alone_before["tiers"]["hot"] == {"blocks": 0, "bytes": 0}
     assert _touch(store, "b") == alone_touch and alone_touch[0]["hot_hits"] == 0
+    assert _seen(store, "b") == alone_after
+
+
+def test_warming_at_ingest_does_not_depend_on_another_banks_use_within_its_share(
+        make_store: Callable[..., BankStore]) -> None:
+    # Two bank shares that partition the budget (and the hot tier's cap): warm-at-ingest sees only b's own room.
+    store = make_store(kv_memory_bytes=60_000, hot_tier_bytes=60_000, kv_memory_bank_bytes=30_000)
+    store.create_bank("b")
+    store.put_document("b", "d", SECRET)
+    alone_before = _seen(store, "b")
+    alone_touch = _touch(store, "b")
+    alone_after = _seen(store, "b")
+    store.delete_bank("b")
+    assert alone_before["tiers"]["hot"]["blocks"] == 1 and alone_touch[0]["hot_hits"] == 1  # warmed at ingest
+
+    # Bank "a" fills its whole share with the same text and others, and uses them.
+    store.create_bank("a")
+    for i, text in enumerate((SECRET, OTHER, QUESTION, *(seg["text"] for seg in SEGMENTS))):
+        store.put_document("a", f"d{i}", text)
+    _touch(store, "a")
+    assert store.stats("a").tiers["hot"]["bytes"] > 30_000 - 12_288  # a holds its share: no room for one more block
+    store.create_bank("b")
+    store.put_document("b", "d", SECRET)
+    assert _seen(store, "b") == alone_before
+    assert _touch(store, "b") == alone_touch
     assert _seen(store, "b") == alone_after
 
 
