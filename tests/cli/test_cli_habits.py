@@ -152,7 +152,7 @@ def test_json_output_of_every_command_parses(served: Live, tmp_path: Path, monke
     assert "Normans" in js("documents", "get", "d1.txt", "-b", "notes")["text"]
     assert js("documents", "rm", "d2.txt", "-b", "notes", "--yes") == {"deleted": "d2.txt", "bank": "notes"}
     assert js("search", "Normandy", "-b", "notes", "-k", "1")[0]["doc_id"].startswith("d")
-    assert "answer" in js("query", "Where?", "-b", "notes", "-k", "1", "--max-new-tokens", "2")
+    assert "answer" in js("query", "Where did the Normans settle?", "-b", "notes", "-k", "1", "--max-new-tokens", "2")
     assert js("sessions", "create", "-b", "notes", "run")["session_id"] == "run"
     assert js("sessions", "append", "-b", "notes", "run", "A step.", "--role", "tool")["segment_ids"]
     assert js("sessions", "brief", "-b", "notes", "run", "What?", "--max-new-tokens", "1")["kept_tokens"] >= 0
@@ -161,8 +161,11 @@ def test_json_output_of_every_command_parses(served: Live, tmp_path: Path, monke
     assert js("sessions", "delete", "-b", "notes", "run") == {"deleted": "run"}
     assert js("map", "edit", "-b", "notes", "--add", "understanding=About Normans.")["map"]["version"] >= 1
     assert js("map", "show", "-b", "notes")["items"]
-    # The tiny random model writes no JSON edits: the report still parses, and the command exits 1 (a failure).
-    assert js("map", "refresh", "-b", "notes", code=1)["status"] == "unparseable"
+    # A refresh that applies or changes nothing succeeds (exit 0; exit 1 is for unparseable/llm_error, see
+    # tests/test_context_map_api.py). Decoding is constrained, so even the tiny random model writes valid edits,
+    # and the recorded question the map does not cover yet makes the first edit an add of its answer.
+    refreshed = js("map", "refresh", "-b", "notes")
+    assert refreshed["status"] == "applied" and refreshed["applied"][0]["op"] == "add", refreshed
     key = js("keys", "create", "bot", "--role", "write", "-b", "notes")
     assert key["role"] == "write" and key["key"]
     assert any(k["id"] == key["id"] for k in js("keys", "list"))

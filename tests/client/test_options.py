@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from kvrag_client import APITimeoutError, AsyncKVRag, Job, KVRag, RawResponse
+from kvrag_client import APITimeoutError, AsyncKVRag, Job, KVRag, MaintenanceReport, RawResponse
 from pydantic import ValidationError as PydanticValidationError
 
 from kvstore.bank import BankStore
@@ -78,8 +78,10 @@ def test_bank_options_are_typed(live: Live) -> None:  # noqa: F811
         assert (bank.codec, bank.max_blocks, bank.context_map_budget_tokens) == ("int8", 4, 64)
         updated = kv.banks.update("notes", max_blocks=8)
         assert updated.max_blocks == 8 and updated.codec == "int8"  # untouched settings are not sent
-        report = kv.banks.maintain("notes", merge=False, rebuild=True)
-        assert report.bank == "notes" and report.verify is not None
+        handle = kv.banks.maintain("notes", merge=False, rebuild=True)  # a job by design: wait gives the report
+        report = handle.wait(poll_interval=0.05, timeout=60)
+        assert handle.job.kind == "maintenance" and handle.job.status == "succeeded"
+        assert isinstance(report, MaintenanceReport) and report.bank == "notes" and report.verify is not None
 
 
 def test_job_progress_and_listing(make_store: Callable[..., BankStore]) -> None:

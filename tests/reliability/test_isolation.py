@@ -20,7 +20,8 @@ from tests.reliability.test_hostile import OPERATIONS
 
 SECRET = "The vault combination is 31-41-59 and nobody else may read it."
 OPEN = {"GET /healthz", "GET /readyz"}
-PATH_VALUES = {"bank": "alpha", "doc_id": "d1", "session_id": "s1", "key_id": "abc", "job_id": "abc"}
+PATH_VALUES = {"bank": "alpha", "doc_id": "d1", "session_id": "s1", "key_id": "abc", "job_id": "abc",
+               "item_id": "cr-1"}
 WRITES = {"PUT", "PATCH", "DELETE"}
 # Valid bodies where the scope check needs one (creating bank "alpha", a key) or the bank is named in it.
 BODIES: dict[str, dict[str, Any]] = {
