@@ -109,6 +109,11 @@ HOSTILE: list[tuple[str, str, bytes]] = [
     ("POST", f"/v1/banks/{FUZZ_BANK}/query", b'{"question": "x", "k": true}'),
     ("POST", "/v1/banks", b'{"name": "big", "budget_bytes": 1e400}'),
     ("POST", "/v1/banks", b'{"name": "big", "budget_bytes": -5}'),
+    # Past the catalog's integer columns (64-bit budget, 32-bit block cap): a 422, not a driver overflow.
+    ("POST", "/v1/banks", b'{"name": "big", "budget_bytes": 9223372036854775808}'),
+    ("POST", "/v1/banks", b'{"name": "big", "max_blocks": 2147483648}'),
+    ("PATCH", f"/v1/banks/{FUZZ_BANK}", b'{"budget_bytes": 9223372036854775808}'),
+    ("PATCH", f"/v1/banks/{FUZZ_BANK}", b'{"max_blocks": 2147483648}'),
     # Path traversal in bank names (encoded: clients resolve a bare "..").
     ("PUT", "/v1/banks/..%2F..%2Fetc/documents/x", b'{"text": "x"}'),
     ("POST", "/v1/banks/..%2Findexes/search", b'{"query": "x"}'),
