@@ -24,6 +24,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from .attention_bias import measured_block_bias
+from .bank_settings import check_bank_limits
 from .batching import BatchRequest, QuestionBatcher
 from .cache import HotCache, bank_of_resident_key
 from .catalog import BankRow, BlockRow, DocumentRow, OpLogRow, open_catalog, utcnow
@@ -316,8 +317,7 @@ class BankStore:
         get_preset(codec)
         if eviction not in EVICTION_POLICIES:
             raise ValidationFailed(f"eviction must be one of {EVICTION_POLICIES}")
-        if budget_bytes is not None and budget_bytes <= 0:
-            raise ValidationFailed("budget_bytes must be positive")
+        check_bank_limits(budget_bytes=budget_bytes, max_blocks=max_blocks)
         with self.sessions() as s:
             row = BankRow(name=name, model_fingerprint=self.llm.fingerprint, model_name=self.llm.name, codec=codec,
                           block_tokens=block_tokens or self.settings.block_tokens, budget_bytes=budget_bytes,
@@ -353,6 +353,7 @@ class BankStore:
         """Change a bank's defaults; existing blocks keep the codec they were written with."""
         if context_map_budget_tokens is not None:
             self.context_map.check_budget(context_map_budget_tokens)
+        check_bank_limits(budget_bytes=budget_bytes, max_blocks=max_blocks)
         with self.sessions() as s:
             row = self.bank_row(s, name)
             if codec is not None:
@@ -361,8 +362,6 @@ class BankStore:
                 get_preset(codec)
                 row.codec = codec
             if budget_bytes is not None:
-                if budget_bytes <= 0:
-                    raise ValidationFailed("budget_bytes must be positive")
                 row.budget_bytes = budget_bytes
             if max_blocks is not None:
                 row.max_blocks = max_blocks

@@ -11,6 +11,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from kvstore.bank_settings import MAX_BLOCKS, MAX_BUDGET_BYTES
+
 
 class Request(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
@@ -60,8 +62,8 @@ class BankCreate(Request):
     codec: CodecChoice | None = Field(default=None, description="Codec of the bank's new blocks; auto or "
                                                                 "omitted: the server's default for its model "
                                                                 "(tklt5 where calibrated, else int8).")
-    budget_bytes: int | None = Field(default=None, gt=0)
-    max_blocks: int | None = Field(default=None, gt=0)
+    budget_bytes: int | None = Field(default=None, gt=0, le=MAX_BUDGET_BYTES)
+    max_blocks: int | None = Field(default=None, gt=0, le=MAX_BLOCKS)
     eviction: Literal["lru", "importance", "hybrid"] | None = None
     context_map_budget_tokens: int | None = Field(default=None, ge=16, le=32768,
                                                   description="Token budget of the bank's context map.")
@@ -71,8 +73,8 @@ class BankUpdate(Request):
     model_config = ConfigDict(json_schema_extra={"examples": [{"budget_bytes": 1 << 30}]})
 
     codec: CodecChoice | None = None
-    budget_bytes: int | None = Field(default=None, gt=0)
-    max_blocks: int | None = Field(default=None, gt=0)
+    budget_bytes: int | None = Field(default=None, gt=0, le=MAX_BUDGET_BYTES)
+    max_blocks: int | None = Field(default=None, gt=0, le=MAX_BLOCKS)
     eviction: Literal["lru", "importance", "hybrid"] | None = None
     context_map_budget_tokens: int | None = Field(default=None, ge=16, le=32768)
 

@@ -255,3 +255,17 @@ def test_a_new_bank_may_choose_only_the_four_codecs(make_store: Callable[..., Ba
     with pytest.raises(ValidationFailed, match="can't be chosen"):
         store.update_bank("ok-fp16", codec=research)
     assert store.get_bank("ok-fp16").codec == "fp16"
+
+
+@pytest.mark.parametrize(("budget_bytes", "max_blocks"), [(2**63, None), (None, 2**31), (0, None), (None, -1)])
+def test_bank_limits_past_the_catalog_range_are_refused_and_change_nothing(
+        store: BankStore, budget_bytes: int | None, max_blocks: int | None) -> None:
+    """A budget past 64 bits or a block cap past 32 bits used to reach the driver (an overflow, a 500)."""
+    store.update_bank("kb", budget_bytes=1 << 30, max_blocks=8)
+    with pytest.raises(ValidationFailed):
+        store.update_bank("kb", codec="fp16", budget_bytes=budget_bytes, max_blocks=max_blocks)
+    bank = store.get_bank("kb")
+    assert (bank.codec, bank.budget_bytes, bank.max_blocks) == ("int8", 1 << 30, 8)
+    with pytest.raises(ValidationFailed):
+        store.create_bank("huge", budget_bytes=budget_bytes, max_blocks=max_blocks)
+    assert "huge" not in {b.name for b in store.list_banks()}

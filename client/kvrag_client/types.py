@@ -37,8 +37,9 @@ class BankOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     codec: str | None = None
-    budget_bytes: int | None = Field(default=None, gt=0)
-    max_blocks: int | None = Field(default=None, gt=0)
+    # The server's bounds (its catalog's 64-bit and 32-bit columns), so a wrong value fails before it is sent.
+    budget_bytes: int | None = Field(default=None, gt=0, le=2**63 - 1)
+    max_blocks: int | None = Field(default=None, gt=0, le=2**31 - 1)
     eviction: Eviction | None = None
     context_map_budget_tokens: int | None = Field(default=None, ge=16, le=32768)
 

@@ -109,6 +109,11 @@ HOSTILE: list[tuple[str, str, bytes]] = [
     ("POST", f"/v1/banks/{FUZZ_BANK}/query", b'{"question": "x", "k": true}'),
     ("POST", "/v1/banks", b'{"name": "big", "budget_bytes": 1e400}'),
     ("POST", "/v1/banks", b'{"name": "big", "budget_bytes": -5}'),
+    # Past the catalog's integer columns (64-bit budget, 32-bit block cap): a 422, not a driver overflow.
+    ("POST", "/v1/banks", b'{"name": "big", "budget_bytes": 9223372036854775808}'),
+    ("POST", "/v1/banks", b'{"name": "big", "max_blocks": 2147483648}'),
+    ("PATCH", f"/v1/banks/{FUZZ_BANK}", b'{"budget_bytes": 9223372036854775808}'),
+    ("PATCH", f"/v1/banks/{FUZZ_BANK}", b'{"max_blocks": 2147483648}'),
     # Path traversal in bank names (encoded: clients resolve a bare "..").
     ("PUT", "/v1/banks/..%2F..%2Fetc/documents/x", b'{"text": "x"}'),
     ("POST", "/v1/banks/..%2Findexes/search", b'{"query": "x"}'),
@@ -273,6 +278,7 @@ def test_hostile_mcp_tool_calls_are_tool_errors_and_change_nothing(hostile_life:
     headers = {"Content-Type": "application/json", "Accept": MCP_ACCEPT, "MCP-Protocol-Version": "2025-06-18"}
     with hostile_life.client() as c:
         before = c.get(f"/v1/banks/{FUZZ_BANK}").json()
+        banks_before = {b["name"] for b in c.get("/v1/banks").json()["banks"]}
         opened = c.post(MCP, content=_INIT, headers=headers)
         assert opened.status_code == 200, opened.text[:300]
         session = {**headers, "mcp-session-id": opened.headers["mcp-session-id"]}
@@ -287,5 +293,7 @@ def test_hostile_mcp_tool_calls_are_tool_errors_and_change_nothing(hostile_life:
         c.request("DELETE", MCP, headers=session)
         after = c.get(f"/v1/banks/{FUZZ_BANK}").json()
         assert (after["documents"], after["blocks"]) == (before["documents"], before["blocks"])
-        assert {b["name"] for b in c.get("/v1/banks").json()["banks"]} >= {FUZZ_BANK, "empty"}
+        # Every bank there before is still there (and none is new): "empty" is not among them by now, the
+        # schemathesis DELETE above is aimed at it, so a fixed name list would test the module's order.
+        assert {b["name"] for b in c.get("/v1/banks").json()["banks"]} == banks_before
         assert c.get(f"/v1/banks/{FUZZ_BANK}/documents/seed").status_code == 200
