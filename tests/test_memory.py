@@ -311,7 +311,7 @@ def test_a_blob_shared_across_banks_counts_in_each_and_outlives_one_bank(store: 
     store.put_document(two, "d", TEXTS[0])
     assert len(list(store.blobs.ids())) == 1
     assert store.stats(one).stored_bytes == store.stats(two).stored_bytes > 0
-    store.update_bank(one, max_blocks=0)  # bank one evicts: the blob stays, bank two references it
+    store.update_bank(one, budget_bytes=1)  # bank one evicts: the blob stays, bank two references it
     store.delete_document(one, "d")
     assert len(list(store.blobs.ids())) == 1 and _tier(store, two, "d") == ["warm"]
     assert store.query(two, QUESTIONS[0], k=1, max_new_tokens=2).sources[0].doc_id == "d"
