@@ -5,6 +5,7 @@ files are shaped as the README says, and the benchmark data ships with its licen
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import re
 import shutil
 import subprocess
@@ -79,6 +80,14 @@ def test_model_wheels_are_pinned_in_one_file_every_install_reads() -> None:
     assert makefile.index("./client[") < makefile.index("-e '.[dev]'")  # the SDK before what depends on it
 
 
+def _make(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    """Run make as a user would: under `make test` the outer make's MAKELEVEL/MAKEFLAGS would make the
+    inner one print "Entering directory" lines."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
+    return subprocess.run(["make", "--no-print-directory", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=60, env=env)
+
+
 def _fake_checkout(tmp_path: Path) -> Path:
     for name in ("Makefile", "pyproject.toml", "requirements-models.txt"):
         shutil.copy(ROOT / name, tmp_path / name)
@@ -91,8 +100,7 @@ def _fake_checkout(tmp_path: Path) -> Path:
 @pytest.mark.parametrize("python", ["python-that-does-not-exist", "python3.12"])
 def test_install_without_python_311_stops_with_one_line(tmp_path: Path, python: str) -> None:
     checkout = _fake_checkout(tmp_path)
-    out = subprocess.run(["make", "install", f"PY={python}"], cwd=checkout, capture_output=True, text=True,
-                         timeout=60)
+    out = _make(["install", f"PY={python}"], checkout)
     assert out.returncode != 0 and out.stdout == ""
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and "kvrag needs Python 3.11" in lines[0] and python in lines[0], out.stderr
@@ -102,8 +110,7 @@ def test_install_without_python_311_stops_with_one_line(tmp_path: Path, python: 
 @pytest.mark.skipif(shutil.which("make") is None or shutil.which("python3.11") is None,
                     reason="needs make and python3.11")
 def test_install_with_python_311_goes_on(tmp_path: Path) -> None:
-    out = subprocess.run(["make", "-n", ".venv/bin/python", "PY=python3.11"], cwd=_fake_checkout(tmp_path),
-                         capture_output=True, text=True, timeout=60)
+    out = _make(["-n", ".venv/bin/python", "PY=python3.11"], _fake_checkout(tmp_path))
     assert out.returncode == 0 and out.stdout.strip() == "python3.11 -m venv .venv", out.stderr
 
 
