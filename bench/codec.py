@@ -48,10 +48,10 @@ from bench.squad import (
     save_figure,
     write_json,
 )
-from kvstore.codec import PRESETS, decode_block, default_codec, encode_block
+from kvstore.codec.format import PRESETS, decode_block, default_codec, encode_block
 from kvstore.config import Settings
-from kvstore.models import Embedder, load_llm
-from kvstore.runner import BlockKV, Runner, set_threads
+from kvstore.model.loader import Embedder, load_llm
+from kvstore.model.runner import BlockKV, Runner, set_threads
 
 REFERENCE = "fp16"
 DOCS = REPO_ROOT / "docs" / "BENCHMARKS.md"

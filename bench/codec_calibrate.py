@@ -19,7 +19,7 @@ blocks each, as there) it measures
 
 Key weights are ``sensitivity / (sum of rotated squared channel ranges * 4**-3 / 12)`` times the
 channel's query energy over its head's mean, so ``weight * range**2 * 4**-bits`` is the channel's KL
-at ``bits``; value weights are ``sensitivity * 4**3``. Writes ``kvstore/codec_weights/<name>.json``.
+at ``bits``; value weights are ``sensitivity * 4**3``. Writes ``kvstore/codec/weights/<name>.json``.
 Run: ``python -m bench.codec_calibrate --threads 1`` (about 15 minutes for SmolLM2 on one thread);
 ``--key-basis-only`` (``--query-spread-only``) measures only the key basis (the query spread) and sets it in
 the existing file, leaving the rest as it is.
@@ -37,12 +37,12 @@ from tqdm import tqdm
 
 from bench.codec import Case, build_cases, kl_per_token
 from bench.squad import add_data_args, load_or_exit, pick_questions
-from kvstore.compat import with_cache
+from kvstore.codec.presets import WEIGHTS_DIR, decode_keys, decode_values, encode_keys, encode_values
+from kvstore.codec.quant import hadamard
 from kvstore.config import Settings
-from kvstore.models import Embedder, load_llm
-from kvstore.quant import hadamard
-from kvstore.quant_presets import WEIGHTS_DIR, decode_keys, decode_values, encode_keys, encode_values
-from kvstore.runner import BlockKV, Runner, set_threads
+from kvstore.model.compat import with_cache
+from kvstore.model.loader import Embedder, load_llm
+from kvstore.model.runner import BlockKV, Runner, set_threads
 
 BITS = 3
 EVAL_QUESTIONS = 50  # bench/codec.py's run: calibration questions are taken from the others
@@ -226,7 +226,7 @@ def rounded(x: torch.Tensor) -> list:
 
 
 def key_basis_json(entry: tuple[torch.Tensor, str]) -> str:
-    """The ``key_basis`` entry as the calibration file stores it (:func:`kvstore.quant_presets.key_basis_from_json`)."""
+    """The ``key_basis`` entry as the calibration file stores it (:func:`kvstore.codec.presets.key_basis_from_json`)."""
     weight, data = entry
     return json.dumps({"weight": rounded(weight), "data": data}, separators=(",", ":"))
 
@@ -248,7 +248,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     add_data_args(parser, default_questions=10)
     parser.add_argument("--sensitivity-questions", type=int, default=6,
                         help="questions of the per-head sensitivity sweep (default: 6)")
-    parser.add_argument("--name", default="smollm2-135m", help="output file stem under kvstore/codec_weights/")
+    parser.add_argument("--name", default="smollm2-135m", help="output file stem under kvstore/codec/weights/")
     parser.add_argument("--fisher-samples", type=int, default=12,
                         help="backward passes per question for the key basis' Fisher (default: 12)")
     parser.add_argument("--key-basis-only", action="store_true",

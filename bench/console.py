@@ -37,10 +37,10 @@ from tqdm import tqdm
 
 from bench.squad import RESULTS_DIR, machine_info
 from kvstore.bank import BankStore
-from kvstore.catalog import BankRow, BlockRow, DocumentRow
 from kvstore.config import Settings
-from kvstore.models import Embedder
-from kvstore.sessions import SegmentInput, sessions_of
+from kvstore.model.loader import Embedder
+from kvstore.sessions.service import SegmentInput, sessions_of
+from kvstore.storage.catalog import BankRow, BlockRow, DocumentRow
 from server.app import create_app
 
 BANK = "notes"

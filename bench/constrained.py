@@ -1,6 +1,6 @@
 """What constraining a refresh's reply to the edit schema costs per token, by library, on SmolLM2's tokenizer.
 
-The schema is the one a refresh builds (``kvstore.maprefresh.edit_schema``) for a map of 23 roadmap items
+The schema is the one a refresh builds (``kvstore.contextmap.refresh.edit_schema``) for a map of 23 roadmap items
 (as the SQuAD bank's bootstrap leaves it) and two uncovered questions. A valid reply is tokenized and fed
 token by token: before each token the library computes the mask of allowed next tokens (the cost that
 rides on every decode step), then the token is consumed. Reported: median and p90 ms per token, and the
@@ -23,9 +23,9 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from bench.squad import machine_info, write_json
 from kvstore.config import Settings
-from kvstore.contextmap import Item, MapState
-from kvstore.maprefresh import edit_schema
-from kvstore.schema_decode import JSON_OPTIONS
+from kvstore.contextmap.refresh import edit_schema
+from kvstore.contextmap.service import Item, MapState
+from kvstore.model.schema_decode import JSON_OPTIONS
 
 QUESTIONS = ["In what country is Normandy located?", "Who was the Norse leader?"]
 
@@ -52,7 +52,7 @@ def llguidance_stepper(tok: PreTrainedTokenizerBase, schema: dict[str, Any]) -> 
     import llguidance
     import llguidance.hf
 
-    from kvstore.schema_decode import allowed_tokens
+    from kvstore.model.schema_decode import allowed_tokens
 
     ll = llguidance.hf.from_tokenizer(tok)  # type: ignore[arg-type]
     matcher = llguidance.LLMatcher(ll, llguidance.LLMatcher.grammar_from_json_schema(

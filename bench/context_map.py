@@ -61,8 +61,8 @@ from bench.squad import (
     squad_scores,
     write_json,
 )
-from kvstore.contextmap import MapPrefill
-from kvstore.runner import BlockKV, Context
+from kvstore.contextmap.service import MapPrefill
+from kvstore.model.runner import BlockKV, Context
 
 VARIANTS = ("text", "kv", "text+map", "kv+map")
 REFERENCE_OF = {"text": "text", "kv": "text", "text+map": "text+map", "kv+map": "text+map"}

@@ -62,10 +62,10 @@ from bench.squad import (
     write_json,
 )
 from kvstore.bank import BankStore
-from kvstore.cache import HotCache
-from kvstore.catalog import BlockRow, DocumentRow, OpLogRow
 from kvstore.config import Settings
-from kvstore.memory import Candidate, plan_eviction
+from kvstore.memory.hot import HotCache
+from kvstore.memory.tiers import Candidate, plan_eviction
+from kvstore.storage.catalog import BlockRow, DocumentRow, OpLogRow
 
 POLICIES = ("lru", "importance", "hybrid")
 REFERENCE = "reference"

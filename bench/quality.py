@@ -53,10 +53,10 @@ from bench.squad import (
     write_json,
 )
 from kvstore.bank import BankStore, _bytes_ids
-from kvstore.catalog import BankRow, BlockRow
-from kvstore.compaction import CompactionSpec, compact
-from kvstore.recompute import blend, blend_and_ask
-from kvstore.runner import Context
+from kvstore.model.compaction import CompactionSpec, compact
+from kvstore.model.recompute import blend, blend_and_ask
+from kvstore.model.runner import Context
+from kvstore.storage.catalog import BankRow, BlockRow
 
 REFERENCE = "text"
 

@@ -20,7 +20,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from bench.squad import machine_info, markdown_table, print_table, save_figure, write_json
-from kvstore.index import BankIndex
+from kvstore.storage.index import BankIndex
 
 DIM = 384
 GOAL_P50_MS = 2.0

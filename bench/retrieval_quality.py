@@ -5,7 +5,7 @@ Every paragraph is its own document (real SmolLM2 KV, MiniLM embeddings). Each q
 through ``BankStore.search`` once per mode; the added latency is the mode's time minus embedding-only
 time on the same question. Answers are generated greedily in kv mode from each mode's top k blocks (one
 generation per distinct block list). Sweeps over the fusion weights (on the same embedding top-N) show
-how ``kvstore.rerank.HYBRID_WEIGHT`` and ``KV_WEIGHT`` were picked; the KV score alone and a sanity check
+how ``kvstore.query.rerank.HYBRID_WEIGHT`` and ``KV_WEIGHT`` were picked; the KV score alone and a sanity check
 (a block holding the question's own sentence must get the most attention) are reported beside them.
 
 Run: ``KVRAG_TORCH_THREADS=1 .venv/bin/python -m bench.retrieval_quality``
@@ -41,8 +41,8 @@ from bench.squad import (
     write_json,
 )
 from kvstore.bank import BankStore, Hit
-from kvstore.catalog import BlockRow
-from kvstore.rerank import RETRIEVAL_MODES, _minmax, hybrid_scores
+from kvstore.query.rerank import RETRIEVAL_MODES, _minmax, hybrid_scores
+from kvstore.storage.catalog import BlockRow
 
 NAME = "retrieval_quality"
 KS = (1, 3, 5)

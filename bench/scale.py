@@ -42,8 +42,8 @@ from tqdm import tqdm
 
 from bench.squad import RESULTS_DIR, machine_info, print_table, save_figure, write_json
 from bench.ttft import percentile
-from kvstore.blobs import blob_id_of
 from kvstore.storage.blobstore import BlobStore, LocalFilesBlobStore
+from kvstore.storage.local import blob_id_of
 from kvstore.storage.s3 import S3BlobStore
 
 VALUES_PER_BLOCK = 30 * 3 * 64 * 2 * 256  # SmolLM2-135M, one 256-token block: layers x kv heads x dims x (k, v)

@@ -85,9 +85,9 @@ def measure_server(server: LiveServer, questions: Sequence[Question],
 
 def measure_floor(questions: Sequence[Question], kv_samples: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """The question's forward pass over each kv query's assembled context, in process (server stopped)."""
-    from kvstore.attention_bias import measured_block_bias
-    from kvstore.models import load_llm
-    from kvstore.runner import BlockKV, Runner, set_threads
+    from kvstore.model.attention_bias import measured_block_bias
+    from kvstore.model.loader import load_llm
+    from kvstore.model.runner import BlockKV, Runner, set_threads
 
     settings = Settings()
     set_threads(settings.torch_threads)
@@ -125,7 +125,7 @@ def _llama_cpp(threads: int) -> tuple[Callable[[str], float], str] | None:
         from llama_cpp import Llama
     except ImportError:
         return None
-    from kvstore.models import SMOLLM2_GGUF, SMOLLM2_PACKAGE, package_dir
+    from kvstore.model.loader import SMOLLM2_GGUF, SMOLLM2_PACKAGE, package_dir
 
     llm = Llama(model_path=str(package_dir(SMOLLM2_PACKAGE) / SMOLLM2_GGUF), n_ctx=4096, n_threads=threads,
                 n_threads_batch=threads, n_batch=2048, verbose=False)
@@ -143,8 +143,8 @@ def _prompt_parts() -> tuple[str, str, str]:
     """The server's prompt layout (prefix, question prefix, question suffix) from the packaged tokenizer."""
     from transformers import AutoTokenizer
 
-    from kvstore.models import _convert_packaged_smollm2
-    from kvstore.runner import prompt_layout
+    from kvstore.model.loader import _convert_packaged_smollm2
+    from kvstore.model.runner import prompt_layout
 
     settings = Settings()
     tokenizer = AutoTokenizer.from_pretrained(_convert_packaged_smollm2(settings.resolved_model_cache_dir()))

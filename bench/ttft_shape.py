@@ -32,9 +32,9 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from bench.squad import machine_info, print_table, publish_doc_table, save_figure, write_json
 from kvstore.config import DEFAULT_SYSTEM_PROMPT, Settings
-from kvstore.device import ResidentBlocks, h2d_bandwidth, pinned
-from kvstore.models import LoadedModel, model_dtype, resolve_device, tiny_model_config
-from kvstore.runner import BlockKV, Runner, set_threads
+from kvstore.model.device import ResidentBlocks, h2d_bandwidth, pinned
+from kvstore.model.loader import LoadedModel, model_dtype, resolve_device, tiny_model_config
+from kvstore.model.runner import BlockKV, Runner, set_threads
 
 BLOCK_TOKENS = 256
 QUESTION_TOKENS = 24
@@ -63,7 +63,7 @@ def build_runner(shape: str, device: torch.device, tokenizer: PreTrainedTokenize
     if tokenizer is None:
         from transformers import AutoTokenizer
 
-        from kvstore.models import _convert_packaged_smollm2
+        from kvstore.model.loader import _convert_packaged_smollm2
 
         tokenizer = AutoTokenizer.from_pretrained(_convert_packaged_smollm2(Settings().resolved_model_cache_dir()))
     config = tiny_model_config("llama", **SHAPES[shape])

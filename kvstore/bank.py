@@ -23,17 +23,10 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from .attention_bias import measured_block_bias
-from .bank_settings import check_bank_limits
-from .batching import BatchRequest, QuestionBatcher
-from .cache import HotCache, bank_of_resident_key
-from .catalog import BankRow, BlockRow, DocumentRow, OpLogRow, open_catalog, utcnow
-from .chunking import chunk_text
-from .codec import check_choosable, decode_block, default_codec, encode_block, get_preset
-from .compaction import CompactionSpec, compact, prefill_attention
-from .config import Settings
-from .contextmap import ContextMaps
-from .errors import (
+from kvstore.codec.format import check_choosable, decode_block, default_codec, encode_block, get_preset
+from kvstore.config import Settings
+from kvstore.contextmap.service import ContextMaps
+from kvstore.errors import (
     BadRequest,
     Conflict,
     CorruptBlock,
@@ -44,23 +37,39 @@ from .errors import (
     ValidationFailed,
     VersionMismatch,
 )
-from .index import BankIndex
-from .keysummary import KeySummaries
-from .kvbudget import KVBudget
-from .limits import limits_of
-from .memory import BlockInfo, MemoryManager, as_utc, block_page, expired_block_ids, record_access, tier_stats
-from .models import Embedder, LoadedModel, load_llm
-from .querylog import LoggedQuery, QueryLogEntry
-from .querylog import recent as recent_log
-from .querylog import record as record_log
-from .recompute import blend, blend_and_ask, default_ratio
-from .replication import Replication, blob_gc_lock, claim_version, open_replication
-from .rerank import KV_MODES, RETRIEVAL_MODES, rerank_scores
-from .runner import BlockKV, Runner, set_threads
-from .sessions import sessions_of
-from .storage import lock as data_dir_lock
-from .storage.blobstore import BlobStore, open_blob_store
-from .types import (  # noqa: F401  (re-exported: kvstore.bank.Hit and friends stay importable)
+from kvstore.ingest.chunking import chunk_text
+from kvstore.memory.budget import KVBudget
+from kvstore.memory.hot import HotCache, bank_of_resident_key
+from kvstore.memory.tiers import (
+    BlockInfo,
+    MemoryManager,
+    as_utc,
+    block_page,
+    expired_block_ids,
+    record_access,
+    tier_stats,
+)
+from kvstore.memory.warmup import warm_new_blocks
+from kvstore.model.attention_bias import measured_block_bias
+from kvstore.model.batching import BatchRequest, QuestionBatcher
+from kvstore.model.compaction import CompactionSpec, compact, prefill_attention
+from kvstore.model.limits import limits_of
+from kvstore.model.loader import Embedder, LoadedModel, load_llm
+from kvstore.model.recompute import blend, blend_and_ask, default_ratio
+from kvstore.model.runner import BlockKV, Runner, set_threads
+from kvstore.query.keysummary import KeySummaries
+from kvstore.query.rerank import KV_MODES, RETRIEVAL_MODES, rerank_scores
+from kvstore.sessions.service import sessions_of
+from kvstore.storage import lock as data_dir_lock
+from kvstore.storage.bank_settings import check_bank_limits
+from kvstore.storage.blobstore import BlobStore, open_blob_store
+from kvstore.storage.catalog import BankRow, BlockRow, DocumentRow, OpLogRow, open_catalog, utcnow
+from kvstore.storage.index import BankIndex
+from kvstore.storage.querylog import LoggedQuery, QueryLogEntry
+from kvstore.storage.querylog import recent as recent_log
+from kvstore.storage.querylog import record as record_log
+from kvstore.storage.replication import Replication, blob_gc_lock, claim_version, open_replication
+from kvstore.types import (  # noqa: F401  (re-exported: kvstore.bank.Hit and friends stay importable)
     BankInfo,
     BankStats,
     DocumentInfo,
@@ -71,7 +80,6 @@ from .types import (  # noqa: F401  (re-exported: kvstore.bank.Hit and friends s
     Timings,
     Usage,
 )
-from .warmup import warm_new_blocks
 
 log = logging.getLogger(__name__)
 
@@ -344,7 +352,7 @@ class BankStore:
             return _bank_info(self.bank_row(s, name))
 
     def _resolve_codec(self, codec: str) -> str:
-        """``auto`` as this store's model gets it (:func:`kvstore.codec.default_codec`); other names as given."""
+        """``auto`` as this store's model gets it (:func:`kvstore.codec.format.default_codec`); other names as given."""
         return default_codec(codec, self.runner.num_layers, self.runner.kv_heads, self.runner.head_dim)
 
     def update_bank(self, name: str, *, codec: str | None = None, budget_bytes: int | None = None,
@@ -559,7 +567,7 @@ class BankStore:
 
     @staticmethod
     def _claim(s: Session, doc: DocumentRow, doc_id: str, if_match: int | None) -> None:
-        """Take the document's next version in the database (a conditional UPDATE, kvstore.replication): a
+        """Take the document's next version in the database (a conditional UPDATE, kvstore.storage.replication): a
         writer that lost the race to another process answers as a failed If-Match does, and changes nothing."""
         seen = doc.version
         if not claim_version(s, doc, seen):
@@ -964,7 +972,7 @@ class BankStore:
 
     def maintain(self, bank: str, *, evict: bool = True, merge: bool = True, gc: bool = True, expire: bool = True,
                  reencode: bool = True) -> dict[str, Any]:
-        """Maintenance of one bank (see :class:`kvstore.memory.MemoryManager`): remove expired documents,
+        """Maintenance of one bank (see :class:`kvstore.memory.tiers.MemoryManager`): remove expired documents,
         re-encode after a model change and re-warm cold blocks the budget has room for, repair old merges, dedup
         near-duplicates, evict to the budget, delete orphan blobs. Returns a report."""
         return self.memory.maintain(bank, evict=evict, merge=merge, gc=gc, expire=expire, reencode=reencode)

@@ -62,8 +62,8 @@ class Settings(BaseSettings):
 
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     default_codec: Literal["auto", "fp16", "int8", "tklt5"] = Field(
-        default="auto", description="Codec of a new bank's blocks (kvstore.codec.CHOOSABLE). auto: tklt5 "
-                                    "for a model kvstore/codec_weights calibrates (SmolLM2: 5.0x smaller than fp16, "
+        default="auto", description="Codec of a new bank's blocks (kvstore.codec.format.CHOOSABLE). auto: tklt5 "
+                                    "for a model kvstore/codec/weights calibrates (SmolLM2: 5.0x smaller than fp16, "
                                     "90% of greedy answers identical), else int8 (1.9x, every answer kept).")
     block_tokens: int = Field(default=256, ge=16, le=4096, description="Token budget of one KV block.")
     block_bias: float | None = Field(
@@ -108,7 +108,7 @@ class Settings(BaseSettings):
     max_json_depth: int = 32
     max_k: int = 100
     max_new_tokens: int = 1024
-    # Token caps of caller texts (kvstore/limits.py): over one, 413 payload_too_large before any model work.
+    # Token caps of caller texts (kvstore/model/limits.py): over one, 413 payload_too_large before any model work.
     # SmolLM2 has 8,192 positions: a 512-token question leaves a kv query room for 20+ blocks of 256 and the
     # answer; a brief's 1,024-token task states a goal, not a document; an append of 2,048 tokens (8 pages) is a
     # long tool result, and a bigger one is stored as a document (up to max_document_chars) or appended in parts.

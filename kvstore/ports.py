@@ -15,19 +15,19 @@ from typing import Any, Protocol
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from .cache import HotCache
-from .catalog import BankRow, BlockRow
-from .config import Settings
-from .index import BankIndex
-from .kvbudget import KVBudget
-from .models import LoadedModel
-from .runner import BlockKV, Runner
-from .storage.blobstore import BlobStore
-from .types import Hit, SearchFilter
+from kvstore.config import Settings
+from kvstore.memory.budget import KVBudget
+from kvstore.memory.hot import HotCache
+from kvstore.model.loader import LoadedModel
+from kvstore.model.runner import BlockKV, Runner
+from kvstore.storage.blobstore import BlobStore
+from kvstore.storage.catalog import BankRow, BlockRow
+from kvstore.storage.index import BankIndex
+from kvstore.types import Hit, SearchFilter
 
 
 class SummaryBuilder(Protocol):
-    """The per-block key summaries the facade keeps (:class:`kvstore.keysummary.KeySummaries`)."""
+    """The per-block key summaries the facade keeps (:class:`kvstore.query.keysummary.KeySummaries`)."""
 
     def build(self, kv: BlockKV, fingerprint: str) -> bytes: ...
 

@@ -41,7 +41,7 @@ class BankStats:
     index_entries: int
     reencodes: int = 0
     tiers: dict[str, dict[str, int]] = field(default_factory=dict)  # hot / warm / cold: blocks and bytes
-    # KV this bank holds in memory, per kind (blocks / map / sessions): entries and bytes (kvstore.kvbudget).
+    # KV this bank holds in memory, per kind (blocks / map / sessions): entries and bytes (kvstore.memory.budget).
     memory: dict[str, dict[str, int]] = field(default_factory=dict)
 
 

@@ -1,11 +1,11 @@
-"""Alembic environment: the URL comes from the caller (kvstore.catalog.upgrade) or KVRAG settings."""
+"""Alembic environment: the URL comes from the caller (kvstore.storage.catalog.upgrade) or KVRAG settings."""
 
 from alembic import context
 from sqlalchemy.engine import Connection
 
-import kvstore.session_rows  # noqa: F401  (registers the session tables with Base.metadata)
-from kvstore.catalog import Base, make_engine
+import kvstore.sessions.rows  # noqa: F401  (registers the session tables with Base.metadata)
 from kvstore.config import Settings
+from kvstore.storage.catalog import Base, make_engine
 
 config = context.config
 url = config.get_main_option("sqlalchemy.url") or Settings().resolved_database_url()
@@ -26,7 +26,7 @@ def _run_on(connection: Connection) -> None:
 def run_migrations_online() -> None:
     connection = config.attributes.get("connection")
     if connection is not None:
-        # The caller's connection, already in a transaction it commits (kvstore.catalog: PostgreSQL with
+        # The caller's connection, already in a transaction it commits (kvstore.storage.catalog: PostgreSQL with
         # a bounded lock wait).
         _run_on(connection)
         return

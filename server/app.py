@@ -16,8 +16,8 @@ from starlette.middleware.cors import CORSMiddleware
 
 from kvstore.bank import BankStore
 from kvstore.config import Settings
-from kvstore.replication import ReplicaRefused
 from kvstore.storage import lock as data_dir_lock
+from kvstore.storage.replication import ReplicaRefused
 
 from . import console, mcp_http
 from .auth import route_role

@@ -27,7 +27,7 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 
 from kvstore.bank import BankStore
 from kvstore.errors import Forbidden, NotFound, Unauthorized
-from kvstore.keys import verify_key
+from kvstore.storage.keys import verify_key
 
 from .deps import Store
 

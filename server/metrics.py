@@ -10,9 +10,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from kvstore.batching import BatchStats
-from kvstore.cache import HotCache
-from kvstore.kvbudget import KINDS
+from kvstore.memory.budget import KINDS
+from kvstore.memory.hot import HotCache
+from kvstore.model.batching import BatchStats
 
 
 class _HotTierCollector(Collector):
@@ -35,7 +35,7 @@ class _HotTierCollector(Collector):
         budget.add_metric([], float(hot.budget_bytes if hot else 0))
         yield held
         yield budget
-        # The hot tier is one kind of the process's KV budget (kvstore.kvbudget): every kind, and the cap.
+        # The hot tier is one kind of the process's KV budget (kvstore.memory.budget): every kind, and the cap.
         kinds = GaugeMetricFamily("kvrag_kv_memory_bytes", "Bytes of KV kept in memory, per kind.", labels=["kind"])
         for kind in KINDS:
             kinds.add_metric([kind], float(hot.kv.kind_nbytes(kind) if hot else 0))

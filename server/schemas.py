@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from kvstore.bank_settings import MAX_BLOCKS, MAX_BUDGET_BYTES
+from kvstore.storage.bank_settings import MAX_BLOCKS, MAX_BUDGET_BYTES
 
 
 class Request(BaseModel):
@@ -50,7 +50,7 @@ class KeyList(BaseModel):
 # -- banks ----------------------------------------------------------------------------------------
 
 
-# kvstore.codec.CHOOSABLE: the only codecs a bank may newly choose (others stay decodable).
+# kvstore.codec.format.CHOOSABLE: the only codecs a bank may newly choose (others stay decodable).
 CodecChoice = Literal["auto", "fp16", "int8", "tklt5"]
 
 

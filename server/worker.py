@@ -4,7 +4,7 @@ Work runs one call at a time, in arrival order: a call holds the worker's turn w
 than ``queue_size`` calls are already waiting, a new one is refused at once with ``Unavailable`` (503 +
 Retry-After) instead of piling up. With ``threads`` > 1 a call can give its turn up while it waits
 (:meth:`ModelWorker.released`): a kv query waiting for its batched answer lets the next call retrieve and
-load meanwhile, so that one can join the next batch (kvstore.batching).
+load meanwhile, so that one can join the next batch (kvstore.model.batching).
 """
 
 from __future__ import annotations

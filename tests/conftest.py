@@ -11,7 +11,7 @@ import torch
 
 from kvstore.bank import BankStore
 from kvstore.config import Settings
-from kvstore.models import Embedder, LoadedModel, load_llm
+from kvstore.model.loader import Embedder, LoadedModel, load_llm
 from kvstore.testing.tiny import CHAT_TEMPLATE, CORPUS, TINY_FAMILIES, build_tiny, build_tokenizer  # noqa: F401  (re-exported for tests)
 from tests.seaweed import s3_bucket, s3_env, seaweed  # noqa: F401  (a real SeaweedFS: one a session, a bucket a test)
 

@@ -14,7 +14,7 @@ import pytest
 
 from kvstore.bank import BankStore
 from kvstore.config import Settings
-from kvstore.models import Embedder, LoadedModel
+from kvstore.model.loader import Embedder, LoadedModel
 from server.app import create_app
 from server.testing import LiveServer, serve  # noqa: F401  (re-exported for tests)
 

@@ -124,7 +124,7 @@ def test_the_engine_has_no_import_cycle() -> None:
 
 
 def test_the_graph_reads_relative_imports() -> None:
-    assert "kvstore.attention_bias" in engine_graph()["kvstore.runner"]
+    assert "kvstore.model.attention_bias" in engine_graph()["kvstore.model.runner"]
 
 
 def test_the_cycle_finder_finds_one() -> None:

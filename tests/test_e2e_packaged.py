@@ -8,7 +8,7 @@ import pytest
 
 from kvstore.bank import BankStore
 from kvstore.config import Settings
-from kvstore.models import Embedder, LoadedModel
+from kvstore.model.loader import Embedder, LoadedModel
 
 PARAGRAPHS = {
     "normans": ("The Normans were the people who in the 10th and 11th centuries gave their name to Normandy, a "

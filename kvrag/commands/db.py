@@ -71,8 +71,8 @@ class Revision:
 @app.command("upgrade")
 def db_upgrade(data_dir: DataDir = None, json_out: JsonOut = False) -> None:
     """Bring the catalog ($KVRAG_DATABASE_URL, or SQLite in the data dir) to the newest schema."""
-    from kvstore.catalog import upgrade
     from kvstore.errors import KVRagError as EngineError
+    from kvstore.storage.catalog import upgrade
 
     settings = _settings(data_dir)
     url = settings.resolved_database_url()

@@ -14,8 +14,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-from ..blobs import LocalBlobStore
-from ..errors import CorruptBlock
+from kvstore.errors import CorruptBlock
+from kvstore.storage.local import LocalBlobStore
 
 _BLOB_ID = re.compile(r"[0-9a-f]{64}")
 
@@ -59,7 +59,7 @@ class BlobStore(Protocol):
 
 
 class LocalFilesBlobStore(LocalBlobStore):
-    """Files under the data dir (:class:`kvstore.blobs.LocalBlobStore`) with the rest of the contract: a write time
+    """Files under the data dir (:class:`LocalBlobStore`) with the rest of the contract: a write time
     for orphan collection (the file's mtime), refreshed when a put finds the blob already there."""
 
     def _path(self, blob_id: str) -> Path:
@@ -102,7 +102,7 @@ def open_blob_store(url: str | None, local_dir: Path, *, cache_bytes: int = 4 <<
     """
     if not url:
         return LocalFilesBlobStore(local_dir)
-    from .s3 import S3BlobStore  # the object-store client loads only when one is configured
+    from kvstore.storage.s3 import S3BlobStore  # the object-store client loads only when one is configured
 
     return S3BlobStore.from_url(url, namespace=local_dir.name, cache_dir=cache_dir_for(local_dir),
                                 cache_bytes=cache_bytes, allow_http=allow_http,

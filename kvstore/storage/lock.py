@@ -22,7 +22,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import Unavailable
+from kvstore.errors import Unavailable
 
 LOCK_NAME = ".kvrag.lock"
 

@@ -13,10 +13,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..blobs import blob_id_of
-from ..errors import CorruptBlock
-from . import lock as data_dir_lock
-from .blobstore import BlobStore, LocalFilesBlobStore, open_blob_store
+from kvstore.errors import CorruptBlock
+from kvstore.storage import lock as data_dir_lock
+from kvstore.storage.blobstore import BlobStore, LocalFilesBlobStore, open_blob_store
+from kvstore.storage.local import blob_id_of
 
 NAMESPACES = ("blobs", "session-blobs")
 

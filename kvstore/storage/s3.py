@@ -27,9 +27,9 @@ import obstore
 from obstore.exceptions import BaseError, NotFoundError, PermissionDeniedError, UnauthenticatedError
 from obstore.store import S3Store
 
-from ..blobs import blob_id_of
-from ..errors import CorruptBlock, StorageUnavailable, ValidationFailed
-from .blobcache import BlobCache
+from kvstore.errors import CorruptBlock, StorageUnavailable, ValidationFailed
+from kvstore.storage.blobcache import BlobCache
+from kvstore.storage.local import blob_id_of
 
 if TYPE_CHECKING:  # obstore's config TypedDicts exist only in its stubs
     from obstore.store import ClientConfig, RetryConfig, S3Config

@@ -9,7 +9,7 @@ import torch
 from tokenizers import ByteLevelBPETokenizer
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-from kvstore.models import LoadedModel, tiny_model_config, wrap_model
+from kvstore.model.loader import LoadedModel, tiny_model_config, wrap_model
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"

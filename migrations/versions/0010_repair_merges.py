@@ -8,7 +8,7 @@ Near-duplicate merging pointed a block at another block's blob and token ids, so
 its neighbour's facts. Which blocks it touched cannot be told in SQL alone (eviction cleared ``merged_into``,
 a later delete of the canonical leaves the copied tokens unique), so every bank that ever merged
 (``merges > 0``) is flagged; the next maintenance re-tokenizes its blocks from their own text and re-encodes
-those whose stored tokens differ (kvstore/dedup.py), then clears the flag.
+those whose stored tokens differ (kvstore/memory/dedup.py), then clears the flag.
 """
 from typing import Sequence, Union
 

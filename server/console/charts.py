@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from markupsafe import Markup, escape
 
-from kvstore.querylog import QueryLogEntry
+from kvstore.storage.querylog import QueryLogEntry
 
 MODES = ("kv", "text")
 WIDTH, HEIGHT = 760, 260

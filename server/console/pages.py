@@ -10,8 +10,8 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
 
-from kvstore.querylog import QueryLogEntry
-from kvstore.sessions import sessions_of
+from kvstore.sessions.service import sessions_of
+from kvstore.storage.querylog import QueryLogEntry
 
 from ..auth import Principal, check_bank
 from ..deps import Store

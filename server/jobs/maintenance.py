@@ -11,8 +11,8 @@ from __future__ import annotations
 from functools import partial
 from typing import Any
 
-from kvstore import idempotency
 from kvstore.bank import BankStore
+from kvstore.storage import idempotency
 
 from .runner import JobContext
 

@@ -1,4 +1,4 @@
-"""The job runner: one per server process, claiming durable jobs (kvstore.jobs) from the catalog.
+"""The job runner: one per server process, claiming durable jobs (kvstore.storage.jobs) from the catalog.
 
 It runs one job at a time (model work is serialized by the worker anyway), on the model worker one call at a
 time so queries interleave with long work. While a job runs, a heartbeat renews its lease every third of
@@ -24,10 +24,10 @@ from typing import Any, TypeVar
 
 from starlette.concurrency import run_in_threadpool
 
-from kvstore import jobs
 from kvstore.bank import BankStore
 from kvstore.config import Settings
 from kvstore.errors import KVRagError, Unavailable
+from kvstore.storage import jobs
 
 from ..worker import ModelWorker
 

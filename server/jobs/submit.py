@@ -8,8 +8,8 @@ from typing import Any
 from fastapi import Request
 from starlette.concurrency import run_in_threadpool
 
-from kvstore import jobs
 from kvstore.bank import BankStore
+from kvstore.storage import jobs
 
 from ..auth import Principal
 from ..schemas import ErrorOut, JobAccepted

@@ -5,9 +5,9 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response, status
 from starlette.concurrency import run_in_threadpool
 
-from kvstore import jobs
 from kvstore.bank import BankStore
 from kvstore.errors import Forbidden
+from kvstore.storage import jobs
 
 from ..auth import AnyKey, Owner, OwnerRole, Reader
 from ..deps import Store, plain

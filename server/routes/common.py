@@ -10,9 +10,9 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
-from kvstore import idempotency
 from kvstore.bank import BankStore
 from kvstore.errors import BadRequest
+from kvstore.storage import idempotency
 
 from ..schemas import ErrorOut
 

@@ -8,8 +8,8 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 from starlette.concurrency import run_in_threadpool
 
-from kvstore import jobs
 from kvstore.errors import NotFound
+from kvstore.storage import jobs
 
 from ..auth import AnyKey, Reader, WriteRole, check_bank
 from ..deps import Store, plain

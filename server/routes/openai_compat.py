@@ -28,7 +28,7 @@ from starlette.concurrency import run_in_threadpool
 from kvstore.bank import BankStore, QueryResult
 from kvstore.config import Settings
 from kvstore.errors import KVRagError, NotFound, PayloadTooLarge, ValidationFailed
-from kvstore.limits import limits_of
+from kvstore.model.limits import limits_of
 
 from ..auth import AnyKey, check_bank
 from ..deps import Store, Worker

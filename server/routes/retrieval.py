@@ -16,7 +16,7 @@ from starlette.concurrency import run_in_threadpool
 from kvstore.bank import QueryResult, SearchFilter
 from kvstore.config import Settings
 from kvstore.errors import KVRagError, ValidationFailed
-from kvstore.limits import limits_of
+from kvstore.model.limits import limits_of
 
 from ..auth import Reader
 from ..deps import Store, Worker, plain

@@ -17,8 +17,8 @@ from starlette.concurrency import run_in_threadpool
 
 from kvstore.bank import BankStore
 from kvstore.errors import Forbidden
-from kvstore.limits import limits_of
-from kvstore.sessions import BriefResult, SegmentInput, sessions_of
+from kvstore.model.limits import limits_of
+from kvstore.sessions.service import BriefResult, SegmentInput, sessions_of
 
 from ..auth import Principal, Reader, Writer
 from ..deps import Store, Worker, plain

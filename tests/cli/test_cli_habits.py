@@ -162,7 +162,7 @@ def test_json_output_of_every_command_parses(served: Live, tmp_path: Path, monke
     assert js("map", "edit", "-b", "notes", "--add", "understanding=About Normans.")["map"]["version"] >= 1
     assert js("map", "show", "-b", "notes")["items"]
     # A refresh that applies or changes nothing succeeds (exit 0; exit 1 is for unparseable/llm_error, see
-    # tests/test_context_map_api.py). Decoding is constrained, so even the tiny random model writes valid edits,
+    # tests/server/test_context_map_api.py). Decoding is constrained, so even the tiny random model writes valid edits,
     # and the recorded question the map does not cover yet makes the first edit an add of its answer.
     refreshed = js("map", "refresh", "-b", "notes")
     assert refreshed["status"] == "applied" and refreshed["applied"][0]["op"] == "add", refreshed

@@ -103,7 +103,7 @@ def main() -> None:
     import kvstore.bank  # noqa: F401
     import server.app  # noqa: F401
     from kvstore.config import Settings
-    from kvstore.models import Embedder
+    from kvstore.model.loader import Embedder
     from tests.conftest import build_tiny
 
     llm = build_tiny("llama", seed=0)

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from kvstore.catalog import BankRow, BlockRow, make_engine
-from kvstore.codec import decode_block
+from kvstore.codec.format import decode_block
+from kvstore.storage.catalog import BankRow, BlockRow, make_engine
 from tests.reliability.procs import ForkServer, ServerLife
 
 HURT = [f"The harbour ledger entry {i} records a cargo of {w} from the north." for i, w in

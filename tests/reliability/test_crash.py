@@ -23,8 +23,8 @@ import httpx
 import pytest
 from sqlalchemy import select
 
-from kvstore.catalog import BlockRow, make_engine
-from kvstore.codec import decode_block
+from kvstore.codec.format import decode_block
+from kvstore.storage.catalog import BlockRow, make_engine
 from tests.reliability.procs import ForkServer, record_figures
 
 KILLS = int(os.environ.get("KVRAG_CRASH_KILLS", "20"))

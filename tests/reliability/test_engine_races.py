@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from kvstore.bank import BankStore
-from kvstore.codec import decode_block
+from kvstore.codec.format import decode_block
 
 SHARED = "The harbour ledger is kept in the archive."
 

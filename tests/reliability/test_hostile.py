@@ -1,7 +1,7 @@
 """Hostile input against a real server process: schemathesis over the whole OpenAPI schema, then the
 attacks a schema fuzzer does not try (lone surrogates, invalid UTF-8 inside strings, absurd numbers,
 path traversal in bank names). Nothing may answer 500 or break the response schema, and nothing
-rejected may be stored. (tests/test_server_input.py covers bodies, depth, size and document ids.)
+rejected may be stored. (tests/server/test_server_input.py covers bodies, depth, size and document ids.)
 """
 
 from __future__ import annotations

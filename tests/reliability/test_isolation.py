@@ -1,6 +1,6 @@
 """Isolation over every operation of the OpenAPI schema (so routes added later are covered too):
 revoked keys, keys of another bank and read-only keys, against a real server process.
-tests/test_server_auth.py holds the per-route details (401 shapes, scopes, secrets not logged)."""
+tests/server/test_server_auth.py holds the per-route details (401 shapes, scopes, secrets not logged)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from kvstore import keys
-from kvstore.catalog import open_catalog
+from kvstore.storage import keys
+from kvstore.storage.catalog import open_catalog
 from server import auth
 from tests.reliability.procs import ForkServer, ServerLife
 from tests.reliability.test_hostile import OPERATIONS

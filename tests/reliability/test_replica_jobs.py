@@ -1,6 +1,6 @@
 """A replica killed while it runs a job: another replica on the same PostgreSQL resumes the job once its lease
 expires, and it ends ``succeeded`` with every document written once (issue 28; jobs are claimed with
-``FOR UPDATE SKIP LOCKED``, kvstore/jobs.py). Real server processes, PostgreSQL and SeaweedFS."""
+``FOR UPDATE SKIP LOCKED``, kvstore/storage/jobs.py). Real server processes, PostgreSQL and SeaweedFS."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, select
 
-from kvstore.catalog import JobRow
+from kvstore.storage.catalog import JobRow
 from tests.reliability.procs import ForkServer, ServerLife
 from tests.reliability.test_jobs_crash import DOCS, _poll, _resumed_to_the_end
 

@@ -20,10 +20,10 @@ import httpx
 import pytest
 from sqlalchemy import select
 
-from kvstore.blobs import LocalBlobStore
-from kvstore.catalog import make_engine
-from kvstore.codec import decode_block
-from kvstore.sessions import SessionPageRow
+from kvstore.codec.format import decode_block
+from kvstore.sessions.service import SessionPageRow
+from kvstore.storage.catalog import make_engine
+from kvstore.storage.local import LocalBlobStore
 from tests.reliability.procs import ForkServer, ServerLife
 
 KILLS = 4

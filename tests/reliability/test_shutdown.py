@@ -11,7 +11,7 @@ from pathlib import Path
 
 from sqlalchemy import func, select
 
-from kvstore.catalog import OpLogRow, make_engine
+from kvstore.storage.catalog import OpLogRow, make_engine
 from tests.reliability.procs import ForkServer
 from tests.reliability.serve_tiny import ADMIN_KEY
 

@@ -111,7 +111,7 @@ def test_jobs_per_key_are_capped_with_429(live: LiveServer) -> None:
     with live.store.session() as s:
         from sqlalchemy import select
 
-        from kvstore.catalog import JobRow
+        from kvstore.storage.catalog import JobRow
         rows = s.scalars(select(JobRow).where(JobRow.bank == "capped", JobRow.status == "cancelled")).all()
         assert rows and all(r.input is None for r in rows)  # a finished job keeps no input
 

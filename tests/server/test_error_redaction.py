@@ -13,7 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from sqlalchemy import select
 
-from kvstore.catalog import BankRow, BlockRow
+from kvstore.storage.catalog import BankRow, BlockRow
 from server.errors import redact
 from tests.server_harness import LiveServer, live_server, wait_job
 

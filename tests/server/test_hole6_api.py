@@ -1,6 +1,6 @@
 """Issue 26, hole 6, over HTTP: pins (owner only; an edit naming a pinned item is a 409 and changes nothing; a
 refresh passes it over), bounded refresh deletions, session restore (own agent's sessions with a write key), and
-the SDK and CLI doors to them (the MCP tools: tests/test_integrations_mcp.py)."""
+the SDK and CLI doors to them (the MCP tools: tests/server/test_integrations_mcp.py)."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from kvrag_client import AsyncKVRag, KVRag
 from typer.testing import CliRunner
 
 from kvrag.cli import app as cli_app
-from kvstore.sessions import sessions_of
+from kvstore.sessions.service import sessions_of
+from tests.engine.contextmap.test_context_map import NORMANS, PARIS, StubLLM
 from tests.server_harness import LiveServer, live_server, make_key
-from tests.test_context_map import NORMANS, PARIS, StubLLM
 
 SEGMENTS = [{"role": "note", "text": f"Step {i}: read about {w}."} for i, w in enumerate(["Rollo", "Rouen", "Seine",
                                                                                            "Paris"])]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, func, inspect, select, text, update
 
-from kvstore.catalog import IdempotencyRow, upgrade, utcnow
+from kvstore.storage.catalog import IdempotencyRow, upgrade, utcnow
 from tests.server_harness import LiveServer, live_server, maintain, make_key
 
 BANK = "idem"

@@ -12,11 +12,11 @@ from typing import Any
 
 from sqlalchemy import update
 
-from kvstore import idempotency
 from kvstore.bank import BankStore
-from kvstore.catalog import DocumentRow, utcnow
 from kvstore.config import Settings
-from kvstore.models import Embedder, LoadedModel
+from kvstore.model.loader import Embedder, LoadedModel
+from kvstore.storage import idempotency
+from kvstore.storage.catalog import DocumentRow, utcnow
 from tests.server_harness import ADMIN_KEY, live_server
 
 DOCS = 1000

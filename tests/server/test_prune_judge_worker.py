@@ -16,7 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from kvstore.models import Embedder, LoadedModel
+from kvstore.model.loader import Embedder, LoadedModel
 from tests.server_harness import LiveServer, live_server, make_key
 
 JUDGE_DELAY_S = 3.0

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 from sqlalchemy import select
 
-from kvstore.catalog import BlockRow
+from kvstore.storage.catalog import BlockRow
 from tests.server_harness import LiveServer, live_server, maintain, make_key
 
 BANK = "tenant-secret-name"

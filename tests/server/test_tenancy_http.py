@@ -19,7 +19,7 @@ QUESTION = "What is the vault code of the Acme account?"
 @pytest.fixture(scope="module")
 def live(tmp_path_factory: pytest.TempPathFactory, tiny_llm, embedder) -> Iterator[LiveServer]:
     # Warm-at-ingest off: a guess's block must start cold, so a hot tier shared with the victim would show
-    # (tests/test_tenancy.py covers warm-at-ingest's own independence from other banks).
+    # (tests/engine/memory/test_tenancy.py covers warm-at-ingest's own independence from other banks).
     with live_server("sqlite", tmp_path_factory.mktemp("tenancy"), tiny_llm, embedder,
                      hot_tier_on_ingest=False) as server:
         yield server

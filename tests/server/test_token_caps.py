@@ -1,7 +1,7 @@
 """Token caps on questions, tasks, segments and appends (issue 26, hole 3), through every door.
 
 A multi-megabyte question used to hold the model for tens of seconds and then answer 500. Every text a caller
-asks the model to read has a cap (kvstore/limits.py); above it the answer is ``413 payload_too_large`` within
+asks the model to read has a cap (kvstore/model/limits.py); above it the answer is ``413 payload_too_large`` within
 about a second, before any model work, and nothing is stored. REST, the OpenAI door and the MCP tools (which
 call REST in process) all get it. A kv query keeps its assembled context within the model's positions by
 leaving out the lowest-ranked blocks that would not fit.
@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from kvstore.bank import BankStore
-from kvstore.models import Embedder, LoadedModel
+from kvstore.model.loader import Embedder, LoadedModel
 from tests.conftest import build_tiny
 from tests.server_harness import LiveServer, live_server, make_key
 
@@ -139,7 +139,7 @@ def test_a_kv_query_keeps_its_context_within_the_models_positions(make_store: Ca
 
 
 def test_a_brief_reads_only_the_documents_that_fit_after_the_trajectory(make_store: Callable[..., BankStore]) -> None:
-    from kvstore.sessions import sessions_of
+    from kvstore.sessions.service import sessions_of
 
     small = build_tiny("llama", max_position_embeddings=200)
     store = make_store(llm=small, block_tokens=32)

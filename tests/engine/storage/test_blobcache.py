@@ -7,8 +7,8 @@ import threading
 import time
 from pathlib import Path
 
-from kvstore.blobs import blob_id_of
 from kvstore.storage.blobcache import BlobCache
+from kvstore.storage.local import blob_id_of
 
 
 def blob(n: int) -> tuple[str, bytes]:

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from kvstore.blobs import blob_id_of
 from kvstore.errors import CorruptBlock
 from kvstore.storage.blobstore import BlobStore, LocalFilesBlobStore, cache_dir_for, open_blob_store
+from kvstore.storage.local import blob_id_of
 from kvstore.storage.s3 import S3BlobStore
 
 # Object stores keep whole seconds of LastModified; ids_older_than counts one more second as "maybe newer".

@@ -11,7 +11,7 @@ import pytest
 
 from kvstore.bank import BankStore
 from kvstore.config import Settings
-from kvstore.models import Embedder, LoadedModel
+from kvstore.model.loader import Embedder, LoadedModel
 from kvstore.storage import lock as data_dir_lock
 
 ROOT = Path(__file__).resolve().parents[3]

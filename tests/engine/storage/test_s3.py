@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from kvstore.blobs import blob_id_of
 from kvstore.errors import CorruptBlock, StorageUnavailable, Unavailable, ValidationFailed
 from kvstore.storage.blobstore import open_blob_store
+from kvstore.storage.local import blob_id_of
 from kvstore.storage.s3 import S3BlobStore, S3Endpoint, S3Location
 from kvstore.testing.seaweed import SECRET_KEY, FaultProxy, Seaweed, free_ports, start_seaweed
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import httpx
 import pytest
 
-from kvstore.sessions import sessions_of
+from kvstore.sessions.service import sessions_of
 from tests.server_harness import LiveServer, live_server, make_key
 
 ALPHA, BETA = "alpha-bank", "bank-beta-7q"

@@ -1,0 +1,1 @@
+"""Ingest-side text handling: splitting a document into blocks."""

@@ -1,0 +1,1 @@
+"""Query-side ranking beyond FAISS: reranking and attention-based key summaries."""

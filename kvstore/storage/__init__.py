@@ -1,0 +1,1 @@
+"""What persists: the catalog (SQL), blob stores (local files, S3), the vector index, keys, jobs."""
