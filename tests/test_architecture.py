@@ -140,3 +140,61 @@ def test_the_rules_see_a_violation(tmp_path: Path) -> None:
         "def f():\n    import kvrag.cli\n"
     )
     assert {"server", "kvrag", "typing"} <= imported_tops(src)
+
+
+# Private members of third-party objects the engine must set or read: transformers keeps the attention
+# implementation only in a private config field, and a tiny test tokenizer is built from its backend.
+THIRD_PARTY_PRIVATE = {"_attn_implementation", "_attn_implementation_internal", "_tokenizer"}
+MAX_ENGINE_MODULE_LINES = 400
+
+
+def private_reaches(path: Path) -> set[str]:
+    """Private attributes ``path`` reads or writes on anything but ``self``/``cls``, less those it defines."""
+    tree = ast.parse(path.read_text())
+    defined = {t.attr for n in ast.walk(tree) if isinstance(n, (ast.Assign, ast.AnnAssign, ast.AugAssign))
+               for t in (n.targets if isinstance(n, ast.Assign) else [n.target]) if isinstance(t, ast.Attribute)}
+    defined |= {n.name for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
+    defined |= {t.id for n in ast.walk(tree) if isinstance(n, ast.AnnAssign) for t in [n.target]
+                if isinstance(t, ast.Name)}
+    reached = set()
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")
+                and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"))):
+            reached.add(node.attr)
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("kvstore"):
+            reached.update(a.name for a in node.names if a.name.startswith("_") and not a.name.startswith("__"))
+    return reached - defined - THIRD_PARTY_PRIVATE
+
+
+@pytest.mark.parametrize("package", ["kvstore", "server", "kvrag"])
+def test_no_module_touches_another_modules_private_members(package: str) -> None:
+    bad = {str(p.relative_to(ROOT)): sorted(r) for p in sources(ROOT / package) if (r := private_reaches(p))}
+    assert bad == {}
+
+
+def test_the_private_reader_sees_a_reach(tmp_path: Path) -> None:
+    src = tmp_path / "m.py"
+    src.write_text("from kvstore.x import _helper\nclass A:\n    def f(self, store):\n"
+                   "        self._mine = 1\n        return store._bank, self._mine\n")
+    assert private_reaches(src) == {"_helper", "_bank"}
+
+
+def test_no_engine_part_imports_the_facade() -> None:
+    graph = engine_graph()
+    importers = sorted(name for name, deps in graph.items() if "kvstore.bank" in deps)
+    assert importers == []
+
+
+def test_engine_modules_stay_small() -> None:
+    sizes = {str(p.relative_to(ROOT)): len(p.read_text().splitlines()) for p in sources(ROOT / "kvstore")}
+    assert len(sizes) > 40
+    assert {p: n for p, n in sizes.items() if n > MAX_ENGINE_MODULE_LINES} == {}
+
+
+def test_the_public_entry_points_stay_where_the_readme_shows_them() -> None:
+    from kvstore.bank import BankStore
+    from kvstore.config import Settings
+
+    readme = (ROOT / "README.md").read_text()
+    assert "from kvstore.bank import BankStore" in readme and "from kvstore.config import Settings" in readme
+    assert callable(BankStore) and callable(Settings)
