@@ -69,7 +69,7 @@ class Settings(BaseSettings):
     block_bias: float | None = Field(
         default=None, ge=-5.0, le=5.0,
         description="kv mode: logit bias of the question and answer on the keys of every assembled block but the "
-                    "first (blocks are encoded apart; docs/BENCHMARKS.md, parallel-encoding bias). Default: the "
+                    "first (blocks are encoded apart; docs/research/parallel-encoding-bias.md). Default: the "
                     "profile measured for the model (SmolLM2: -0.5 on layers 0-5, -0.75 on 6-11, -1.0 from 12 on), "
                     "none for a model not measured. A value given here applies on every layer; 0 turns it off.")
     encode_batch_size: int = Field(default=8, ge=1)
@@ -184,13 +184,13 @@ class Settings(BaseSettings):
         default="hybrid", pattern="^(embedding|kv|hybrid|hybrid_kv)$",
         description="Retrieval of search and query: embedding | kv (embedding + KV-utility rerank) | hybrid "
                     "(embedding + BM25 rerank; the default: +11 points recall@1 on the SQuAD excerpt for ~5 ms) | "
-                    "hybrid_kv (embedding + BM25 + KV); docs/BENCHMARKS.md.")
+                    "hybrid_kv (embedding + BM25 + KV); docs/research/retrieval.md.")
     rerank_candidates: int = Field(default=20, ge=1, le=1000, description="FAISS candidates a rerank reorders.")
     kv_rerank_heads: str = Field(
         default="17.3,17.4,17.5,18.6",
         description="Query heads (layer.head) whose attention ranks blocks in kv retrieval, picked on SmolLM2-135M "
-                    "(docs/BENCHMARKS.md). Heads the model lacks are dropped; with none left, every head of the "
-                    "layer at 60% of the depth.")
+                    "(docs/research/retrieval.md). Heads the model lacks are dropped; with none left, every head of "
+                    "the layer at 60% of the depth.")
 
     @field_validator("cors_origins", mode="before")
     @classmethod

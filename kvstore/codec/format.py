@@ -9,7 +9,7 @@ convention (``pre_rope``) and the payload sections (name, dtype, shape). The pay
 sections' raw little-endian bytes, zstd-compressed as the header's ``compression`` says: version 2
 writes ``zstd-sections``, one zstd frame per section (its size in the section's ``stored``), because
 zstd's Huffman tables then fit each section's own byte distribution (quantized codes, scales and
-widths differ): 6% smaller water-filled blocks than one frame over them all, which is how version 1
+widths differ), so blocks come out smaller than with one frame over them all, which is how version 1
 wrote every block (``zstd``) and what it still reads. The sha256 covers everything before it.
 Presets register themselves in ``PRESETS``; a block always decodes with the preset named in its own
 header, so changing a bank's default never strands older blocks.
@@ -75,13 +75,13 @@ class Fp16Preset:
 
 
 PRESETS: dict[str, Preset] = {"fp16": Fp16Preset()}
-# The lossy presets and what they cost are measured by bench/codec.py (docs/BENCHMARKS.md).
+# The lossy presets and what they cost are measured by bench/codec.py (docs/research/codecs.md).
 for _preset in LOSSY_PRESETS:
     PRESETS[_preset.name] = _preset
 
 
-CALIBRATED_DEFAULT = "tklt5"  # 5.04x, 90% exact greedy agreement with fp16 on SmolLM2 (docs/BENCHMARKS.md)
-UNCALIBRATED_DEFAULT = "int8"  # 1.9x, every greedy answer kept, for any model
+CALIBRATED_DEFAULT = "tklt5"  # ~5x smaller than fp16 at the agreement bound, for a calibrated model
+UNCALIBRATED_DEFAULT = "int8"  # ~2x, lossless in practice, for any model
 
 
 def default_codec(setting: str, layers: int, kv_heads: int, head_dim: int) -> str:
@@ -96,7 +96,7 @@ def default_codec(setting: str, layers: int, kv_heads: int, head_dim: int) -> st
 
 
 # What a new bank or a bank update may choose. Every other preset in PRESETS stays registered so blocks (and
-# banks) written with it keep decoding and writing; by docs/BENCHMARKS.md's codec table each of them is
+# banks) written with it keep decoding and writing; by bench/codec.py's table each of them is
 # either a research variant or beaten on both ratio and agreement, so users are not offered them.
 CHOOSABLE = ("auto", "fp16", "int8", "tklt5")
 

@@ -4,10 +4,10 @@ Every stored block was prefilled alone, right after the shared prefix. Assembled
 still look as they did there, and a question over the assembled context attends to them differently from a
 question over a text prefill of the same passages; on SmolLM2 it attends to them too much. As in Adaptive
 Parallel Encoding (Yang et al., ICLR 2025), a constant added to the attention logits of those keys, for the
-queries after the context (the question and the answer), corrects most of it: measured at k = 5 on SmolLM2,
--0.5 takes KL vs text from 0.231 to 0.163 for kv mode and from 0.048 to 0.032 after a 15% recompute
-(docs/BENCHMARKS.md, "Parallel-encoding bias"). The prefix and the first block (encoded where it sits) get none.
-Deeper layers over-attend more: a bias that grows with depth (a :class:`BlockBias` profile) corrects more.
+queries after the context (the question and the answer), brings kv mode's next-token distributions closer to
+text mode's, with or without a recompute (docs/research/parallel-encoding-bias.md). The prefix and the first
+block (encoded where it sits) get none. Deeper layers over-attend more: a bias that grows with depth (a
+:class:`BlockBias` profile) corrects more.
 
 The bias is a ``[batch, rows]`` tensor over the first cache rows (rows after it get 0), the same for every query (a
 recompute's context tokens read the stale rows through it as the question does), handed to the model's forward as
@@ -47,9 +47,8 @@ class BlockBias:
         return factors
 
 
-# Measured per model (docs/BENCHMARKS.md, "Parallel-encoding bias": tuned on 20 held-out SQuAD questions, k = 5;
-# flat -0.4 to -0.6 are within 4% of each other, and growing to twice that from the middle layers on takes kv
-# mode's KL a fifth lower again). A model not listed gets none until it is measured.
+# Tuned per model on held-out questions (docs/research/parallel-encoding-bias.md): a base value, doubled from
+# the middle layers on. A model not listed gets none until it is measured.
 MEASURED_BLOCK_BIAS: dict[str, BlockBias] = {"SmolLM2-135M-Instruct": BlockBias(-0.5, ((6, 1.5), (12, 2.0)))}
 
 

@@ -275,10 +275,9 @@ def compaction_scores(runner: Runner, ctx: Context, question_ids: Sequence[int])
     token, mean over the layers after the first ``COMPACTION_SKIP_LAYERS``, averaged over aligned chunks of
     ``COMPACTION_CHUNK`` tokens. ``[context_tokens]``.
 
-    Measured on SmolLM2 (k = 5, 50% budget; docs/BENCHMARKS.md, "Multi-document quality"): the mean over
-    heads, question tokens and layers, token by token, lost the most gold-answer NLL; the peak (a token one
-    head reads from one question position is averaged away by the mean) and whole chunks (answers are
-    spans) each lost less.
+    Why the peak and chunks: a token one head reads from one question position is averaged away by a mean
+    over heads and question tokens, and answers are spans, so whole chunks keep them together; each lost
+    less gold-answer likelihood than the token-by-token mean (docs/research/recompute.md).
     """
     peak = token_scores(runner, ctx, question_ids, reduction="peak", skip_layers=COMPACTION_SKIP_LAYERS)
     return chunk_means(peak, COMPACTION_CHUNK)

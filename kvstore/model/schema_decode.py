@@ -2,11 +2,10 @@
 
 Asked for edit JSON, SmolLM2-135M answered prose or broken JSON on every context-map refresh. Here each
 step's logits are masked to the tokens that keep the reply a prefix of some document valid under the
-schema, so what the model decides is the content, never the syntax. llguidance was picked by
-measurement (``bench/constrained.py``, docs/BENCHMARKS.md): its mask costs about a millisecond per
-token on SmolLM2's 49k vocabulary, against ~10 ms for xgrammar and ~0.5 s for lm-format-enforcer, next
-to a decode step of tens of milliseconds on CPU. Tokens the grammar forces (keys, punctuation) are fed to
-the model in one forward instead of one by one.
+schema, so what the model decides is the content, never the syntax. llguidance is used because it
+honours the whole schema (bounded lengths next to patterns) at a mask cost far below a decode step
+(``bench/constrained.py``; the comparison is in docs/research/context-map.md). Tokens the grammar forces
+(keys, punctuation) are fed to the model in one forward instead of one by one.
 
 The schema must bound the reply (``maxItems``, ``maxLength``) so that it closes within ``max_tokens``;
 a reply cut by the cap is reported as such (:class:`ConstrainedError`), never returned half-written.

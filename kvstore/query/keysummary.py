@@ -8,15 +8,14 @@ over the union of the candidates' keys (the attention the model would pay if the
 the mass each block receives averaged over the question's tokens, z-scored over the candidates per
 head, then averaged over heads.
 
-Why these choices (measured on the SQuAD excerpt with SmolLM2-135M, docs/BENCHMARKS.md):
+Why these choices (the probes are in docs/research/retrieval.md):
 
-- Heads, not layers: a handful of heads match the question's words against the passage's (recall@1
-  0.6-0.7 among 20 candidates alone); averaging every head of every layer drowns them (near chance).
-- Every token, not centroids: k-means to 32/16/8 keys per head cut the KV-alone recall@1 from 0.62 to
-  0.40/0.24/0.19, because the useful heads are sharp token matches that centroids blur. The summary
-  stays small by keeping only the chosen heads: about 1% of the block's KV.
-- Position-free (both pre-RoPE, relative offset 0): as good as a common offset of 64 or 256 tokens
-  once fused with the other scores, and it needs no rotation.
+- Heads, not layers: a handful of heads match the question's words against the passage's; averaging
+  every head of every layer drowns them near chance.
+- Every token, not centroids: the useful heads make sharp token matches that centroids blur. The
+  summary stays small by keeping only the chosen heads: about 1% of the block's KV.
+- Position-free (both pre-RoPE, relative offset 0): no worse than a common offset once fused with the
+  other scores, and it needs no rotation.
 
 Stored format (a catalog column, never unpickled)::
 

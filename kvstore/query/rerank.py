@@ -4,8 +4,8 @@
 block texts: a sentence embedding blurs names and numbers, which are exactly what a lexical score
 matches. ``kv`` fuses the embedding score with the KV-utility score (the attention the question's
 queries pay each block's stored keys, :mod:`kvstore.query.keysummary`); ``hybrid_kv`` fuses all three.
-The fusion (min-max normalized weighted sum) and its weights were chosen by
-``bench/retrieval_quality.py`` (docs/BENCHMARKS.md, "KV-aware retrieval").
+The fusion is a min-max normalized weighted sum; its weights were chosen with
+``bench/retrieval_quality.py`` (docs/research/retrieval.md).
 """
 
 from __future__ import annotations
