@@ -16,7 +16,7 @@ from sqlalchemy import select, update
 from kvstore.bank import BankStore
 from kvstore.config import Settings
 from kvstore.contextmap.refresh import edit_schema, uncovered_questions
-from kvstore.contextmap.service import MapState
+from kvstore.contextmap.state import MapState
 from kvstore.errors import Conflict, ValidationFailed
 from kvstore.model.loader import Embedder, LoadedModel
 from kvstore.sessions.rows import SessionSegmentRow, find_session
