@@ -39,7 +39,8 @@ from bench.squad import RESULTS_DIR, machine_info
 from kvstore.bank import BankStore
 from kvstore.config import Settings
 from kvstore.model.loader import Embedder
-from kvstore.sessions.service import SegmentInput, sessions_of
+from kvstore.sessions.service import sessions_of
+from kvstore.sessions.values import SegmentInput
 from kvstore.storage.catalog import BankRow, BlockRow, DocumentRow
 from server.app import create_app
 

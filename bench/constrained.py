@@ -24,7 +24,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from bench.squad import machine_info, write_json
 from kvstore.config import Settings
 from kvstore.contextmap.refresh import edit_schema
-from kvstore.contextmap.service import Item, MapState
+from kvstore.contextmap.state import Item, MapState
 from kvstore.model.schema_decode import JSON_OPTIONS
 
 QUESTIONS = ["In what country is Normandy located?", "Who was the Norse leader?"]

@@ -61,7 +61,7 @@ from bench.squad import (
     squad_scores,
     write_json,
 )
-from kvstore.contextmap.service import MapPrefill
+from kvstore.contextmap.kvcache import MapPrefill
 from kvstore.model.runner import BlockKV, Context
 
 VARIANTS = ("text", "kv", "text+map", "kv+map")

@@ -71,7 +71,8 @@ from bench.squad import (
 )
 from kvstore.bank import BankStore
 from kvstore.model.runner import Context
-from kvstore.sessions.service import SessionStore, render_segment, sessions_of
+from kvstore.sessions.append import render_segment
+from kvstore.sessions.service import SessionStore, sessions_of
 from kvstore.storage.catalog import BlockRow
 
 GOAL = ("Goal: answer the team's questions about the Normans. Plan: search the archive, read each result, "

@@ -1,7 +1,8 @@
-"""What a context-map refresh asks its LLM for: the edit JSON schema, the hint of what is new, the calls.
+"""What a context-map refresh asks its LLM for: the prompt, the edit JSON schema, the hint of what is new,
+the calls.
 
-The schema is built per refresh from the map it edits (SmolLM2-135M, free to choose, only ever copied
-or rewrote the first item):
+The schema is built per refresh from the map it edits (a small model free to choose only copies or
+rewrites the first item):
 
 - each recent question no item covers yet opens with a required ``add`` to ``reusable_results`` whose
   content starts ``Q: <question> A:``; the model writes the answer (from the recorded answers in the
@@ -45,6 +46,28 @@ _STOP = frozenset("what which when where whom whose does that this with from hav
                   "there these those been also more most many much some such than then them only very will would "
                   "could should being other over under after before while".split())
 _REFUSED = (400, 404, 415, 422, 501)  # how endpoints say they do not know a response_format
+
+
+DISTILL_SYSTEM = (
+    "You maintain a context map of a document memory: a short list of items in three sections. roadmap (cr-N): "
+    "what is where in the memory. understanding (cu-N): facts, conventions and pitfalls learned. "
+    "reusable_results (rr-N): answers worth keeping. Given the current map and recent questions with their "
+    "answers and sources, reply with ONLY a JSON object {\"edits\": [...], \"feedback\": [...]}. An edit is "
+    "{\"op\": \"add\", \"section\": ..., \"content\": ...}, {\"op\": \"replace\", \"id\": ..., \"content\": ...} "
+    "or {\"op\": \"delete\", \"id\": ...}; feedback is {\"id\": ..., \"tag\": \"helpful\"|\"harmful\"|"
+    "\"neutral\"|\"stale\"}. Keep items short; the map has a token budget."
+)
+
+
+def distill_prompt(state: MapState, records: Sequence[ContextMapQueryRow]) -> str:
+    """The user message of a refresh: the map with its feedback counts, then the recent queries."""
+    lines = [f"Token budget: {state.budget_tokens}", "Current map:"]
+    lines += [f"- {i.id} [{i.section}] (helpful {i.helpful}, harmful {i.harmful}{', stale' if i.stale else ''}): "
+              f"{i.content}" for i in state.ordered()] or ["(empty)"]
+    lines.append("Recent queries:")
+    for r in records:
+        lines.append(f"- Q: {r.question[:300]}\n  A: {r.answer[:300]}\n  sources: {', '.join(r.sources or [])}")
+    return "\n".join(lines)
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
 """The context map's state and edits, pure (no catalog, no model): sections, items, the edit and feedback
-shapes, applying changes, rendering and budgeted eviction. kvstore/contextmap/service.py stores it; the refresh
+shapes, applying changes, rendering and budgeted eviction. kvstore/contextmap/versions.py stores it; the refresh
 (kvstore/contextmap/refresh.py) and the pin rules (kvstore/contextmap/pins.py) read it without importing the store.
 """
 

@@ -24,16 +24,16 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy import delete, func, select
 
+from kvstore.config import Settings
 from kvstore.errors import Conflict, NotFound, ValidationFailed
-from kvstore.sessions.rows import AgentSessionRow, SessionPageRow, SessionSegmentRow
+from kvstore.sessions.livekv import LiveStates
+from kvstore.sessions.pages import drop_unreferenced
+from kvstore.sessions.rows import SessionPageRow, SessionSegmentRow, find_session, session_bank
+from kvstore.storage.blobstore import BlobStore
 from kvstore.storage.catalog import utcnow
 
 if TYPE_CHECKING:
-    from sqlalchemy.orm import Session
-
-    from kvstore.config import Settings
     from kvstore.ports import Engine
-    from kvstore.storage.catalog import BankRow
 
 
 @dataclass
@@ -53,32 +53,27 @@ def bound_doomed(doomed: Sequence[int], cap: int) -> tuple[list[int], list[int]]
     return list(doomed[:cap]), list(doomed[cap:])
 
 
-class RestorableSessions:
-    """The restore and purge half of ``SessionStore`` (kvstore/sessions/service.py), which mixes this in."""
+class Retention:
+    """Pruned segments of the sessions of one store kept restorable: their pages stay for
+    ``session_prune_retention_s``, then are purged; ``write_lock`` is the part's one lock on catalog writes."""
 
-    store: Engine
-    settings: Settings
-    _write_lock: threading.Lock
-
-    if TYPE_CHECKING:  # provided by SessionStore
-        def bank_row(self, s: Session, name: str) -> BankRow: ...
-        def _session(self, s: Session, bank: BankRow, session_id: str) -> AgentSessionRow: ...
-        def _forget_state(self, bank_id: int, session_pk: int) -> None: ...
-        def drop_unreferenced(self, s: Session, blob_ids: set[str]) -> None: ...
+    def __init__(self, store: Engine, live: LiveStates, blobs: BlobStore, write_lock: threading.Lock) -> None:
+        self.store, self.live, self.blobs, self.write_lock = store, live, blobs, write_lock
+        self.settings: Settings = store.settings
 
     def keeps_pages(self) -> bool:
         """Whether a prune keeps the pages for a later restore (a retention of 0 drops them at once)."""
-        return self.retention.total_seconds() > 0
+        return self.period.total_seconds() > 0
 
     @property
-    def retention(self) -> timedelta:
+    def period(self) -> timedelta:
         return timedelta(seconds=float(getattr(self.settings, "session_prune_retention_s", 0.0)))
 
     def purge_pruned(self, session_pk: int | None = None, now: datetime | None = None) -> int:
         """Delete the KV pages of segments pruned longer ago than the retention (of one session, or all);
         how many segments lost theirs."""
-        cutoff = (now or utcnow()) - self.retention
-        with self.store.sessions() as s, self._write_lock:
+        cutoff = (now or utcnow()) - self.period
+        with self.store.sessions() as s, self.write_lock:
             q = select(SessionSegmentRow.id).join(SessionPageRow, SessionPageRow.segment_pk == SessionSegmentRow.id
                                                   ).where(SessionSegmentRow.pruned_at.is_not(None),
                                                           SessionSegmentRow.pruned_at <= cutoff).distinct()
@@ -90,7 +85,7 @@ class RestorableSessions:
             blob_ids = set(s.scalars(select(SessionPageRow.blob_id).where(SessionPageRow.segment_pk.in_(ids))))
             s.execute(delete(SessionPageRow).where(SessionPageRow.segment_pk.in_(ids)))
             s.commit()
-            self.drop_unreferenced(s, blob_ids)
+            drop_unreferenced(s, self.blobs, blob_ids)
             return len(ids)
 
     def restore(self, bank: str, session_id: str, segments: Sequence[int] | None = None) -> RestoreResult:
@@ -99,9 +94,9 @@ class RestorableSessions:
         if segments is not None and (not isinstance(segments, list | tuple) or not all(
                 isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 2**31 for i in segments)):
             raise ValidationFailed("segments must be a list of segment ids")
-        with self.store.sessions() as s, self._write_lock:
-            bank_row = self.bank_row(s, bank)
-            session = self._session(s, bank_row, session_id)
+        with self.store.sessions() as s, self.write_lock:
+            bank_row = session_bank(s, bank, self.store.llm.fingerprint)
+            session = find_session(s, bank_row, session_id)
             rows = list(s.scalars(select(SessionSegmentRow).where(SessionSegmentRow.session_pk == session.id)
                                   .order_by(SessionSegmentRow.ordinal)))
             by_ordinal = {r.ordinal: r for r in rows}
@@ -123,7 +118,7 @@ class RestorableSessions:
             if restorable:
                 session.updated_at = utcnow()
             s.commit()
-            self._forget_state(bank_row.id, session.id)
+            self.live.forget(bank_row.id, session.id)
             live = s.scalar(select(func.coalesce(func.sum(SessionSegmentRow.token_count), 0)).where(
                 SessionSegmentRow.session_pk == session.id, SessionSegmentRow.pruned_at.is_(None))) or 0
             return RestoreResult(restored=sorted(r.ordinal for r in restorable), tokens=int(live), expired=expired)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from kvstore.contextmap.service import MapItem, MapView
+from kvstore.contextmap.views import MapItem, MapView
 
 
 @dataclass

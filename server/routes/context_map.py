@@ -12,7 +12,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Path, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
-from kvstore.contextmap.service import MapView
+from kvstore.contextmap.views import MapView
 
 from ..auth import Owner, Principal, Reader, Writer
 from ..deps import Store, Worker, plain

@@ -18,7 +18,8 @@ from starlette.concurrency import run_in_threadpool
 from kvstore.bank import BankStore
 from kvstore.errors import Forbidden
 from kvstore.model.limits import limits_of
-from kvstore.sessions.service import BriefResult, SegmentInput, sessions_of
+from kvstore.sessions.service import sessions_of
+from kvstore.sessions.values import BriefResult, SegmentInput
 
 from ..auth import Principal, Reader, Writer
 from ..deps import Store, Worker, plain

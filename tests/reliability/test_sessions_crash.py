@@ -21,7 +21,7 @@ import pytest
 from sqlalchemy import select
 
 from kvstore.codec.format import decode_block
-from kvstore.sessions.service import SessionPageRow
+from kvstore.sessions.rows import SessionPageRow
 from kvstore.storage.catalog import make_engine
 from kvstore.storage.local import LocalBlobStore
 from tests.reliability.procs import ForkServer, ServerLife

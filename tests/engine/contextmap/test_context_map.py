@@ -1,4 +1,4 @@
-"""The context map engine (kvstore.contextmap.service) on a real SQLite catalog with the tiny model's tokenizer."""
+"""The context map engine (kvstore.contextmap) on a real SQLite catalog with the tiny model's tokenizer."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from sqlalchemy import func, select
 
 from kvstore.bank import BankStore
 from kvstore.config import Settings
-from kvstore.contextmap.service import (
+from kvstore.contextmap.state import (
     SECTIONS,
     Edit,
     Feedback,

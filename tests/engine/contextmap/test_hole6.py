@@ -16,10 +16,11 @@ from sqlalchemy import select, update
 from kvstore.bank import BankStore
 from kvstore.config import Settings
 from kvstore.contextmap.refresh import edit_schema, uncovered_questions
-from kvstore.contextmap.service import MapState
+from kvstore.contextmap.state import MapState
 from kvstore.errors import Conflict, ValidationFailed
 from kvstore.model.loader import Embedder, LoadedModel
-from kvstore.sessions.service import SessionSegmentRow, SessionStore, sessions_of
+from kvstore.sessions.rows import SessionSegmentRow, find_session
+from kvstore.sessions.service import SessionStore, sessions_of
 from kvstore.storage.catalog import ContextMapVersionRow, utcnow
 from tests.engine.contextmap.test_context_map import StubLLM
 
@@ -171,7 +172,7 @@ def test_pruned_segments_restore_exactly_until_the_retention_ends(sessions: Sess
     before = sessions.get("agents", "s")
     with store.sessions() as s:
         bank = sessions.bank_row(s, "agents")
-        state = sessions._state(s, bank, sessions._session(s, bank, "s"))
+        state = sessions.live.load(s, bank, find_session(s, bank, "s"))
         kv_before = (state.kv.k.clone(), state.kv.v.clone(), state.positions.clone())
     sessions.prune("agents", "s", policy="model", judge=lambda _p, _ids: '{"needed": [0, 1, 2, 4]}')
     assert _live(sessions) == [0, 1, 2, 4]
@@ -181,7 +182,7 @@ def test_pruned_segments_restore_exactly_until_the_retention_ends(sessions: Sess
     store.kv_memory.drop_kind("sessions")  # read the live KV back from the stored pages
     with store.sessions() as s:
         bank = sessions.bank_row(s, "agents")
-        state = sessions._state(s, bank, sessions._session(s, bank, "s"))
+        state = sessions.live.load(s, bank, find_session(s, bank, "s"))
         assert torch.equal(state.kv.k, kv_before[0]) and torch.equal(state.kv.v, kv_before[1])
         assert torch.equal(state.positions, kv_before[2])
     assert sessions.restore("agents", "s").restored == []  # nothing pruned: nothing to do

@@ -16,18 +16,12 @@ from kvstore.bank import BankStore
 from kvstore.errors import Conflict, NotFound, ValidationFailed
 from kvstore.model.compaction import COMPACTION_SKIP_LAYERS, segment_keep_mask, token_scores
 from kvstore.model.runner import BlockKV
-from kvstore.sessions.service import (
-    AgentSessionRow,
-    HttpJudge,
-    JudgeError,
-    SessionKV,
-    SessionPageRow,
-    SessionStore,
-    parse_needed,
-    render_segment,
-    segment_attention,
-    sessions_of,
-)
+from kvstore.sessions.append import render_segment
+from kvstore.sessions.attention import segment_attention
+from kvstore.sessions.judge import HttpJudge, JudgeError, parse_needed
+from kvstore.sessions.livekv import SessionKV
+from kvstore.sessions.rows import AgentSessionRow, SessionPageRow, find_session
+from kvstore.sessions.service import SessionStore, sessions_of
 
 SEGMENTS = [
     {"role": "orchestrator", "text": "Find out who the Normans were and where they lived."},
@@ -78,12 +72,12 @@ def test_appending_segment_by_segment_equals_one_whole_prefill(sessions: Session
     whole = _whole_prefill(sessions)
     assert sum(counts) == whole.tokens == sessions.get("agents", "s").tokens
     with sessions.store.session() as s:
-        from kvstore.sessions.service import AgentSessionRow, BankRow
+        from kvstore.storage.catalog import BankRow
 
         bank = s.query(BankRow).filter_by(name="agents").one()
         row = s.query(AgentSessionRow).filter_by(session_id="s").one()
         sessions.store.kv_memory.drop_kind("sessions")  # from the blobs, not the in-memory copy
-        state = sessions._state(s, bank, row)
+        state = sessions.live.load(s, bank, row)
     assert state.positions.tolist() == list(range(whole.tokens))
     for got, want in ((state.kv.k, whole.k), (state.kv.v, whole.v)):
         scale = want.abs().max()
@@ -142,15 +136,15 @@ def test_a_brief_keeps_by_default_what_the_segment_selection_picks(sessions: Ses
     budget = sessions.get("agents", "s").tokens // 2
     with sessions.store.sessions() as s:
         bank = sessions.bank_row(s, "agents")
-        session = sessions._session(s, bank, "s")
-        state, positions = sessions._state(s, bank, session), session.positions
+        session = find_session(s, bank, "s")
+        state, positions = sessions.live.load(s, bank, session), session.positions
     with sessions.store.model_lock:
-        scores = token_scores(sessions.runner, sessions._context(state, positions),
+        scores = token_scores(sessions.runner, sessions.live.context(state, positions),
                               sessions.runner.question_ids(TASK), reduction="peak",
                               skip_layers=COMPACTION_SKIP_LAYERS)
     keep = segment_keep_mask(scores, state.spans, budget)
     assert int(keep.sum()) == budget and any(bool(keep[a:a + t].all()) for a, t in state.spans[1:])
-    want = sessions._context(SessionKV(segment_ids=state.segment_ids, positions=state.positions[keep], spans=[],
+    want = sessions.live.context(SessionKV(segment_ids=state.segment_ids, positions=state.positions[keep], spans=[],
                                        kv=BlockKV(k=state.kv.k[:, :, keep], v=state.kv.v[:, :, keep])), positions)
     got, _, kept = sessions.briefing_context("agents", "s", TASK, budget_tokens=budget)
     assert kept == budget
@@ -323,7 +317,7 @@ def test_attention_prune_drops_only_segments_the_briefs_ignore(sessions: Session
     for _ in range(3):
         sessions.brief("agents", "s", TASK, max_new_tokens=1)
     with sessions.store.session() as s:
-        from kvstore.sessions.service import SessionSegmentRow
+        from kvstore.sessions.rows import SessionSegmentRow
 
         records = {r.ordinal: r.attention for r in s.query(SessionSegmentRow).all()}
     assert all(len(v) == 3 for v in records.values())
@@ -350,7 +344,7 @@ def test_segment_attention_is_a_share_over_an_even_share_without_sinks() -> None
 def test_attention_prune_drops_an_unattended_segment_and_keeps_an_attended_one(
         sessions: SessionStore, monkeypatch: pytest.MonkeyPatch) -> None:
     """Constructed attention: the task looks at segment 1 and never at segment 3 (sinks soak up a lot)."""
-    import kvstore.sessions.service as mod
+    import kvstore.sessions.brief as mod
 
     sessions.create("agents", "s")
     sessions.append("agents", "s", SEGMENTS)
@@ -411,7 +405,7 @@ def test_appends_from_two_processes_continue_one_trajectory(make_store: Callable
     for ss in (a, b):
         with ss.store.session() as s:
             bank = ss.bank_row(s, "agents")
-            state = ss._state(s, bank, ss._session(s, bank, "s"))
+            state = ss.live.load(s, bank, find_session(s, bank, "s"))
         assert state.positions.tolist() == list(range(whole.tokens))
         assert (state.kv.k - whole.k).abs().max() <= 2e-3 * whole.k.abs().max()
     answers = {ss.brief("agents", "s", TASK, max_new_tokens=4).answer for ss in (a, b)}

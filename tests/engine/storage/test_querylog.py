@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, func, inspect, select
 
-from kvstore.sessions.service import SegmentInput, sessions_of
+from kvstore.sessions.service import sessions_of
+from kvstore.sessions.values import SegmentInput
 from kvstore.storage.catalog import QueryLogRow, upgrade
 from kvstore.storage.querylog import PREVIEW_CHARS, preview
 
