@@ -66,15 +66,15 @@ class Settings(BaseSettings):
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     default_codec: Literal["auto", "fp16", "int8", "tklt5"] = Field(
         default="auto", description="Codec of a new bank's blocks (kvstore.codec.format.CHOOSABLE). auto: tklt5 "
-                                    "for a model kvstore/codec/weights calibrates (SmolLM2: 5.0x smaller than fp16, "
-                                    "90% of greedy answers identical), else int8 (1.9x, every answer kept).")
+                                    "for a model kvstore/codec/weights calibrates (the smallest blocks), else int8 (no "
+                                    "calibration needed).")
     block_tokens: int = Field(default=256, ge=16, le=4096, description="Token budget of one KV block.")
     block_bias: float | None = Field(
         default=None, ge=-5.0, le=5.0,
         description="kv mode: logit bias of the question and answer on the keys of every assembled block but the "
-                    "first (blocks are encoded apart; docs/BENCHMARKS.md, parallel-encoding bias). Default: the "
-                    "profile measured for the model (SmolLM2: -0.5 on layers 0-5, -0.75 on 6-11, -1.0 from 12 on), "
-                    "none for a model not measured. A value given here applies on every layer; 0 turns it off.")
+                    "first (blocks are encoded apart, so each saw none of the others). Default: the per-layer "
+                    "profile kvstore/model/attention_bias.py holds for the model, none for a model it has none for. "
+                    "A value given here applies on every layer; 0 turns it off.")
     encode_batch_size: int = Field(default=8, ge=1)
     max_document_chars: int = Field(default=200_000, ge=1)
     hot_tier_bytes: int = Field(default=1 << 30, ge=0, description="Byte budget of decoded blocks in RAM (within "
@@ -143,13 +143,13 @@ class Settings(BaseSettings):
     default_retrieval: str = Field(
         default="hybrid", pattern="^(embedding|kv|hybrid|hybrid_kv)$",
         description="Retrieval of search and query: embedding | kv (embedding + KV-utility rerank) | hybrid "
-                    "(embedding + BM25 rerank; the default: +11 points recall@1 on the SQuAD excerpt for ~5 ms) | "
-                    "hybrid_kv (embedding + BM25 + KV); docs/BENCHMARKS.md.")
+                    "(embedding + BM25 rerank; the default, for its recall at little cost) | hybrid_kv (embedding + "
+                    "BM25 + KV).")
     rerank_candidates: int = Field(default=20, ge=1, le=1000, description="FAISS candidates a rerank reorders.")
     kv_rerank_heads: str = Field(
         default="17.3,17.4,17.5,18.6",
-        description="Query heads (layer.head) whose attention ranks blocks in kv retrieval, picked on SmolLM2-135M "
-                    "(docs/BENCHMARKS.md). Heads the model lacks are dropped; with none left, every head of the "
+        description="Query heads (layer.head) whose attention ranks blocks in kv retrieval, picked on SmolLM2-135M. "
+                    "Heads the model lacks are dropped; with none left, every head of the "
                     "layer at 60% of the depth.")
 
     def resolved_database_url(self) -> str:
