@@ -37,12 +37,12 @@ from tqdm import tqdm
 
 from bench.squad import RESULTS_DIR, machine_info
 from kvstore.bank import BankStore
-from kvstore.config import Settings
 from kvstore.model.loader import Embedder
 from kvstore.sessions.service import sessions_of
 from kvstore.sessions.values import SegmentInput
 from kvstore.storage.catalog import BankRow, BlockRow, DocumentRow
 from server.app import create_app
+from server.settings import ServerSettings
 
 BANK = "notes"
 ADMIN = "bench-console-admin-key-0123456789"
@@ -206,7 +206,7 @@ def main() -> None:
     from server.testing import serve
 
     data_dir = Path(tempfile.mkdtemp(prefix="kvrag-bench-console-"))
-    settings = Settings(data_dir=data_dir, admin_key=ADMIN, torch_threads=1)
+    settings = ServerSettings(data_dir=data_dir, admin_key=ADMIN, torch_threads=1)
     store = BankStore(settings, llm=build_tiny("llama"), embedder=Embedder(settings))
     setup = ingest(store, args.docs, min(args.ingest, args.docs))
     with serve(create_app(settings, store)) as live:

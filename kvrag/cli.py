@@ -48,10 +48,10 @@ def serve(host: Annotated[str, typer.Option(help="Address to bind; not loopback 
           data_dir: Annotated[Path | None, typer.Option(help="Data directory (default: $KVRAG_DATA_DIR or "
                                                         "./kvrag-data).", show_default=False)] = None) -> None:
     """Run the kvrag HTTP server (API, model worker, catalog, blobs and indexes in one process)."""
-    from kvstore.config import Settings
     from kvstore.storage import lock
+    from server.settings import ServerSettings
 
-    settings = Settings(data_dir=data_dir) if data_dir is not None else Settings()
+    settings = ServerSettings(data_dir=data_dir) if data_dir is not None else ServerSettings()
     try:  # before the web stack and torch load: a second server on this data dir stops at once, in one line
         held = lock.acquire(settings.data_dir)
     except lock.DataDirInUse as exc:

@@ -1,13 +1,16 @@
-"""One Settings object for every knob; read from the environment with the prefix ``KVRAG_``."""
+"""The engine's settings, read from the environment with the prefix ``KVRAG_``.
+
+Only knobs the engine (``kvstore``) reads live here; the HTTP server's own (admin key, CORS, body limits, jobs,
+MCP, ...) are ``server.settings.ServerSettings``, a subclass, so one object still configures a server process.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
-from urllib.parse import urlsplit
+from typing import Literal
 
-from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PACKAGED_LLM = "packaged:smollm2"
 PACKAGED_EMBEDDER = "packaged:all-minilm-l6-v2"
@@ -18,7 +21,7 @@ DEFAULT_SYSTEM_PROMPT = (
 
 
 class Settings(BaseSettings):
-    """Configuration of one kvrag process (engine, server and CLI share it)."""
+    """Configuration of one kvrag engine (a ``BankStore``, the CLI's offline commands)."""
 
     model_config = SettingsConfigDict(env_prefix="KVRAG_", extra="ignore")
 
@@ -63,15 +66,16 @@ class Settings(BaseSettings):
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     default_codec: Literal["auto", "fp16", "int8", "tklt5"] = Field(
         default="auto", description="Codec of a new bank's blocks (kvstore.codec.format.CHOOSABLE). auto: tklt5 "
-                                    "for a model kvstore/codec/weights calibrates (SmolLM2: 5.0x smaller than fp16, "
-                                    "90% of greedy answers identical), else int8 (1.9x, every answer kept).")
+                                    "for a model kvstore/codec/weights calibrates (the smallest blocks), else int8 (no "
+                                    "calibration needed).")
     block_tokens: int = Field(default=256, ge=16, le=4096, description="Token budget of one KV block.")
     block_bias: float | None = Field(
         default=None, ge=-5.0, le=5.0,
         description="kv mode: logit bias of the question and answer on the keys of every assembled block but the "
-                    "first (blocks are encoded apart; docs/research/parallel-encoding-bias.md). Default: the "
-                    "profile measured for the model (SmolLM2: -0.5 on layers 0-5, -0.75 on 6-11, -1.0 from 12 on), "
-                    "none for a model not measured. A value given here applies on every layer; 0 turns it off.")
+                    "first (blocks are encoded apart, so each saw none of the others). Default: the per-layer "
+                    "profile kvstore/model/attention_bias.py holds for the model, none for a model it has none for "
+                    "(docs/research/parallel-encoding-bias.md). A value given here applies on every layer; 0 turns "
+                    "it off.")
     encode_batch_size: int = Field(default=8, ge=1)
     max_document_chars: int = Field(default=200_000, ge=1)
     hot_tier_bytes: int = Field(default=1 << 30, ge=0, description="Byte budget of decoded blocks in RAM (within "
@@ -92,20 +96,7 @@ class Settings(BaseSettings):
         default=4 << 30, ge=0, description="CUDA only: byte budget of blocks kept on the GPU, so a block used "
                                            "again is not copied from host memory again.")
 
-    admin_key: str | None = Field(default=None, description="Root API key; without it only loopback binds.")
-    cors_origins: Annotated[list[str], NoDecode] = Field(
-        default_factory=list,
-        description="Web origins (scheme://host[:port], comma-separated) whose pages may call the API: they pass "
-                    "the Origin check and get CORS answers. Default none: no CORS, and a request from another "
-                    "origin's page is refused (server/browser.py). `*` only with an admin key.")
-    max_body_bytes: int = 8 << 20
-    oversize_drain_bytes: int = Field(
-        default=64 << 20, ge=0, description="After answering 413 to an oversize body, read and drop up to this "
-                                            "much of it before closing, so the client is not reset before it "
-                                            "reads the answer.")
-    oversize_drain_s: float = Field(default=30.0, ge=0, description="How long that draining may take at most.")
     max_metadata_bytes: int = 16 << 10
-    max_json_depth: int = 32
     max_k: int = 100
     max_new_tokens: int = 1024
     # Token caps of caller texts (kvstore/model/limits.py): over one, 413 payload_too_large before any model work.
@@ -117,37 +108,9 @@ class Settings(BaseSettings):
     max_segment_tokens: int = Field(default=2048, ge=1, le=32768, description="Longest session segment.")
     max_append_tokens: int = Field(default=2048, ge=1, le=65536,
                                    description="Most tokens of all segments of one session append.")
-    queue_size: int = Field(default=32, ge=1, description="Model work waiting beyond this answers 503.")
     batch_max_size: int = Field(
         default=8, ge=1, description="kv queries waiting for the model whose questions are prefilled and decoded "
                                      "together, at most; 1 turns batching off (every query runs alone).")
-    batch_job_threshold: int = Field(default=16, ge=1, description="Batches larger than this become jobs.")
-    job_lease_s: float = Field(
-        default=30.0, gt=0, description="A running job's lease: renewed every third of it while the job runs; "
-                                        "one not renewed this long (its server died) is resumed by any server.")
-    job_poll_s: float = Field(default=0.5, gt=0, description="How often an idle server looks for queued jobs.")
-    job_max_attempts: int = Field(
-        default=3, ge=1, description="Runs a job may start; one whose server died this often fails with that "
-                                     "reason instead of being resumed again.")
-    jobs_per_key: int = Field(
-        default=16, ge=1, description="Queued plus running jobs one key may have; beyond, a new one is a 429.")
-    job_retention_s: float = Field(
-        default=7 * 86400.0, gt=0, description="Finished jobs (and their results) are purged after this long.")
-    job_stop_grace_s: float = Field(
-        default=20.0, ge=0, description="At shutdown, how long the running job's current step may take to end "
-                                        "before the job is handed back to the queue anyway (it resumes at "
-                                        "the next start, or on another server).")
-    idempotency_ttl_s: float = Field(
-        default=86400.0, gt=0, description="How long an Idempotency-Key's answer is kept for retries (24 h); older "
-                                           "records are ignored and purged.")
-    retry_after_s: int = Field(default=1, ge=1, description="Retry-After (seconds) sent with 429 and 503 answers.")
-    mcp_sessions_per_key: int = Field(
-        default=100, ge=1, description="MCP sessions one key may hold open on /mcp/{bank}; beyond, opening one is a "
-                                       "429 (the MCP SDK's table of 10,000 sessions is shared by every key).")
-    mcp_session_idle_s: float = Field(
-        default=1800.0, gt=0, description="An MCP session with no request in flight this long is closed.")
-    openai_default_bank: str | None = Field(
-        default=None, description="Bank of /v1/chat/completions when `model` is not `kvrag:<bank>`.")
 
     context_map_budget_tokens: int = Field(
         default=1024, ge=16, le=32768, description="Token budget of a new bank's context map (rendered).")
@@ -156,8 +119,6 @@ class Settings(BaseSettings):
     query_log_keep: int = Field(
         default=1000, ge=1, le=100_000, description="Answered queries kept per bank with their timings (the "
                                                      "console's recent-queries chart).")
-    console_session_idle_s: int = Field(
-        default=8 * 3600, ge=60, description="A console login ends after this long without a request.")
     map_llm_url: str | None = Field(
         default=None, description="OpenAI-compatible chat endpoint (base URL or .../chat/completions) that "
                                   "refreshes context maps; default: the bank's local model.")
@@ -183,29 +144,14 @@ class Settings(BaseSettings):
     default_retrieval: str = Field(
         default="hybrid", pattern="^(embedding|kv|hybrid|hybrid_kv)$",
         description="Retrieval of search and query: embedding | kv (embedding + KV-utility rerank) | hybrid "
-                    "(embedding + BM25 rerank; the default: +11 points recall@1 on the SQuAD excerpt for ~5 ms) | "
-                    "hybrid_kv (embedding + BM25 + KV); docs/research/retrieval.md.")
+                    "(embedding + BM25 rerank; the default, for its recall at little cost) | hybrid_kv (embedding + "
+                    "BM25 + KV); docs/research/retrieval.md.")
     rerank_candidates: int = Field(default=20, ge=1, le=1000, description="FAISS candidates a rerank reorders.")
     kv_rerank_heads: str = Field(
         default="17.3,17.4,17.5,18.6",
-        description="Query heads (layer.head) whose attention ranks blocks in kv retrieval, picked on SmolLM2-135M "
-                    "(docs/research/retrieval.md). Heads the model lacks are dropped; with none left, every head of "
-                    "the layer at 60% of the depth.")
-
-    @field_validator("cors_origins", mode="before")
-    @classmethod
-    def _split_origins(cls, value: object) -> object:
-        return [part.strip() for part in value.split(",") if part.strip()] if isinstance(value, str) else value
-
-    @field_validator("cors_origins")
-    @classmethod
-    def _check_origins(cls, origins: list[str]) -> list[str]:
-        for origin in origins:
-            parts = urlsplit(origin)
-            if origin != "*" and (parts.scheme not in ("http", "https") or not parts.netloc
-                                  or parts.path.strip("/") or parts.query or parts.fragment):
-                raise ValueError(f"{origin!r} is not an origin (scheme://host[:port]) or *")
-        return [origin.rstrip("/") for origin in origins]
+        description="Query heads (layer.head) whose attention ranks blocks in kv retrieval, picked on SmolLM2-135M. "
+                    "Heads the model lacks are dropped; with none left, every head of the "
+                    "layer at 60% of the depth.")
 
     def resolved_database_url(self) -> str:
         """The catalog URL, defaulting to a SQLite file under the data dir."""

@@ -3,22 +3,22 @@
 from alembic import context
 from sqlalchemy.engine import Connection
 
-import kvstore.sessions.rows  # noqa: F401  (registers the session tables with Base.metadata)
 from kvstore.config import Settings
-from kvstore.storage.catalog import Base, make_engine
+from kvstore.storage.catalog import make_engine
+from kvstore.storage.schema import metadata
 
 config = context.config
 url = config.get_main_option("sqlalchemy.url") or Settings().resolved_database_url()
 
 
 def run_migrations_offline() -> None:
-    context.configure(url=url, target_metadata=Base.metadata, literal_binds=True, render_as_batch=True)
+    context.configure(url=url, target_metadata=metadata(), literal_binds=True, render_as_batch=True)
     with context.begin_transaction():
         context.run_migrations()
 
 
 def _run_on(connection: Connection) -> None:
-    context.configure(connection=connection, target_metadata=Base.metadata, render_as_batch=True)
+    context.configure(connection=connection, target_metadata=metadata(), render_as_batch=True)
     with context.begin_transaction():
         context.run_migrations()
 

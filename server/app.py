@@ -15,7 +15,6 @@ from fastapi.routing import APIRoute
 from starlette.middleware.cors import CORSMiddleware
 
 from kvstore.bank import BankStore
-from kvstore.config import Settings
 from kvstore.storage import lock as data_dir_lock
 from kvstore.storage.replication import ReplicaRefused
 
@@ -39,6 +38,7 @@ from .routes import (
     sessions,
     system,
 )
+from .settings import ServerSettings
 from .worker import ModelWorker
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ def _attached(store: BankStore, worker: ModelWorker) -> BankStore:
     return store
 
 
-def _load_in_background(app: FastAPI, settings: Settings) -> asyncio.Task[None]:
+def _load_in_background(app: FastAPI, settings: ServerSettings) -> asyncio.Task[None]:
     """Load the store off the event loop so /healthz and /readyz answer while the model loads."""
 
     async def load() -> None:
@@ -77,7 +77,7 @@ def _start_jobs(app: FastAPI) -> None:
     app.state.jobs.start()
 
 
-def create_app(settings: Settings, store: BankStore | None = None) -> FastAPI:
+def create_app(settings: ServerSettings, store: BankStore | None = None) -> FastAPI:
     """The kvrag API over ``store``, or over a store loaded from ``settings`` at startup."""
 
     @asynccontextmanager
@@ -139,7 +139,7 @@ CORS_REQUEST_HEADERS = ["Authorization", "X-API-Key", "Content-Type", "If-Match"
 CORS_EXPOSED_HEADERS = ["X-Request-ID", "ETag", "Retry-After", "Mcp-Session-Id"]
 
 
-def _add_middleware(app: FastAPI, settings: Settings, metrics: Metrics) -> None:
+def _add_middleware(app: FastAPI, settings: ServerSettings, metrics: Metrics) -> None:
     """Outermost first: request context (id, body limits, metrics), the dot-segment guard, the browser guard,
     CORS when configured. (Starlette wraps in reverse order of adding.)"""
     open_mode = settings.admin_key is None
@@ -160,7 +160,7 @@ def is_loopback(host: str) -> bool:
     return is_loopback_name(host)
 
 
-def run(settings: Settings, host: str = "127.0.0.1", port: int = 8000) -> None:
+def run(settings: ServerSettings, host: str = "127.0.0.1", port: int = 8000) -> None:
     """Serve until interrupted. Without an admin key only loopback is allowed (requests are then
     unauthenticated); SIGTERM/SIGINT shut down gracefully and close the store."""
     if settings.admin_key is None and not is_loopback(host):

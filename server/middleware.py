@@ -19,10 +19,9 @@ from typing import Any
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from kvstore.config import Settings
-
 from .errors import error_response
 from .metrics import Metrics
+from .settings import ServerSettings
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +89,7 @@ class RequestContextMiddleware:
     """Gives every request an id (echoed as ``X-Request-ID``), enforces size and depth limits before
     the route runs, records metrics, and turns an unhandled exception into a JSON 500."""
 
-    def __init__(self, app: ASGIApp, settings: Settings, metrics: Metrics) -> None:
+    def __init__(self, app: ASGIApp, settings: ServerSettings, metrics: Metrics) -> None:
         self.app = app
         self.settings = settings
         self.metrics = metrics

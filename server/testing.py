@@ -19,7 +19,8 @@ import uvicorn
 from fastapi import FastAPI
 
 from kvstore.bank import BankStore
-from kvstore.config import Settings
+
+from .settings import ServerSettings
 
 if TYPE_CHECKING:
     from playwright.sync_api import Browser
@@ -33,7 +34,7 @@ class LiveServer:
     app: FastAPI
 
     @property
-    def settings(self) -> Settings:
+    def settings(self) -> ServerSettings:
         return self.app.state.settings
 
     @property

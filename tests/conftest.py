@@ -13,6 +13,7 @@ from kvstore.bank import BankStore
 from kvstore.config import Settings
 from kvstore.model.loader import Embedder, LoadedModel, load_llm
 from kvstore.testing.tiny import CHAT_TEMPLATE, CORPUS, TINY_FAMILIES, build_tiny, build_tokenizer  # noqa: F401  (re-exported for tests)
+from server.settings import ServerSettings
 from tests.seaweed import s3_bucket, s3_env, seaweed  # noqa: F401  (a real SeaweedFS: one a session, a bucket a test)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -45,7 +46,9 @@ def make_store(tmp_path: Path, tiny_llm: LoadedModel, embedder: Embedder) -> Ite
     opened: list[BankStore] = []
 
     def factory(llm: LoadedModel | None = None, **settings: object) -> BankStore:
-        store = BankStore(Settings(data_dir=tmp_path / "data", **settings), llm=llm or tiny_llm, embedder=embedder)
+        # The server's settings (a superset of the engine's): server and SDK tests pass server knobs too.
+        store = BankStore(ServerSettings(data_dir=tmp_path / "data", **settings), llm=llm or tiny_llm,
+                          embedder=embedder)
         opened.append(store)
         return store
 

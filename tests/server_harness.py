@@ -13,9 +13,9 @@ import httpx
 import pytest
 
 from kvstore.bank import BankStore
-from kvstore.config import Settings
 from kvstore.model.loader import Embedder, LoadedModel
 from server.app import create_app
+from server.settings import ServerSettings
 from server.testing import LiveServer, serve  # noqa: F401  (re-exported for tests)
 
 ADMIN_KEY = "test-admin-key-0123456789"
@@ -47,15 +47,15 @@ def live_server(backend: str, data_dir: Path, llm: LoadedModel, embedder: Embedd
     settings.setdefault("admin_key", ADMIN_KEY)
     if backend == "postgres":
         with postgres_database() as url:
-            with _serve_store(Settings(data_dir=data_dir, database_url=url, **settings), llm, embedder) as live:
+            with _serve_store(ServerSettings(data_dir=data_dir, database_url=url, **settings), llm, embedder) as live:
                 yield live
     else:
-        with _serve_store(Settings(data_dir=data_dir, **settings), llm, embedder) as live:
+        with _serve_store(ServerSettings(data_dir=data_dir, **settings), llm, embedder) as live:
             yield live
 
 
 @contextmanager
-def _serve_store(settings: Settings, llm: LoadedModel, embedder: Embedder) -> Iterator[LiveServer]:
+def _serve_store(settings: ServerSettings, llm: LoadedModel, embedder: Embedder) -> Iterator[LiveServer]:
     store = BankStore(settings, llm=llm, embedder=embedder)
     with serve(create_app(settings, store)) as live:
         yield live

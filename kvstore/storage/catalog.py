@@ -194,8 +194,8 @@ class JobRow(Base):
     input: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)  # dropped once finished
     state: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)  # the resume checkpoint
     owner: Mapped[str | None] = mapped_column(String(64), nullable=True)  # key id; "root": the admin key
-    attempts: Mapped[int] = mapped_column(Integer, default=0)
-    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     lease_owner: Mapped[str | None] = mapped_column(String(96), nullable=True)

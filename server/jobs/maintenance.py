@@ -37,11 +37,10 @@ def plan(options: dict[str, bool]) -> list[str]:
     return steps
 
 
-def run_step(store: BankStore, bank: str, step: str) -> dict[str, Any]:
-    """One step's part of the report (a model-worker call)."""
+def run_step(store: BankStore, bank: str, step: str, idempotency_ttl_s: float) -> dict[str, Any]:
+    """One step's part of the report (a model-worker call); idempotency records older than the TTL are purged."""
     if step == "idempotency":
-        ttl_s = store.settings.idempotency_ttl_s
-        return {"idempotency_expired": idempotency.purge_expired(store.sessions, bank, ttl_s)}
+        return {"idempotency_expired": idempotency.purge_expired(store.sessions, bank, idempotency_ttl_s)}
     if step == "rebuild":
         return {"verify": store.verify(bank)}
     return store.maintain(bank, **{name: name == step for name in ENGINE_STEPS})
@@ -63,6 +62,7 @@ async def run(ctx: JobContext) -> dict[str, Any]:
     for index in range(done, len(steps)):
         step = steps[index]
         await ctx.progress(done=index, total=len(steps), step=step, force=True)
-        merge_report(report, step, await ctx.model(partial(run_step, ctx.store, bank, step)))
+        merge_report(report, step, await ctx.model(partial(run_step, ctx.store, bank, step,
+                                                                    ctx.settings.idempotency_ttl_s)))
         await ctx.progress(done=index + 1, state={"report": report, "done": index + 1}, force=True)
     return report

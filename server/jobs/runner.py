@@ -25,10 +25,10 @@ from typing import Any, TypeVar
 from starlette.concurrency import run_in_threadpool
 
 from kvstore.bank import BankStore
-from kvstore.config import Settings
 from kvstore.errors import KVRagError, Unavailable
 from kvstore.storage import jobs
 
+from ..settings import ServerSettings
 from ..worker import ModelWorker
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ class JobContext:
     job: jobs.ClaimedJob
     store: BankStore
     worker: ModelWorker
-    settings: Settings
+    settings: ServerSettings
     runner: JobRunner
     lost: bool = False
     cancel: bool = False
@@ -98,7 +98,7 @@ Handler = Callable[[JobContext], Awaitable[dict[str, Any]]]
 class JobRunner:
     """Claims and runs jobs of the kinds it has handlers for, until stopped."""
 
-    def __init__(self, store: BankStore, worker: ModelWorker, settings: Settings,
+    def __init__(self, store: BankStore, worker: ModelWorker, settings: ServerSettings,
                  handlers: dict[str, Handler]) -> None:
         self.store, self.worker, self.settings, self.handlers = store, worker, settings, handlers
         self.id = f"{socket.gethostname()[:60]}:{os.getpid()}:{uuid.uuid4().hex[:12]}"

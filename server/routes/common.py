@@ -63,7 +63,7 @@ async def idempotent(request: Request, store: BankStore, bank: str, key: str | N
     they expire after KVRAG_IDEMPOTENCY_TTL_S."""
     if key is None:
         return await work()
-    owner, ttl_s = record_owner(request), store.settings.idempotency_ttl_s
+    owner, ttl_s = record_owner(request), request.app.state.settings.idempotency_ttl_s
     req_hash = idempotency.request_hash(request.method, request.url.path, payload)
     stored = await run_in_threadpool(idempotency.lookup, store.sessions, bank, owner, key, req_hash, ttl_s)
     if stored is not None:

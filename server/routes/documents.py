@@ -11,7 +11,6 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from kvstore.bank import validate_doc_id
-from kvstore.config import Settings
 from kvstore.errors import PayloadTooLarge, ValidationFailed
 
 from ..auth import Reader, Writer
@@ -28,13 +27,14 @@ from ..schemas import (
     DocumentPut,
     PutOut,
 )
+from ..settings import ServerSettings
 from .common import ERRORS, IdempotencyKey, etag, idempotent, parse_if_match, replayable
 
 router = APIRouter(tags=["documents"], responses=ERRORS)
 IfMatch = Annotated[str | None, Header(description="The version you last saw; 0 = must not exist yet.")]
 
 
-def _precheck(settings: Settings, item: DocumentItem) -> None:
+def _precheck(settings: ServerSettings, item: DocumentItem) -> None:
     """Reject a bad document before any of a batch is written, so a bad batch stores nothing."""
     validate_doc_id(item.id)
     if not item.text.strip():
@@ -69,7 +69,7 @@ async def put_documents(bank: str, body: DocumentBatch, request: Request, store:
                         principal: Writer, idempotency_key: IdempotencyKey = None) -> JSONResponse:
     """Store many documents: answered in place up to the batch threshold, else as a durable job to poll
     (``GET /v1/jobs/{job_id}``; 429 when the key already has ``KVRAG_JOBS_PER_KEY`` jobs unfinished)."""
-    settings: Settings = request.app.state.settings
+    settings: ServerSettings = request.app.state.settings
     for item in body.documents:
         _precheck(settings, item)
     await run_in_threadpool(store.get_bank, bank)  # 404 now rather than inside a job

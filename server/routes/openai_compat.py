@@ -26,7 +26,6 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from kvstore.bank import BankStore, QueryResult
-from kvstore.config import Settings
 from kvstore.errors import KVRagError, NotFound, PayloadTooLarge, ValidationFailed
 from kvstore.model.limits import limits_of
 
@@ -35,6 +34,7 @@ from ..deps import Store, Worker
 from ..errors import RETRY_STATUSES, client_detail, request_id_of, status_of
 from ..querylog import logged
 from ..schemas import ErrorOut
+from ..settings import ServerSettings
 from ..worker import ModelWorker
 
 log = logging.getLogger(__name__)
@@ -169,7 +169,7 @@ class ChatCompletionIn(BaseModel):
     k: int = Field(default=5, ge=1, le=100, description="kvrag: passages to retrieve.")
 
 
-def _bank_for(model: str, settings: Settings) -> str:
+def _bank_for(model: str, settings: ServerSettings) -> str:
     if model.startswith(MODEL_PREFIX) and model != MODEL_PREFIX:
         return model[len(MODEL_PREFIX):]
     if settings.openai_default_bank:
@@ -203,7 +203,7 @@ def capped_question(messages: list[ChatMessage], store: BankStore) -> str:
     return question
 
 
-def _max_new_tokens(body: ChatCompletionIn, settings: Settings) -> int:
+def _max_new_tokens(body: ChatCompletionIn, settings: ServerSettings) -> int:
     wanted = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     value = min(DEFAULT_MAX_TOKENS, settings.max_new_tokens) if wanted is None else wanted
@@ -289,7 +289,7 @@ def list_models(store: Store, principal: AnyKey) -> dict[str, Any]:
 async def chat_completions(body: ChatCompletionIn, request: Request, store: Store, worker: Worker,
                            principal: AnyKey) -> Any:
     """Answer the last user message from the bank named by ``model`` (kv mode)."""
-    settings: Settings = request.app.state.settings
+    settings: ServerSettings = request.app.state.settings
     bank = _bank_for(body.model, settings)
     try:
         check_bank(principal, bank, "read")

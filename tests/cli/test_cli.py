@@ -147,6 +147,7 @@ def test_db_upgrade_creates_the_catalog(tmp_path: Path, monkeypatch: pytest.Monk
 
 def test_serve_passes_its_options_to_the_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import server.app
+    from server.settings import ServerSettings
 
     calls: list[tuple[object, str, int]] = []
     monkeypatch.setattr(server.app, "run", lambda settings, host, port: calls.append((settings, host, port)))
@@ -154,3 +155,4 @@ def test_serve_passes_its_options_to_the_server(tmp_path: Path, monkeypatch: pyt
     assert out.exit_code == 0, out.output
     settings, host, port = calls[0]
     assert (host, port, settings.data_dir) == ("127.0.0.1", 8123, tmp_path)  # type: ignore[attr-defined]
+    assert isinstance(settings, ServerSettings)  # the server reads its own knobs (admin key, CORS, ...) too

@@ -228,7 +228,7 @@ def test_replicas_starting_together_migrate_once(postgres_url: str) -> None:
 def test_an_idempotency_key_keeps_the_first_answer_across_replicas(replicas: Callable[..., BankStore]) -> None:
     a, b = replicas("a"), replicas("b")
     a.create_bank("idem")
-    ttl = a.settings.idempotency_ttl_s
+    ttl = 86400.0  # the server's default KVRAG_IDEMPOTENCY_TTL_S
     h = idempotency.request_hash("PUT", "/v1/banks/idem/documents/d", {"text": "x"})
     # Two twins of one request ran on two replicas at once; the one that saves second gets the first's answer.
     first = idempotency.save(a.sessions, "idem", "root", "key-1", h, 201, {"document": {"version": 1}}, ttl)

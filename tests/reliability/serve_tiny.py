@@ -33,14 +33,14 @@ ADMIN_KEY = "reliability-admin-key-0123456789"
 
 
 def _settings(spec: dict[str, Any]) -> Any:
-    from kvstore.config import Settings
+    from server.settings import ServerSettings
 
     extra: dict[str, Any] = dict(spec.get("settings") or {})
     extra.setdefault("admin_key", ADMIN_KEY)
     extra.setdefault("torch_threads", 1)
     if spec.get("database_url"):
         extra["database_url"] = spec["database_url"]
-    return Settings(data_dir=Path(spec["data_dir"]), **extra)
+    return ServerSettings(data_dir=Path(spec["data_dir"]), **extra)
 
 
 def _child(log_dir: Path, spec: dict[str, Any], sock: socket.socket, llm: Any, embedder: Any) -> None:

@@ -22,8 +22,8 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from kvstore.config import Settings
 from server.app import create_app
+from server.settings import ServerSettings
 from tests.reliability.procs import ForkServer, ServerLife, record_figures
 from tests.reliability.serve_tiny import ADMIN_KEY
 
@@ -55,7 +55,7 @@ def hostile_life(fork_server: ForkServer, tmp_path_factory: pytest.TempPathFacto
 def _operations() -> dict[str, Any]:
     """Every operation of the server's OpenAPI schema, by ``METHOD /path`` (built from the app itself,
     which needs no store, so the cases are known at collection time)."""
-    app = create_app(Settings(data_dir=Path(tempfile.gettempdir()) / "kvrag-openapi"))
+    app = create_app(ServerSettings(data_dir=Path(tempfile.gettempdir()) / "kvrag-openapi"))
     loaded = schemathesis.openapi.from_dict(app.openapi())
     ops = [result.ok() for result in loaded.get_all_operations()]
     return {f"{op.method.upper()} {op.path}": op for op in ops}

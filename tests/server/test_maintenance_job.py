@@ -13,10 +13,10 @@ from typing import Any
 from sqlalchemy import update
 
 from kvstore.bank import BankStore
-from kvstore.config import Settings
 from kvstore.model.loader import Embedder, LoadedModel
 from kvstore.storage import idempotency
 from kvstore.storage.catalog import DocumentRow, utcnow
+from server.settings import ServerSettings
 from tests.server_harness import ADMIN_KEY, live_server
 
 DOCS = 1000
@@ -27,7 +27,7 @@ OPTIONS = {"rebuild": True}  # every step: expire, idempotency, reencode, merge,
 def _build(data_dir: Path, llm: LoadedModel, embedder: Embedder) -> None:
     """1,000 tiny documents; 25 past their expiry; most blocks evicted cold and then room made, so the
     re-encode step has real work; the store is closed so its directory can be copied."""
-    store = BankStore(Settings(data_dir=data_dir, admin_key=ADMIN_KEY), llm=llm, embedder=embedder)
+    store = BankStore(ServerSettings(data_dir=data_dir, admin_key=ADMIN_KEY), llm=llm, embedder=embedder)
     store.create_bank(BANK)
     for i in range(DOCS):
         store.put_document(BANK, f"d{i:04d}", f"Item {i} is {['red', 'blue', 'green', 'gold'][i % 4]}.")
@@ -81,7 +81,7 @@ def test_maintenance_of_1000_documents_answers_at_once_moves_and_matches_the_syn
     assert dones == sorted(dones) and len(set(dones)) >= 2, seen  # progress moved while it ran
     assert {"reencode", "rebuild"} <= {step for _, step in running}, seen
 
-    store = BankStore(Settings(data_dir=copy, admin_key=ADMIN_KEY), llm=tiny_llm, embedder=embedder)
+    store = BankStore(ServerSettings(data_dir=copy, admin_key=ADMIN_KEY), llm=tiny_llm, embedder=embedder)
     try:
         expected = _synchronous_report(store)
     finally:

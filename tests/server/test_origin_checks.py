@@ -12,8 +12,8 @@ import anyio
 import httpx
 import pytest
 
-from kvstore.config import Settings
 from server.app import create_app
+from server.settings import ServerSettings
 from tests.server_harness import LiveServer, live_server
 
 CONSOLE = "https://console.example"
@@ -133,8 +133,8 @@ def test_configured_origins_get_cors(keyed_live: LiveServer) -> None:
 
 def test_cors_wildcard_needs_an_admin_key(tmp_path) -> None:
     with pytest.raises(ValueError, match="admin key"):
-        create_app(Settings(data_dir=tmp_path, cors_origins=["*"]))
-    assert Settings(data_dir=tmp_path, cors_origins="https://a.example, http://b.example:8080/").cors_origins == [
+        create_app(ServerSettings(data_dir=tmp_path, cors_origins=["*"]))
+    assert ServerSettings(data_dir=tmp_path, cors_origins="https://a.example, http://b.example:8080/").cors_origins == [
         "https://a.example", "http://b.example:8080"]
     with pytest.raises(ValueError, match="not an origin"):
-        Settings(data_dir=tmp_path, cors_origins=["https://a.example/path"])
+        ServerSettings(data_dir=tmp_path, cors_origins=["https://a.example/path"])

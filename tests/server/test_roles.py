@@ -17,9 +17,9 @@ from kvrag_client import KVRag
 from typer.testing import CliRunner
 
 from kvrag.cli import app as cli_app
-from kvstore.config import Settings
 from server.app import create_app
 from server.auth import ROLE_RANK
+from server.settings import ServerSettings
 from tests.server_harness import LiveServer, live_server
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -48,7 +48,7 @@ def documented_roles() -> dict[str, str]:
 
 
 def schema_roles() -> dict[str, str | None]:
-    schema = create_app(Settings(data_dir=ROOT / "kvrag-openapi-unused")).openapi()
+    schema = create_app(ServerSettings(data_dir=ROOT / "kvrag-openapi-unused")).openapi()
     return {f"{method.upper()} {path}": op.get("x-kvrag-role")
             for path, ops in schema["paths"].items() for method, op in ops.items()}
 

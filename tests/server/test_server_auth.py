@@ -144,22 +144,22 @@ def test_without_an_admin_key_loopback_is_open(tmp_path, tiny_llm, embedder) -> 
 
 
 def test_run_refuses_a_public_address_without_an_admin_key(tmp_path) -> None:
-    from kvstore.config import Settings
+    from server.settings import ServerSettings
 
     with pytest.raises(SystemExit, match="KVRAG_ADMIN_KEY"):
-        run(Settings(data_dir=tmp_path), host="0.0.0.0", port=1)
+        run(ServerSettings(data_dir=tmp_path), host="0.0.0.0", port=1)
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
     assert not is_loopback("0.0.0.0") and not is_loopback("example.com")
 
 
 def test_readyz_is_503_until_the_store_has_loaded(tmp_path, tiny_llm, embedder, monkeypatch) -> None:
     from kvstore.bank import BankStore
-    from kvstore.config import Settings
+    from server.settings import ServerSettings
 
     release = threading.Event()
-    settings = Settings(data_dir=tmp_path, admin_key="root-key")
+    settings = ServerSettings(data_dir=tmp_path, admin_key="root-key")
 
-    def slow_store(s: Settings) -> BankStore:
+    def slow_store(s: ServerSettings) -> BankStore:
         release.wait(30)
         return BankStore(s, llm=tiny_llm, embedder=embedder)
 
