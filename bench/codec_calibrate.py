@@ -42,7 +42,8 @@ from kvstore.codec.quant import hadamard
 from kvstore.config import Settings
 from kvstore.model.compat import with_cache
 from kvstore.model.loader import Embedder, load_llm
-from kvstore.model.runner import BlockKV, Runner, set_threads
+from kvstore.model.runner import Runner, set_threads
+from kvstore.types import BlockKV
 
 BITS = 3
 EVAL_QUESTIONS = 50  # bench/codec.py's run: calibration questions are taken from the others

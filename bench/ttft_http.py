@@ -87,7 +87,8 @@ def measure_floor(questions: Sequence[Question], kv_samples: Sequence[dict[str, 
     """The question's forward pass over each kv query's assembled context, in process (server stopped)."""
     from kvstore.model.attention_bias import measured_block_bias
     from kvstore.model.loader import load_llm
-    from kvstore.model.runner import BlockKV, Runner, set_threads
+    from kvstore.model.runner import Runner, set_threads
+    from kvstore.types import BlockKV
 
     settings = Settings()
     set_threads(settings.torch_threads)

@@ -30,7 +30,7 @@ import zstandard
 
 from kvstore.codec.presets import LOSSY_PRESETS, codec_weights
 from kvstore.errors import CorruptBlock, IncompatibleModel, ValidationFailed
-from kvstore.model.runner import BlockKV
+from kvstore.types import BlockKV
 
 MAGIC = b"KVRB"
 FORMAT_VERSION = 2

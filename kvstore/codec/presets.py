@@ -37,7 +37,7 @@ from kvstore.codec.quant import (
     unpack_bits,
     water_fill,
 )
-from kvstore.model.runner import BlockKV
+from kvstore.types import BlockKV
 
 Sections = dict[str, np.ndarray]
 Shape = tuple[int, int, int, int]

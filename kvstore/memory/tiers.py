@@ -47,10 +47,10 @@ from sqlalchemy.orm import Session
 from kvstore.codec.format import encode_block
 from kvstore.memory.dedup import ids_bytes, misattributed, plan_dedup, share_blob
 from kvstore.memory.hot import HotCache
-from kvstore.model.runner import BlockKV, Context
 from kvstore.sessions.service import sessions_of
 from kvstore.storage.catalog import BankRow, BlockRow, DocumentRow, utcnow
 from kvstore.storage.replication import blob_gc_lock
+from kvstore.types import BlockKV, Context
 
 if TYPE_CHECKING:
     from kvstore.ports import Engine

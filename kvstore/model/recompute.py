@@ -66,7 +66,8 @@ from kvstore.model.attention_bias import BIASED_SDPA
 from kvstore.model.compaction import token_scores
 from kvstore.model.compat import with_cache
 from kvstore.model.forward import StopForward, start_at, stop_before
-from kvstore.model.runner import Context, Runner
+from kvstore.model.runner import Runner
+from kvstore.types import Context
 
 # docs/BENCHMARKS.md, "Multi-document quality" (k = 5, 96 questions): on CPU recompute at 10 / 15 / 25% cuts
 # kv's TTFT lead over text from 12.8x to 3.9x / 3.1x / 2.3x (KL 0.122 -> 0.030 / 0.021 / 0.012); the CPU goal is

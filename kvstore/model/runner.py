@@ -20,38 +20,9 @@ from kvstore.model.compat import with_cache
 from kvstore.model.device import Assembled, PendingLayer, ResidentBlocks, assemble_layers
 from kvstore.model.loader import LoadedModel
 from kvstore.model.rope import ModelRope
+from kvstore.types import BlockKV, Context
 
 _MARK = "\u2063KVRAG\u2063"
-
-
-@dataclass
-class BlockKV:
-    """KV of one block. k is pre-RoPE (position-free); v needs no positions."""
-
-    k: torch.Tensor  # [layers, kv_heads, tokens, head_dim]
-    v: torch.Tensor  # [layers, kv_heads, tokens, head_dim]
-    key: str | None = None  # content address (blob id) when stored: what a GPU-resident copy is found by
-
-    @property
-    def tokens(self) -> int:
-        return int(self.k.shape[2])
-
-    @property
-    def nbytes(self) -> int:
-        return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
-
-
-@dataclass
-class Context:
-    """A KV cache ready for the question: prefix + context tokens, and the next free position."""
-
-    cache: DynamicCache
-    next_position: int
-    context_tokens: int
-    bias: torch.Tensor | None = None  # [rows] logit bias of the first cache rows for later queries (attention_bias)
-    # [layers, rows] bool, True where a recompute made a row's KV at a layer what a text prefill gives: the bias
-    # corrects KV that never saw the blocks before it, so such a row gets none at that layer (kvstore.model.recompute).
-    exact: torch.Tensor | None = None
 
 
 @dataclass

@@ -28,8 +28,9 @@ from kvstore.codec.presets import (
 )
 from kvstore.codec.quant import dequantize, pack_bits, quantize, unpack_bits, water_fill
 from kvstore.errors import CorruptBlock, ValidationFailed
-from kvstore.model.runner import BlockKV, Runner
+from kvstore.model.runner import Runner
 from kvstore.storage.catalog import BlockRow
+from kvstore.types import BlockKV
 from tests.conftest import build_tiny
 
 FP = "f" * 32
