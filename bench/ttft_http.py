@@ -145,7 +145,7 @@ def _prompt_parts() -> tuple[str, str, str]:
     from transformers import AutoTokenizer
 
     from kvstore.model.loader import _convert_packaged_smollm2
-    from kvstore.model.runner import prompt_layout
+    from kvstore.model.text import prompt_layout
 
     settings = Settings()
     tokenizer = AutoTokenizer.from_pretrained(_convert_packaged_smollm2(settings.resolved_model_cache_dir()))
