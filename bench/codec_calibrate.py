@@ -37,8 +37,9 @@ from tqdm import tqdm
 
 from bench.codec import Case, build_cases, kl_per_token
 from bench.squad import add_data_args, load_or_exit, pick_questions
-from kvstore.codec.presets import WEIGHTS_DIR, decode_keys, decode_values, encode_keys, encode_values
+from kvstore.codec.calibration import WEIGHTS_DIR
 from kvstore.codec.quant import hadamard
+from kvstore.codec.sections import decode_keys, decode_values, encode_keys, encode_values
 from kvstore.config import Settings
 from kvstore.model.compat import with_cache
 from kvstore.model.loader import Embedder, load_llm
@@ -227,7 +228,8 @@ def rounded(x: torch.Tensor) -> list:
 
 
 def key_basis_json(entry: tuple[torch.Tensor, str]) -> str:
-    """The ``key_basis`` entry as the calibration file stores it (:func:`kvstore.codec.presets.key_basis_from_json`)."""
+    """The ``key_basis`` entry as the calibration file stores it
+    (:func:`kvstore.codec.calibration.key_basis_from_json`)."""
     weight, data = entry
     return json.dumps({"weight": rounded(weight), "data": data}, separators=(",", ":"))
 

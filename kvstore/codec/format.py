@@ -28,7 +28,8 @@ import numpy as np
 import torch
 import zstandard
 
-from kvstore.codec.presets import LOSSY_PRESETS, codec_weights
+from kvstore.codec.calibration import codec_weights
+from kvstore.codec.presets import LOSSY_PRESETS
 from kvstore.errors import CorruptBlock, IncompatibleModel, ValidationFailed
 from kvstore.types import BlockKV
 
