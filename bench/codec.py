@@ -51,7 +51,8 @@ from bench.squad import (
 from kvstore.codec.format import PRESETS, decode_block, default_codec, encode_block
 from kvstore.config import Settings
 from kvstore.model.loader import Embedder, load_llm
-from kvstore.model.runner import BlockKV, Runner, set_threads
+from kvstore.model.runner import Runner, set_threads
+from kvstore.types import BlockKV
 
 REFERENCE = "fp16"
 DOCS = REPO_ROOT / "docs" / "BENCHMARKS.md"

@@ -37,12 +37,14 @@ from tqdm import tqdm
 
 from bench.codec import Case, build_cases, kl_per_token
 from bench.squad import add_data_args, load_or_exit, pick_questions
-from kvstore.codec.presets import WEIGHTS_DIR, decode_keys, decode_values, encode_keys, encode_values
+from kvstore.codec.calibration import WEIGHTS_DIR
 from kvstore.codec.quant import hadamard
+from kvstore.codec.sections import decode_keys, decode_values, encode_keys, encode_values
 from kvstore.config import Settings
 from kvstore.model.compat import with_cache
 from kvstore.model.loader import Embedder, load_llm
-from kvstore.model.runner import BlockKV, Runner, set_threads
+from kvstore.model.runner import Runner, set_threads
+from kvstore.types import BlockKV
 
 BITS = 3
 EVAL_QUESTIONS = 50  # bench/codec.py's run: calibration questions are taken from the others
@@ -226,7 +228,8 @@ def rounded(x: torch.Tensor) -> list:
 
 
 def key_basis_json(entry: tuple[torch.Tensor, str]) -> str:
-    """The ``key_basis`` entry as the calibration file stores it (:func:`kvstore.codec.presets.key_basis_from_json`)."""
+    """The ``key_basis`` entry as the calibration file stores it
+    (:func:`kvstore.codec.calibration.key_basis_from_json`)."""
     weight, data = entry
     return json.dumps({"weight": rounded(weight), "data": data}, separators=(",", ":"))
 

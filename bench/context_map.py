@@ -62,7 +62,7 @@ from bench.squad import (
     write_json,
 )
 from kvstore.contextmap.kvcache import MapPrefill
-from kvstore.model.runner import BlockKV, Context
+from kvstore.types import BlockKV, Context
 
 VARIANTS = ("text", "kv", "text+map", "kv+map")
 REFERENCE_OF = {"text": "text", "kv": "text", "text+map": "text+map", "kv+map": "text+map"}

@@ -64,7 +64,7 @@ from bench.squad import (
 from kvstore.bank import BankStore
 from kvstore.config import Settings
 from kvstore.memory.hot import HotCache
-from kvstore.memory.tiers import Candidate, plan_eviction
+from kvstore.memory.policy import Candidate, plan_eviction
 from kvstore.storage.catalog import BlockRow, DocumentRow, OpLogRow
 
 POLICIES = ("lru", "importance", "hybrid")

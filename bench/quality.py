@@ -55,8 +55,8 @@ from bench.squad import (
 from kvstore.bank import BankStore, _bytes_ids
 from kvstore.model.compaction import CompactionSpec, compact
 from kvstore.model.recompute import blend, blend_and_ask
-from kvstore.model.runner import Context
 from kvstore.storage.catalog import BankRow, BlockRow
+from kvstore.types import Context
 
 REFERENCE = "text"
 

@@ -70,10 +70,10 @@ from bench.squad import (
     write_json,
 )
 from kvstore.bank import BankStore
-from kvstore.model.runner import Context
 from kvstore.sessions.append import render_segment
 from kvstore.sessions.service import SessionStore, sessions_of
 from kvstore.storage.catalog import BlockRow
+from kvstore.types import Context
 
 GOAL = ("Goal: answer the team's questions about the Normans. Plan: search the archive, read each result, "
         "and note what matters for the questions.")

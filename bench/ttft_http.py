@@ -87,7 +87,8 @@ def measure_floor(questions: Sequence[Question], kv_samples: Sequence[dict[str, 
     """The question's forward pass over each kv query's assembled context, in process (server stopped)."""
     from kvstore.model.attention_bias import measured_block_bias
     from kvstore.model.loader import load_llm
-    from kvstore.model.runner import BlockKV, Runner, set_threads
+    from kvstore.model.runner import Runner, set_threads
+    from kvstore.types import BlockKV
 
     settings = Settings()
     set_threads(settings.torch_threads)
@@ -144,7 +145,7 @@ def _prompt_parts() -> tuple[str, str, str]:
     from transformers import AutoTokenizer
 
     from kvstore.model.loader import _convert_packaged_smollm2
-    from kvstore.model.runner import prompt_layout
+    from kvstore.model.text import prompt_layout
 
     settings = Settings()
     tokenizer = AutoTokenizer.from_pretrained(_convert_packaged_smollm2(settings.resolved_model_cache_dir()))

@@ -34,7 +34,8 @@ from bench.squad import machine_info, print_table, publish_doc_table, save_figur
 from kvstore.config import DEFAULT_SYSTEM_PROMPT, Settings
 from kvstore.model.device import ResidentBlocks, h2d_bandwidth, pinned
 from kvstore.model.loader import LoadedModel, model_dtype, resolve_device, tiny_model_config
-from kvstore.model.runner import BlockKV, Runner, set_threads
+from kvstore.model.runner import Runner, set_threads
+from kvstore.types import BlockKV
 
 BLOCK_TOKENS = 256
 QUESTION_TOKENS = 24

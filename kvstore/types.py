@@ -1,13 +1,19 @@
-"""The engine's public value types: what the facade returns and takes (banks, documents, hits, answers).
+"""The engine's shared value types: what the facade returns and takes (banks, documents, hits, answers), and
+the KV the parts hand each other (a block's KV, an assembled context).
 
-One module so that the facade, the parts (sessions, context map) and the server share one definition.
+One module so that the facade, the parts (model, codec, memory, sessions, context map) and the server share
+one definition, and no part imports another (the model runner) only for a data class.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # annotations only: the value types stay importable without loading torch
+    import torch
+    from transformers import DynamicCache
 
 
 @dataclass
@@ -117,3 +123,36 @@ class QueryResult:
     sources: list[Hit]
     timings: Timings
     usage: Usage
+
+
+# -- KV the parts hand each other -------------------------------------------------------------------
+
+
+@dataclass
+class BlockKV:
+    """KV of one block. k is pre-RoPE (position-free); v needs no positions."""
+
+    k: torch.Tensor  # [layers, kv_heads, tokens, head_dim]
+    v: torch.Tensor  # [layers, kv_heads, tokens, head_dim]
+    key: str | None = None  # content address (blob id) when stored: what a GPU-resident copy is found by
+
+    @property
+    def tokens(self) -> int:
+        return int(self.k.shape[2])
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
+
+
+@dataclass
+class Context:
+    """A KV cache ready for the question: prefix + context tokens, and the next free position."""
+
+    cache: DynamicCache
+    next_position: int
+    context_tokens: int
+    bias: torch.Tensor | None = None  # [rows] logit bias of the first cache rows for later queries (attention_bias)
+    # [layers, rows] bool, True where a recompute made a row's KV at a layer what a text prefill gives: the bias
+    # corrects KV that never saw the blocks before it, so such a row gets none at that layer (kvstore.model.recompute).
+    exact: torch.Tensor | None = None

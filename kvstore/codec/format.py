@@ -28,9 +28,10 @@ import numpy as np
 import torch
 import zstandard
 
-from kvstore.codec.presets import LOSSY_PRESETS, codec_weights
+from kvstore.codec.calibration import codec_weights
+from kvstore.codec.presets import LOSSY_PRESETS
 from kvstore.errors import CorruptBlock, IncompatibleModel, ValidationFailed
-from kvstore.model.runner import BlockKV
+from kvstore.types import BlockKV
 
 MAGIC = b"KVRB"
 FORMAT_VERSION = 2

@@ -8,7 +8,7 @@ import torch
 
 from kvstore.memory.budget import KVBudget
 from kvstore.model.device import pinned
-from kvstore.model.runner import BlockKV
+from kvstore.types import BlockKV
 
 KIND = "blocks"
 

@@ -29,7 +29,8 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from kvstore.model.attention_bias import causal_seen, layer_mask
 from kvstore.model.compat import with_cache
 from kvstore.model.forward import attention_implementation
-from kvstore.model.runner import Context, Runner
+from kvstore.model.runner import Runner
+from kvstore.types import Context
 
 SCORING_ATTENTION = "kvrag_scoring"
 KEEP_FIRST = 4  # context tokens always kept: the first tokens after the prefix act as attention sinks

@@ -7,16 +7,16 @@ deviation and that an early layer already tells which ones:
 
 0. **Question attention** (when the question is given): the question is run once over the stored KV and
    the attention it pays each context token is recorded (:func:`kvstore.model.compaction.token_scores`, mean over
-   heads, question tokens and every layer: stopping at half depth left 60% more KL). A token's stale
+   heads, question tokens and every layer: half depth ranks worse). A token's stale
    value moves the answer by about its attention times its error, so only the most attended tokens (the
    first ``PROBE_STAGES`` multiple x count) are candidates; the first block (encoded right after the prefix,
    ``exact_tokens``) never is.
 1. **Probe**, in stages (``PROBE_STAGES``): the candidates run through the first layers, up to the stage's
    share of the depth, attending to the whole assembled context; their fresh values at that layer are
    compared with the stored ones, the forward stops there and their KV of those layers is kept. The best of
-   them by deviation x attention go on from their hidden states to the next stage's deeper check layer: 2 x
-   count to layer 2 of 30, then 1.5 x count to layer 9. Every probed token's first layers become exact, and
-   the deeper check ranks better; narrowing keeps the cost of one 2 x count probe to layer 5.
+   them by deviation x attention go on from their hidden states to the next stage's deeper check layer. Every
+   probed token's first layers become exact, and the deeper check ranks better; narrowing the candidates as
+   the probe goes deeper keeps its cost that of one shallower probe of them all.
 2. **Recompute**: the ``ratio`` candidates with the largest deviation x attention at the last check layer
    resume from their hidden states through the remaining layers, at their true positions, each attending to
    every context token before it. At each layer their new K/V replace the stored rows before attention, so
@@ -26,51 +26,36 @@ deviation and that an early layer already tells which ones:
    sees exactly the blended context, and its logits come out of the recompute's last layer: no question
    prefill of its own after the recompute (one pass over the weights less).
 
-Measured on SmolLM2 at k = 5 (docs/BENCHMARKS.md): a probe of every token at layer 1 then a full recompute
-from layer 0 (the first version) left KL 0.057 at 15%; probing deeper is what lowers KL, and probing only
-the candidates, narrowing as the probe goes deeper, pays for it. Without a question, every token not known
-exact enters the first stage and deviation alone ranks.
+Without a question, every token not known exact enters the first stage and deviation alone ranks.
 
-**The block bias** (:mod:`kvstore.model.attention_bias`) corrects what a query reads from KV that never saw the blocks
-before it. A recomputed token reads the stored KV of the tokens before it just as the question does, so every query
-of a pass gets the bias, not only the question's: its new KV come closer to a text prefill's (20 held-out questions,
-k = 5: KL 0.035 / 0.026 / 0.016 / 0.0041 -> 0.032 / 0.023 / 0.013 / 0.0034 at 10 / 15 / 25 / 50%, gold NLL lower
-at each). A pass makes its rows' KV at its layers exactly what a text prefill gives, so from then on those rows get
-no bias at those layers (``Context.exact``); with every token recomputed the context is a text prefill's and keeps
-no bias at all. Keeping the bias on recomputed rows took KL *up* again past a quarter of the tokens (measured with
-only the question biased: 0.023 at 25%, 0.026 at 50%, 0.031 at 75%, 0.032 at 100%; without it 0.016, 0.004,
-0.0003, 0).
-Each layer is run by one pass only, and a pass marks its rows before anything attends, so the question riding it
-sees the bias a prefill after the recompute would.
+**The block bias** (:mod:`kvstore.model.attention_bias`) corrects what a query reads from KV that never saw the
+blocks before it. A recomputed token reads the stored KV of the tokens before it just as the question does, so every
+query of a pass gets the bias, not only the question's: its new KV come closer to a text prefill's. A pass makes its
+rows' KV at its layers exactly what a text prefill gives, so from then on those rows get no bias at those layers
+(``Context.exact``); with every token recomputed the context is a text prefill's and keeps no bias at all (kept on
+recomputed rows, the bias would correct KV that no longer needs it, and the answer would drift away from a text
+prefill's the more tokens are recomputed). Each layer is run by one pass only, and a pass marks its rows before
+anything attends, so the question riding it sees the bias a prefill after the recompute would.
 
-Every pass is the model's own forward: the cache handed to it (:class:`_ScatterCache`) writes the new
-K/V rows at the selected indices and returns the whole layer, and an explicit 4D mask (one per layer
-type, for models with sliding-window layers) gives each selected token the causal view of its position.
-So every RoPE decoder transformers implements works without re-implementing its layers.
+Every pass is the model's own forward over the assembled cache, writing only the selected rows
+(:mod:`kvstore.model.scatter`), so every RoPE decoder transformers implements works.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
-from transformers.masking_utils import (
-    ALL_MASK_ATTENTION_FUNCTIONS,
-    causal_mask_function,
-    sliding_window_causal_mask_function,
-)
 
-from kvstore.model.attention_bias import BIASED_SDPA
 from kvstore.model.compaction import token_scores
-from kvstore.model.compat import with_cache
-from kvstore.model.forward import StopForward, start_at, stop_before
-from kvstore.model.runner import Context, Runner
+from kvstore.model.forward import stop_before
+from kvstore.model.runner import Runner
+from kvstore.model.scatter import ScatterCache, run_rows
+from kvstore.types import Context
 
-# docs/BENCHMARKS.md, "Multi-document quality" (k = 5, 96 questions): on CPU recompute at 10 / 15 / 25% cuts
-# kv's TTFT lead over text from 12.8x to 3.9x / 3.1x / 2.3x (KL 0.122 -> 0.030 / 0.021 / 0.012); the CPU goal is
-# >= 10x, so recompute is opt-in there. CUDA is not measured yet: same default until it is.
+# Off by default: on CPU even a small ratio costs most of kv mode's time-to-first-token lead over text mode, so a
+# query opts in; CUDA keeps the same default until it is measured.
 DEFAULT_RATIO_CPU = 0.0
 DEFAULT_RATIO_CUDA = 0.0
 
@@ -84,124 +69,14 @@ class Stage:
     multiple: float
 
 
-# docs/BENCHMARKS.md, "How the selection and the scoring were chosen": the question's most attended 2 x count
-# tokens are probed through layers 0-2 of 30, the best 1.5 x count of them go on to layer 9, and the best count
-# of those resume through the rest (one probe of 2 x count to layer 5 cost the same and left more KL).
+# The question's most attended 2 x count tokens are probed through the first 7% of the layers, the best 1.5 x
+# count of them go on to 31% of the depth, and the best count of those resume through the rest.
 PROBE_STAGES = (Stage(0.07, 2.0), Stage(0.31, 1.5))
 
 
 def default_ratio(device: torch.device | str) -> float:
     """The recompute ratio kv mode uses when a query does not say: chosen per device by measurement."""
     return DEFAULT_RATIO_CUDA if torch.device(device).type == "cuda" else DEFAULT_RATIO_CPU
-
-
-class _ScatterLayer(CacheLayerMixin):
-    """One layer of assembled K/V; ``update`` writes the incoming rows at ``index`` and returns all rows."""
-
-    is_sliding = False  # Masks are passed explicitly; the layer keeps every token.
-
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, index: torch.Tensor) -> None:
-        super().__init__()
-        self.keys, self.values = keys, values  # [batch, kv_heads, tokens, head_dim], written in place
-        self.index = index  # [selected] cache rows the forward's tokens own
-        self.dtype, self.device = keys.dtype, keys.device
-        self.is_initialized = True
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        """Never needed: the layer is built initialized."""
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object,
-               **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
-        self.keys.index_copy_(2, self.index, key_states.to(self.dtype))
-        self.values.index_copy_(2, self.index, value_states.to(self.dtype))
-        return self.keys, self.values
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.get_seq_length(), 0
-
-    def get_seq_length(self) -> int:
-        return int(self.keys.shape[2])
-
-    def get_max_length(self) -> int:
-        return -1
-
-
-class _ScatterCache(Cache):
-    """The assembled cache seen through scatter layers; records the value deviation at ``probe_layer``."""
-
-    def __init__(self, ctx: Context, index: torch.Tensor, probe_layer: int | None = None) -> None:
-        super().__init__(layers=[_ScatterLayer(layer.keys, layer.values, index) for layer in ctx.cache.layers])
-        self.probe_layer = probe_layer
-        self.deviation: torch.Tensor | None = None  # [selected] squared value deviation at probe_layer
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: object,
-               **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
-        layer = self.layers[layer_idx]
-        if layer_idx == self.probe_layer:
-            stored = layer.values.index_select(2, layer.index).float()  # [1, kv_heads, selected, head_dim]
-            self.deviation = (value_states.float() - stored).pow(2).sum(dim=(0, 1, 3))
-        return layer.update(key_states, value_states)
-
-
-def _mask_for(runner: Runner, window: int | None, positions: torch.Tensor, kv_length: int) -> torch.Tensor:
-    """A 4D mask ``[1, 1, queries, kv_length]`` in the model's attention format: query i sees cache rows
-    ``<= positions[i]`` (within ``window`` of it for sliding-window layers). Cache row j holds position j."""
-    config = runner.model.config.get_text_config(decoder=True)
-    impl = config._attn_implementation
-    if impl not in ("sdpa", "eager", BIASED_SDPA):
-        raise ValueError(f"selective recompute needs an sdpa or eager model, not {impl!r}")
-    base = causal_mask_function if window is None else sliding_window_causal_mask_function(window)
-
-    def at_positions(batch_idx: torch.Tensor, head_idx: torch.Tensor, q_idx: torch.Tensor,
-                     kv_idx: torch.Tensor) -> torch.Tensor:
-        return base(batch_idx, head_idx, positions[q_idx], kv_idx)
-
-    dtype = next(runner.model.parameters()).dtype
-    return ALL_MASK_ATTENTION_FUNCTIONS[impl](
-        batch_size=1, q_length=int(positions.shape[0]), kv_length=kv_length, mask_function=at_positions,
-        allow_is_causal_skip=False, dtype=dtype, device=positions.device, config=config)
-
-
-def _masks(runner: Runner, positions: torch.Tensor, kv_length: int) -> torch.Tensor | dict[str, torch.Tensor]:
-    """One mask per attention layer type: a tensor when all layers share one, else the mapping that hybrid
-    models (Gemma 3, Qwen2 with sliding layers) accept in place of the masks they would build."""
-    config = runner.model.config.get_text_config(decoder=True)
-    layer_types: list[str] | None = getattr(config, "layer_types", None)
-    if not layer_types:
-        return _mask_for(runner, getattr(config, "sliding_window", None), positions, kv_length)
-    windows: dict[str, int | None] = {}
-    for kind in set(layer_types[: runner.num_layers]):
-        if kind == "full_attention":
-            windows[kind] = None
-        elif kind == "sliding_attention":
-            windows[kind] = config.sliding_window
-        else:
-            raise ValueError(f"selective recompute does not support {kind!r} layers")
-    if len(windows) == 1:
-        return _mask_for(runner, next(iter(windows.values())), positions, kv_length)
-    return {kind: _mask_for(runner, window, positions, kv_length) for kind, window in windows.items()}
-
-
-def _forward(runner: Runner, cache: _ScatterCache, positions: torch.Tensor, inputs: torch.Tensor,
-             start: int = 0, logits: bool = False, biased: Context | None = None) -> torch.Tensor | None:
-    """Run the model over ``cache`` at ``positions: [tokens]``: from token ids ``inputs: [tokens]`` through every
-    layer, or, with ``start > 0``, from ``inputs: [tokens, hidden_size]``, the hidden states entering layer
-    ``start``. With ``logits``, the next-token logits ``[vocab]`` after the last of the tokens once the forward
-    reaches the end (None when it was stopped); without, the LM head never runs. With ``biased``, every query reads
-    the cache through that context's block bias (:meth:`Runner.bias_kwargs`: none on the rows it marks exact)."""
-    kv_length = cache.layers[0].get_seq_length()
-    given = {"input_ids": inputs[None]} if start == 0 else {"inputs_embeds": inputs[None]}
-    run: Callable[..., object] = runner.model if logits else runner.model.get_decoder()
-    extra: dict[str, object] = {"logits_to_keep": 1} if logits else {}
-    if biased is not None:
-        extra.update(runner.bias_kwargs(biased))
-    with start_at(runner, start):
-        try:
-            out = run(**given, position_ids=positions[None], **with_cache(run, cache), use_cache=True,
-                      attention_mask=_masks(runner, positions, kv_length), **extra)
-        except StopForward:
-            return None
-    return out.logits[0, -1].float() if logits else None  # type: ignore[attr-defined]
 
 
 @dataclass
@@ -230,10 +105,10 @@ def _probe(runner: Runner, ctx: Context, rows: torch.Tensor, inputs: torch.Tenso
     """Run the tokens at cache ``rows: [probed]`` (ascending) through layers ``start..check_layer``, attending to
     the whole assembled context, write their new KV for those layers into ``ctx`` and stop. ``inputs`` are their
     token ids ``[probed]`` when ``start`` is 0, else their hidden states entering layer ``start``."""
-    cache = _ScatterCache(ctx, rows, probe_layer=check_layer)
+    cache = ScatterCache(ctx, rows, probe_layer=check_layer)
     _mark_exact(runner, ctx, rows, start, check_layer)
     with stop_before(runner, check_layer + 1) as entered:
-        out = _forward(runner, cache, rows, inputs, start=start, logits=logits, biased=ctx)
+        out = run_rows(runner, cache, rows, inputs, start=start, logits=logits, biased=ctx)
     assert cache.deviation is not None
     return _Probe(cache.deviation, entered[0][0] if entered else None, out)
 
@@ -369,7 +244,7 @@ def _blend(runner: Runner, ctx: Context, context_ids: Sequence[int], count: int,
         ctx.bias, ctx.exact = None, None
         question = _Question.after(ctx, question_ids or []) if ask else _none_asked(device)
         rows = torch.cat((torch.arange(n, device=device) + p, question.rows))
-        logits = _forward(runner, _ScatterCache(ctx, rows), rows, torch.cat((ids, question.inputs)), logits=ask)
+        logits = run_rows(runner, ScatterCache(ctx, rows), rows, torch.cat((ids, question.inputs)), logits=ask)
         return Asked(count, logits, None) if logits is not None else None
     layers = probe_stages(runner, stages)
     # Scored on the stored KV, before the probe rewrites any row (and before the question's rows are added).
@@ -383,7 +258,7 @@ def _blend(runner: Runner, ctx: Context, context_ids: Sequence[int], count: int,
         rows = torch.cat((picked.chosen + p, picked.question.rows))
         resume = layers[-1][0] + 1
         _mark_exact(runner, ctx, rows, resume, runner.num_layers - 1)
-        logits = _forward(runner, _ScatterCache(ctx, rows), rows, torch.cat((picked.hidden, picked.question.inputs)),
+        logits = run_rows(runner, ScatterCache(ctx, rows), rows, torch.cat((picked.hidden, picked.question.inputs)),
                           start=resume, logits=ask, biased=ctx)
     return Asked(count, logits, attention) if logits is not None else None
 
@@ -412,9 +287,8 @@ def blend_and_ask(runner: Runner, ctx: Context, context_ids: Sequence[int], ques
                   ratio: float, stages: Sequence[Stage] = PROBE_STAGES, exact_tokens: int = 0) -> Asked:
     """:func:`blend` with the question prefilled in the same passes: it rides along each probe stage and the
     recompute, where every layer's new context rows are written before it attends, so it sees exactly the
-    blended context (as a prefill after :func:`blend` would) without a question pass of its own (on SmolLM2,
-    that pass is ~20% of a 15% recompute's time to first token). ``ctx``'s cache gains the question's rows;
-    the answer's first token is ``logits.argmax()`` and decoding continues from there.
+    blended context (as a prefill after :func:`blend` would) without a question pass of its own. ``ctx``'s cache
+    gains the question's rows; the answer's first token is ``logits.argmax()`` and decoding continues from there.
     """
     count = _count(ctx, context_ids, ratio)
     asked = _blend(runner, ctx, context_ids, count, stages, question_ids, exact_tokens, ask=True) if count else None

@@ -20,38 +20,8 @@ from kvstore.model.compat import with_cache
 from kvstore.model.device import Assembled, PendingLayer, ResidentBlocks, assemble_layers
 from kvstore.model.loader import LoadedModel
 from kvstore.model.rope import ModelRope
-
-_MARK = "\u2063KVRAG\u2063"
-
-
-@dataclass
-class BlockKV:
-    """KV of one block. k is pre-RoPE (position-free); v needs no positions."""
-
-    k: torch.Tensor  # [layers, kv_heads, tokens, head_dim]
-    v: torch.Tensor  # [layers, kv_heads, tokens, head_dim]
-    key: str | None = None  # content address (blob id) when stored: what a GPU-resident copy is found by
-
-    @property
-    def tokens(self) -> int:
-        return int(self.k.shape[2])
-
-    @property
-    def nbytes(self) -> int:
-        return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
-
-
-@dataclass
-class Context:
-    """A KV cache ready for the question: prefix + context tokens, and the next free position."""
-
-    cache: DynamicCache
-    next_position: int
-    context_tokens: int
-    bias: torch.Tensor | None = None  # [rows] logit bias of the first cache rows for later queries (attention_bias)
-    # [layers, rows] bool, True where a recompute made a row's KV at a layer what a text prefill gives: the bias
-    # corrects KV that never saw the blocks before it, so such a row gets none at that layer (kvstore.model.recompute).
-    exact: torch.Tensor | None = None
+from kvstore.model.text import TokenStream, prompt_layout
+from kvstore.types import BlockKV, Context
 
 
 @dataclass
@@ -65,31 +35,6 @@ class BatchContext:
     bias: torch.Tensor | None = None  # [rows, width] logit bias per cache column for later queries (attention_bias)
 
 
-class TokenStream:
-    """Sends the text of generated tokens to ``on_token`` as it grows, never half a character."""
-
-    def __init__(self, tokenizer, on_token: Callable[[str], None] | None) -> None:
-        self.tokenizer = tokenizer
-        self.on_token = on_token
-        self.emitted = ""
-
-    def push(self, tokens: list[int]) -> None:
-        """``tokens``: everything generated so far."""
-        if self.on_token is None:
-            return
-        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-        if len(text) > len(self.emitted) and not text.endswith("\ufffd"):
-            self.on_token(text[len(self.emitted):])
-            self.emitted = text
-
-    def finish(self, tokens: list[int]) -> str:
-        """Send what is left; the whole answer, stripped."""
-        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-        if self.on_token is not None and len(text) > len(self.emitted):
-            self.on_token(text[len(self.emitted):])
-        return text.strip()
-
-
 @dataclass
 class Generation:
     token_ids: list[int]
@@ -97,31 +42,6 @@ class Generation:
     prefill_ms: float
     ttft_s: float  # perf_counter timestamp of the first generated token
     finished_s: float
-
-
-@dataclass(frozen=True)
-class PromptLayout:
-    """How a query is laid out: ``prefix | block ... block | question``."""
-
-    prefix: str
-    question_prefix: str
-    question_suffix: str
-
-
-def prompt_layout(tokenizer, system_prompt: str) -> PromptLayout:
-    """Split the model's chat template around the user turn so blocks sit inside the user message."""
-    template = getattr(tokenizer, "chat_template", None)
-    if template:
-        rendered = tokenizer.apply_chat_template(
-            [{"role": "system", "content": system_prompt}, {"role": "user", "content": _MARK}],
-            tokenize=False, add_generation_prompt=True,
-        )
-        if isinstance(rendered, str) and rendered.count(_MARK) == 1:
-            before, after = rendered.split(_MARK)
-            return PromptLayout(prefix=before + "Passages:\n", question_prefix="\nQuestion: ",
-                                question_suffix=after)
-    return PromptLayout(prefix=f"{system_prompt}\n\nPassages:\n", question_prefix="\nQuestion: ",
-                        question_suffix="\nAnswer:")
 
 
 def set_threads(threads: int) -> None:

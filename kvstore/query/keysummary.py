@@ -50,8 +50,9 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from kvstore.errors import CorruptBlock, ValidationFailed
 from kvstore.model.compat import with_cache
 from kvstore.model.forward import StopForward, attention_implementation
-from kvstore.model.runner import BlockKV, Runner
+from kvstore.model.runner import Runner
 from kvstore.storage.catalog import BankRow, BlockRow
+from kvstore.types import BlockKV
 
 if TYPE_CHECKING:
     from kvstore.ports import Engine

@@ -12,7 +12,7 @@ import zstandard
 
 from kvstore.codec.format import FORMAT_VERSION, MAGIC, PRESETS, decode_block, encode_block, payload_bytes, read_header
 from kvstore.errors import CorruptBlock, IncompatibleModel, ValidationFailed
-from kvstore.model.runner import BlockKV
+from kvstore.types import BlockKV
 
 FP = "f" * 32
 

@@ -23,8 +23,8 @@ from sqlalchemy import select
 from kvstore.bank import BankStore
 from kvstore.codec.format import FORMAT_VERSION, MAGIC, decode_block, encode_block, read_header
 from kvstore.errors import CorruptBlock
-from kvstore.model.runner import BlockKV
 from kvstore.storage.catalog import BlockRow
+from kvstore.types import BlockKV
 
 FP = "f" * 32
 BOMB_BYTES = 256 << 20  # what the bomb frame claims and decodes to

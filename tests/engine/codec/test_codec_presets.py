@@ -16,20 +16,15 @@ import zstandard
 from sqlalchemy import select
 
 from kvstore.bank import BankStore
-from kvstore.codec import presets as quant_presets
+from kvstore.codec import tiered, waterfill
+from kvstore.codec.calibration import CodecWeights, codec_weights, query_spread_from_json
 from kvstore.codec.format import FORMAT_VERSION, MAGIC, PRESETS, decode_block, encode_block, payload_bytes, read_header
-from kvstore.codec.presets import (
-    TIER_BITS,
-    CodecWeights,
-    codec_weights,
-    query_spread_from_json,
-    tier_sizes,
-    token_importance,
-)
 from kvstore.codec.quant import dequantize, pack_bits, quantize, unpack_bits, water_fill
+from kvstore.codec.tiered import TIER_BITS, tier_sizes, token_importance
 from kvstore.errors import CorruptBlock, ValidationFailed
-from kvstore.model.runner import BlockKV, Runner
+from kvstore.model.runner import Runner
 from kvstore.storage.catalog import BlockRow
+from kvstore.types import BlockKV
 from tests.conftest import build_tiny
 
 FP = "f" * 32
@@ -415,7 +410,8 @@ def test_tiered_blocks_decode_without_the_calibration(monkeypatch: pytest.Monkey
     def unavailable(*_args: object) -> None:
         raise AssertionError("decode read the calibration")
 
-    monkeypatch.setattr(quant_presets, "codec_weights", unavailable)
+    for module in (tiered, waterfill):  # every place the presets look the calibration up
+        monkeypatch.setattr(module, "codec_weights", unavailable)
     out = decode_block(data, FP)
     assert _rel_rms(block.k, out.k) <= REL_RMS_BOUND["tier5"][0]
 
@@ -499,10 +495,10 @@ def test_a_block_in_a_basis_this_install_lacks_is_refused(monkeypatch: pytest.Mo
     weights = codec_weights(30, 3, 64)
     assert weights is not None
     without = CodecWeights(keys=weights.keys, values=weights.values, queries=weights.queries)
-    monkeypatch.setattr(quant_presets, "codec_weights", lambda *_args: without)
+    monkeypatch.setattr(waterfill, "codec_weights", lambda *_args: without)
     with pytest.raises(CorruptBlock, match="basis"):
         decode_block(data, FP)
-    monkeypatch.setattr(quant_presets, "codec_weights", lambda *_args: None)
+    monkeypatch.setattr(waterfill, "codec_weights", lambda *_args: None)
     with pytest.raises(CorruptBlock, match="basis"):
         decode_block(data, FP)
 

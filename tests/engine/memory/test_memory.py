@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from sqlalchemy import select
 
 from kvstore.bank import BankStore, SearchFilter
-from kvstore.memory.tiers import Candidate, MemoryConfig, decayed, plan_eviction, policy_scores
+from kvstore.memory.policy import Candidate, MemoryConfig, decayed, plan_eviction, policy_scores
 from kvstore.model.compat import with_cache
 from kvstore.storage import index as index_module
 from kvstore.storage.catalog import BlockRow, DocumentRow

@@ -10,8 +10,8 @@ from sqlalchemy import select
 
 from kvstore.bank import BankStore
 from kvstore.codec.format import decode_block
-from kvstore.model.runner import BlockKV
 from kvstore.storage.catalog import BlockRow
+from kvstore.types import BlockKV
 
 TEXT = ("The Normans were the people who in the 10th and 11th centuries gave their name to Normandy. " * 6
         + "Paris is the capital and most populous city of France. The Seine flows through it. " * 6)

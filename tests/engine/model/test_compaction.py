@@ -20,7 +20,8 @@ from kvstore.model.compaction import (
     token_scores,
 )
 from kvstore.model.compat import with_cache
-from kvstore.model.runner import BlockKV, Context, Runner
+from kvstore.model.runner import Runner
+from kvstore.types import BlockKV, Context
 from tests.conftest import TINY_FAMILIES, build_tiny
 
 BLOCKS = (

@@ -14,7 +14,8 @@ from kvstore.errors import BadRequest
 from kvstore.memory.hot import HotCache
 from kvstore.model.device import PendingLayer, ResidentBlocks, ResidentKV, h2d_bandwidth
 from kvstore.model.loader import LoadedModel, model_dtype, resolve_device
-from kvstore.model.runner import BlockKV, Runner
+from kvstore.model.runner import Runner
+from kvstore.types import BlockKV
 from tests.conftest import TINY_FAMILIES, build_tiny
 
 BLOCKS = ["The Normans gave their name to Normandy.", "Paris is the capital of France.",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvstore.model import recompute
+from kvstore.model import recompute, scatter
 from kvstore.model.recompute import blend, select_tokens
 from kvstore.model.runner import Runner
 from tests.conftest import TINY_FAMILIES, build_tiny
@@ -135,10 +135,10 @@ def test_recompute_resumes_from_the_probe_hidden_states(runner: Runner) -> None:
             rows = chosen + p
             assert probe.hidden is not None and probe.hidden.shape[0] == len(ids)
             if resume:
-                recompute._forward(runner, recompute._ScatterCache(ctx, rows), rows, probe.hidden[chosen],
-                                   start=layer + 1)
+                scatter.run_rows(runner, scatter.ScatterCache(ctx, rows), rows, probe.hidden[chosen],
+                                 start=layer + 1)
             else:
-                recompute._forward(runner, recompute._ScatterCache(ctx, rows), rows, token_ids[chosen])
+                scatter.run_rows(runner, scatter.ScatterCache(ctx, rows), rows, token_ids[chosen])
         built.append(ctx)
     for a, b in zip(built[0].cache.layers, built[1].cache.layers, strict=True):
         torch.testing.assert_close(a.keys, b.keys, atol=1e-5, rtol=1e-4)

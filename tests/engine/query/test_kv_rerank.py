@@ -14,9 +14,9 @@ from kvstore.bank import BankStore
 from kvstore.config import Settings
 from kvstore.errors import CorruptBlock, ValidationFailed
 from kvstore.model.loader import Embedder, LoadedModel, wrap_model
-from kvstore.model.runner import BlockKV
 from kvstore.query.keysummary import decode_summary, encode_summary, kv_scores, plan_heads, question_queries, summarize
 from kvstore.storage.catalog import BlockRow, DocumentRow
+from kvstore.types import BlockKV
 from tests.conftest import TINY_FAMILIES, build_tiny
 from tests.server_harness import live_server
 
