@@ -93,11 +93,12 @@ class QueryService:
         rows = [b for b, _, _ in plan.retrieved]
         shares = answered.shares
         with self.sessions() as s:
+            bank = s.merge(plan.bank, load=False)  # the plan's row, in this session (eviction refreshes it)
             if rows:
                 block_shares = shares[len(plan.lead):] if shares else shares
                 record_access(s, [b.id for b in rows], block_shares, utcnow(), self.model.shares.config)
                 s.commit()
-            self.records.record_query(s, plan.bank, plan.question, answered.generation.text,
+            self.records.record_query(s, bank, plan.question, answered.generation.text,
                                       [d.doc_id for _, d, _ in plan.retrieved], plan.map_version)
             if plan.options.mode == "kv":
-                self.memory.rewarm_and_enforce(s, plan.bank, rows, blocks)
+                self.memory.rewarm_and_enforce(s, bank, rows, blocks)
