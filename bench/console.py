@@ -43,6 +43,7 @@ from kvstore.sessions.values import SegmentInput
 from kvstore.storage.catalog import BankRow, BlockRow, DocumentRow
 from server.app import create_app
 from server.settings import ServerSettings
+from server.worker import released_turn
 
 BANK = "notes"
 ADMIN = "bench-console-admin-key-0123456789"
@@ -207,7 +208,7 @@ def main() -> None:
 
     data_dir = Path(tempfile.mkdtemp(prefix="kvrag-bench-console-"))
     settings = ServerSettings(data_dir=data_dir, admin_key=ADMIN, torch_threads=1)
-    store = BankStore(settings, llm=build_tiny("llama"), embedder=Embedder(settings))
+    store = BankStore(settings, llm=build_tiny("llama"), embedder=Embedder(settings), while_waiting=released_turn)
     setup = ingest(store, args.docs, min(args.ingest, args.docs))
     with serve(create_app(settings, store)) as live:
         activity(store, live.url, args.queries)

@@ -63,7 +63,6 @@ from bench.squad import (
 )
 from kvstore.bank import BankStore
 from kvstore.config import Settings
-from kvstore.memory.hot import HotCache
 from kvstore.memory.policy import Candidate, plan_eviction
 from kvstore.storage.catalog import BlockRow, DocumentRow, OpLogRow
 
@@ -175,13 +174,14 @@ def clone_bank(store: BankStore, src: str, dst: str, policy: str) -> None:
         s.flush()
         s.add(OpLogRow(bank_id=dst_row.id, op="clone", added=[r.id for r in rows], removed=[]))
         s.commit()
-        store._add_rows(store.bank_index(dst_row), s, [r.id for r in rows])
+        store.indexes.add_rows(store.bank_index(dst_row), s, [r.id for r in rows])
 
 
 def run_stream(store: BankStore, bank: str, stream: Sequence[tuple[str, bool]], k: int, max_new_tokens: int,
                hot_bytes: int, warmup: int) -> dict[str, Any]:
     """Answer the stream; tier mix and TTFT counted after the first ``warmup`` queries (answers: all)."""
-    store.hot = HotCache(hot_bytes)  # every run starts with an empty hot tier
+    store.hot.budget_bytes = 0  # every run starts with an empty hot tier (the store's parts share this one)
+    store.hot.budget_bytes = hot_bytes
     counters = store.memory.counters
     answers, ttft = [], []
     served = {key: 0 for key in ("hot_hits", "warm_loads", "cold_encodes")}
@@ -224,7 +224,7 @@ def retrieval_trace(store: BankStore, stream: Sequence[tuple[str, bool]], k: int
     cold blocks stay searchable (only their KV is dropped)."""
     with store.sessions() as s:
         bank = store.bank_row(s, REFERENCE)
-        return [[b.id for b, _, _ in store._retrieve(s, bank, text, k, None)] for text, _ in stream]
+        return [[b.id for b, _, _ in store.retriever.retrieve(s, bank, text, k, None)] for text, _ in stream]
 
 
 def attention_trace(store: BankStore, stream: Sequence[tuple[str, bool]], k: int,

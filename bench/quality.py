@@ -52,10 +52,11 @@ from bench.squad import (
     squad_scores,
     write_json,
 )
-from kvstore.bank import BankStore, _bytes_ids
+from kvstore.bank import BankStore
 from kvstore.model.compaction import CompactionSpec, compact
 from kvstore.model.recompute import blend, blend_and_ask
 from kvstore.storage.catalog import BankRow, BlockRow
+from kvstore.storage.token_ids import bytes_to_ids
 from kvstore.types import Context
 
 REFERENCE = "text"
@@ -214,7 +215,7 @@ def retrieve_cases(env: Env, questions: Sequence[Question], ks: Sequence[int]) -
         for k in ks:
             top = hits[:k]
             cases.append(Case(question=question, k=k, blocks=[b for b, _, _ in top],
-                              block_ids=[_bytes_ids(b.token_ids) for b, _, _ in top], question_ids=q_ids,
+                              block_ids=[bytes_to_ids(b.token_ids) for b, _, _ in top], question_ids=q_ids,
                               answer_ids=a_ids, retrieve_ms=retrieve_ms,
                               gold_retrieved=any(d.doc_id == f"p{question.paragraph:03d}" for _, d, _ in top)))
     return cases

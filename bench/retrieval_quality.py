@@ -40,9 +40,10 @@ from bench.squad import (
     squad_scores,
     write_json,
 )
-from kvstore.bank import BankStore, Hit
+from kvstore.bank import BankStore
 from kvstore.query.rerank import RETRIEVAL_MODES, _minmax, hybrid_scores
 from kvstore.storage.catalog import BlockRow
+from kvstore.types import Hit
 
 NAME = "retrieval_quality"
 KS = (1, 3, 5)

@@ -43,7 +43,9 @@ from bench.squad import (
     save_figure,
     write_json,
 )
-from kvstore.bank import BankStore, Mode, Timings
+from kvstore.bank import BankStore
+from kvstore.query.plan import Mode
+from kvstore.types import Timings
 
 PHASES = ("ttft_ms", "retrieve_ms", "load_ms", "prefill_ms")  # the Timings fields that make up TTFT
 BASELINE = "text"

@@ -1,7 +1,8 @@
-"""What the engine's parts may use of the facade, as a protocol.
+"""What the engine's parts may use of each other and of the facade, as protocols.
 
-The memory manager, the context maps, the key summaries and the sessions are built by
-:class:`kvstore.bank.BankStore` and handed the store itself; they type it with :class:`Engine` instead of
+The facade (:class:`kvstore.bank.BankStore`) builds the parts and hands each the narrow collaborators it
+needs: :class:`BankLookup`, :class:`BlobDropper`, :class:`BlockSource`. The memory manager, the context maps,
+the key summaries and the sessions are handed the store itself; they type it with :class:`Engine` instead of
 importing ``kvstore.bank``, so no part imports the facade and the engine has no import cycle
 (tests/test_architecture.py). Everything here is public on the facade: a part never touches its private
 members. This module imports only leaf modules (no part, no facade).
@@ -24,6 +25,25 @@ from kvstore.storage.blobstore import BlobStore
 from kvstore.storage.catalog import BankRow, BlockRow
 from kvstore.storage.index import BankIndex
 from kvstore.types import Hit, SearchFilter
+
+
+class BankLookup(Protocol):
+    """A bank's catalog row by name (:class:`kvstore.storage.banks.Banks`); :class:`NotFound` if none."""
+
+    def row(self, s: Session, name: str) -> BankRow: ...
+
+
+class BlobDropper(Protocol):
+    """Deletes the blobs no block references any more (:class:`kvstore.storage.blobgc.BlobCollector`)."""
+
+    def drop_unreferenced(self, s: Session, blob_ids: Iterable[str | None]) -> None: ...
+
+
+class BlockSource(Protocol):
+    """A block's decoded KV (:class:`kvstore.memory.blocks.BlockLoader`); with no session, one is opened
+    only to repair a damaged block."""
+
+    def load(self, s: Session | None, bank: BankRow, block: BlockRow) -> BlockKV: ...
 
 
 class SummaryBuilder(Protocol):

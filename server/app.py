@@ -39,15 +39,9 @@ from .routes import (
     system,
 )
 from .settings import ServerSettings
-from .worker import ModelWorker
+from .worker import ModelWorker, released_turn
 
 log = logging.getLogger(__name__)
-
-
-def _attached(store: BankStore, worker: ModelWorker) -> BankStore:
-    """``store`` with its batched questions giving up the worker's turn while they wait."""
-    store.batcher.while_waiting = worker.released
-    return store
 
 
 def _load_in_background(app: FastAPI, settings: ServerSettings) -> asyncio.Task[None]:
@@ -55,7 +49,8 @@ def _load_in_background(app: FastAPI, settings: ServerSettings) -> asyncio.Task[
 
     async def load() -> None:
         try:
-            app.state.store = _attached(await asyncio.to_thread(BankStore, settings), app.state.worker)
+            app.state.store = await asyncio.to_thread(  # batched questions give up the worker's turn
+                BankStore, settings, while_waiting=released_turn)
             _start_jobs(app)
             log.info("kvrag is ready")
         except (ReplicaRefused, data_dir_lock.DataDirInUse) as exc:
@@ -106,7 +101,7 @@ def create_app(settings: ServerSettings, store: BankStore | None = None) -> Fast
     # Twice the batch size: while one batch runs, the next one's requests retrieve and load.
     threads = 2 * settings.batch_max_size if settings.batch_max_size > 1 else 1
     app.state.worker = worker = ModelWorker(settings.queue_size, threads=threads)
-    app.state.store = _attached(store, worker) if store is not None else None
+    app.state.store = store  # built with while_waiting=released_turn, to batch questions across requests
     app.state.load_error = None
     app.state.fatal = None
     app.state.tasks = set()

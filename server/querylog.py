@@ -12,7 +12,8 @@ import logging
 from functools import partial
 from typing import Any
 
-from kvstore.bank import BankStore, QueryResult
+from kvstore.bank import BankStore
+from kvstore.types import QueryResult
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 Work runs one call at a time, in arrival order: a call holds the worker's turn while it runs. When more
 than ``queue_size`` calls are already waiting, a new one is refused at once with ``Unavailable`` (503 +
 Retry-After) instead of piling up. With ``threads`` > 1 a call can give its turn up while it waits
-(:meth:`ModelWorker.released`): a kv query waiting for its batched answer lets the next call retrieve and
+(:func:`released_turn`): a kv query waiting for its batched answer lets the next call retrieve and
 load meanwhile, so that one can join the next batch (kvstore.model.batching).
 """
 
@@ -14,7 +14,7 @@ import threading
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any, TypeVar
 
 from kvstore.errors import Unavailable
@@ -48,6 +48,25 @@ class _Turn:
             self._cond.notify_all()
 
 
+_HELD = threading.local()  # per thread: the worker turn its current call holds (None outside a worker call)
+
+
+@contextmanager
+def released_turn() -> Iterator[None]:
+    """Give up the turn the calling thread's worker call holds, for the block (the call still counts as
+    running), then wait to get it back first. Outside a worker call it does nothing. Any worker's: a store
+    takes this as its batcher's ``while_waiting`` when it is built, before or after the worker."""
+    turn: _Turn | None = getattr(_HELD, "turn", None)
+    if turn is None:
+        yield
+        return
+    turn.release()
+    try:
+        yield
+    finally:
+        turn.acquire(first=True)
+
+
 class ModelWorker:
     """An executor running one call at a time (the turn), with a bounded wait queue."""
 
@@ -56,7 +75,6 @@ class ModelWorker:
         self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="kvrag-model")
         self._lock = threading.Lock()
         self._turn = _Turn()
-        self._holder = threading.local()
         self._waiting = 0
         self._running = 0
 
@@ -92,27 +110,18 @@ class ModelWorker:
         with self._lock:
             self._waiting -= 1
             self._running += 1
-        self._holder.turn = True
+        _HELD.turn = self._turn
         try:
             return fn(*args)
         finally:
-            self._holder.turn = False
+            _HELD.turn = None
             with self._lock:
                 self._running -= 1
             self._turn.release()
 
-    @contextmanager
-    def released(self) -> Iterator[None]:
-        """Give the turn up for the block (the call still counts as running), then wait to get it back.
-        Outside a worker call it does nothing."""
-        if not getattr(self._holder, "turn", False):
-            yield
-            return
-        self._turn.release()
-        try:
-            yield
-        finally:
-            self._turn.acquire(first=True)
+    def released(self) -> AbstractContextManager[None]:
+        """:func:`released_turn`: give the turn up for the block, then wait to get it back."""
+        return released_turn()
 
     def shutdown(self) -> None:
         """Let the running and queued calls finish, then stop the thread."""

@@ -17,6 +17,7 @@ from kvstore.model.loader import Embedder, LoadedModel
 from server.app import create_app
 from server.settings import ServerSettings
 from server.testing import LiveServer, serve  # noqa: F401  (re-exported for tests)
+from server.worker import released_turn
 
 ADMIN_KEY = "test-admin-key-0123456789"
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -56,7 +57,7 @@ def live_server(backend: str, data_dir: Path, llm: LoadedModel, embedder: Embedd
 
 @contextmanager
 def _serve_store(settings: ServerSettings, llm: LoadedModel, embedder: Embedder) -> Iterator[LiveServer]:
-    store = BankStore(settings, llm=llm, embedder=embedder)
+    store = BankStore(settings, llm=llm, embedder=embedder, while_waiting=released_turn)
     with serve(create_app(settings, store)) as live:
         yield live
 

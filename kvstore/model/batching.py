@@ -194,17 +194,18 @@ class BatchStats:
 class QuestionBatcher:
     """Collects the kv requests waiting for the model and answers them in batches (see the module docstring).
 
-    ``while_waiting``: entered around a request's whole stay in the batcher, leading included. The server's
-    worker sets it to give up its turn, so the next request's retrieval and loading proceed meanwhile and it
-    can join the next batch.
+    ``while_waiting``: entered around a request's whole stay in the batcher, leading included. The server passes
+    its worker's ``released`` (giving up the worker's turn), so the next request's retrieval and loading proceed
+    meanwhile and it can join the next batch.
     """
 
-    def __init__(self, runner: Runner, model_lock: threading.Lock, max_batch: int) -> None:
+    def __init__(self, runner: Runner, model_lock: threading.Lock, max_batch: int,
+                 while_waiting: Callable[[], AbstractContextManager[object]] = nullcontext) -> None:
         self.runner = runner
         self.model_lock = model_lock
         self.max_batch = max_batch
         self.enabled = max_batch > 1 and not has_sliding_window(runner)
-        self.while_waiting: Callable[[], AbstractContextManager[object]] = nullcontext
+        self.while_waiting = while_waiting
         self.stats = BatchStats()
         self._cond = threading.Condition()
         self._pending: list[_Slot] = []

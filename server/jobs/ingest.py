@@ -10,8 +10,9 @@ from __future__ import annotations
 from functools import partial
 from typing import Any
 
-from kvstore.bank import BankStore, PutResult
+from kvstore.bank import BankStore
 from kvstore.errors import KVRagError
+from kvstore.types import PutResult
 
 from ..deps import plain
 from ..schemas import DocumentItem, DocumentPut, PutOut

@@ -25,9 +25,10 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
-from kvstore.bank import BankStore, QueryResult
+from kvstore.bank import BankStore
 from kvstore.errors import KVRagError, NotFound, PayloadTooLarge, ValidationFailed
 from kvstore.model.limits import limits_of
+from kvstore.types import QueryResult
 
 from ..auth import AnyKey, check_bank
 from ..deps import Store, Worker

@@ -13,10 +13,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from kvstore.bank import QueryResult, SearchFilter
 from kvstore.config import Settings
 from kvstore.errors import KVRagError, ValidationFailed
 from kvstore.model.limits import limits_of
+from kvstore.types import QueryResult, SearchFilter
 
 from ..auth import Reader
 from ..deps import Store, Worker, plain

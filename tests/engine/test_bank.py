@@ -7,7 +7,7 @@ from collections.abc import Callable
 import pytest
 from sqlalchemy import func, select
 
-from kvstore.bank import BankStore, SearchFilter
+from kvstore.bank import BankStore
 from kvstore.errors import (
     Conflict,
     IncompatibleModel,
@@ -17,6 +17,7 @@ from kvstore.errors import (
     VersionMismatch,
 )
 from kvstore.storage.catalog import BlockRow, DocumentRow
+from kvstore.types import SearchFilter
 from tests.conftest import build_tiny
 
 NORMANS = ("The Normans were the people who in the 10th and 11th centuries gave their name to Normandy. "

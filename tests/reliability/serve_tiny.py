@@ -49,6 +49,7 @@ def _child(log_dir: Path, spec: dict[str, Any], sock: socket.socket, llm: Any, e
 
     from kvstore.bank import BankStore
     from server.app import create_app
+    from server.worker import released_turn
 
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     log_path = log_dir / f"server-{os.getpid()}.log"
@@ -63,7 +64,7 @@ def _child(log_dir: Path, spec: dict[str, Any], sock: socket.socket, llm: Any, e
     try:
         os.environ.update(spec.get("env") or {})  # e.g. the AWS variables of an object store started by the test
         settings = _settings(spec)
-        store = BankStore(settings, llm=llm, embedder=embedder)
+        store = BankStore(settings, llm=llm, embedder=embedder, while_waiting=released_turn)
         if "maintain" in spec:
             _maintain(store, spec["maintain"])
             return

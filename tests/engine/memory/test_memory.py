@@ -13,12 +13,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import select
 
-from kvstore.bank import BankStore, SearchFilter
+from kvstore.bank import BankStore
 from kvstore.memory.policy import Candidate, MemoryConfig, decayed, plan_eviction, policy_scores
 from kvstore.model.compat import with_cache
 from kvstore.storage import index as index_module
 from kvstore.storage.catalog import BlockRow, DocumentRow
+from kvstore.storage.documents import find_document
 from kvstore.storage.index import BankIndex
+from kvstore.types import SearchFilter
 from tests.conftest import build_tiny
 
 TEXTS = [
@@ -42,7 +44,7 @@ def _bank(store: BankStore, **kwargs: object) -> str:
 def _tier(store: BankStore, bank: str, doc_id: str) -> list[str]:
     """Tier of each block of a document: warm (blob on disk) or cold."""
     with store.session() as s:
-        doc = store._doc(s, store.bank_row(s, bank), doc_id)
+        doc = find_document(s, store.bank_row(s, bank), doc_id)
         assert doc is not None
         blobs = s.scalars(select(BlockRow.blob_id).where(BlockRow.document_id == doc.id).order_by(BlockRow.ordinal))
         return ["warm" if b else "cold" for b in blobs]
@@ -141,7 +143,7 @@ def test_plan_eviction_moves_shared_blobs_together_and_respects_pins() -> None:
 def _age_accesses(store: BankStore, bank: str, doc_id: str, by: timedelta) -> None:
     """Move a document's last access back in time, as if its queries had come ``by`` earlier."""
     with store.session() as s:
-        doc = store._doc(s, store.bank_row(s, bank), doc_id)
+        doc = find_document(s, store.bank_row(s, bank), doc_id)
         assert doc is not None
         for block in s.scalars(select(BlockRow).where(BlockRow.document_id == doc.id)):
             assert block.last_access_at is not None

@@ -13,8 +13,9 @@ from pathlib import Path
 
 from sqlalchemy import select, update
 
-from kvstore.bank import BankStore, SearchFilter
+from kvstore.bank import BankStore
 from kvstore.storage.catalog import BankRow, BlockRow, DocumentRow
+from kvstore.types import SearchFilter
 
 # Two documents that differ in one fact, close enough for the old thresholds (same words, one number).
 FACT_A = ("The Normans were a people who gave their name to Normandy, a region in northern France; their duke "

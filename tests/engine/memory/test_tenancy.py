@@ -132,7 +132,7 @@ def test_gpu_resident_copies_are_keyed_by_bank(store: BankStore) -> None:
         store.put_document(bank, "d", SECRET)
         with store.session() as s:
             row = store.bank_row(s, bank)
-            block = store._retrieve(s, row, QUESTION, 1, None, None)[0][0]
+            block = store.retriever.retrieve(s, row, QUESTION, 1, None, None)[0][0]
             keys.append(store.load_block(s, row, block).key)
     assert keys[0] != keys[1] and all(k is not None and k.endswith(block.blob_id or "?") for k in keys)
 

@@ -6,8 +6,9 @@ from collections.abc import Callable
 
 import pytest
 
-from kvstore.bank import BankStore, SearchFilter
+from kvstore.bank import BankStore
 from kvstore.errors import Conflict, VersionMismatch
+from kvstore.types import SearchFilter
 
 pytestmark = pytest.mark.postgres
 
