@@ -38,7 +38,6 @@ from tqdm import tqdm
 from bench.squad import RESULTS_DIR, machine_info
 from kvstore.bank import BankStore
 from kvstore.model.loader import Embedder
-from kvstore.sessions.service import sessions_of
 from kvstore.sessions.values import SegmentInput
 from kvstore.storage.catalog import BankRow, BlockRow, DocumentRow
 from server.app import create_app
@@ -121,7 +120,7 @@ def activity(store: BankStore, base: str, queries: int) -> None:
             c.post(f"/v1/banks/{BANK}/context-map/edits", json={"edits": [
                 {"op": "add", "section": "understanding", "content": f"batches hold 100 notes each ({i})"}],
                 "feedback": feedback}).raise_for_status()
-    sessions = sessions_of(store)
+    sessions = store.agent_sessions
     for n in range(30):
         sid = f"agent-run-{n:02d}"
         sessions.create(BANK, sid, agent=f"worker-{n % 3}")

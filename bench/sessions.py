@@ -71,7 +71,7 @@ from bench.squad import (
 )
 from kvstore.bank import BankStore
 from kvstore.sessions.append import render_segment
-from kvstore.sessions.service import SessionStore, sessions_of
+from kvstore.sessions.service import SessionStore
 from kvstore.storage.catalog import BlockRow
 from kvstore.types import Context
 
@@ -432,7 +432,7 @@ def run_prune_only(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="kvrag-bench-sessions-") as tmp:
         store = open_store(Path(tmp), torch_threads=args.threads)
         store.create_bank(BANK)
-        runs = prune_runs(sessions_of(store), episodes, args.prune_settings, args.lag, args.max_new_tokens)
+        runs = prune_runs(store.agent_sessions, episodes, args.prune_settings, args.lag, args.max_new_tokens)
         machine = machine_info(store.llm.name)
         store.close()
     previous = json.loads((RESULTS_DIR / "sessions.json").read_text())
@@ -452,7 +452,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             ingest(store, squad.paragraphs)
         else:
             store.create_bank(BANK)
-        ss = sessions_of(store)
+        ss = store.agent_sessions
         records: list[Record] = []
         for i, episode in enumerate(tqdm(episodes, desc="episodes", unit="ep")):
             records += compare(store, ss, i, episode, args.max_new_tokens, variants)

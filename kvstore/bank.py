@@ -4,8 +4,8 @@
 model, locks) and wires the parts that do the work, each given only the collaborators it needs:
 
 - :class:`kvstore.storage.indexes.BankIndexes`: every bank's FAISS index (snapshot + op-log replay);
-- :class:`kvstore.storage.banks.Banks`: bank rows, settings, deletion and stats;
-- :class:`kvstore.storage.documents.DocumentReader` and :class:`kvstore.ingest.writer.DocumentWriter`:
+- :class:`kvstore.banks.service.Banks`: bank rows, settings, deletion and stats;
+- :class:`kvstore.banks.documents.DocumentReader` and :class:`kvstore.ingest.writer.DocumentWriter`:
   reading, putting and deleting documents;
 - :class:`kvstore.query.retrieval.Retriever`: search;
 - :class:`kvstore.memory.blocks.BlockLoader`: a block's KV, with quarantine and rebuild of damaged blocks;
@@ -24,6 +24,8 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from kvstore.banks.documents import DocumentReader
+from kvstore.banks.service import Banks
 from kvstore.config import Settings
 from kvstore.contextmap.service import ContextMaps
 from kvstore.ingest.encoder import BlockEncoder
@@ -34,7 +36,7 @@ from kvstore.memory.hot import HotCache
 from kvstore.memory.tiers import MemoryManager
 from kvstore.model.attention_bias import measured_block_bias
 from kvstore.model.batching import QuestionBatcher
-from kvstore.model.limits import limits_of
+from kvstore.model.limits import PromptLimits
 from kvstore.model.loader import Embedder, LoadedModel, load_llm
 from kvstore.model.runner import Runner, set_threads
 from kvstore.query.history import QueryHistory
@@ -43,13 +45,11 @@ from kvstore.query.plan import QueryPlanner
 from kvstore.query.retrieval import Retriever
 from kvstore.query.service import QueryService
 from kvstore.query.strategies import Model
-from kvstore.sessions.service import sessions_of
+from kvstore.sessions.service import SessionStore
 from kvstore.storage import lock as data_dir_lock
-from kvstore.storage.banks import Banks
 from kvstore.storage.blobgc import BlobCollector
 from kvstore.storage.blobstore import BlobStore, open_blob_store
 from kvstore.storage.catalog import OpLogRow, open_catalog
-from kvstore.storage.documents import DocumentReader
 from kvstore.storage.indexes import BankIndexes
 from kvstore.storage.integrity import IntegrityLog
 from kvstore.storage.replication import Replication, open_replication
@@ -91,19 +91,21 @@ class BankStore:
         # Every KV kept in memory (hot tier, context-map KV, session states) shares one budget, per bank.
         self.kv_memory = KVBudget(settings.kv_memory_bytes, bank_bytes=settings.kv_memory_bank_bytes)
         self.hot = HotCache(settings.hot_tier_bytes, kv=self.kv_memory)
-        self.memory = MemoryManager(self)
-        self.context_map = ContextMaps(self)
         self.embedder = embedder or Embedder(settings)
         self.llm = llm or load_llm(settings)
         bias = settings.block_bias
         self.runner = Runner(self.llm, settings.system_prompt, settings.device_cache_bytes,
                              measured_block_bias(self.llm.name) if bias is None else bias)
+        self.limits = PromptLimits(settings, self.runner, self.llm)
         self.model_lock = threading.Lock()
+        self.blob_lock = threading.Lock()  # around blob writes/deletes and the catalog commit referencing them
+        self.agent_sessions = SessionStore(self)
+        self.memory = MemoryManager(self, self.agent_sessions)
+        self.context_map = ContextMaps(self)
         self.batcher = QuestionBatcher(self.runner, self.model_lock, settings.batch_max_size, while_waiting)
         self.summaries = KeySummaries(self)
         if self.llm.device.type == "cuda":
             self.hot.pin_dtype = self.llm.dtype
-        self.blob_lock = threading.Lock()  # around blob writes/deletes and the catalog commit referencing them
         self.integrity = IntegrityLog()
         # On PostgreSQL: join the replicas (refused on another model or blob store) before loading the indexes, so
         # the follower's watermark never passes an op the loaded indexes lack.
@@ -121,7 +123,7 @@ class BankStore:
         self.gc = BlobCollector(self.blobs, self.hot)
         self.banks = Banks(settings, sessions, self.llm, self.runner, self.indexes, self.context_map, self.memory,
                            self.hot, self.kv_memory, blob_lock, self.gc,
-                           lambda s, bank_id: sessions_of(self).deleting_bank(s, bank_id))
+                           self.agent_sessions.deleting_bank)
         self.documents = DocumentReader(sessions, self.banks, self.hot, self.memory.config)
         encoder = BlockEncoder(self.runner, self.embedder, model_lock, self.blobs, self.summaries,
                                settings.encode_batch_size)
@@ -131,7 +133,7 @@ class BankStore:
         self.blocks = BlockLoader(sessions, self.banks, self.llm, self.runner, model_lock, self.blobs, blob_lock,
                                   self.hot, self.memory, self.summaries, self.gc, self.integrity.note)
         planner = QueryPlanner(sessions, self.banks, self.llm, self.runner, self.retriever, self.context_map,
-                               lambda: limits_of(self), self.batcher.enabled)
+                               self.limits, self.batcher.enabled)
         self.queries = QueryService(settings, self.llm, sessions, planner, self.blocks,
                                     Model(self.runner, model_lock, self.batcher, self.memory), self.memory,
                                     self.context_map)

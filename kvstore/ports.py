@@ -19,16 +19,17 @@ from sqlalchemy.orm import Session, sessionmaker
 from kvstore.config import Settings
 from kvstore.memory.budget import KVBudget
 from kvstore.memory.hot import HotCache
+from kvstore.model.limits import PromptLimits
 from kvstore.model.loader import LoadedModel
-from kvstore.model.runner import BlockKV, Runner
+from kvstore.model.runner import Runner
 from kvstore.storage.blobstore import BlobStore
 from kvstore.storage.catalog import BankRow, BlockRow
 from kvstore.storage.index import BankIndex
-from kvstore.types import Hit, SearchFilter
+from kvstore.types import BlockKV, Hit, SearchFilter
 
 
 class BankLookup(Protocol):
-    """A bank's catalog row by name (:class:`kvstore.storage.banks.Banks`); :class:`NotFound` if none."""
+    """A bank's catalog row by name (:class:`kvstore.banks.service.Banks`); :class:`NotFound` if none."""
 
     def row(self, s: Session, name: str) -> BankRow: ...
 
@@ -62,6 +63,7 @@ class Engine(Protocol):
     kv_memory: KVBudget  # one byte budget over every KV kept in RAM, partitioned by bank
     llm: LoadedModel
     runner: Runner
+    limits: PromptLimits  # token caps of caller texts, the model's positions
     model_lock: threading.Lock
     blob_lock: threading.Lock  # held around blob writes/deletes and the catalog commit that references them
 

@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING
 from kvstore.storage.catalog import BankRow
 
 if TYPE_CHECKING:
-    from kvstore.model.runner import BlockKV
     from kvstore.ports import Engine
+    from kvstore.types import BlockKV
 
 KIND = "map"  # its share of the process's KV budget (kvstore.memory.budget): evicted, it is prefilled again
 

@@ -17,17 +17,17 @@ from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
+from kvstore.banks.documents import block_count, doc_info, find_document, validate_doc_id
+from kvstore.banks.service import BudgetEnforcer, check_model
 from kvstore.config import Settings
 from kvstore.errors import PayloadTooLarge, ValidationFailed, VersionMismatch
 from kvstore.ingest.encoder import BlockEncoder
 from kvstore.memory.hot import HotCache
-from kvstore.memory.tiers import as_utc
+from kvstore.memory.policy import as_utc
 from kvstore.memory.warmup import warm_new_blocks
 from kvstore.model.loader import LoadedModel
 from kvstore.ports import BankLookup, BlobDropper
-from kvstore.storage.banks import BudgetEnforcer, check_model
 from kvstore.storage.catalog import BlockRow, DocumentRow, OpLogRow, utcnow
-from kvstore.storage.documents import block_count, doc_info, find_document, validate_doc_id
 from kvstore.storage.indexes import BankIndexes
 from kvstore.storage.replication import blob_gc_lock, claim_version
 from kvstore.storage.token_ids import ids_to_bytes

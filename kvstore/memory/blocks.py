@@ -19,13 +19,14 @@ from kvstore.errors import CorruptBlock, IncompatibleModel
 from kvstore.memory.hot import HotCache
 from kvstore.memory.tiers import TierCounters
 from kvstore.model.loader import LoadedModel
-from kvstore.model.runner import BlockKV, Runner
+from kvstore.model.runner import Runner
 from kvstore.ports import BankLookup, BlobDropper, SummaryBuilder
 from kvstore.storage.blobstore import BlobStore
 from kvstore.storage.catalog import BankRow, BlockRow
 from kvstore.storage.indexes import Note
 from kvstore.storage.replication import blob_gc_lock
 from kvstore.storage.token_ids import bytes_to_ids
+from kvstore.types import BlockKV
 
 log = logging.getLogger(__name__)
 

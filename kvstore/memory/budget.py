@@ -26,7 +26,7 @@ from collections.abc import Collection, Hashable
 from dataclasses import dataclass
 from typing import Any
 
-from kvstore.memory.lru import HasBytes
+from kvstore.lru import HasBytes
 
 KINDS = ("blocks", "map", "sessions")
 

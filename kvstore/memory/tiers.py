@@ -25,7 +25,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -34,20 +34,16 @@ from sqlalchemy.orm import Session
 
 from kvstore.codec.format import encode_block
 from kvstore.memory.dedup import ids_bytes, misattributed, plan_dedup, share_blob
-from kvstore.memory.placement import BlockInfo, block_page, cold_key, tier_stats
+from kvstore.memory.placement import cold_key
 from kvstore.memory.policy import (
     EvictionPlan,
     MemoryConfig,
-    as_utc,
     block_attention,
     evict_to_budget,
-    expired_block_ids,
     expired_doc_ids,
-    record_access,
     warm_candidates,
 )
 from kvstore.model.cache_ops import context_attention
-from kvstore.sessions.service import sessions_of
 from kvstore.storage.catalog import BankRow, BlockRow, utcnow
 from kvstore.storage.replication import blob_gc_lock
 from kvstore.types import BlockKV, Context
@@ -55,11 +51,16 @@ from kvstore.types import BlockKV, Context
 if TYPE_CHECKING:
     from kvstore.ports import Engine
 
-# Imported by the facade (kvstore.bank) from here; their homes are kvstore.memory.policy and .placement.
-__all__ = ["BlockInfo", "MemoryConfig", "MemoryManager", "TierCounters", "as_utc", "block_page", "expired_block_ids",
-           "record_access", "tier_stats"]
 
 log = logging.getLogger(__name__)
+
+
+class SessionHousekeeping(Protocol):
+    """The agent sessions' part of maintenance (:class:`kvstore.sessions.service.SessionStore`)."""
+
+    def collect_orphans(self, grace_s: float) -> int: ...
+
+    def purge_pruned(self) -> int: ...
 
 
 @dataclass
@@ -86,8 +87,9 @@ class MemoryManager:
     and keeps its write order: blobs first, then one catalog transaction, then derived state.
     """
 
-    def __init__(self, store: Engine, config: MemoryConfig | None = None) -> None:
+    def __init__(self, store: Engine, sessions: SessionHousekeeping, config: MemoryConfig | None = None) -> None:
         self.store = store
+        self.sessions = sessions
         self.config = config or MemoryConfig()
         self.counters = TierCounters()
 
@@ -199,8 +201,8 @@ class MemoryManager:
             report["evicted"], report["over_budget"] = len(plan.block_ids), plan.over_budget
         if gc:
             report["orphan_blobs_removed"] = self.collect_orphans()
-            report["session_orphan_blobs_removed"] = sessions_of(store).collect_orphans(self.config.orphan_grace_s)
-            report["session_pruned_purged"] = sessions_of(store).purge_pruned()  # past the restore retention
+            report["session_orphan_blobs_removed"] = self.sessions.collect_orphans(self.config.orphan_grace_s)
+            report["session_pruned_purged"] = self.sessions.purge_pruned()  # past the restore retention
         return report
 
     def _rebind_model(self, bank: str) -> bool:

@@ -27,7 +27,9 @@ from transformers import DynamicCache
 
 from kvstore.model.compaction import batch_prefill_attention, prefill_attention
 from kvstore.model.compat import with_cache
-from kvstore.model.runner import BlockKV, Generation, Runner, TokenStream
+from kvstore.model.runner import Generation, Runner
+from kvstore.model.text import TokenStream
+from kvstore.types import BlockKV
 
 
 @dataclass

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import DynamicLayer
 
-from kvstore.memory.lru import ByteBudgetLRU
+from kvstore.lru import ByteBudgetLRU
 
 
 @dataclass

@@ -19,17 +19,17 @@ keep growing with its appends; they are not capped here.)
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING
-from weakref import WeakKeyDictionary
 
 from kvstore.errors import PayloadTooLarge
 
 if TYPE_CHECKING:
-    from kvstore.ports import Engine
+    from kvstore.config import Settings
+    from kvstore.model.loader import LoadedModel
+    from kvstore.model.runner import Runner
 
 # A tokenizer whose normalizer composes characters (NFC, NFKC) may spell one token from more characters than
 # its vocabulary string has; doubling keeps the bound an upper bound for them.
@@ -57,15 +57,14 @@ def longest_token_chars(tokenizer: object) -> int:
 
 
 class PromptLimits:
-    """Checks of one store's caller texts against the caps; made once per store (:func:`limits_of`)."""
+    """Checks of one store's caller texts against the caps; the facade makes one (``BankStore.limits``)."""
 
-    def __init__(self, store: Engine) -> None:
-        settings = store.settings
+    def __init__(self, settings: Settings, runner: Runner, llm: LoadedModel) -> None:
         self.caps = TokenCaps(question=settings.max_question_tokens, task=settings.max_task_tokens,
                               segment=settings.max_segment_tokens, append=settings.max_append_tokens)
-        self._tokenize = store.runner.tokenize
-        self._tokenizer = store.llm.tokenizer
-        config = store.llm.model.config
+        self._tokenize = runner.tokenize
+        self._tokenizer = llm.tokenizer
+        config = llm.model.config
         self.max_positions: int | None = getattr(config, "max_position_embeddings", None)
 
     @cached_property
@@ -122,15 +121,3 @@ class PromptLimits:
             kept += 1
         return kept
 
-
-_LIMITS: WeakKeyDictionary[Engine, PromptLimits] = WeakKeyDictionary()
-_LIMITS_LOCK = threading.Lock()
-
-
-def limits_of(store: Engine) -> PromptLimits:
-    """The one ``PromptLimits`` of a ``BankStore`` (made on first use: reading the vocabulary takes a moment)."""
-    with _LIMITS_LOCK:
-        found = _LIMITS.get(store)
-        if found is None:
-            found = _LIMITS[store] = PromptLimits(store)
-        return found

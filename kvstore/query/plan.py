@@ -14,19 +14,19 @@ from typing import Any, Literal, Protocol
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from kvstore.banks.service import check_model
 from kvstore.config import Settings
 from kvstore.errors import ValidationFailed
 from kvstore.model.compaction import CompactionSpec
 from kvstore.model.limits import PromptLimits
 from kvstore.model.loader import LoadedModel
 from kvstore.model.recompute import default_ratio
-from kvstore.model.runner import BlockKV, Runner
+from kvstore.model.runner import Runner
 from kvstore.ports import BankLookup
 from kvstore.query.retrieval import Retrieved, Retriever
-from kvstore.storage.banks import check_model
 from kvstore.storage.catalog import BankRow
 from kvstore.storage.token_ids import bytes_to_ids
-from kvstore.types import SearchFilter
+from kvstore.types import BlockKV, SearchFilter
 
 Mode = Literal["kv", "text"]
 # batched: the plain kv path, answered in a batch with other waiting questions; recompute: the question rides
@@ -127,7 +127,7 @@ class QueryPlanner:
     """Plans queries over the bank's index, the context map and the model's positions."""
 
     def __init__(self, sessions: sessionmaker[Session], banks: BankLookup, llm: LoadedModel, runner: Runner,
-                 retriever: Retriever, context_map: MapSource, limits: Callable[[], PromptLimits],
+                 retriever: Retriever, context_map: MapSource, limits: PromptLimits,
                  batching: bool) -> None:
         self.sessions = sessions
         self.banks = banks
@@ -135,11 +135,11 @@ class QueryPlanner:
         self.runner = runner
         self.retriever = retriever
         self.context_map = context_map
-        self.limits = limits  # made on first use: reading the vocabulary takes a moment
+        self.limits = limits
         self.batching = batching  # the batcher is on (kvstore.model.batching)
 
     def plan(self, bank: str, question: str, options: QueryOptions) -> QueryPlan:
-        limits = self.limits()
+        limits = self.limits
         limits.check_question(question)  # before any model work: a huge question is a 413, not a stall
         with self.sessions() as s:
             bank_row = self.banks.row(s, bank)

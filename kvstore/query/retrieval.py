@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from kvstore.config import Settings
 from kvstore.errors import ValidationFailed
-from kvstore.memory.tiers import expired_block_ids
+from kvstore.memory.policy import expired_block_ids
 from kvstore.model.loader import Embedder
 from kvstore.ports import BankLookup
 from kvstore.query.rerank import KV_MODES, RETRIEVAL_MODES, rerank_scores

@@ -11,15 +11,14 @@ from typing import Any, Protocol
 from sqlalchemy.orm import Session, sessionmaker
 
 from kvstore.config import Settings
-from kvstore.memory.tiers import record_access
+from kvstore.memory.policy import record_access
 from kvstore.model.loader import LoadedModel
-from kvstore.model.runner import BlockKV
 from kvstore.ports import BlockSource
 from kvstore.query.plan import Mode, QueryPlan, QueryPlanner, parse_options
 from kvstore.query.retrieval import to_hit
 from kvstore.query.strategies import STRATEGIES, Answered, Model
 from kvstore.storage.catalog import BankRow, BlockRow, utcnow
-from kvstore.types import QueryResult, SearchFilter, Timings, Usage
+from kvstore.types import BlockKV, QueryResult, SearchFilter, Timings, Usage
 
 
 class QueryRecords(Protocol):

@@ -14,12 +14,13 @@ from typing import Protocol
 
 import torch
 
-from kvstore.memory.tiers import MemoryConfig
+from kvstore.memory.policy import MemoryConfig
 from kvstore.model.batching import BatchRequest, QuestionBatcher
 from kvstore.model.compaction import compact, prefill_attention
 from kvstore.model.recompute import blend, blend_and_ask
-from kvstore.model.runner import BlockKV, Context, Generation, Runner
+from kvstore.model.runner import Generation, Runner
 from kvstore.query.plan import QueryPlan, Strategy
+from kvstore.types import BlockKV, Context
 
 
 class ShareTracker(Protocol):

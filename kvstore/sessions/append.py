@@ -16,7 +16,6 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from kvstore.errors import Conflict, PayloadTooLarge, ValidationFailed
-from kvstore.model.limits import limits_of
 from kvstore.sessions.livekv import LiveStates, grown
 from kvstore.sessions.pages import write_segment_pages
 from kvstore.sessions.rows import (
@@ -73,7 +72,7 @@ class Appender:
         """
         t0 = time.perf_counter()
         segs = self.validate(segments)
-        limits_of(self.store).check_segments([g.text for g in segs])
+        self.store.limits.check_segments([g.text for g in segs])
         runner = self.store.runner
         token_ids = [runner.tokenize(render_segment(g.role, g.text, g.agent or agent)) for g in segs]
         counts = [len(ids) for ids in token_ids]

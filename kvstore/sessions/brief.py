@@ -30,13 +30,12 @@ from kvstore.model.compaction import (
     question_votes,
     segment_keep_mask,
 )
-from kvstore.model.limits import limits_of
-from kvstore.model.runner import BlockKV, Context
 from kvstore.sessions.attention import record_attention
 from kvstore.sessions.livekv import LiveStates, SessionKV, concat
 from kvstore.sessions.rows import find_session, session_bank
 from kvstore.sessions.values import BriefResult, BriefTimings, ms
 from kvstore.storage.catalog import BankRow, BlockRow
+from kvstore.types import BlockKV, Context
 
 if TYPE_CHECKING:
     from kvstore.ports import Engine
@@ -60,7 +59,7 @@ class Briefer:
         settings = self.store.settings
         if not isinstance(task, str) or not task.strip():
             raise ValidationFailed("task must be a non-empty string")
-        limits_of(self.store).check_task(task)
+        self.store.limits.check_task(task)
         compaction: dict[str, Any] = {k: v for k, v in (("tau", tau), ("budget_tokens", budget_tokens))
                                       if v is not None}
         try:
@@ -152,6 +151,6 @@ class Briefer:
         rows = {r.id: r for r in s.scalars(select(BlockRow).where(
             BlockRow.bank_id == bank_row.id, BlockRow.id.in_([h.block_id for h in hits])))}
         hits = [h for h in hits if h.block_id in rows]
-        hits = hits[:limits_of(self.store).blocks_that_fit([rows[h.block_id].token_count for h in hits], fixed_tokens)]
+        hits = hits[:self.store.limits.blocks_that_fit([rows[h.block_id].token_count for h in hits], fixed_tokens)]
         blocks = [self.store.load_block(s, bank_row, rows[h.block_id]) for h in hits]
         return hits, (concat(self.store.runner, blocks) if blocks else None)

@@ -18,10 +18,11 @@ from sqlalchemy.orm import Session
 from kvstore.codec.format import decode_block
 from kvstore.errors import CorruptBlock
 from kvstore.memory.budget import KVBudget
-from kvstore.model.runner import BlockKV, Context, Runner
+from kvstore.model.runner import Runner
 from kvstore.sessions.rows import AgentSessionRow, SessionPageRow, segments_of
 from kvstore.storage.blobstore import BlobStore
 from kvstore.storage.catalog import BankRow
+from kvstore.types import BlockKV, Context
 
 STATE_KIND = "sessions"  # the live states' share of the process's KV budget
 

@@ -15,11 +15,11 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from kvstore.codec.format import decode_block, encode_block
-from kvstore.model.runner import BlockKV
 from kvstore.sessions.rows import SessionPageRow
 from kvstore.storage.blobstore import BlobStore
 from kvstore.storage.catalog import BankRow
 from kvstore.storage.replication import blob_gc_lock
+from kvstore.types import BlockKV
 
 PageRef = tuple[str, int, int]  # (blob id, tokens, stored bytes) of one written page
 

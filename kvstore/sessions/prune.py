@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING
 from sqlalchemy import delete, select
 
 from kvstore.errors import ValidationFailed
-from kvstore.model.limits import limits_of
 from kvstore.sessions.attention import least_attended_first, low_attention
 from kvstore.sessions.judge import Judge, JudgeError, default_judge, judge_prompt, parse_needed
 from kvstore.sessions.pages import drop_unreferenced
@@ -57,7 +56,7 @@ class Pruner:
         if goal is not None and not isinstance(goal, str):
             raise ValidationFailed("goal must be a string")
         if goal is not None:
-            limits_of(self.store).check_task(goal)  # the judge reads it: capped like a brief's task
+            self.store.limits.check_task(goal)  # the judge reads it: capped like a brief's task
         with self.store.sessions() as s:
             bank_row = session_bank(s, bank, self.store.llm.fingerprint)
             session = find_session(s, bank_row, session_id)

@@ -21,7 +21,6 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
-from weakref import WeakKeyDictionary
 
 from sqlalchemy import case, delete, func, select
 from sqlalchemy.exc import IntegrityError
@@ -29,7 +28,7 @@ from sqlalchemy.orm import Session
 
 from kvstore.errors import Conflict, ValidationFailed
 from kvstore.model.compaction import Selection
-from kvstore.model.runner import Context, Runner
+from kvstore.model.runner import Runner
 from kvstore.sessions.append import Appender
 from kvstore.sessions.brief import Briefer
 from kvstore.sessions.judge import Judge, judge_needs_model
@@ -59,22 +58,10 @@ from kvstore.sessions.values import (
 )
 from kvstore.storage.blobstore import BlobStore, open_blob_store
 from kvstore.storage.catalog import BankRow
+from kvstore.types import Context
 
 if TYPE_CHECKING:
     from kvstore.ports import Engine
-
-_STORES: WeakKeyDictionary[Engine, SessionStore] = WeakKeyDictionary()
-_STORES_LOCK = threading.Lock()
-
-
-def sessions_of(store: Engine) -> SessionStore:
-    """The one ``SessionStore`` of a ``BankStore`` (made on first use)."""
-    with _STORES_LOCK:
-        found = _STORES.get(store)
-        if found is None:
-            found = _STORES[store] = SessionStore(store)
-        return found
-
 
 class SessionStore:
     """Sessions of every bank of one ``BankStore``: same catalog, model and model lock, a blob store of their

@@ -10,7 +10,6 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
 
-from kvstore.sessions.service import sessions_of
 from kvstore.storage.querylog import QueryLogEntry
 
 from ..auth import Principal, check_bank
@@ -122,7 +121,7 @@ def sessions(request: Request, bank: str, store: Store, viewer: Viewer, cursor: 
              limit: Limit = 50) -> Response:
     """A bank's agent sessions with their kept and pruned segment counts."""
     _see(viewer, bank)
-    rows, next_cursor = sessions_of(store).list_sessions(bank, cursor=cursor, limit=limit)
+    rows, next_cursor = store.agent_sessions.list_sessions(bank, cursor=cursor, limit=limit)
     return page(request, "sessions.html", bank=bank, sessions=rows, cursor=cursor, next_cursor=next_cursor)
 
 
@@ -130,7 +129,7 @@ def sessions(request: Request, bank: str, store: Store, viewer: Viewer, cursor: 
 def session(request: Request, bank: str, session_id: str, store: Store, viewer: Viewer) -> Response:
     """One session's segments, kept and pruned (pruned ones keep their text)."""
     _see(viewer, bank)
-    return page(request, "session.html", bank=bank, session=sessions_of(store).get(bank, session_id))
+    return page(request, "session.html", bank=bank, session=store.agent_sessions.get(bank, session_id))
 
 
 @router.get("/banks/{bank}/queries")

@@ -10,8 +10,8 @@ from fastapi import APIRouter, Header, Query, Request, Response, status
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
+from kvstore.banks.documents import validate_doc_id
 from kvstore.errors import PayloadTooLarge, ValidationFailed
-from kvstore.storage.documents import validate_doc_id
 
 from ..auth import Reader, Writer
 from ..deps import Store, Worker, plain

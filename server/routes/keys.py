@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Response, status
 
+from kvstore.banks.service import validate_bank_name
 from kvstore.storage import keys
-from kvstore.storage.banks import validate_bank_name
 
 from ..auth import ALL_BANKS, Admin
 from ..deps import Store, plain

@@ -27,7 +27,6 @@ from starlette.concurrency import run_in_threadpool
 
 from kvstore.bank import BankStore
 from kvstore.errors import KVRagError, NotFound, PayloadTooLarge, ValidationFailed
-from kvstore.model.limits import limits_of
 from kvstore.types import QueryResult
 
 from ..auth import AnyKey, check_bank
@@ -194,7 +193,7 @@ def question_text(messages: list[ChatMessage], history_bytes: int = HISTORY_CHAR
 def capped_question(messages: list[ChatMessage], store: BankStore) -> str:
     """:func:`question_text` within the question's token cap: the last message alone must fit (else 413); the
     history gets the room left. A token never spells less than one byte, so history bytes bound its tokens."""
-    limits = limits_of(store)
+    limits = store.limits
     try:
         last_tokens = limits.check_question(messages[-1].text()) if messages[-1].role == "user" else 0
         question = question_text(messages, max(0, limits.caps.question - last_tokens - _FRAMING_TOKENS))

@@ -15,7 +15,6 @@ from starlette.concurrency import run_in_threadpool
 
 from kvstore.config import Settings
 from kvstore.errors import KVRagError, ValidationFailed
-from kvstore.model.limits import limits_of
 from kvstore.types import QueryResult, SearchFilter
 
 from ..auth import Reader
@@ -67,7 +66,7 @@ async def query(bank: str, body: QueryIn, request: Request, store: Store, worker
     ``ttft_ms`` counts from the request's arrival, queueing included."""
     started_at: float = request.state.started_at
     _check_limits(request.app.state.settings, body.k, body.max_new_tokens)
-    await run_in_threadpool(limits_of(store).check_question, body.question)  # 413 now, not after the queue
+    await run_in_threadpool(store.limits.check_question, body.question)  # 413 now, not after the queue
     call = partial(store.query, bank, body.question, k=body.k, mode=body.mode, max_new_tokens=body.max_new_tokens,
                    filter=_filter(body.filter), started_at=started_at, context_map=body.context_map,
                    retrieval=body.retrieval,

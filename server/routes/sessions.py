@@ -17,8 +17,6 @@ from starlette.concurrency import run_in_threadpool
 
 from kvstore.bank import BankStore
 from kvstore.errors import Forbidden
-from kvstore.model.limits import limits_of
-from kvstore.sessions.service import sessions_of
 from kvstore.sessions.values import BriefResult, SegmentInput
 
 from ..auth import Principal, Reader, Writer
@@ -50,7 +48,7 @@ async def _check_manages(store: BankStore, bank: str, session_id: str, principal
     """403 unless ``principal`` may delete or prune the session: an owner, or its own agent's (404 first)."""
     if principal.has_role("owner"):
         return
-    info = await run_in_threadpool(sessions_of(store).get, bank, session_id, with_text=False)
+    info = await run_in_threadpool(store.agent_sessions.get, bank, session_id, with_text=False)
     if info.agent is None or info.agent != principal.agent:
         raise Forbidden("a write key deletes and prunes only its own agent's sessions; this needs an owner key")
 
@@ -70,7 +68,7 @@ async def create_session(bank: str, body: SessionCreate, request: Request, store
     """A new empty session (``session_id`` defaults to a random one; a taken id is 409)."""
 
     async def work() -> SessionOut:
-        info = await run_in_threadpool(partial(sessions_of(store).create, bank, body.session_id,
+        info = await run_in_threadpool(partial(store.agent_sessions.create, bank, body.session_id,
                                                metadata=body.metadata, agent=writer.agent))
         return SessionOut(**plain(info))
 
@@ -81,7 +79,7 @@ async def create_session(bank: str, body: SessionCreate, request: Request, store
 @router.get("/{session_id}", operation_id="get_session", response_model=SessionOut)
 async def get_session(bank: str, session_id: str, store: Store, _reader: Reader) -> SessionOut:
     """Segments (pruned ones keep their text), live KV ``tokens`` and stored bytes."""
-    return SessionOut(**plain(await run_in_threadpool(sessions_of(store).get, bank, session_id)))
+    return SessionOut(**plain(await run_in_threadpool(store.agent_sessions.get, bank, session_id)))
 
 
 @router.delete("/{session_id}", operation_id="delete_session", status_code=status.HTTP_204_NO_CONTENT,
@@ -92,7 +90,7 @@ async def delete_session(bank: str, session_id: str, request: Request, store: St
 
     async def work() -> None:
         await _check_manages(store, bank, session_id, writer)
-        await run_in_threadpool(sessions_of(store).delete, bank, session_id)
+        await run_in_threadpool(store.agent_sessions.delete, bank, session_id)
 
     return await replayable(request, store, bank, idempotency_key, {}, work, status.HTTP_204_NO_CONTENT)
 
@@ -108,8 +106,8 @@ async def append(bank: str, session_id: str, body: AppendIn, request: Request, s
 
     async def work() -> AppendOut:
         # Over a token cap: 413 before the append queues behind model work.
-        await run_in_threadpool(limits_of(store).check_segments, [g.text for g in segments])
-        call = partial(sessions_of(store).append, bank, session_id, segments, agent=writer.agent)
+        await run_in_threadpool(store.limits.check_segments, [g.text for g in segments])
+        call = partial(store.agent_sessions.append, bank, session_id, segments, agent=writer.agent)
         return AppendOut(**plain(await worker.run(call)))
 
     return await replayable(request, store, bank, idempotency_key, body.model_dump(mode="json"), work)
@@ -122,14 +120,14 @@ async def brief(bank: str, session_id: str, body: BriefIn, request: Request, sto
                 _reader: Reader) -> Any:
     """Answer ``task`` from the trajectory compacted to what the task attends to (Latent Briefing):
     ``budget_tokens`` and/or ``tau`` bound what is kept; neither keeps all of it."""
-    await run_in_threadpool(limits_of(store).check_task, body.task)  # 413 before queueing
-    call = partial(sessions_of(store).brief, bank, session_id, body.task, budget_tokens=body.budget_tokens,
+    await run_in_threadpool(store.limits.check_task, body.task)  # 413 before queueing
+    call = partial(store.agent_sessions.brief, bank, session_id, body.task, budget_tokens=body.budget_tokens,
                    tau=body.tau, selection=body.selection, include_documents=body.include_documents,
                    max_new_tokens=body.max_new_tokens,
                    started_at=request.state.started_at)
     if not body.stream:
         return _brief_out(await worker.run(call))
-    await run_in_threadpool(sessions_of(store).get, bank, session_id, with_text=False)  # 404 before the stream
+    await run_in_threadpool(store.agent_sessions.get, bank, session_id, with_text=False)  # 404 before the stream
     return stream_events(request, worker, call, _brief_out)
 
 
@@ -139,14 +137,14 @@ async def prune(bank: str, session_id: str, body: PruneIn, request: Request, sto
     """Drop the KV of segments no longer needed (``model``: the model's judgement in a separate call;
     ``attention``: ignored by the recent briefs). Their text stays; tokens before/after are reported.
     A write key prunes only its own agent's sessions."""
-    call = partial(sessions_of(store).prune, bank, session_id, policy=body.policy, goal=body.goal,
+    call = partial(store.agent_sessions.prune, bank, session_id, policy=body.policy, goal=body.goal,
                    window=body.window, threshold=body.threshold)
 
     async def work() -> PruneOut:
         await _check_manages(store, bank, session_id, writer)
         # A remote judge (KVRAG_MAP_LLM_URL) or the attention policy needs no model: off the worker, so the
         # judge's network call never holds up the queries and appends queued behind it.
-        needs_model = sessions_of(store).prune_needs_model(body.policy)
+        needs_model = store.agent_sessions.prune_needs_model(body.policy)
         result = await (worker.run(call) if needs_model else run_in_threadpool(call))
         if result.error:
             result.error = redact(result.error)
@@ -161,7 +159,7 @@ async def restore(bank: str, session_id: str, body: RestoreIn, request: Request,
     """Make pruned segments live again, with the KV and positions they had (``segments``; default every
     restorable one). A prune keeps their KV for KVRAG_SESSION_PRUNE_RETENTION_S; naming one pruned longer ago
     is a 409. Like prune, a write key restores only its own agent's sessions."""
-    call = partial(sessions_of(store).restore, bank, session_id, body.segments)
+    call = partial(store.agent_sessions.restore, bank, session_id, body.segments)
 
     async def work() -> RestoreOut:
         await _check_manages(store, bank, session_id, writer)

@@ -13,7 +13,6 @@ from kvrag_client import AsyncKVRag, KVRag
 from typer.testing import CliRunner
 
 from kvrag.cli import app as cli_app
-from kvstore.sessions.service import sessions_of
 from tests.engine.contextmap.test_context_map import NORMANS, PARIS, StubLLM
 from tests.server_harness import LiveServer, live_server, make_key
 
@@ -83,7 +82,7 @@ def test_restore_brings_pruned_segments_back_for_their_own_agent(live: LiveServe
         assert a.post("/v1/banks/kb/sessions/run/restore", json={"segments": [99]}).status_code == 404
         assert a.post("/v1/banks/kb/sessions/run/restore", json={"segments": "all"}).status_code == 422
         assert a.post("/v1/banks/kb/sessions/run/restore", json={"segments": [2**40]}).status_code == 422
-        sessions_of(live.store).prune("kb", "run", policy="model", judge=lambda _p, _ids: '{"needed": [0, 1]}')
+        live.store.agent_sessions.prune("kb", "run", policy="model", judge=lambda _p, _ids: '{"needed": [0, 1]}')
         assert a.get("/v1/banks/kb/sessions/run").json()["tokens"] < full
         restored = a.post("/v1/banks/kb/sessions/run/restore", json={"segments": [2]})
         assert restored.status_code == 200 and restored.json()["restored"] == [2]

@@ -139,14 +139,13 @@ def test_a_kv_query_keeps_its_context_within_the_models_positions(make_store: Ca
 
 
 def test_a_brief_reads_only_the_documents_that_fit_after_the_trajectory(make_store: Callable[..., BankStore]) -> None:
-    from kvstore.sessions.service import sessions_of
 
     small = build_tiny("llama", max_position_embeddings=200)
     store = make_store(llm=small, block_tokens=32)
     store.create_bank("kb")
     for i in range(8):
         store.put_document("kb", f"d{i}", f"Note {i}: " + NORMANS + " " + _words(12))
-    sessions = sessions_of(store)
+    sessions = store.agent_sessions
     sessions.create("kb", "s")
     sessions.append("kb", "s", [{"role": "tool", "text": NORMANS}])
     max_new = 8

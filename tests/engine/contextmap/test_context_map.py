@@ -32,8 +32,8 @@ from kvstore.contextmap.state import (
 )
 from kvstore.errors import Conflict, NotFound, ValidationFailed, VersionMismatch
 from kvstore.model.loader import Embedder, LoadedModel
-from kvstore.model.runner import Context
 from kvstore.storage.catalog import ContextMapQueryRow, ContextMapRow, ContextMapVersionRow
+from kvstore.types import Context
 
 NORMANS = ("The Normans were the people who in the 10th and 11th centuries gave their name to Normandy. "
            "They were descended from Norse raiders and pirates from Denmark, Iceland and Norway.")

@@ -20,7 +20,7 @@ from kvstore.contextmap.state import MapState
 from kvstore.errors import Conflict, ValidationFailed
 from kvstore.model.loader import Embedder, LoadedModel
 from kvstore.sessions.rows import SessionSegmentRow, find_session
-from kvstore.sessions.service import SessionStore, sessions_of
+from kvstore.sessions.service import SessionStore
 from kvstore.storage.catalog import ContextMapVersionRow, utcnow
 from tests.engine.contextmap.test_context_map import StubLLM
 
@@ -145,7 +145,7 @@ def sessions(make_store: Callable[..., BankStore], request: pytest.FixtureReques
     catalog = {"database_url": request.getfixturevalue("postgres_url")} if request.param == "postgres" else {}
     store = make_store(block_tokens=16, default_codec="fp16", **catalog)
     store.create_bank("agents")
-    ss = sessions_of(store)
+    ss = store.agent_sessions
     ss.create("agents", "s")
     ss.append("agents", "s", SEGMENTS)
     return ss

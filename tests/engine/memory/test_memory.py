@@ -14,11 +14,11 @@ from hypothesis import strategies as st
 from sqlalchemy import select
 
 from kvstore.bank import BankStore
+from kvstore.banks.documents import find_document
 from kvstore.memory.policy import Candidate, MemoryConfig, decayed, plan_eviction, policy_scores
 from kvstore.model.compat import with_cache
 from kvstore.storage import index as index_module
 from kvstore.storage.catalog import BlockRow, DocumentRow
-from kvstore.storage.documents import find_document
 from kvstore.storage.index import BankIndex
 from kvstore.types import SearchFilter
 from tests.conftest import build_tiny

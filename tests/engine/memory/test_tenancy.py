@@ -10,7 +10,6 @@ import pytest
 
 from kvstore.bank import BankStore
 from kvstore.memory.hot import resident_key
-from kvstore.sessions.service import sessions_of
 
 SECRET = "The vault code of the Acme account is 4417; only the finance team may read it."
 OTHER = "Photosynthesis converts light energy into chemical energy stored in glucose."
@@ -141,7 +140,7 @@ def test_gpu_resident_copies_are_keyed_by_bank(store: BankStore) -> None:
 
 
 def _fill(store: BankStore, banks: list[str]) -> None:
-    sessions = sessions_of(store)
+    sessions = store.agent_sessions
     for i, bank in enumerate(banks):
         store.create_bank(bank)
         store.put_document(bank, "d", SECRET)
@@ -155,7 +154,7 @@ def _fill(store: BankStore, banks: list[str]) -> None:
 def _workload(store: BankStore, banks: list[str], budget: int | None = None) -> list[str]:
     """Answers of kv queries (with and without the context map) and session briefs over every bank,
     checking after each step that the KV in memory is within ``budget``."""
-    sessions = sessions_of(store)
+    sessions = store.agent_sessions
     answers = []
     for _ in range(2):
         for bank in banks:

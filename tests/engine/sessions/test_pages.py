@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from kvstore.model.runner import BlockKV
 from kvstore.sessions.pages import split_pages
+from kvstore.types import BlockKV
 
 
 def test_split_pages_covers_the_tokens_in_order_with_a_short_last_page() -> None:

@@ -15,13 +15,13 @@ from sqlalchemy import select
 from kvstore.bank import BankStore
 from kvstore.errors import Conflict, NotFound, ValidationFailed
 from kvstore.model.compaction import COMPACTION_SKIP_LAYERS, segment_keep_mask, token_scores
-from kvstore.model.runner import BlockKV
 from kvstore.sessions.append import render_segment
 from kvstore.sessions.attention import segment_attention
 from kvstore.sessions.judge import HttpJudge, JudgeError, parse_needed
 from kvstore.sessions.livekv import SessionKV
 from kvstore.sessions.rows import AgentSessionRow, SessionPageRow, find_session
-from kvstore.sessions.service import SessionStore, sessions_of
+from kvstore.sessions.service import SessionStore
+from kvstore.types import BlockKV
 
 SEGMENTS = [
     {"role": "orchestrator", "text": "Find out who the Normans were and where they lived."},
@@ -46,7 +46,7 @@ def sessions(make_store: Callable[..., BankStore], catalog: dict[str, str]) -> S
     # and a lossy default codec would add its own error on top of fp16 rounding.
     store = make_store(block_tokens=16, default_codec="fp16", **catalog)
     store.create_bank("agents")
-    return sessions_of(store)
+    return store.agent_sessions
 
 
 def _trajectory_ids(ss: SessionStore) -> list[int]:
@@ -303,7 +303,7 @@ def test_model_prune_uses_the_map_llm_endpoint_when_configured(make_store, judge
     if "map_llm_url" not in Settings.model_fields:
         pytest.skip("this build has no KVRAG_MAP_LLM_URL setting")
     url, seen, _ = judge_server
-    ss = sessions_of(make_store(map_llm_url=url))
+    ss = make_store(map_llm_url=url).agent_sessions
     ss.store.create_bank("agents")
     ss.create("agents", "s")
     ss.append("agents", "s", SEGMENTS)
@@ -378,13 +378,13 @@ def test_attention_prune_drops_an_unattended_segment_and_keeps_an_attended_one(
 
 def test_every_acknowledged_append_survives_a_reopen_without_close(make_store: Callable[..., BankStore],
                                                                    catalog: dict[str, str]) -> None:
-    first = sessions_of(make_store(block_tokens=16, default_codec="fp16", **catalog))
+    first = make_store(block_tokens=16, default_codec="fp16", **catalog).agent_sessions
     first.store.create_bank("agents")
     first.create("agents", "s")
     acked = [first.append("agents", "s", [seg]) for seg in SEGMENTS]
     answer = first.brief("agents", "s", TASK, max_new_tokens=4).answer
     # No close(): the process "dies" here; a new store opens the same data dir.
-    second = sessions_of(make_store(block_tokens=16, default_codec="fp16", **catalog))
+    second = make_store(block_tokens=16, default_codec="fp16", **catalog).agent_sessions
     info = second.get("agents", "s")
     assert [g.id for g in info.segments] == [a.segment_ids[0] for a in acked]
     assert info.tokens == acked[-1].tokens
@@ -395,9 +395,9 @@ def test_appends_from_two_processes_continue_one_trajectory(make_store: Callable
                                                             catalog: dict[str, str]) -> None:
     """Two stores on one catalog (two server processes): each sees the other's appends, none is lost or
     computed over a stale state, and the result still equals one whole prefill."""
-    a = sessions_of(make_store(block_tokens=16, default_codec="fp16", **catalog))
+    a = make_store(block_tokens=16, default_codec="fp16", **catalog).agent_sessions
     a.store.create_bank("agents")
-    b = sessions_of(make_store(block_tokens=16, default_codec="fp16", **catalog))
+    b = make_store(block_tokens=16, default_codec="fp16", **catalog).agent_sessions
     a.create("agents", "s")
     for i, seg in enumerate(SEGMENTS):
         (a if i % 2 == 0 else b).append("agents", "s", [seg])

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, func, inspect, select
 
-from kvstore.sessions.service import sessions_of
 from kvstore.sessions.values import SegmentInput
 from kvstore.storage.catalog import QueryLogRow, upgrade
 from kvstore.storage.querylog import PREVIEW_CHARS, preview
@@ -103,7 +102,7 @@ def test_context_map_versions_page_newest_first(make_store) -> None:
 def test_list_sessions_counts_kept_and_pruned_segments(open_store) -> None:
     store = open_store(session_prune_max_fraction=1.0)  # one prune may drop two of three segments
     store.create_bank("s")
-    sessions = sessions_of(store)
+    sessions = store.agent_sessions
     for sid in ("s-b", "s-a", "s-c"):
         sessions.create("s", sid, agent="agent-x")
     sessions.append("s", "s-a", [SegmentInput("orchestrator", "plan the day"), SegmentInput("tool", "it rains"),

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 import httpx
 import pytest
 
-from kvstore.sessions.service import sessions_of
 from tests.server_harness import LiveServer, live_server, make_key
 
 ALPHA, BETA = "alpha-bank", "bank-beta-7q"
@@ -64,7 +63,7 @@ def seed(live: LiveServer) -> World:
             {"role": "orchestrator", "text": "plan the visit to Normandy"},
             {"role": "tool", "text": "weather report: rain all week"},
             {"role": "worker", "text": "booked the ferry to Caen"}]}), 200)
-    sessions_of(live.store).prune(ALPHA, "trip-1", policy="model", judge=lambda prompt, ids: '{"needed": [0, 2]}')
+    live.store.agent_sessions.prune(ALPHA, "trip-1", policy="model", judge=lambda prompt, ids: '{"needed": [0, 2]}')
     with live.client(b["key"]) as cb:
         for i in range(3):
             _check(cb.put(f"/v1/banks/{BETA}/documents/beta-doc-{i}",

@@ -22,7 +22,7 @@ from kvstore.config import Settings
 from kvstore.errors import Conflict, IncompatibleModel, NotFound, ValidationFailed
 from kvstore.memory.budget import KVBudget
 from kvstore.memory.hot import HotCache, bank_of_resident_key
-from kvstore.memory.tiers import tier_stats
+from kvstore.memory.placement import tier_stats
 from kvstore.model.loader import LoadedModel
 from kvstore.model.runner import Runner
 from kvstore.storage.bank_settings import check_bank_limits

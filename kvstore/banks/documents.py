@@ -9,7 +9,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from kvstore.errors import NotFound, ValidationFailed
 from kvstore.memory.hot import HotCache
-from kvstore.memory.tiers import BlockInfo, MemoryConfig, block_page
+from kvstore.memory.placement import BlockInfo, block_page
+from kvstore.memory.policy import MemoryConfig
 from kvstore.ports import BankLookup
 from kvstore.storage.catalog import BankRow, BlockRow, DocumentRow
 from kvstore.types import DocumentInfo

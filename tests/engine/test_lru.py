@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kvstore.memory.lru import ByteBudgetLRU
+from kvstore.lru import ByteBudgetLRU
 
 
 @dataclass
