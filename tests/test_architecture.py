@@ -2,6 +2,9 @@
 and under ``if TYPE_CHECKING:``).
 
 - no import cycle inside the engine (a part that needs the facade's type takes kvstore.ports.Engine);
+- engine parts in layers (LAYERS): a module imports its own part or parts of its layer or below;
+- no module reaches another module's private members; no engine part imports the facade; engine modules
+  stay within 400 lines;
 - the engine (``kvstore``) never imports the HTTP server, the SDK, the CLI, tests or benchmarks;
 - the server never imports the CLI, tests or benchmarks;
 - the SDK (``kvrag_client``) imports only the standard library, its declared dependencies and itself;
@@ -183,6 +186,42 @@ def test_no_engine_part_imports_the_facade() -> None:
     graph = engine_graph()
     importers = sorted(name for name, deps in graph.items() if "kvstore.bank" in deps)
     assert importers == []
+
+
+# Engine parts by layer: a module may import its own part and parts of a lower or equal layer, never a higher one
+# (docs/DESIGN.md, "Layers"). Leaves first; the facade last.
+LAYERS: dict[str, int] = {
+    "types": 0, "errors": 0, "config": 0, "lru": 0,
+    "storage": 1, "codec": 1,
+    "model": 2,
+    "memory": 3, "ports": 3, "testing": 3,
+    "banks": 4, "ingest": 4, "query": 4, "sessions": 4, "contextmap": 4,
+    "bank": 5,
+}
+
+
+def part_of(module: str) -> str:
+    """``kvstore.memory.tiers`` -> ``memory``; ``kvstore.bank`` -> ``bank``; ``kvstore`` -> ``kvstore``."""
+    return module.split(".")[1] if "." in module else module
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    return sorted(f"{name} -> {dep}" for name, deps in graph.items() for dep in deps
+                  if part_of(name) in LAYERS and LAYERS.get(part_of(dep), 0) > LAYERS[part_of(name)])
+
+
+def test_every_engine_part_has_a_layer() -> None:
+    parts = {part_of(name) for name in engine_graph()} - {"kvstore"}
+    assert parts == set(LAYERS)
+
+
+def test_engine_parts_import_only_their_layer_or_below() -> None:
+    assert upward_imports(engine_graph()) == []
+
+
+def test_the_layer_rule_sees_an_upward_import() -> None:
+    graph = {"kvstore.storage.catalog": {"kvstore.sessions.rows"}, "kvstore.sessions.rows": {"kvstore.types"}}
+    assert upward_imports(graph) == ["kvstore.storage.catalog -> kvstore.sessions.rows"]
 
 
 def test_engine_modules_stay_small() -> None:
