@@ -141,10 +141,12 @@ class QueryPlanner:
     def plan(self, bank: str, question: str, options: QueryOptions) -> QueryPlan:
         limits = self.limits
         limits.check_question(question)  # before any model work: a huge question is a 413, not a stall
+        vec = self.retriever.embed(question)  # model work before the read session opens
         with self.sessions() as s:
             bank_row = self.banks.row(s, bank)
             check_model(bank_row, self.llm)
-            retrieved = self.retriever.retrieve(s, bank_row, question, options.k, options.filter, options.retrieval)
+            retrieved = self.retriever.retrieve(s, bank_row, question, options.k, options.filter, options.retrieval,
+                                               vec)
             t_retrieved = time.perf_counter()
             q_ids = self.runner.question_ids(question)
             shown = self.context_map.prefill(s, bank_row) if options.context_map else None

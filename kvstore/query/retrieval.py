@@ -74,8 +74,14 @@ class Retriever:
             bank_row = self.banks.row(s, bank)
             return [to_hit(b, d, sc) for b, d, sc in self.retrieve(s, bank_row, query, k, filter, retrieval)]
 
+    def embed(self, query: str) -> np.ndarray | None:
+        """The query's embedding ``[dim]``, computed before a caller opens its catalog session (None for a
+        query :meth:`retrieve` refuses: it answers for that)."""
+        return self.embedder.embed([query])[0] if isinstance(query, str) and query.strip() else None
+
     def retrieve(self, s: Session, bank: BankRow, query: str, k: int, flt: SearchFilter | None,
-                 retrieval: str | None = None) -> list[Retrieved]:
+                 retrieval: str | None = None, vec: np.ndarray | None = None) -> list[Retrieved]:
+        """Top k of ``bank`` for ``query``; ``vec`` is its embedding when the caller computed it already."""
         if not isinstance(query, str) or not query.strip():
             raise ValidationFailed("query must be a non-empty string")
         if not 1 <= k <= self.settings.max_k:
@@ -84,9 +90,9 @@ class Retriever:
         if retrieval not in RETRIEVAL_MODES:
             raise ValidationFailed(f"retrieval must be one of {RETRIEVAL_MODES}")
         if retrieval == "embedding":
-            return self.nearest(s, bank, query, k, flt)
+            return self.nearest(s, bank, query, k, flt, vec)
         # Two stages: the embedding shortlists, the reranker picks the top k of the shortlist.
-        candidates = self.nearest(s, bank, query, max(k, self.settings.rerank_candidates), flt)
+        candidates = self.nearest(s, bank, query, max(k, self.settings.rerank_candidates), flt, vec)
         kv = (self.kv_scorer.scores(s, bank, query, [b for b, _, _ in candidates])
               if retrieval in KV_MODES and candidates else None)
         scores = rerank_scores(retrieval, query, [b.text for b, _, _ in candidates],
@@ -94,9 +100,11 @@ class Retriever:
         order = np.argsort(-scores, kind="stable")[:k]
         return [(candidates[i][0], candidates[i][1], float(scores[i])) for i in order.tolist()]
 
-    def nearest(self, s: Session, bank: BankRow, query: str, k: int, flt: SearchFilter | None) -> list[Retrieved]:
+    def nearest(self, s: Session, bank: BankRow, query: str, k: int, flt: SearchFilter | None,
+                vec: np.ndarray | None = None) -> list[Retrieved]:
         """Top-k blocks by embedding similarity, filtered and unexpired."""
-        vec = self.embedder.embed([query])[0]
+        if vec is None:
+            vec = self.embedder.embed([query])[0]
         allowed = None if flt is None or flt.is_empty() else allowed_ids(s, bank, flt)
         expired = np.asarray(expired_block_ids(s, bank.id, utcnow()), dtype=np.int64)
         if len(expired) and allowed is not None:
