@@ -1,7 +1,7 @@
 """The asynchronous client ``AsyncKVRag``.
 
 This file is the one source of both clients: ``client/scripts/unasync.py`` writes ``_client.py`` (``KVRag``)
-from it, as it writes ``_resources.py`` from ``_async_resources.py``; tests/client/test_unasync.py fails when
+from it, as it writes ``_resources.py`` from ``_async_resources.py``; tests/client/test_options.py fails when
 a generated file is stale.
 """
 

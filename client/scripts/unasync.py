@@ -1,7 +1,7 @@
 """Write the synchronous SDK modules from their asynchronous sources (the async code is the one source).
 
     python client/scripts/unasync.py          # rewrite _client.py and _resources.py
-    python client/scripts/unasync.py --check  # exit 1 if either is stale (tests/client/test_unasync.py runs it)
+    python client/scripts/unasync.py --check  # exit 1 if either is stale (tests/client/test_options.py runs it)
 
 A few whole-word substitutions, as httpcore's scripts/unasync.py does, rather than the ``unasync`` package:
 the sources are written for it (no ``yield from``, no async-only APIs beyond the ones below), and a
