@@ -159,9 +159,9 @@ def test_readyz_is_503_until_the_store_has_loaded(tmp_path, tiny_llm, embedder, 
     release = threading.Event()
     settings = ServerSettings(data_dir=tmp_path, admin_key="root-key")
 
-    def slow_store(s: ServerSettings) -> BankStore:
+    def slow_store(s: ServerSettings, **wiring: Any) -> BankStore:  # the app passes its wait hook
         release.wait(30)
-        return BankStore(s, llm=tiny_llm, embedder=embedder)
+        return BankStore(s, llm=tiny_llm, embedder=embedder, **wiring)
 
     monkeypatch.setattr(app_module, "BankStore", slow_store)
     app = create_app(settings)
