@@ -18,18 +18,12 @@ from sqlalchemy.exc import IntegrityError
 from kvstore.errors import Conflict, PayloadTooLarge, ValidationFailed
 from kvstore.sessions.livekv import LiveStates, grown
 from kvstore.sessions.pages import write_segment_pages
-from kvstore.sessions.rows import (
-    AgentSessionRow,
-    SessionPageRow,
-    SessionSegmentRow,
-    find_session,
-    session_bank,
-    token_ids_bytes,
-)
+from kvstore.sessions.rows import find_session, session_bank, token_ids_bytes
 from kvstore.sessions.values import MAX_SEGMENTS_PER_APPEND, ROLES, AppendResult, SegmentInput, ms
 from kvstore.storage.blobstore import BlobStore
 from kvstore.storage.catalog import utcnow
 from kvstore.storage.replication import blob_gc_lock
+from kvstore.storage.session_tables import AgentSessionRow, SessionPageRow, SessionSegmentRow
 
 if TYPE_CHECKING:
     from kvstore.ports import Engine

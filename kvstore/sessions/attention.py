@@ -15,8 +15,8 @@ from sqlalchemy.orm import Session
 
 from kvstore.model.compaction import KEEP_FIRST
 from kvstore.sessions.livekv import SessionKV
-from kvstore.sessions.rows import SessionSegmentRow
 from kvstore.sessions.values import ATTENTION_HISTORY
+from kvstore.storage.session_tables import SessionSegmentRow
 
 
 def segment_attention(scores: torch.Tensor, spans: Sequence[tuple[int, int]],

@@ -19,9 +19,10 @@ from kvstore.codec.format import decode_block
 from kvstore.errors import CorruptBlock
 from kvstore.memory.budget import KVBudget
 from kvstore.model.runner import Runner
-from kvstore.sessions.rows import AgentSessionRow, SessionPageRow, segments_of
+from kvstore.sessions.rows import segments_of
 from kvstore.storage.blobstore import BlobStore
 from kvstore.storage.catalog import BankRow
+from kvstore.storage.session_tables import AgentSessionRow, SessionPageRow
 from kvstore.types import BlockKV, Context
 
 STATE_KIND = "sessions"  # the live states' share of the process's KV budget

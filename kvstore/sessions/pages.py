@@ -15,10 +15,10 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from kvstore.codec.format import decode_block, encode_block
-from kvstore.sessions.rows import SessionPageRow
 from kvstore.storage.blobstore import BlobStore
 from kvstore.storage.catalog import BankRow
 from kvstore.storage.replication import blob_gc_lock
+from kvstore.storage.session_tables import SessionPageRow
 from kvstore.types import BlockKV
 
 PageRef = tuple[str, int, int]  # (blob id, tokens, stored bytes) of one written page

@@ -20,10 +20,11 @@ from kvstore.sessions.attention import least_attended_first, low_attention
 from kvstore.sessions.judge import Judge, JudgeError, default_judge, judge_prompt, parse_needed
 from kvstore.sessions.pages import drop_unreferenced
 from kvstore.sessions.restore import Retention, bound_doomed, prune_cap
-from kvstore.sessions.rows import SessionPageRow, SessionSegmentRow, find_session, segments_of, session_bank
+from kvstore.sessions.rows import find_session, segments_of, session_bank
 from kvstore.sessions.values import ATTENTION_HISTORY, PrunePolicy, PruneResult, ms
 from kvstore.storage.blobstore import BlobStore
 from kvstore.storage.catalog import utcnow
+from kvstore.storage.session_tables import SessionPageRow, SessionSegmentRow
 
 if TYPE_CHECKING:
     from kvstore.ports import Engine

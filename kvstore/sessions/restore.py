@@ -28,9 +28,10 @@ from kvstore.config import Settings
 from kvstore.errors import Conflict, NotFound, ValidationFailed
 from kvstore.sessions.livekv import LiveStates
 from kvstore.sessions.pages import drop_unreferenced
-from kvstore.sessions.rows import SessionPageRow, SessionSegmentRow, find_session, session_bank
+from kvstore.sessions.rows import find_session, session_bank
 from kvstore.storage.blobstore import BlobStore
 from kvstore.storage.catalog import utcnow
+from kvstore.storage.session_tables import SessionPageRow, SessionSegmentRow
 
 if TYPE_CHECKING:
     from kvstore.ports import Engine

@@ -36,15 +36,7 @@ from kvstore.sessions.livekv import LiveStates
 from kvstore.sessions.pages import collect_orphans, drop_unreferenced
 from kvstore.sessions.prune import Pruner
 from kvstore.sessions.restore import RestoreResult, Retention
-from kvstore.sessions.rows import (
-    AgentSessionRow,
-    SessionPageRow,
-    SessionSegmentRow,
-    find_session,
-    page_blobs_of,
-    segments_of,
-    session_bank,
-)
+from kvstore.sessions.rows import find_session, page_blobs_of, segments_of, session_bank
 from kvstore.sessions.values import (
     SESSION_ID,
     AppendResult,
@@ -58,6 +50,7 @@ from kvstore.sessions.values import (
 )
 from kvstore.storage.blobstore import BlobStore, open_blob_store
 from kvstore.storage.catalog import BankRow
+from kvstore.storage.session_tables import AgentSessionRow, SessionPageRow, SessionSegmentRow
 from kvstore.types import Context
 
 if TYPE_CHECKING:

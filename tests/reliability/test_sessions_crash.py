@@ -21,9 +21,9 @@ import pytest
 from sqlalchemy import select
 
 from kvstore.codec.format import decode_block
-from kvstore.sessions.rows import SessionPageRow
 from kvstore.storage.catalog import make_engine
 from kvstore.storage.local import LocalBlobStore
+from kvstore.storage.session_tables import SessionPageRow
 from tests.reliability.procs import ForkServer, ServerLife
 
 KILLS = 4

@@ -19,9 +19,10 @@ from kvstore.contextmap.refresh import edit_schema, uncovered_questions
 from kvstore.contextmap.state import MapState
 from kvstore.errors import Conflict, ValidationFailed
 from kvstore.model.loader import Embedder, LoadedModel
-from kvstore.sessions.rows import SessionSegmentRow, find_session
+from kvstore.sessions.rows import find_session
 from kvstore.sessions.service import SessionStore
 from kvstore.storage.catalog import ContextMapVersionRow, utcnow
+from kvstore.storage.session_tables import SessionSegmentRow
 from tests.engine.contextmap.test_context_map import StubLLM
 
 FACTS = [f"Fact number {i}: the river {name} flows north." for i, name in enumerate(

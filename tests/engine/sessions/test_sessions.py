@@ -19,8 +19,9 @@ from kvstore.sessions.append import render_segment
 from kvstore.sessions.attention import segment_attention
 from kvstore.sessions.judge import HttpJudge, JudgeError, parse_needed
 from kvstore.sessions.livekv import SessionKV
-from kvstore.sessions.rows import AgentSessionRow, SessionPageRow, find_session
+from kvstore.sessions.rows import find_session
 from kvstore.sessions.service import SessionStore
+from kvstore.storage.session_tables import AgentSessionRow, SessionPageRow
 from kvstore.types import BlockKV
 
 SEGMENTS = [
@@ -317,7 +318,7 @@ def test_attention_prune_drops_only_segments_the_briefs_ignore(sessions: Session
     for _ in range(3):
         sessions.brief("agents", "s", TASK, max_new_tokens=1)
     with sessions.store.session() as s:
-        from kvstore.sessions.rows import SessionSegmentRow
+        from kvstore.storage.session_tables import SessionSegmentRow
 
         records = {r.ordinal: r.attention for r in s.query(SessionSegmentRow).all()}
     assert all(len(v) == 3 for v in records.values())
