@@ -15,7 +15,8 @@ from ._exceptions import InvalidId
 
 __all__ = ["BANK_NAME", "DOC_ID", "SESSION_ID", "OPAQUE_ID", "bank_name", "doc_id", "session_id", "opaque_id"]
 
-# The server's own patterns (kvstore.bank.BANK_NAME / DOC_ID, kvstore.sessions.values.SESSION_ID).
+# The server's own patterns (kvstore.banks.service.BANK_NAME, kvstore.banks.documents.DOC_ID,
+# kvstore.sessions.values.SESSION_ID), matched whole (fullmatch: no trailing newline slips through).
 BANK_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 DOC_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 SESSION_ID = DOC_ID

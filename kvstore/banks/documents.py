@@ -19,7 +19,7 @@ DOC_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 
 
 def validate_doc_id(doc_id: str) -> None:
-    if not isinstance(doc_id, str) or not DOC_ID.match(doc_id):
+    if not isinstance(doc_id, str) or not DOC_ID.fullmatch(doc_id):
         raise ValidationFailed("document id must match [A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 
 

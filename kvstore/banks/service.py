@@ -35,7 +35,7 @@ EVICTION_POLICIES = ("lru", "importance", "hybrid")
 
 
 def validate_bank_name(name: str) -> None:
-    if not isinstance(name, str) or not BANK_NAME.match(name):
+    if not isinstance(name, str) or not BANK_NAME.fullmatch(name):
         raise ValidationFailed("bank name must match [a-z0-9][a-z0-9_-]{0,62}")
 
 
@@ -94,7 +94,7 @@ class Banks:
         self.deleting_sessions = deleting_sessions  # the agent sessions' cleanup (kvstore.sessions)
 
     def row(self, s: Session, name: str) -> BankRow:
-        if not isinstance(name, str) or not BANK_NAME.match(name):
+        if not isinstance(name, str) or not BANK_NAME.fullmatch(name):
             raise NotFound(f"bank {name!r} not found")
         row = s.scalar(select(BankRow).where(BankRow.name == name))
         if row is None:

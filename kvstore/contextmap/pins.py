@@ -29,7 +29,7 @@ def set_pinned(state: MapState, item_id: str, pinned: bool) -> bool:
     """Pin or unpin ``item_id`` in ``state``; whether anything changed."""
     from kvstore.contextmap.state import ITEM_ID
 
-    if not isinstance(item_id, str) or not ITEM_ID.match(item_id):
+    if not isinstance(item_id, str) or not ITEM_ID.fullmatch(item_id):
         raise ValidationFailed(f"{item_id!r} is not a context-map item id (cr-N, cu-N or rr-N)")
     item = state.items.get(item_id)
     if item is None:

@@ -195,7 +195,7 @@ class Applied:
 
 def _check_target(state: MapState, item_id: str, base_version: int | None) -> Item:
     """The item an edit or feedback names; stale bases are refused only for items changed since then."""
-    if not ITEM_ID.match(item_id):
+    if not ITEM_ID.fullmatch(item_id):
         raise ValidationFailed(f"{item_id!r} is not a context-map item id (cr-N, cu-N or rr-N)")
     item = state.items.get(item_id)
     if base_version is not None and (item is None or item.rev > base_version):

@@ -85,7 +85,7 @@ class SessionStore:
                agent: str | None = None) -> SessionInfo:
         """A new empty session; ``session_id`` defaults to a random one. 409 if the id is taken."""
         session_id = session_id or f"s-{uuid.uuid4().hex[:16]}"
-        if not isinstance(session_id, str) or not SESSION_ID.match(session_id):
+        if not isinstance(session_id, str) or not SESSION_ID.fullmatch(session_id):
             raise ValidationFailed("session id must match [A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
         if metadata is not None and not isinstance(metadata, dict):
             raise ValidationFailed("metadata must be an object")

@@ -26,7 +26,7 @@ class LocalBlobStore:
         self.root.mkdir(parents=True, exist_ok=True)
 
     def _path(self, blob_id: str) -> Path:
-        if not _BLOB_ID.match(blob_id):
+        if not _BLOB_ID.fullmatch(blob_id):
             raise CorruptBlock(f"malformed blob id {blob_id!r}")
         return self.root / blob_id[:2] / blob_id[2:4] / blob_id
 
@@ -75,5 +75,5 @@ class LocalBlobStore:
     def ids(self) -> Iterator[str]:
         """Every stored blob id (for orphan collection)."""
         for path in self.root.glob("*/*/*"):
-            if _BLOB_ID.match(path.name):
+            if _BLOB_ID.fullmatch(path.name):
                 yield path.name

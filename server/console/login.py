@@ -37,7 +37,7 @@ Next = Annotated[str, Query(max_length=2048)]
 
 def safe_next(value: str | None) -> str:
     """``value`` when it is a console path on this server, else the console's first page."""
-    if value and _SAFE_NEXT.match(value) and not value.startswith("//"):
+    if value and _SAFE_NEXT.fullmatch(value) and not value.startswith("//"):
         return value
     return COOKIE_PATH
 

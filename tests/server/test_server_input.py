@@ -117,7 +117,8 @@ def test_oversize_bodies_are_413(live: LiveServer) -> None:
 
 
 # A bare ".." is resolved by HTTP clients before sending (to the bank's own URL), so it is sent encoded.
-@pytest.mark.parametrize("doc_id", ["..%2F..%2Fetc%2Fpasswd", "a%2Fb", "%2E%2E", ".hidden", "a b", "x" * 129])
+@pytest.mark.parametrize("doc_id", ["..%2F..%2Fetc%2Fpasswd", "a%2Fb", "%2E%2E", ".hidden", "a b", "x" * 129, "d%0A",
+                                    "d%0D%0A"])
 def test_document_ids_never_touch_disk(live: LiveServer, doc_id: str) -> None:
     with live.admin() as c:
         for method in ("PUT", "GET", "DELETE"):

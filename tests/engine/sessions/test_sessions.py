@@ -175,8 +175,9 @@ def test_create_get_delete_and_validation(sessions: SessionStore) -> None:
     assert created.session_id.startswith("s-") and created.tokens == 0 and created.metadata == {"task": "t"}
     with pytest.raises(Conflict):
         sessions.create("agents", created.session_id)
-    with pytest.raises(ValidationFailed):
-        sessions.create("agents", "bad id")
+    for bad_id in ("bad id", "s1\n", "..", ".hidden", "x" * 129):  # matched whole: no trailing newline
+        with pytest.raises(ValidationFailed):
+            sessions.create("agents", bad_id)
     with pytest.raises(NotFound):
         sessions.create("nobank", "x")
     for bad in ([], [{"role": "boss", "text": "x"}], [{"role": "note", "text": "  "}]):
