@@ -224,6 +224,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--baseline-root", type=Path, default=None, help="with --http: also time first touch on a "
                         "fresh server running this checkout's code (e.g. `git worktree add /tmp/old COMMIT`), in the "
                         "same run: a before/after of one change")
+    parser.add_argument("--baseline-last", action="store_true", help="with --baseline-root: time the baseline after "
+                        "this checkout, not before (a second run in the other order tells drift from a change)")
     ttft_shape.add_args(parser)
     args = parser.parse_args(argv)
     given = sys.argv[1:] if argv is None else list(argv)

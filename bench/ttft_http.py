@@ -239,14 +239,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     load_before = os.getloadavg()
     baseline_root = getattr(args, "baseline_root", None)
     samples: list[dict[str, Any]] = []
-    if baseline_root is not None:  # the same fresh-server first touch on an older checkout, in this run
+
+    def baseline() -> None:  # the same fresh-server first touch on an older checkout, in this run
+        if baseline_root is None:
+            return
         with live_server(threads, root=baseline_root) as server:
             ingest_http(server, squad.paragraphs)
-            samples += [{**s, "variant": f"{s['variant']} (baseline {baseline_root.name})"}
-                        for s in measure_server(server, questions, phases=("first touch",))]
+            samples.extend({**s, "variant": f"{s['variant']} (baseline {baseline_root.name})"}
+                           for s in measure_server(server, questions, phases=("first touch",)))
+
+    # A shared box drifts: --baseline-last swaps the order, so two runs (AB, BA) separate drift from a change.
+    if baseline_root is not None and not getattr(args, "baseline_last", False):
+        baseline()
     with live_server(threads) as server:
         ingest_http(server, squad.paragraphs)
         samples += measure_server(server, questions)
+    if baseline_root is not None and getattr(args, "baseline_last", False):
+        baseline()
     kv_first = [s for s in samples if s["variant"] == "kv, first touch"]
     samples += measure_floor(questions, kv_first)
     llama = None if quick or args.no_llama_cpp else _llama_cpp(max(Settings().torch_threads, 0) or os.cpu_count() or 1)
