@@ -191,7 +191,7 @@ def key_fisher(runner: Runner, kv: dict[int, BlockKV], cases: Sequence[Case], sa
             leaf = k_pre.clone().requires_grad_(True)
             k = torch.cat([pk.float(), runner.rope.rotate(leaf, positions)], 2)[:, None]
             out = runner.model(input_ids=torch.tensor([ids]), position_ids=torch.arange(p + n, p + n + len(ids))[None],
-                               **with_cache(runner.model, runner._cache_from(k, v)), use_cache=True)
+                               **with_cache(runner.model, runner.cache_from(k, v)), use_cache=True)
             logprobs = torch.log_softmax(out.logits[0].float(), -1)  # [n_ids, vocab]
             picked = torch.multinomial(logprobs.detach().exp(), 1, generator=generator)  # [n_ids, 1]
             signs = torch.randint(0, 2, (len(ids),), generator=generator).float() * 2 - 1

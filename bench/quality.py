@@ -206,7 +206,7 @@ def retrieve_cases(env: Env, questions: Sequence[Question], ks: Sequence[int]) -
     cases = []
     for question in tqdm(questions, desc="retrieve", unit="q"):
         t0 = time.perf_counter()
-        hits = store._retrieve(env.session, env.bank, question.text, max(ks), None)
+        hits = store.retriever.retrieve(env.session, env.bank, question.text, max(ks), None)
         retrieve_ms = (time.perf_counter() - t0) * 1000
         for block, _, _ in hits:
             store.load_block(env.session, env.bank, block)

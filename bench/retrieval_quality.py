@@ -41,7 +41,7 @@ from bench.squad import (
     write_json,
 )
 from kvstore.bank import BankStore
-from kvstore.query.rerank import RETRIEVAL_MODES, _minmax, hybrid_scores
+from kvstore.query.rerank import RETRIEVAL_MODES, hybrid_scores, minmax
 from kvstore.storage.catalog import BlockRow
 from kvstore.types import Hit
 
@@ -126,7 +126,7 @@ def sweep_kv(questions: list[Question], shortlists: list[tuple[list[Hit], np.nda
     for w in WEIGHTS:
         ranks = []
         for q, (hits, kv) in zip(questions, shortlists, strict=True):
-            scores = (1 - w) * _minmax(np.asarray([h.score for h in hits])) + w * _minmax(kv)
+            scores = (1 - w) * minmax(np.asarray([h.score for h in hits])) + w * minmax(kv)
             order = np.argsort(-scores, kind="stable")
             ranks.append(rank_of(q.paragraph, [paragraph_of(hits[i].doc_id) for i in order]))
         out[f"{w:.1f}"] = {f"recall@{k}": recall(ranks, k) for k in KS}

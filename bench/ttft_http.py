@@ -144,11 +144,11 @@ def _prompt_parts() -> tuple[str, str, str]:
     """The server's prompt layout (prefix, question prefix, question suffix) from the packaged tokenizer."""
     from transformers import AutoTokenizer
 
-    from kvstore.model.loader import _convert_packaged_smollm2
+    from kvstore.model.loader import convert_packaged_smollm2
     from kvstore.model.text import prompt_layout
 
     settings = Settings()
-    tokenizer = AutoTokenizer.from_pretrained(_convert_packaged_smollm2(settings.resolved_model_cache_dir()))
+    tokenizer = AutoTokenizer.from_pretrained(convert_packaged_smollm2(settings.resolved_model_cache_dir()))
     layout = prompt_layout(tokenizer, settings.system_prompt)
     return layout.prefix, layout.question_prefix, layout.question_suffix
 

@@ -64,9 +64,9 @@ def build_runner(shape: str, device: torch.device, tokenizer: PreTrainedTokenize
     if tokenizer is None:
         from transformers import AutoTokenizer
 
-        from kvstore.model.loader import _convert_packaged_smollm2
+        from kvstore.model.loader import convert_packaged_smollm2
 
-        tokenizer = AutoTokenizer.from_pretrained(_convert_packaged_smollm2(Settings().resolved_model_cache_dir()))
+        tokenizer = AutoTokenizer.from_pretrained(convert_packaged_smollm2(Settings().resolved_model_cache_dir()))
     config = tiny_model_config("llama", **SHAPES[shape])
     torch.manual_seed(0)
     with torch.device(device):  # weights are initialised where they will live (8B on the CPU would take minutes)

@@ -169,7 +169,7 @@ def private_reaches(path: Path) -> set[str]:
     return reached - defined - THIRD_PARTY_PRIVATE
 
 
-@pytest.mark.parametrize("package", ["kvstore", "server", "kvrag"])
+@pytest.mark.parametrize("package", ["kvstore", "server", "kvrag", "bench"])
 def test_no_module_touches_another_modules_private_members(package: str) -> None:
     bad = {str(p.relative_to(ROOT)): sorted(r) for p in sources(ROOT / package) if (r := private_reaches(p))}
     assert bad == {}

@@ -86,7 +86,7 @@ def model_fingerprint(model: PreTrainedModel) -> str:
     return h.hexdigest()
 
 
-def _convert_packaged_smollm2(cache_dir: Path) -> Path:
+def convert_packaged_smollm2(cache_dir: Path) -> Path:
     """Dequantize the packaged GGUF once (~30 s) into safetensors that later load in < 1 s."""
     target = cache_dir / "smollm2-135m-instruct"
     if (target / _CONVERTED_MARKER).exists():
@@ -146,7 +146,7 @@ def load_llm(settings: Settings) -> LoadedModel:
     """Load the configured LLM in eval mode (fp32 on CPU, bf16 on CUDA)."""
     device = resolve_device(settings.device)
     if settings.model == PACKAGED_LLM:
-        path = _convert_packaged_smollm2(settings.resolved_model_cache_dir())
+        path = convert_packaged_smollm2(settings.resolved_model_cache_dir())
         name = "SmolLM2-135M-Instruct"
     else:
         path = Path(settings.model)

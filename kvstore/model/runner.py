@@ -114,7 +114,7 @@ class Runner:
         v = torch.stack([cache.layers[i].values[0] for i in range(self.num_layers)])
         return k, v  # post-RoPE, [layers, kv_heads, prefix, head_dim]
 
-    def _cache_from(self, k: torch.Tensor, v: torch.Tensor, owned: bool = False,
+    def cache_from(self, k: torch.Tensor, v: torch.Tensor, owned: bool = False,
                     ready: Sequence[torch.cuda.Event | None] | None = None) -> DynamicCache:
         """A full-attention DynamicCache from ``k, v: [layers, batch, heads, tokens, dim]``.
 
@@ -134,7 +134,7 @@ class Runner:
 
     def prefix_cache(self, batch: int = 1) -> DynamicCache:
         k, v = self.prefix_kv
-        return self._cache_from(k[:, None].expand(-1, batch, -1, -1, -1), v[:, None].expand(-1, batch, -1, -1, -1))
+        return self.cache_from(k[:, None].expand(-1, batch, -1, -1, -1), v[:, None].expand(-1, batch, -1, -1, -1))
 
     @torch.inference_mode()
     def encode(self, blocks: Sequence[Sequence[int]], batch_size: int = 8) -> list[BlockKV]:
@@ -185,7 +185,7 @@ class Runner:
             v[:, 0, :, offset:offset + b.tokens] = b.v
             offset += b.tokens
         self.rope.place_inplace(k[:, 0, :, p:], torch.arange(p, p + n, device=pk.device))
-        return Context(self._cache_from(k, v, owned=True), p + n, n, self._bias(p, blocks))
+        return Context(self.cache_from(k, v, owned=True), p + n, n, self._bias(p, blocks))
 
     def assemble_layered(self, blocks: Sequence[BlockKV]) -> Context:
         """:meth:`assemble` layer by layer (the CUDA path; callable on CPU, where it runs in order): blocks
@@ -203,7 +203,7 @@ class Runner:
 
         built: Assembled = assemble_layers(pk, pv, [(b.key, b.k, b.v) for b in blocks], rotate, self.resident,
                                            self._copy_stream)
-        return Context(self._cache_from(built.k, built.v, owned=True, ready=built.ready), p + n, n,
+        return Context(self.cache_from(built.k, built.v, owned=True, ready=built.ready), p + n, n,
                        self._bias(p, blocks))
 
     def assemble_batch(self, rows: Sequence[Sequence[BlockKV]]) -> BatchContext:
@@ -233,7 +233,7 @@ class Runner:
             if row_bias is not None:
                 bias = bias if bias is not None else torch.zeros(len(rows), width, device=pk.device)
                 bias[row, start:] = row_bias
-        return BatchContext(self._cache_from(k, v, owned=True), mask, [p + n for n in lengths], lengths, bias)
+        return BatchContext(self.cache_from(k, v, owned=True), mask, [p + n for n in lengths], lengths, bias)
 
     def _bias(self, prefix: int, blocks: Sequence[BlockKV]) -> torch.Tensor | None:
         """``[prefix + tokens]`` logit bias of an assembly of ``blocks``: the runner's on every block but the first."""
@@ -270,7 +270,7 @@ class Runner:
         pk, pv = self.prefix_kv  # [layers, heads, prefix, dim], post-RoPE
         k = torch.cat((pk, self.rope.rotate(kv.k.to(pk), positions.to(pk.device))), dim=2)
         v = torch.cat((pv, kv.v.to(pv)), dim=2)
-        return Context(self._cache_from(k[:, None], v[:, None]), next_position, kv.tokens)
+        return Context(self.cache_from(k[:, None], v[:, None]), next_position, kv.tokens)
 
     @torch.inference_mode()
     def extend(self, ctx: Context, input_ids: Sequence[int]) -> BlockKV:

@@ -45,7 +45,7 @@ def bm25_scores(query: str, texts: Sequence[str]) -> np.ndarray:
     return np.asarray(BM25Okapi(corpus).get_scores(lexical_tokens(query)), dtype=np.float64)
 
 
-def _minmax(x: np.ndarray) -> np.ndarray:
+def minmax(x: np.ndarray) -> np.ndarray:
     # Candidates that all score alike (or a single one) are all at the top, not all at the bottom.
     span = float(x.max() - x.min()) if len(x) else 0.0
     return (x - x.min()) / span if span > 0 else np.ones_like(x)
@@ -53,7 +53,7 @@ def _minmax(x: np.ndarray) -> np.ndarray:
 
 def fuse(embedding: np.ndarray, lexical: np.ndarray, weight: float = HYBRID_WEIGHT) -> np.ndarray:
     """Weighted sum of min-max normalized scores over the candidates; ``weight`` is the lexical share."""
-    return (1.0 - weight) * _minmax(np.asarray(embedding, dtype=np.float64)) + weight * _minmax(lexical)
+    return (1.0 - weight) * minmax(np.asarray(embedding, dtype=np.float64)) + weight * minmax(lexical)
 
 
 def hybrid_scores(query: str, texts: Sequence[str], embedding: np.ndarray,
@@ -78,7 +78,7 @@ def rerank_scores(mode: str, query: str, texts: Sequence[str], embedding: np.nda
     if kv is None:
         raise ValueError(f"retrieval {mode!r} needs the KV score")
     if mode == "kv":
-        return (1.0 - KV_WEIGHT) * _minmax(embedding) + KV_WEIGHT * _minmax(np.asarray(kv, dtype=np.float64))
+        return (1.0 - KV_WEIGHT) * minmax(embedding) + KV_WEIGHT * minmax(np.asarray(kv, dtype=np.float64))
     w_emb, w_lex, w_kv = HYBRID_KV_WEIGHTS
-    return (w_emb * _minmax(embedding) + w_lex * _minmax(bm25_scores(query, texts))
-            + w_kv * _minmax(np.asarray(kv, dtype=np.float64)))
+    return (w_emb * minmax(embedding) + w_lex * minmax(bm25_scores(query, texts))
+            + w_kv * minmax(np.asarray(kv, dtype=np.float64)))
