@@ -116,6 +116,13 @@ def _biased_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor
                  key_bias_scale: torch.Tensor | None = None, **kwargs: object) -> tuple[torch.Tensor, None]:
     """sdpa, with the layer's ``key_bias`` (when given) added to the mask."""
     attention_mask = layer_mask(module, attention_mask, query, key, key_bias, key_bias_scale)
+    return masked_sdpa(module, query, key, value, attention_mask, **kwargs)
+
+
+def masked_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                attention_mask: torch.Tensor | None, **kwargs: object) -> tuple[torch.Tensor, None]:
+    """transformers' sdpa attention, but over the grouped-query heads as they are when a mask is given
+    (:func:`grouped_sdpa`); every attention function kvrag registers (biased, scoring, the kv rerank's) ends here."""
     groups = int(getattr(module, "num_key_value_groups", 1))
     if attention_mask is not None and groups > 1 and query.shape[2] > 1 and not module.training and _plain(kwargs):
         return grouped_sdpa(query, key, value, attention_mask, kwargs.get("scaling")), None  # type: ignore[arg-type]

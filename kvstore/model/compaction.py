@@ -23,10 +23,9 @@ from typing import Literal
 
 import torch
 from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from kvstore.model.attention_bias import causal_seen, layer_mask
+from kvstore.model.attention_bias import causal_seen, layer_mask, masked_sdpa
 from kvstore.model.compat import with_cache
 from kvstore.model.forward import attention_implementation
 from kvstore.model.runner import Runner
@@ -164,7 +163,7 @@ def _scoring_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.
         collector.add(query, key, attention_mask, scaling, float(softcap) if isinstance(softcap, int | float)
                       and softcap else None)
     kwargs.pop("softcap", None)
-    return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+    return masked_sdpa(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
 
 
 AttentionInterface.register(SCORING_ATTENTION, _scoring_attention)

@@ -44,10 +44,10 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 from torch.nn.utils.rnn import pad_sequence
 from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from kvstore.errors import CorruptBlock, ValidationFailed
+from kvstore.model.attention_bias import masked_sdpa
 from kvstore.model.compat import with_cache
 from kvstore.model.forward import StopForward, attention_implementation
 from kvstore.model.runner import Runner
@@ -182,7 +182,7 @@ def _capture_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.
         if layer >= last:
             raise StopForward  # the deepest wanted layer: the rest of the model is not run
     kwargs.pop("softcap", None)
-    return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+    return masked_sdpa(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
 
 
 AttentionInterface.register(CAPTURE_ATTENTION, _capture_attention)

@@ -7,6 +7,7 @@ from torch import nn
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from kvstore.model.attention_bias import BIASED_SDPA, biased_mask, grouped_sdpa
+from kvstore.model.compaction import prefill_attention
 from kvstore.model.runner import Runner
 from tests.conftest import build_tiny
 
@@ -49,3 +50,29 @@ def test_biased_question_prefill_unchanged_on_a_grouped_model(monkeypatch) -> No
     monkeypatch.setattr("kvstore.model.attention_bias._plain", lambda kwargs: False)  # transformers' repeat_kv path
     repeated = runner.prefill(runner.assemble(blocks), q)
     torch.testing.assert_close(grouped, repeated, rtol=1e-5, atol=1e-5)
+
+
+def test_recording_the_answers_attention_keeps_the_grouped_path(monkeypatch) -> None:
+    """The answer's prefill records its attention for the importance policies (the default): that attention function
+    must take the grouped path too, or every kv query copies its whole context per query head (issue 33)."""
+    llm = build_tiny("llama", num_attention_heads=4, num_key_value_heads=2)
+    runner = Runner(llm, "You are a helpful assistant.", block_bias=-0.75)
+    blocks = runner.encode([runner.tokenize("Paris is the capital of France."),
+                            runner.tokenize("The Seine flows through it.")])
+    q = runner.question_ids("What flows through Paris?")
+    plain = runner.prefill(runner.assemble(blocks), q)
+    calls: list[int] = []
+
+    def counted(*args: object) -> torch.Tensor:
+        calls.append(1)
+        return grouped_sdpa(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr("kvstore.model.attention_bias.grouped_sdpa", counted)
+    ctx = runner.assemble(blocks)
+    with prefill_attention(runner, ctx) as recorded:
+        logits = runner.prefill(ctx, q)
+    assert len(calls) == llm.model.config.num_hidden_layers
+    torch.testing.assert_close(logits, plain, rtol=1e-5, atol=1e-5)  # recording changes no answer
+    votes = recorded()
+    assert votes is not None and votes.shape == (ctx.context_tokens,)
+    assert 0.0 < float(votes.sum()) <= 1.0 + 1e-4  # the context's share of the question's attention
