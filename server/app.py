@@ -8,6 +8,7 @@ import os
 import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 
 import uvicorn
 from fastapi import APIRouter, FastAPI
@@ -49,8 +50,9 @@ def _load_in_background(app: FastAPI, settings: ServerSettings) -> asyncio.Task[
 
     async def load() -> None:
         try:
-            app.state.store = await asyncio.to_thread(  # batched questions give up the worker's turn
-                BankStore, settings, while_waiting=released_turn)
+            # On the model worker's primary thread, where the queries will run: a thread that does model work keeps
+            # its own team of OpenMP helpers (server.worker.ModelWorker). Batched questions give up the turn.
+            app.state.store = await app.state.worker.run(partial(BankStore, settings, while_waiting=released_turn))
             _start_jobs(app)
             log.info("kvrag is ready")
         except (ReplicaRefused, data_dir_lock.DataDirInUse) as exc:

@@ -68,11 +68,23 @@ def released_turn() -> Iterator[None]:
 
 
 class ModelWorker:
-    """An executor running one call at a time (the turn), with a bounded wait queue."""
+    """Runs one call at a time (the turn), with a bounded wait queue, on a primary thread when it is free.
+
+    torch's OpenMP runtime keeps a team of helper threads for every thread that ever ran model work, for as long as
+    that thread lives; once the runtime manages more threads than there are cores it stops spinning between
+    parallel regions, and every op then pays a sleep and a wake-up (a question's forward took 1.2x as long on this
+    2-core box, issue 33). So a call runs on the one long-lived primary thread whenever that thread is free, which
+    is always the case for calls that come one at a time; a call arriving while the primary is busy (a kv question
+    waiting for its batch gives its turn up there) runs on a thread of its own, which ends with the call and takes
+    its helpers with it. ``threads`` bounds the threads running calls at once, the primary included.
+    """
 
     def __init__(self, queue_size: int, threads: int = 1) -> None:
         self.queue_size = queue_size
-        self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="kvrag-model")
+        self._primary = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvrag-model")
+        self._overflow_slots = max(0, threads - 1)
+        self._overflow: set[threading.Thread] = set()
+        self._primary_calls = 0  # submitted to the primary and not finished
         self._lock = threading.Lock()
         self._turn = _Turn()
         self._waiting = 0
@@ -90,20 +102,66 @@ class ModelWorker:
 
     def submit(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
         """Queue ``fn(*args)``; raises ``Unavailable`` right away when the queue is full."""
+        loop = asyncio.get_running_loop()
         with self._lock:
             if self._waiting >= self.queue_size:
                 raise Unavailable("the model worker is busy; retry shortly")
             self._waiting += 1
+            primary = self._primary_calls == 0 or len(self._overflow) >= self._overflow_slots
+            if primary:
+                self._primary_calls += 1
         try:
-            return asyncio.get_running_loop().run_in_executor(self._executor, self._call, fn, args)
+            if primary:
+                return loop.run_in_executor(self._primary, self._on_primary, fn, args)
+            return self._on_own_thread(loop, fn, args)
         except BaseException:
             with self._lock:
                 self._waiting -= 1
+                self._primary_calls -= primary
             raise
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run ``fn(*args)`` on the worker thread and await its result."""
+        """Run ``fn(*args)`` on a worker thread and await its result."""
         return await self.submit(fn, *args)
+
+    def _on_primary(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
+        try:
+            return self._call(fn, args)
+        finally:
+            with self._lock:
+                self._primary_calls -= 1
+
+    def _on_own_thread(self, loop: asyncio.AbstractEventLoop, fn: Callable[..., T],
+                       args: tuple[Any, ...]) -> asyncio.Future[T]:
+        """``fn(*args)`` on a new thread that ends with the call (caller holds no lock; a slot is free)."""
+        future: asyncio.Future[T] = loop.create_future()
+
+        def settle(result: T | None, error: BaseException | None) -> None:
+            if future.cancelled():
+                return
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(result)  # type: ignore[arg-type]
+
+        def body() -> None:
+            try:
+                result, error = self._call(fn, args), None
+            except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
+                result, error = None, exc
+            finally:
+                with self._lock:
+                    self._overflow.discard(thread)
+            try:
+                loop.call_soon_threadsafe(settle, result, error)
+            except RuntimeError:  # the loop closed while the call ran: nobody awaits it any more
+                pass
+
+        thread = threading.Thread(target=body, name="kvrag-model-overflow", daemon=True)
+        with self._lock:
+            self._overflow.add(thread)
+        thread.start()
+        return future
 
     def _call(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
         self._turn.acquire()
@@ -124,5 +182,9 @@ class ModelWorker:
         return released_turn()
 
     def shutdown(self) -> None:
-        """Let the running and queued calls finish, then stop the thread."""
-        self._executor.shutdown(wait=True)
+        """Let the running and queued calls finish, then stop the threads."""
+        self._primary.shutdown(wait=True)
+        with self._lock:
+            overflow = list(self._overflow)
+        for thread in overflow:
+            thread.join()
