@@ -4,8 +4,10 @@ arrive while it is busy (issue 33: every thread that does model work keeps an Op
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import threading
+from typing import Any
 
 import torch
 
@@ -91,3 +93,42 @@ def test_with_every_thread_busy_a_call_queues_behind_the_primary() -> None:
         worker.shutdown()
 
     asyncio.run(scenario())
+
+
+def test_the_server_loads_its_store_on_the_thread_that_answers_its_calls(tmp_path, tiny_llm, embedder,
+                                                                        monkeypatch) -> None:
+    """The store's model work at startup (the prefix's prefill, the embedder) runs where the queries will, so the
+    process keeps one OpenMP team; what startup made is kept out of the garbage collector's full collections."""
+    from kvstore.bank import BankStore
+    from server import app as app_module
+    from server.app import create_app
+    from server.settings import ServerSettings
+    from tests.server_harness import serve
+
+    threads: dict[str, int] = {}
+
+    def store(settings: ServerSettings, **wiring: Any) -> BankStore:
+        threads["load"] = threading.get_ident()
+        built = BankStore(settings, llm=tiny_llm, embedder=embedder, **wiring)
+        search = built.search
+
+        def recorded(*args: Any, **kwargs: Any) -> Any:
+            threads["search"] = threading.get_ident()
+            return search(*args, **kwargs)
+
+        built.search = recorded  # type: ignore[method-assign]
+        return built
+
+    monkeypatch.setattr(app_module, "BankStore", store)
+    gc.unfreeze()
+    with serve(create_app(ServerSettings(data_dir=tmp_path, admin_key="root-key"))) as live, \
+            live.client("root-key") as c:
+        for _ in range(300):
+            if c.get("/readyz").status_code == 200:
+                break
+            threading.Event().wait(0.05)
+        assert c.post("/v1/banks", json={"name": "kb"}).status_code == 201
+        assert c.post("/v1/banks/kb/search", json={"query": "anything", "k": 1}).status_code == 200
+        assert gc.get_freeze_count() > 0
+    gc.unfreeze()
+    assert threads["load"] == threads["search"] != threading.get_ident()
