@@ -72,8 +72,8 @@ class ModelWorker:
 
     torch's OpenMP runtime keeps a team of helper threads for every thread that ever ran model work, for as long as
     that thread lives; once the runtime manages more threads than there are cores it stops spinning between
-    parallel regions, and every op then pays a sleep and a wake-up (a question's forward took 1.2x as long on this
-    2-core box, issue 33). So a call runs on the one long-lived primary thread whenever that thread is free, which
+    parallel regions, and every op then pays a sleep and a wake-up (a question's forward took 1.2x as long, in process
+    on a 2-core box; issue 33). So a call runs on the one long-lived primary thread whenever that thread is free, which
     is always the case for calls that come one at a time; a call arriving while the primary is busy (a kv question
     waiting for its batch gives its turn up there) runs on a thread of its own, which ends with the call and takes
     its helpers with it. ``threads`` bounds the threads running calls at once, the primary included.
@@ -83,7 +83,8 @@ class ModelWorker:
         self.queue_size = queue_size
         self._primary = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvrag-model")
         self._overflow_slots = max(0, threads - 1)
-        self._overflow: set[threading.Thread] = set()
+        self._overflow: set[threading.Thread] = set()  # running calls' own threads, for shutdown to join
+        self._overflow_calls = 0  # slots taken: counted when a call is routed, so routing never over-commits
         self._primary_calls = 0  # submitted to the primary and not finished
         self._lock = threading.Lock()
         self._turn = _Turn()
@@ -107,9 +108,11 @@ class ModelWorker:
             if self._waiting >= self.queue_size:
                 raise Unavailable("the model worker is busy; retry shortly")
             self._waiting += 1
-            primary = self._primary_calls == 0 or len(self._overflow) >= self._overflow_slots
+            primary = self._primary_calls == 0 or self._overflow_calls >= self._overflow_slots
             if primary:
                 self._primary_calls += 1
+            else:
+                self._overflow_calls += 1
         try:
             if primary:
                 return loop.run_in_executor(self._primary, self._on_primary, fn, args)
@@ -118,6 +121,7 @@ class ModelWorker:
             with self._lock:
                 self._waiting -= 1
                 self._primary_calls -= primary
+                self._overflow_calls -= not primary
             raise
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
@@ -133,7 +137,7 @@ class ModelWorker:
 
     def _on_own_thread(self, loop: asyncio.AbstractEventLoop, fn: Callable[..., T],
                        args: tuple[Any, ...]) -> asyncio.Future[T]:
-        """``fn(*args)`` on a new thread that ends with the call (caller holds no lock; a slot is free)."""
+        """``fn(*args)`` on a new thread that ends with the call (the caller has taken an overflow slot for it)."""
         future: asyncio.Future[T] = loop.create_future()
 
         def settle(result: T | None, error: BaseException | None) -> None:
@@ -152,6 +156,7 @@ class ModelWorker:
             finally:
                 with self._lock:
                     self._overflow.discard(thread)
+                    self._overflow_calls -= 1
             try:
                 loop.call_soon_threadsafe(settle, result, error)
             except RuntimeError:  # the loop closed while the call ran: nobody awaits it any more
@@ -160,7 +165,12 @@ class ModelWorker:
         thread = threading.Thread(target=body, name="kvrag-model-overflow", daemon=True)
         with self._lock:
             self._overflow.add(thread)
-        thread.start()
+        try:
+            thread.start()
+        except BaseException:
+            with self._lock:
+                self._overflow.discard(thread)
+            raise  # submit gives the slot back
         return future
 
     def _call(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
