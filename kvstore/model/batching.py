@@ -77,8 +77,9 @@ def has_sliding_window(runner: Runner) -> bool:
 
 @torch.inference_mode()
 def answer_alone(runner: Runner, request: BatchRequest) -> BatchAnswer:
-    """The single-query path: assemble, prefill the question, decode (what a batch's rows must equal)."""
-    ctx = runner.assemble(request.blocks)
+    """The single-query path: assemble, prefill the question, decode (what a batch's rows must equal). The
+    assembly leaves room for the question's and the answer's rows, so no forward copies the context again."""
+    ctx = runner.assemble(request.blocks, room=len(request.question_ids) + max(0, request.max_new_tokens))
     context_tokens = ctx.context_tokens
     recorder = prefill_attention(runner, ctx) if request.record else nullcontext(lambda: None)
     with recorder as recorded:

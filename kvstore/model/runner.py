@@ -115,18 +115,21 @@ class Runner:
         return k, v  # post-RoPE, [layers, kv_heads, prefix, head_dim]
 
     def cache_from(self, k: torch.Tensor, v: torch.Tensor, owned: bool = False,
-                    ready: Sequence[torch.cuda.Event | None] | None = None) -> DynamicCache:
+                   ready: Sequence[torch.cuda.Event | None] | None = None, rows: int | None = None) -> DynamicCache:
         """A full-attention DynamicCache from ``k, v: [layers, batch, heads, tokens, dim]``.
 
         No config is given on purpose: transformers would make sliding-window layers keep only the
         last window, and kvrag needs every token of a block. The model's own masks still apply the
         window when attending. ``owned``: the caller gives up ``k, v`` (a fresh assembly buffer), so the
-        layers use them as they are instead of copying; ``ready``: per layer, the event its copy records.
+        layers use them as they are instead of copying; ``ready``: per layer, the event its copy records;
+        ``rows`` (owned only): the filled rows, the rest is room for the rows later forwards append
+        (:class:`kvstore.model.device.PendingLayer`).
         """
         cache = DynamicCache()
         if owned:
             events = ready or [None] * self.num_layers
-            cache.layers.extend(PendingLayer(k[layer], v[layer], events[layer]) for layer in range(self.num_layers))
+            cache.layers.extend(PendingLayer(k[layer], v[layer], events[layer], rows)
+                                for layer in range(self.num_layers))
             return cache
         for layer in range(self.num_layers):
             cache.update(k[layer], v[layer], layer)
@@ -165,18 +168,19 @@ class Runner:
 
     # -- assembly ---------------------------------------------------------------------------------
 
-    def assemble(self, blocks: Sequence[BlockKV]) -> Context:
-        """Concatenate blocks after the prefix, each block's keys rotated to its new offset."""
+    def assemble(self, blocks: Sequence[BlockKV], room: int = 0) -> Context:
+        """Concatenate blocks after the prefix, each block's keys rotated to its new offset. ``room``: rows left
+        free after them for what later forwards append (the question, the answer), written there in place."""
         pk, pv = self.prefix_kv  # [layers, heads, prefix, dim], post-RoPE
         p = pk.shape[2]
         if not blocks:
-            return Context(self.prefix_cache(), p, 0)
+            return self.text_context(room)
         if self.layered:
             return self.assemble_layered(blocks)
         n = sum(b.tokens for b in blocks)
         layers, heads, _, dim = pk.shape
         # One allocation per K and V; the blocks are copied in once, keys rotated in place of the copy.
-        k = torch.empty(layers, 1, heads, p + n, dim, dtype=pk.dtype, device=pk.device)
+        k = torch.empty(layers, 1, heads, p + n + room, dim, dtype=pk.dtype, device=pk.device)
         v = torch.empty_like(k)
         k[:, 0, :, :p], v[:, 0, :, :p] = pk, pv
         offset = p
@@ -184,8 +188,8 @@ class Runner:
             k[:, 0, :, offset:offset + b.tokens] = b.k
             v[:, 0, :, offset:offset + b.tokens] = b.v
             offset += b.tokens
-        self.rope.place_inplace(k[:, 0, :, p:], torch.arange(p, p + n, device=pk.device))
-        return Context(self.cache_from(k, v, owned=True), p + n, n, self._bias(p, blocks))
+        self.rope.place_inplace(k[:, 0, :, p:p + n], torch.arange(p, p + n, device=pk.device))
+        return Context(self.cache_from(k, v, owned=True, rows=p + n), p + n, n, self._bias(p, blocks))
 
     def assemble_layered(self, blocks: Sequence[BlockKV]) -> Context:
         """:meth:`assemble` layer by layer (the CUDA path; callable on CPU, where it runs in order): blocks
@@ -288,9 +292,17 @@ class Runner:
         ctx.context_tokens += n
         return BlockKV(k=self.rope.unrotate(k.float(), positions).contiguous(), v=v.float().contiguous())
 
-    def text_context(self) -> Context:
-        """The cached prefix alone: text mode prefills the block tokens with the question."""
-        return Context(self.prefix_cache(), len(self.prefix_ids), 0)
+    def text_context(self, room: int = 0) -> Context:
+        """The cached prefix alone: text mode prefills the block tokens with the question. ``room``: as in
+        :meth:`assemble`."""
+        if room <= 0:
+            return Context(self.prefix_cache(), len(self.prefix_ids), 0)
+        pk, pv = self.prefix_kv  # [layers, heads, prefix, dim], post-RoPE
+        layers, heads, p, dim = pk.shape
+        k = torch.empty(layers, 1, heads, p + room, dim, dtype=pk.dtype, device=pk.device)
+        v = torch.empty_like(k)
+        k[:, 0, :, :p], v[:, 0, :, :p] = pk, pv
+        return Context(self.cache_from(k, v, owned=True, rows=p), p, 0)
 
     # -- question ---------------------------------------------------------------------------------
 

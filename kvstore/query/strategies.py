@@ -106,8 +106,9 @@ def answer_text(model: Model, plan: QueryPlan, blocks: list[BlockKV], t_loaded: 
     """The baseline: the blocks' text prefilled with the question. The map sits right after the prefix,
     where its cached KV is exact: a serving engine would cache it with the prefix, so this reuses it too."""
     block_ids = plan.block_token_ids()
+    room = len(block_ids) + len(plan.question_ids) + max(0, plan.options.max_new_tokens)  # as kv mode's assembly
     with model.lock:
-        ctx = model.runner.assemble(plan.lead) if plan.lead else model.runner.text_context()
+        ctx = model.runner.assemble(plan.lead, room) if plan.lead else model.runner.text_context(room)
         gen = model.runner.generate(ctx, block_ids + plan.question_ids, plan.options.max_new_tokens,
                                     plan.options.on_token)
     tokens = len(plan.lead_ids) + len(block_ids)
