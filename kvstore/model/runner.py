@@ -173,9 +173,9 @@ class Runner:
         free after them for what later forwards append (the question, the answer), written there in place."""
         pk, pv = self.prefix_kv  # [layers, heads, prefix, dim], post-RoPE
         p = pk.shape[2]
-        if not blocks:
-            return self.text_context(room)
-        if self.layered:
+        if not blocks and room <= 0:
+            return Context(self.prefix_cache(), p, 0)
+        if self.layered and blocks:
             return self.assemble_layered(blocks)
         n = sum(b.tokens for b in blocks)
         layers, heads, _, dim = pk.shape
@@ -188,7 +188,8 @@ class Runner:
             k[:, 0, :, offset:offset + b.tokens] = b.k
             v[:, 0, :, offset:offset + b.tokens] = b.v
             offset += b.tokens
-        self.rope.place_inplace(k[:, 0, :, p:p + n], torch.arange(p, p + n, device=pk.device))
+        if n:
+            self.rope.place_inplace(k[:, 0, :, p:p + n], torch.arange(p, p + n, device=pk.device))
         return Context(self.cache_from(k, v, owned=True, rows=p + n), p + n, n, self._bias(p, blocks))
 
     def assemble_layered(self, blocks: Sequence[BlockKV]) -> Context:
@@ -295,14 +296,7 @@ class Runner:
     def text_context(self, room: int = 0) -> Context:
         """The cached prefix alone: text mode prefills the block tokens with the question. ``room``: as in
         :meth:`assemble`."""
-        if room <= 0:
-            return Context(self.prefix_cache(), len(self.prefix_ids), 0)
-        pk, pv = self.prefix_kv  # [layers, heads, prefix, dim], post-RoPE
-        layers, heads, p, dim = pk.shape
-        k = torch.empty(layers, 1, heads, p + room, dim, dtype=pk.dtype, device=pk.device)
-        v = torch.empty_like(k)
-        k[:, 0, :, :p], v[:, 0, :, :p] = pk, pv
-        return Context(self.cache_from(k, v, owned=True, rows=p), p, 0)
+        return self.assemble([], room)
 
     # -- question ---------------------------------------------------------------------------------
 
