@@ -57,6 +57,9 @@ class Settings(BaseSettings):
                                         "order, or rolled back) is waited for before it is taken as rolled back.")
     model: str = Field(default=PACKAGED_LLM, description="LLM: the packaged SmolLM2 or a local HF model dir.")
     embedder: str = Field(default=PACKAGED_EMBEDDER, description="sentence-transformers model dir.")
+    embedder_backend: Literal["onnx", "torch"] = Field(
+        default="onnx", description="Runs the embedder's transformer: onnx (ONNX Runtime, exported once into the model "
+                                    "cache and checked against torch at every start, which it falls back to) | torch.")
     model_cache_dir: Path | None = Field(
         default=None, description="Where converted model weights are cached; default: ~/.cache/kvrag/models."
     )

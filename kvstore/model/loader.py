@@ -20,6 +20,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from kvstore.config import PACKAGED_EMBEDDER, PACKAGED_LLM, Settings
 from kvstore.errors import BadRequest
+from kvstore.model.onnx_embedder import OnnxTransformer, load_onnx
 
 log = logging.getLogger(__name__)
 
@@ -195,9 +196,16 @@ class Embedder:
         dim = get_dim()
         assert dim is not None
         self.dim: int = int(dim)
+        self._onnx: OnnxTransformer | None = None
+        if settings.embedder_backend == "onnx":
+            threads = settings.torch_threads if settings.torch_threads > 0 else (os.cpu_count() or 1)
+            self._onnx = load_onnx(self._model, path, settings.resolved_model_cache_dir(), threads, self.dim)
+        self.backend = "onnx" if self._onnx is not None else "torch"
 
     def embed(self, texts: list[str]) -> np.ndarray:
         """vectors: [len(texts), dim] float32, unit norm."""
+        if self._onnx is not None:
+            return self._onnx.embed(texts)
         vecs = self._model.encode(texts, batch_size=32, convert_to_numpy=True, normalize_embeddings=True,
                                   show_progress_bar=False)
         return np.ascontiguousarray(vecs, dtype=np.float32)
