@@ -8,8 +8,9 @@ leaving the client to the first ``token`` event; ``max_new_tokens=1`` changes no
 Then, second:
 
 - **warm** rows: the same questions again on the same server (blocks used once already);
-- the **floor**: in this process, with the server stopped, the question's own forward pass over the same
-  assembled context (the packaged model, the server's thread default and block bias): what no server can beat;
+- the **floor**: in this process, the question's own forward pass over a context of the same blocks' shape (the
+  packaged model, the server's thread default and block bias): what no server can beat. Each is timed right
+  after its warm question, the server idle, so the two meet the shared box in the same state;
 - **llama.cpp**: text-RAG on the same GGUF with the current llama-cpp-python (``bench`` extra), with the
   machine to itself (the kvrag server stopped): the same blocks (the kv query's sources) in the same prompt
   layout; its TTFT is the server's retrieval time of that kv query plus llama.cpp's time to its first token.
@@ -52,6 +53,7 @@ K = 5
 QUICK_QUESTIONS = 10
 GOALS = {"text": 10.0, "llama.cpp": 12.0}  # first-touch kv must be this many times faster than the row
 FLOOR_GOAL = 1.3  # warm kv within this factor of the floor
+FLOOR = "floor: question forward, in process"
 
 
 # -- the server ------------------------------------------------------------------------------------
@@ -67,9 +69,10 @@ def _sample(name: str, q: Question, got: Any) -> dict[str, Any]:
             "sources": [h["text"] for h in got.server.get("sources", [])]}
 
 
-def measure_server(server: LiveServer, questions: Sequence[Question],
-                   phases: Sequence[str] = ("first touch", "warm")) -> list[dict[str, Any]]:
-    """First touch (kv then text per question, nothing asked before), then the same questions warm."""
+def measure_server(server: LiveServer, questions: Sequence[Question], phases: Sequence[str] = ("first touch", "warm"),
+                   floor: Callable[[Question, Sequence[str]], dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """First touch (kv then text per question, nothing asked before), then the same questions warm, each warm
+    question followed by its floor when ``floor`` is given."""
     samples: list[dict[str, Any]] = []
     with server.client() as c:
         for phase in phases:
@@ -77,43 +80,56 @@ def measure_server(server: LiveServer, questions: Sequence[Question],
                 for mode in ("kv", "text"):
                     got = streamed_query(c, q.text, k=K, mode=mode, max_new_tokens=1)
                     samples.append(_sample(f"{mode}, {phase}", q, got))
+                if floor is not None and phase == "warm":
+                    first = next(s for s in samples if s["qid"] == q.qid and s["variant"] == "kv, first touch")
+                    samples.append(floor(q, first["sources"]))
     return samples
 
 
 # -- the floor -------------------------------------------------------------------------------------
 
 
-def measure_floor(questions: Sequence[Question], kv_samples: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The question's forward pass over each kv query's assembled context, in process (server stopped)."""
-    from kvstore.model.attention_bias import measured_block_bias
-    from kvstore.model.loader import load_llm
-    from kvstore.model.runner import Runner, set_threads
-    from kvstore.types import BlockKV
+class FloorTimer:
+    """The question's forward pass over a kv query's assembled context, in this process.
 
-    settings = Settings()
-    set_threads(settings.torch_threads)
-    llm = load_llm(settings)
-    runner = Runner(llm, settings.system_prompt, 0, measured_block_bias(llm.name) if settings.block_bias is None
-                    else settings.block_bias)
-    by_qid = {s["qid"]: s for s in kv_samples}
-    out = []
-    for q in tqdm(questions, desc="floor (in process)", unit="q"):
+    Timed between the warm questions, while the server sits idle, so the floor and the warm rows meet the shared box
+    in the same state: timed after the server stopped, the floor drifted from the server's rows by as much as the
+    server's overhead itself (issue 33). A pause before and after lets the other process's OpenMP helpers go to sleep.
+    """
+
+    PAUSE_S = 0.3
+
+    def __init__(self) -> None:
+        from kvstore.model.attention_bias import measured_block_bias
+        from kvstore.model.loader import load_llm
+        from kvstore.model.runner import Runner, set_threads
+
+        settings = Settings()
+        set_threads(settings.torch_threads)
+        llm = load_llm(settings)
+        self.runner = Runner(llm, settings.system_prompt, 0, measured_block_bias(llm.name)
+                             if settings.block_bias is None else settings.block_bias)
+
+    def __call__(self, q: Question, sources: Sequence[str]) -> dict[str, Any]:
+        from kvstore.types import BlockKV
+
+        runner = self.runner
         # KV of the context's shape: a forward's time does not depend on the values, and encoding the blocks
         # again would only add minutes.
-        sizes = [len(runner.tokenize(text)) for text in by_qid[q.qid]["sources"]]
+        sizes = [len(runner.tokenize(text)) for text in sources]
         blocks = [BlockKV(k=torch.randn(runner.num_layers, runner.kv_heads, n, runner.head_dim),
                           v=torch.randn(runner.num_layers, runner.kv_heads, n, runner.head_dim)) for n in sizes]
         q_ids = runner.question_ids(q.text)
+        time.sleep(self.PAUSE_S)
         runner.prefill(runner.assemble(blocks), q_ids)  # untimed: the first pass over a new shape allocates
         t0 = time.perf_counter()
         ctx = runner.assemble(blocks)
         t1 = time.perf_counter()
         runner.prefill(ctx, q_ids)
         t2 = time.perf_counter()
-        out.append({"variant": "floor: question forward, in process", "qid": q.qid, "ttft_ms": (t2 - t1) * 1000,
-                    "assemble_ms": (t1 - t0) * 1000, "prefill_ms": (t2 - t1) * 1000,
-                    "context_tokens": ctx.context_tokens})
-    return out
+        time.sleep(self.PAUSE_S)
+        return {"variant": FLOOR, "qid": q.qid, "ttft_ms": (t2 - t1) * 1000, "assemble_ms": (t1 - t0) * 1000,
+                "prefill_ms": (t2 - t1) * 1000, "context_tokens": ctx.context_tokens}
 
 
 # -- llama.cpp -------------------------------------------------------------------------------------
@@ -199,7 +215,7 @@ def goals(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             measured = round(by[variant]["ttft_ms_median"] / kv, 2)
             out[name] = {"goal": f"kv >= {GOALS[name]:.0f}x lower TTFT than {name} (first touch, p50)",
                          "measured": measured, "met": measured >= GOALS[name]}
-    floor = by.get("floor: question forward, in process")
+    floor = by.get(FLOOR)
     if floor is not None:
         measured = round(by["kv, warm"]["ttft_ms_median"] / floor["ttft_ms_median"], 2)
         out["floor"] = {"goal": f"warm kv within {FLOOR_GOAL}x of the floor (p50)", "measured": measured,
@@ -251,13 +267,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # A shared box drifts: --baseline-last swaps the order, so two runs (AB, BA) separate drift from a change.
     if baseline_root is not None and not getattr(args, "baseline_last", False):
         baseline()
+    floor = FloorTimer()  # loaded before the server starts: nothing else runs while a row is timed
     with live_server(threads) as server:
         ingest_http(server, squad.paragraphs)
-        samples += measure_server(server, questions)
+        samples += measure_server(server, questions, floor=floor)
+    del floor
     if baseline_root is not None and getattr(args, "baseline_last", False):
         baseline()
     kv_first = [s for s in samples if s["variant"] == "kv, first touch"]
-    samples += measure_floor(questions, kv_first)
     llama = None if quick or args.no_llama_cpp else _llama_cpp(max(Settings().torch_threads, 0) or os.cpu_count() or 1)
     if llama is not None:
         samples += measure_llama(llama[0], questions, kv_first)
