@@ -24,7 +24,9 @@ SOURCES = ("kvstore", "server", "kvrag", "migrations", "client/kvrag_client", "b
 # jinja2 and FastAPI's Form() loads python-multipart (the console); the docs assets are served from
 # fastapi-offline's package data (StaticFiles(packages=[("fastapi_offline", "static")])).
 # accelerate: transformers refuses to load a GGUF file without it (the packaged model's first-start conversion).
-USED_WITHOUT_IMPORT = {"accelerate", "gguf", "onnx", "psycopg", "kvrag-client", "jinja2", "python-multipart", "fastapi-offline"}
+# onnx: torch.onnx.export writes the embedder's one-time export with it (kvstore/model/onnx_embedder.py).
+USED_WITHOUT_IMPORT = {"accelerate", "gguf", "onnx", "psycopg", "kvrag-client", "jinja2", "python-multipart",
+                       "fastapi-offline"}
 IMPORT_NAMES = {"faiss-cpu": "faiss", "sentence-transformers": "sentence_transformers", "pydantic-settings":
                 "pydantic_settings", "prometheus-client": "prometheus_client", "rank-bm25": "rank_bm25"}
 
