@@ -7,7 +7,7 @@ first token. On the 2-core box a question of ~15 tokens through the packaged Min
 The transformer is exported once per model and torch release (eager attention: the sdpa path traces shape
 decisions into the graph) into the model cache, next to the converted LLM, and checked on every load: probe
 sentences of unequal length (padding included) must embed within :data:`TOLERANCE` of sentence-transformers'
-own vectors, or the embedder stays on torch. Tokenization and the modules after the transformer (pooling,
+own vectors; a cached export that fails is exported again once, and then the embedder stays on torch. Tokenization and the modules after the transformer (pooling,
 normalization) are sentence-transformers' own, so truncation and pooling cannot drift from the torch path.
 """
 
@@ -81,16 +81,15 @@ def _export(st_model: Any, target: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _exported(st_model: Any, model_dir: Path, cache_dir: Path) -> Path:
-    """The cached export of ``st_model``, written first when missing (one process exports, others wait)."""
-    target = cache_dir / f"embedder-{_digest(model_dir)}.onnx"
+def _exported(st_model: Any, target: Path) -> Path:
+    """``target``, the export of ``st_model``, written first when missing (one process exports, others wait)."""
     if target.exists():
         return target
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with open(cache_dir / ".embedder-export.lock", "w") as lock:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / ".embedder-export.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not target.exists():
-            log.info("exporting the embedder %s to ONNX once into %s", model_dir.name, target)
+            log.info("exporting the embedder to ONNX once into %s", target)
             _export(st_model, target)
     return target
 
@@ -132,18 +131,28 @@ class OnnxTransformer:
 
 def load_onnx(st_model: Any, model_dir: Path, cache_dir: Path, threads: int, dim: int) -> OnnxTransformer | None:
     """The ONNX runner of ``st_model``, or None (logged) when ONNX Runtime is missing or its vectors differ from
-    the torch path's on the probes."""
-    try:
-        runner = OnnxTransformer(st_model, _exported(st_model, model_dir, cache_dir), threads, dim)
-        got = runner.embed(list(PROBES))
-    except Exception as exc:  # noqa: BLE001 - any failure keeps the torch path, which is always correct
-        log.warning("embedder stays on torch: the ONNX path failed (%s)", exc)
-        return None
+    the torch path's on the probes. A cached export that does not load or embeds differently (damaged, or written by
+    another exporter) is exported again once before the embedder settles on torch."""
     want = st_model.encode(list(PROBES), convert_to_numpy=True, normalize_embeddings=True, show_progress_bar=False)
-    diff = float(np.abs(got - want).max())
-    if diff > TOLERANCE:
-        log.warning("embedder stays on torch: the ONNX export differs by %.2g on the probes", diff)
-        return None
-    log.info("embedder on ONNX Runtime (%s, %d threads; probe difference %.1g)", model_dir.name, threads, diff)
-    return runner
-
+    target: Path | None = None
+    problem = ""
+    for attempt in range(2):
+        try:
+            target = target or cache_dir / f"embedder-{_digest(model_dir)}.onnx"
+            runner = OnnxTransformer(st_model, _exported(st_model, target), threads, dim)
+            diff = float(np.abs(runner.embed(list(PROBES)) - want).max())
+        except Exception as exc:  # noqa: BLE001 - any failure keeps the torch path, which is always correct
+            problem = f"the ONNX path failed ({exc})"
+        else:
+            if diff <= TOLERANCE:
+                log.info("embedder on ONNX Runtime (%s, %d threads; probe difference %.1g)", model_dir.name, threads,
+                         diff)
+                return runner
+            problem = f"the ONNX export differs by {diff:.2g} on the probes"
+        if attempt == 0 and target is not None and target.exists():
+            log.warning("embedder: %s; exporting it again", problem)
+            target.unlink(missing_ok=True)
+        else:
+            break
+    log.warning("embedder stays on torch: %s", problem)
+    return None

@@ -58,16 +58,33 @@ def test_the_export_is_cached_and_reused(onnx: Embedder, cache: Path, monkeypatc
     assert again.backend == "onnx"
 
 
-def test_a_damaged_export_falls_back_to_torch(onnx: Embedder, cache: Path, tmp_path: Path,
-                                              caplog: pytest.LogCaptureFixture) -> None:
+def test_a_damaged_export_is_exported_again(onnx: Embedder, cache: Path, tmp_path: Path,
+                                            caplog: pytest.LogCaptureFixture) -> None:
     (export,) = cache.glob("embedder-*.onnx")
     damaged = tmp_path / "cache"
     damaged.mkdir()
     (damaged / export.name).write_bytes(b"not a model")
     with caplog.at_level(logging.WARNING):
         embedder = Embedder(Settings(data_dir=tmp_path / "data", model_cache_dir=damaged))
+    assert embedder.backend == "onnx"
+    assert "exporting it again" in caplog.text
+    assert (damaged / export.name).read_bytes() != b"not a model"
+    assert np.abs(embedder.embed(["Rollo"]) - onnx.embed(["Rollo"])).max() < 1e-5
+
+
+def test_onnx_runtime_failing_falls_back_to_torch(onnx: Embedder, cache: Path, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    def broken(*args: object) -> None:
+        raise RuntimeError("no runtime here")
+
+    copied = tmp_path / "cache"
+    shutil.copytree(cache, copied, ignore=shutil.ignore_patterns("data", ".*"))
+    monkeypatch.setattr(onnx_embedder.OnnxTransformer, "__init__", broken)
+    with caplog.at_level(logging.WARNING):
+        embedder = Embedder(Settings(data_dir=tmp_path / "data", model_cache_dir=copied))
     assert embedder.backend == "torch"
-    assert "stays on torch" in caplog.text
+    assert "stays on torch" in caplog.text and "no runtime here" in caplog.text
     assert embedder.embed(["Rollo"]).shape == (1, embedder.dim)
 
 
