@@ -7,8 +7,9 @@ first token. On the 2-core box a question of ~15 tokens through the packaged Min
 The transformer is exported once per model and torch release (eager attention: the sdpa path traces shape
 decisions into the graph) into the model cache, next to the converted LLM, and checked on every load: probe
 sentences of unequal length (padding included) must embed within :data:`TOLERANCE` of sentence-transformers'
-own vectors; a cached export that fails is exported again once, and then the embedder stays on torch. Tokenization and the modules after the transformer (pooling,
-normalization) are sentence-transformers' own, so truncation and pooling cannot drift from the torch path.
+own vectors; a cached export that fails is exported again once, and then the embedder stays on torch.
+Tokenization and the modules after the transformer (pooling, normalization) are sentence-transformers' own,
+so truncation and pooling cannot drift from the torch path.
 """
 
 from __future__ import annotations
