@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response, status
-from starlette.concurrency import run_in_threadpool
 
 from kvstore.bank import BankStore
 from kvstore.errors import Forbidden
 from kvstore.storage import jobs
 
 from ..auth import AnyKey, Owner, OwnerRole, Reader
-from ..deps import Store, plain
+from ..deps import Store, Worker, plain
 from ..schemas import BankCreate, BankDetail, BankList, BankOut, BankUpdate
 from .common import ERRORS, IdempotencyKey, replayable
 
@@ -24,10 +23,14 @@ def _detail(store: BankStore, bank: str) -> BankDetail:
 
 
 @router.post("", operation_id="create_bank", status_code=status.HTTP_201_CREATED, response_model=BankOut)
-async def create_bank(body: BankCreate, request: Request, store: Store, principal: OwnerRole,
+async def create_bank(body: BankCreate, request: Request, store: Store, worker: Worker, principal: OwnerRole,
                       idempotency_key: IdempotencyKey = None) -> Response:
     """Create an empty bank (an owner key whose scope names it, or an admin key); a duplicate name is 409, unless
-    it is the resend of the request that created it (same Idempotency-Key), which gets the first answer."""
+    it is the resend of the request that created it (same Idempotency-Key), which gets the first answer.
+
+    On the model worker, like every call that may run torch: choosing the codec reads the model's calibration
+    into tensors, and a request thread that once runs torch keeps an OpenMP team whose helper threads slow every
+    later query by ~1.4x on a 2-core box (issue 33; server.worker.ModelWorker)."""
     if not principal.can_see(body.name):
         raise Forbidden("creating this bank needs an owner key scoped to it, or an admin key")
 
@@ -38,7 +41,7 @@ async def create_bank(body: BankCreate, request: Request, store: Store, principa
         return BankOut(**plain(info), context_map_budget_tokens=store.context_map.get(body.name).budget_tokens)
 
     async def work() -> BankOut:
-        return await run_in_threadpool(create)
+        return await worker.run(create)
 
     return await replayable(request, store, body.name, idempotency_key, body.model_dump(mode="json"), work,
                             status.HTTP_201_CREATED)
@@ -58,9 +61,10 @@ def get_bank(bank: str, store: Store, _reader: Reader) -> BankDetail:
 
 
 @router.patch("/{bank}", operation_id="update_bank", response_model=BankDetail)
-async def update_bank(bank: str, body: BankUpdate, request: Request, store: Store, _owner: Owner,
+async def update_bank(bank: str, body: BankUpdate, request: Request, store: Store, worker: Worker, _owner: Owner,
                       idempotency_key: IdempotencyKey = None) -> Response:
-    """Change a bank's defaults (owner); existing blocks keep the codec they were written with."""
+    """Change a bank's defaults (owner); existing blocks keep the codec they were written with. On the model
+    worker, as :func:`create_bank` (a new codec is resolved from the calibration)."""
 
     def update() -> BankDetail:
         store.update_bank(bank, codec=body.codec, budget_bytes=body.budget_bytes, max_blocks=body.max_blocks,
@@ -68,7 +72,7 @@ async def update_bank(bank: str, body: BankUpdate, request: Request, store: Stor
         return _detail(store, bank)
 
     async def work() -> BankDetail:
-        return await run_in_threadpool(update)
+        return await worker.run(update)
 
     return await replayable(request, store, bank, idempotency_key, body.model_dump(mode="json"), work)
 
