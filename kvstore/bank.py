@@ -36,6 +36,7 @@ from kvstore.memory.hot import HotCache
 from kvstore.memory.tiers import MemoryManager
 from kvstore.model.attention_bias import measured_block_bias
 from kvstore.model.batching import QuestionBatcher
+from kvstore.model.host_memory import keep_freed_memory, prime
 from kvstore.model.limits import PromptLimits
 from kvstore.model.loader import Embedder, LoadedModel, load_llm
 from kvstore.model.runner import Runner, set_threads
@@ -83,6 +84,7 @@ class BankStore:
               while_waiting: WaitHook) -> None:
         settings = self.settings
         set_threads(settings.torch_threads)
+        keep_freed_memory()  # before anything large is allocated, so every allocation follows the thresholds
         self.sessions: sessionmaker[Session] = open_catalog(settings.resolved_database_url(), migrate=migrate,
                                                               settings=settings)
         self.blobs: BlobStore = open_blob_store(settings.blob_url, settings.data_dir / "blobs",
@@ -96,6 +98,8 @@ class BankStore:
         bias = settings.block_bias
         self.runner = Runner(self.llm, settings.system_prompt, settings.device_cache_bytes,
                              measured_block_bias(self.llm.name) if bias is None else bias)
+        if settings.prime_blocks:
+            prime(self.runner, settings.prime_blocks, settings.block_tokens)
         self.limits = PromptLimits(settings, self.runner, self.llm)
         self.model_lock = threading.Lock()
         self.blob_lock = threading.Lock()  # around blob writes/deletes and the catalog commit referencing them

@@ -95,6 +95,10 @@ class Settings(BaseSettings):
         default=True, description="Decode a new document's blocks into the hot tier's free room at ingest, so its "
                                   "first query loads none (the first touch's block decode leaves the time to first "
                                   "token).")
+    prime_blocks: int = Field(
+        default=5, ge=0, le=100, description="Full blocks of the kv query the store runs once at start, its answer "
+                                             "dropped (the API's default k), so the first user's query finds the "
+                                             "model thread's memory allocated (kvstore.model.host_memory); 0: none.")
     device_cache_bytes: int = Field(
         default=4 << 30, ge=0, description="CUDA only: byte budget of blocks kept on the GPU, so a block used "
                                            "again is not copied from host memory again.")
