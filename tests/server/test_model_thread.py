@@ -97,3 +97,23 @@ def test_bank_create_and_update_run_on_the_model_worker(tmp_path: Path, tiny_llm
         assert c.post("/v1/banks", json={"name": "kb"}).status_code == 201
         assert c.patch("/v1/banks/kb", json={"codec": "int8"}).status_code == 200
     assert len(threads) == 2 and all(name.startswith("kvrag-model") for name in threads), threads
+
+
+def test_sessions_and_context_map_run_torch_on_the_model_worker_only(tmp_path: Path, tiny_llm, embedder,
+                                                                     torch_off_worker: TorchOffWorker) -> None:
+    segments = [{"role": "tool", "text": "The Normans gave their name to Normandy."},
+                {"role": "note", "text": "Rollo was their first ruler."},
+                {"role": "tool", "text": "Paris is the capital of France."}]
+    with live_server("sqlite", tmp_path, tiny_llm, embedder, block_tokens=16) as live, live.admin() as c:
+        assert c.post("/v1/banks", json={"name": "kb"}).status_code == 201
+        assert c.put("/v1/banks/kb/documents/normans", json={"text": TEXT}).status_code == 201
+        assert c.post("/v1/banks/kb/sessions", json={"session_id": "run"}).status_code == 201
+        assert c.post("/v1/banks/kb/sessions/run/append", json={"segments": segments}).status_code == 200
+        assert c.get("/v1/banks/kb/sessions/run").json()["tokens"] > 0
+        assert c.post("/v1/banks/kb/sessions/run/brief", json={"task": "Who?", "max_new_tokens": 2}).status_code == 200
+        # the attention policy needs no model and runs off the worker, as a restore does: neither may run torch
+        pruned = c.post("/v1/banks/kb/sessions/run/prune", json={"policy": "attention", "threshold": 1.0}).json()
+        assert pruned["pruned"] and pruned["tokens_after"] < pruned["tokens_before"]
+        assert c.post("/v1/banks/kb/sessions/run/restore", json={}).json()["restored"] == pruned["pruned"]
+        assert c.get("/v1/banks/kb/context-map").json()["items"]
+    assert torch_off_worker.calls == []
