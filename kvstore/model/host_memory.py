@@ -58,10 +58,16 @@ def prime(runner: Runner, blocks: int, block_tokens: int) -> None:
     """One kv query of ``blocks`` full blocks, its result dropped: the allocations the first user's query would make.
 
     Run it on the thread that will run queries (malloc keeps one arena per thread). The KV is zeros: a forward's
-    allocations depend on shapes, not values."""
+    allocations depend on shapes, not values. Never longer than the model's positions allow a query to be, so a
+    large setting cannot allocate more at start than any query could."""
     pk, _ = runner.prefix_kv  # [layers, heads, prefix, dim]
+    question = runner.question_ids(PRIME_QUESTION)
+    positions = getattr(runner.model.config.get_text_config(decoder=True), "max_position_embeddings", None)
+    if positions:
+        blocks = min(blocks, max(0, positions - pk.shape[2] - len(question) - 1) // block_tokens)
+    if blocks <= 0:
+        return
     shape = (runner.num_layers, runner.kv_heads, block_tokens, runner.head_dim)
     kv = [BlockKV(k=torch.zeros(shape, dtype=pk.dtype), v=torch.zeros(shape, dtype=pk.dtype)) for _ in range(blocks)]
-    question = runner.question_ids(PRIME_QUESTION)
     ctx = runner.assemble(kv, room=len(question) + 1)
     runner.prefill(ctx, question)

@@ -66,6 +66,19 @@ def test_prime_leaves_the_runner_answering_as_before(kind: str) -> None:
     torch.testing.assert_close(runner.prefill(runner.assemble(blocks), q), before, rtol=0, atol=0)
 
 
+def test_prime_is_never_longer_than_a_query_can_be(monkeypatch: pytest.MonkeyPatch) -> None:
+    runner = Runner(build_tiny("llama"), "You are a helpful assistant.")
+    positions = runner.model.config.max_position_embeddings
+    assembled: list[int] = []
+    assemble = runner.assemble
+    monkeypatch.setattr(runner, "assemble", lambda kv, room: assembled.append(sum(b.tokens for b in kv) + room)
+                        or assemble(kv, room=room))
+    prime(runner, blocks=100, block_tokens=256)  # 100 blocks: 25,600 tokens, over the model's 4,096 positions
+    prime(runner, blocks=2, block_tokens=positions)  # not even one block fits
+    # the first ran as many blocks as fit with the question, the second nothing
+    assert len(assembled) == 1 and positions - 256 < assembled[0] + runner.prefix_kv[0].shape[2] <= positions
+
+
 @pytest.mark.parametrize("blocks", [0, 5])
 def test_the_store_primes_at_start_with_its_settings(make_store: Callable[..., BankStore],
                                                      monkeypatch: pytest.MonkeyPatch, blocks: int) -> None:
