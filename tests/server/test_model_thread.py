@@ -35,8 +35,8 @@ class TorchOffWorker:
         if event != "c_call" or threading.current_thread().name.startswith("kvrag-model"):
             return
         owner = getattr(arg, "__self__", None)
-        module = str(getattr(arg, "__module__", None) or type(owner).__module__ if owner is not None else "")
-        if not module.startswith("torch"):
+        module = getattr(arg, "__module__", None) or (type(owner).__module__ if owner is not None else "")
+        if not str(module).startswith("torch"):
             return
         caller: FrameType | None = frame
         while caller is not None:
